@@ -1,0 +1,170 @@
+"""Conversions between protobuf messages and numpy arrays / domain types, with validation.
+
+The request path is zero-copy on the receiving side: `decode_faces` returns a read-only
+view on the message's bytes. Every check raises `InvalidRequest` with a message that says
+what was wrong, so the service can send it back as is.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from client.pb import face_enhance_pb2 as pb
+from client.types import (
+    NUM_LANDMARKS,
+    Alignment,
+    EnhanceOptions,
+    EnhanceResult,
+    FaceStatus,
+    InvalidRequest,
+    RequestLimits,
+    DEFAULT_OUTPUT_SIZE,
+)
+
+_ALIGNMENT_TO_PB = {
+    Alignment.DETECT: pb.ALIGNMENT_DETECT,
+    Alignment.ALIGNED: pb.ALIGNMENT_ALIGNED,
+    Alignment.LANDMARKS: pb.ALIGNMENT_LANDMARKS,
+}
+_ALIGNMENT_FROM_PB = {v: k for k, v in _ALIGNMENT_TO_PB.items()}
+
+
+def as_face_array(faces) -> np.ndarray:
+    """Check a caller's faces: (N, H, W, 3) uint8, any strides (MuseTalk's are negative)."""
+    faces = np.asarray(faces)
+    if faces.ndim == 3:
+        faces = faces[None]
+    if faces.ndim != 4 or faces.shape[-1] != 3:
+        raise InvalidRequest(f"faces must have shape (N, H, W, 3); got {faces.shape}")
+    if faces.dtype != np.uint8:
+        raise InvalidRequest(f"faces must be uint8 BGR; got dtype {faces.dtype}")
+    if faces.shape[0] == 0:
+        raise InvalidRequest("faces is empty: send at least one face")
+    return faces
+
+
+def encode_faces(faces: np.ndarray) -> pb.FaceBatch:
+    """(N, H, W, 3) uint8 in any memory layout -> FaceBatch (one copy, into the bytes)."""
+    faces = as_face_array(faces)
+    n, h, w, c = faces.shape
+    return pb.FaceBatch(count=n, height=h, width=w, channels=c,
+                        data=np.ascontiguousarray(faces).tobytes())
+
+
+def decode_faces(batch: pb.FaceBatch, limits: RequestLimits | None = None) -> np.ndarray:
+    """FaceBatch -> read-only (N, H, W, 3) uint8 view on its bytes, after checking it."""
+    n, h, w, c = batch.count, batch.height, batch.width, batch.channels
+    if n == 0:
+        raise InvalidRequest("faces.count is 0: send at least one face")
+    if c != 3:
+        raise InvalidRequest(f"faces.channels must be 3 (BGR); got {c}")
+    if h == 0 or w == 0:
+        raise InvalidRequest(f"faces.height and faces.width must be set; got {h}x{w}")
+    expected = n * h * w * c
+    if len(batch.data) != expected:
+        raise InvalidRequest(
+            f"faces.data has {len(batch.data)} bytes but count*height*width*channels = "
+            f"{n}*{h}*{w}*{c} = {expected}")
+    if limits is not None:
+        if n > limits.max_faces_per_request:
+            raise InvalidRequest(
+                f"too many faces in one request: {n} > {limits.max_faces_per_request}; "
+                "split the batch")
+        if h != w:
+            raise InvalidRequest(f"faces must be square (height == width); got {h}x{w}")
+        if not limits.min_face_size <= h <= limits.max_face_size:
+            raise InvalidRequest(
+                f"face size {h}x{w} is outside the accepted range "
+                f"{limits.min_face_size}..{limits.max_face_size} pixels")
+    return np.frombuffer(batch.data, dtype=np.uint8).reshape(n, h, w, c)
+
+
+def encode_options(options: EnhanceOptions) -> pb.EnhanceOptions:
+    return pb.EnhanceOptions(
+        output_size=options.output_size,
+        alignment=_ALIGNMENT_TO_PB[options.alignment],
+        fidelity=options.fidelity,
+        only_center_face=options.only_center_face,
+        random_noise=options.random_noise,
+    )
+
+
+def decode_options(msg: pb.EnhanceOptions) -> EnhanceOptions:
+    """Options message -> validated EnhanceOptions, applying the contract's defaults."""
+    if msg.alignment not in _ALIGNMENT_FROM_PB:
+        raise InvalidRequest(
+            f"unknown alignment value {msg.alignment}; use ALIGNMENT_DETECT (0), "
+            "ALIGNMENT_ALIGNED (1) or ALIGNMENT_LANDMARKS (2)")
+    return EnhanceOptions(
+        output_size=msg.output_size or DEFAULT_OUTPUT_SIZE,
+        alignment=_ALIGNMENT_FROM_PB[msg.alignment],
+        fidelity=float(msg.fidelity),
+        only_center_face=msg.only_center_face if msg.HasField("only_center_face") else True,
+        random_noise=msg.random_noise,
+    ).validate()
+
+
+def decode_landmarks(values, count: int, alignment: Alignment) -> np.ndarray | None:
+    """The request's flat landmark list -> (count, 5, 2) float32, or None when not LANDMARKS."""
+    if alignment is not Alignment.LANDMARKS:
+        if len(values):
+            raise InvalidRequest("landmarks are only accepted with ALIGNMENT_LANDMARKS")
+        return None
+    expected = count * NUM_LANDMARKS * 2
+    if len(values) != expected:
+        raise InvalidRequest(
+            f"ALIGNMENT_LANDMARKS needs {NUM_LANDMARKS} (x, y) points per face: "
+            f"{expected} floats for {count} faces; got {len(values)}")
+    points = np.asarray(values, dtype=np.float32).reshape(count, NUM_LANDMARKS, 2)
+    if not np.isfinite(points).all():
+        raise InvalidRequest("landmarks contain NaN or infinity")
+    eye_dist = np.linalg.norm(points[:, 1] - points[:, 0], axis=-1)
+    if (eye_dist < 1.0).any():
+        bad = int(np.argmax(eye_dist < 1.0))
+        raise InvalidRequest(f"landmarks of face {bad}: the two eyes are less than 1 pixel apart")
+    return points
+
+
+def encode_request(request_id: int, faces: np.ndarray, options: EnhanceOptions,
+                   landmarks: np.ndarray | None = None) -> pb.EnhanceRequest:
+    req = pb.EnhanceRequest(request_id=request_id, faces=encode_faces(faces),
+                            options=encode_options(options))
+    if landmarks is not None:
+        req.landmarks.extend(np.asarray(landmarks, dtype=np.float32).reshape(-1).tolist())
+    return req
+
+
+def decode_request(req: pb.EnhanceRequest, limits: RequestLimits):
+    """EnhanceRequest -> (faces view, options, landmarks or None); raises InvalidRequest."""
+    options = decode_options(req.options)
+    faces = decode_faces(req.faces, limits)
+    landmarks = decode_landmarks(req.landmarks, faces.shape[0], options.alignment)
+    if landmarks is not None and not (math.isfinite(float(landmarks.max())) and
+                                      float(np.abs(landmarks).max()) < 16 * faces.shape[1]):
+        raise InvalidRequest("landmarks lie far outside the image; they are in input pixel coordinates")
+    return faces, options, landmarks
+
+
+def encode_response(request_id: int, result: EnhanceResult) -> pb.EnhanceResponse:
+    return pb.EnhanceResponse(
+        request_id=request_id,
+        faces=encode_faces(result.faces),
+        face_status=[int(s) for s in result.status],
+        timings=pb.Timings(queue_ms=result.queue_ms, compute_ms=result.compute_ms),
+    )
+
+
+def error_response(request_id: int, code: int, message: str) -> pb.EnhanceResponse:
+    return pb.EnhanceResponse(request_id=request_id, error=pb.Error(code=int(code), message=message))
+
+
+def decode_response(resp: pb.EnhanceResponse) -> EnhanceResult:
+    """A successful EnhanceResponse -> EnhanceResult (faces as a read-only view)."""
+    faces = decode_faces(resp.faces)
+    return EnhanceResult(
+        faces=faces,
+        status=[FaceStatus(s) for s in resp.face_status],
+        queue_ms=resp.timings.queue_ms,
+        compute_ms=resp.timings.compute_ms,
+    )

@@ -1,0 +1,128 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Alignment(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALIGNMENT_DETECT: _ClassVar[Alignment]
+    ALIGNMENT_ALIGNED: _ClassVar[Alignment]
+    ALIGNMENT_LANDMARKS: _ClassVar[Alignment]
+
+class FaceStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FACE_STATUS_UNSPECIFIED: _ClassVar[FaceStatus]
+    FACE_STATUS_ENHANCED: _ClassVar[FaceStatus]
+    FACE_STATUS_NO_FACE: _ClassVar[FaceStatus]
+    FACE_STATUS_FALLBACK: _ClassVar[FaceStatus]
+ALIGNMENT_DETECT: Alignment
+ALIGNMENT_ALIGNED: Alignment
+ALIGNMENT_LANDMARKS: Alignment
+FACE_STATUS_UNSPECIFIED: FaceStatus
+FACE_STATUS_ENHANCED: FaceStatus
+FACE_STATUS_NO_FACE: FaceStatus
+FACE_STATUS_FALLBACK: FaceStatus
+
+class FaceBatch(_message.Message):
+    __slots__ = ("count", "height", "width", "channels", "data")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    height: int
+    width: int
+    channels: int
+    data: bytes
+    def __init__(self, count: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class EnhanceOptions(_message.Message):
+    __slots__ = ("output_size", "alignment", "fidelity", "only_center_face", "random_noise")
+    OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    FIDELITY_FIELD_NUMBER: _ClassVar[int]
+    ONLY_CENTER_FACE_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_NOISE_FIELD_NUMBER: _ClassVar[int]
+    output_size: int
+    alignment: Alignment
+    fidelity: float
+    only_center_face: bool
+    random_noise: bool
+    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: _Optional[bool] = ..., random_noise: _Optional[bool] = ...) -> None: ...
+
+class EnhanceRequest(_message.Message):
+    __slots__ = ("request_id", "faces", "options", "landmarks")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FACES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    faces: FaceBatch
+    options: EnhanceOptions
+    landmarks: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[int] = ..., faces: _Optional[_Union[FaceBatch, _Mapping]] = ..., options: _Optional[_Union[EnhanceOptions, _Mapping]] = ..., landmarks: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queue_ms", "compute_ms")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    compute_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EnhanceResponse(_message.Message):
+    __slots__ = ("request_id", "faces", "face_status", "timings", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FACES_FIELD_NUMBER: _ClassVar[int]
+    FACE_STATUS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    faces: FaceBatch
+    face_status: _containers.RepeatedScalarFieldContainer[FaceStatus]
+    timings: Timings
+    error: Error
+    def __init__(self, request_id: _Optional[int] = ..., faces: _Optional[_Union[FaceBatch, _Mapping]] = ..., face_status: _Optional[_Iterable[_Union[FaceStatus, str]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServiceInfo(_message.Message):
+    __slots__ = ("model_name", "model_version", "weights_sha256", "device", "dtype", "max_faces_per_request", "min_face_size", "max_face_size", "output_sizes", "max_batch_faces", "server_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MIN_FACE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SIZES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FACES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    device: str
+    dtype: str
+    max_faces_per_request: int
+    min_face_size: int
+    max_face_size: int
+    output_sizes: _containers.RepeatedScalarFieldContainer[int]
+    max_batch_faces: int
+    server_version: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_faces_per_request: _Optional[int] = ..., min_face_size: _Optional[int] = ..., max_face_size: _Optional[int] = ..., output_sizes: _Optional[_Iterable[int]] = ..., max_batch_faces: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...

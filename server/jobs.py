@@ -1,0 +1,56 @@
+"""The one door between batching and the model: what the batcher hands the pipeline.
+
+Kept free of torch so the transport and the batcher can be imported (and tested) without it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from client.types import EnhanceOptions, FaceStatus
+
+
+@dataclass
+class Job:
+    """A slice of one request: faces that share options, ready for the device."""
+
+    faces: np.ndarray  # (n, H, W, 3) uint8 BGR, any strides; H == W
+    options: EnhanceOptions
+    landmarks: np.ndarray | None = None  # (n, 5, 2) float32, input pixels; LANDMARKS only
+
+
+@dataclass
+class JobResult:
+    faces: np.ndarray  # (n, output_size, output_size, 3) uint8 BGR, C-contiguous
+    status: list[FaceStatus]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What GetInfo and the model_info metric report about the loaded pipeline."""
+
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    device: str
+    dtype: str
+
+
+class Pipeline(Protocol):
+    """Runs jobs on the device. Called from one worker thread at a time, never the event loop."""
+
+    info: ModelInfo
+
+    def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
+        """Enhance every job's faces in as few device passes as the options allow.
+
+        Returns one JobResult per job, in order. Raises only for device/internal failures;
+        requests have been validated before they get here.
+        """
+        ...
+
+    def warmup(self) -> None:
+        """Run a representative batch once so the first real request pays no start-up cost."""
+        ...
