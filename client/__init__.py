@@ -1,0 +1,38 @@
+"""Client for the faceenhance.v1 gRPC service: sync and asyncio clients with local fallback.
+
+Light on purpose: numpy, grpcio, protobuf, OpenCV and prometheus-client only, no torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+from client.types import (
+    Alignment,
+    EnhanceOptions,
+    EnhanceResult,
+    FaceStatus,
+    InvalidRequest,
+    RequestLimits,
+)
+
+# The clients pull in grpc and OpenCV: loaded on first use, so that `client.types` and
+# `client.codec` (shared with the service) stay cheap to import.
+_LAZY = {
+    "AsyncFaceEnhanceClient": "client.aio",
+    "ServiceInfo": "client.aio",
+    "ServiceUnreachable": "client.aio",
+    "FaceEnhanceClient": "client.sync",
+    "BreakerConfig": "client.breaker",
+    "FALLBACK_REASONS": "client.fallback",
+}
+
+__all__ = ["Alignment", "EnhanceOptions", "EnhanceResult", "FaceStatus", "InvalidRequest",
+           "RequestLimits", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'client' has no attribute {name!r}")

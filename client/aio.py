@@ -1,0 +1,302 @@
+"""The asyncio client: validates faces, splits big batches, sends them over long-lived
+streams to healthy targets, and falls back to a local resize when the service cannot answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from client import codec
+from client.breaker import BreakerConfig
+from client.fallback import fallback_result
+from client.metrics import ClientMetrics
+from client.pb import face_enhance_pb2 as pb
+from client.targets import StreamBroken, Target, parse_targets, reason_for_code
+from client.types import (
+    NUM_LANDMARKS,
+    Alignment,
+    EnhanceOptions,
+    EnhanceResult,
+    InvalidRequest,
+    RequestLimits,
+)
+
+_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+#: After a failed GetInfo, batches are split by the default limit for this long before asking again.
+_INFO_RETRY_S = 5.0
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What a service reported about itself (GetInfo)."""
+
+    target: str
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    device: str
+    dtype: str
+    max_faces_per_request: int
+    min_face_size: int
+    max_face_size: int
+    output_sizes: tuple[int, ...]
+    max_batch_faces: int
+    server_version: str
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(max_faces_per_request=self.max_faces_per_request,
+                             min_face_size=self.min_face_size, max_face_size=self.max_face_size)
+
+    @classmethod
+    def from_pb(cls, target: str, msg: pb.ServiceInfo) -> "ServiceInfo":
+        return cls(target=target, model_name=msg.model_name, model_version=msg.model_version,
+                   weights_sha256=msg.weights_sha256, device=msg.device, dtype=msg.dtype,
+                   max_faces_per_request=msg.max_faces_per_request,
+                   min_face_size=msg.min_face_size, max_face_size=msg.max_face_size,
+                   output_sizes=tuple(msg.output_sizes), max_batch_faces=msg.max_batch_faces,
+                   server_version=msg.server_version)
+
+
+class ServiceUnreachable(ConnectionError):
+    """No target answered a call that has no local fallback (info())."""
+
+
+class AsyncFaceEnhanceClient:
+    """Enhance batches of faces through one or more FaceEnhancer services.
+
+    `enhance()` never raises for service trouble (timeout, unavailable, overloaded, broken
+    stream): the batch comes back resized locally and marked `fell_back`. It raises
+    `InvalidRequest` for a caller error (wrong dtype or shape, bad options or landmarks).
+    """
+
+    def __init__(self, targets: str | Sequence[str], *, options: EnhanceOptions = EnhanceOptions(),
+                 timeout_ms: float = 1000, streams_per_target: int = 1, max_in_flight: int = 4,
+                 breaker: BreakerConfig = BreakerConfig(), registry=None):
+        if timeout_ms <= 0:
+            raise ValueError(f"timeout_ms must be > 0; got {timeout_ms}")
+        self.options = options.validate()
+        self.timeout_ms = timeout_ms
+        self.targets = [Target(address, streams=streams_per_target, max_in_flight=max_in_flight,
+                               breaker=breaker)
+                        for address in parse_targets(targets)]
+        self.metrics = ClientMetrics(registry)
+        self._request_ids = itertools.count(1)
+        self._next_target = 0
+        self._info: ServiceInfo | None = None
+        self._info_retry_at = 0.0
+        self._closed = False
+
+    # --- public API -------------------------------------------------------------------
+
+    async def enhance(self, faces, options: EnhanceOptions | None = None, landmarks=None,
+                      timeout_ms: float | None = None) -> EnhanceResult:
+        """Enhance (N, H, W, 3) uint8 BGR faces; returns (N, out, out, 3) faces in order."""
+        started = time.perf_counter()
+        try:
+            faces, options, landmarks = self.check(faces, options, landmarks)
+            result = await self._enhance_checked(faces, options, landmarks, timeout_ms)
+        except InvalidRequest:
+            self.metrics.observe_invalid(time.perf_counter() - started)
+            raise
+        self.metrics.observe(result, time.perf_counter() - started)
+        return result
+
+    async def info(self, timeout_ms: float | None = None) -> ServiceInfo:
+        """Ask the first target that answers what it serves; raises ServiceUnreachable."""
+        self._check_open()
+        timeout = (timeout_ms or self.timeout_ms) / 1000
+        errors = []
+        for target in self.targets:
+            try:
+                msg = await target.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+            except grpc.aio.AioRpcError as error:
+                errors.append(f"{target.address}: {error.code().name} {error.details()}")
+                continue
+            self._info = ServiceInfo.from_pb(target.address, msg)
+            return self._info
+        raise ServiceUnreachable("no face-enhance service answered GetInfo; is it running? "
+                                 + "; ".join(errors))
+
+    def stats(self) -> dict:
+        """Counts since the client was made, plus each target's breaker and traffic."""
+        stats = self.metrics.snapshot()
+        stats["targets"] = {
+            target.address: {"breaker": target.breaker.state, "requests": target.requests_sent,
+                             "failures": target.failures, "streams_opened": target.streams_opened}
+            for target in self.targets
+        }
+        return stats
+
+    async def close(self) -> None:
+        self._closed = True
+        for target in self.targets:
+            await target.close()
+
+    async def __aenter__(self) -> "AsyncFaceEnhanceClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # --- the batch path -----------------------------------------------------------------
+
+    def check(self, faces, options: EnhanceOptions | None, landmarks):
+        """Catch the caller's mistakes here, before anything is sent; raises InvalidRequest."""
+        self._check_open()
+        faces = codec.as_face_array(faces)
+        if faces.shape[1] != faces.shape[2]:
+            raise InvalidRequest(f"faces must be square (height == width); got "
+                                 f"{faces.shape[1]}x{faces.shape[2]}: crop or pad them first")
+        options = (options or self.options).validate()
+        if options.alignment is Alignment.LANDMARKS:
+            if landmarks is None:
+                raise InvalidRequest("alignment LANDMARKS needs landmarks: (N, 5, 2) points per face")
+            landmarks = np.asarray(landmarks, dtype=np.float32)
+            if landmarks.size != faces.shape[0] * NUM_LANDMARKS * 2:
+                raise InvalidRequest(f"landmarks must be (N, {NUM_LANDMARKS}, 2) for N = "
+                                     f"{faces.shape[0]} faces; got shape {landmarks.shape}")
+            landmarks = landmarks.reshape(faces.shape[0], NUM_LANDMARKS, 2)
+            if not np.isfinite(landmarks).all():
+                raise InvalidRequest("landmarks contain NaN or infinity")
+        elif landmarks is not None:
+            raise InvalidRequest("landmarks are only used with alignment LANDMARKS; "
+                                 "pass options=EnhanceOptions(alignment=Alignment.LANDMARKS)")
+        return faces, options, landmarks
+
+    async def _enhance_checked(self, faces: np.ndarray, options: EnhanceOptions,
+                               landmarks: np.ndarray | None, timeout_ms: float | None) -> EnhanceResult:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout_ms or self.timeout_ms) / 1000
+        per_request = await self._max_faces_per_request(deadline)
+        starts = range(0, faces.shape[0], per_request)
+        if len(starts) == 1:
+            return await self._enhance_part(faces, options, landmarks, deadline)
+        # Parts go out together (pipelined, maybe to different targets) and come back in order.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._enhance_part(
+                faces[s:s + per_request], options,
+                None if landmarks is None else landmarks[s:s + per_request], deadline))
+                for s in starts]
+        return _join([task.result() for task in tasks])
+
+    async def _enhance_part(self, faces: np.ndarray, options: EnhanceOptions,
+                            landmarks: np.ndarray | None, deadline: float) -> EnhanceResult:
+        """One request's worth of faces: try healthy targets in turn until the deadline."""
+        loop = asyncio.get_running_loop()
+        request = codec.encode_request(next(self._request_ids), faces, options, landmarks)
+        tried: list[Target] = []
+        reason = None
+        while True:
+            if loop.time() >= deadline:
+                reason = reason or "timeout"
+                break
+            target = self._pick_target(exclude=tried)
+            if target is None:
+                reason = reason or "circuit_open"
+                break
+            tried.append(target)
+            outcome = "abandoned"
+            try:
+                async with asyncio.timeout_at(deadline):
+                    response = await target.request(request)
+                if response.HasField("error"):
+                    if response.error.code == _INVALID_ARGUMENT:
+                        outcome = "success"  # the service is healthy; the request is wrong
+                        raise InvalidRequest(f"the service rejected the request: {response.error.message}")
+                    code = _CODE_BY_NUMBER.get(response.error.code)
+                    raise StreamBroken(reason_for_code(code, otherwise="internal"),
+                                       response.error.message)
+                result = _decode(response, faces.shape[0], options.output_size)
+                outcome = "success"
+                return result
+            except TimeoutError:
+                outcome, reason = "failure", "timeout"
+                break
+            except StreamBroken as broken:
+                # A fast refusal (unavailable, overloaded, broken stream): try another target.
+                outcome, reason = "failure", broken.reason
+            finally:
+                self._record(target, outcome)
+        return await asyncio.to_thread(fallback_result, faces, options.output_size, reason)
+
+    def _pick_target(self, exclude: list[Target]) -> Target | None:
+        """Next target round-robin whose breaker lets a batch through."""
+        n = len(self.targets)
+        for i in range(n):
+            index = (self._next_target + i) % n
+            target = self.targets[index]
+            if target in exclude or not target.breaker.allow():
+                continue
+            self._next_target = index + 1
+            return target
+        return None
+
+    def _record(self, target: Target, outcome: str) -> None:
+        if outcome == "success":
+            target.breaker.record_success()
+        elif outcome == "failure":
+            target.failures += 1
+            if target.breaker.record_failure():
+                # Open circuit: drop its streams, so the probe later starts on a fresh one.
+                target.reset_streams()
+        else:
+            target.breaker.release()
+
+    async def _max_faces_per_request(self, deadline: float) -> int:
+        """The service's limit, learned once from GetInfo (the contract's default until then)."""
+        loop = asyncio.get_running_loop()
+        healthy = [t for t in self.targets if t.breaker.state == "closed"]
+        # Leave at least half the batch's time for the batch itself.
+        budget = (deadline - loop.time()) / 2
+        if self._info is None and healthy and budget > 0 and loop.time() >= self._info_retry_at:
+            self._info_retry_at = loop.time() + _INFO_RETRY_S
+            try:
+                msg = await healthy[0].stub.GetInfo(pb.GetInfoRequest(), timeout=budget)
+                self._info = ServiceInfo.from_pb(healthy[0].address, msg)
+            except grpc.aio.AioRpcError:
+                pass  # the batch itself will find out, and fall back, if the service is down
+        if self._info is not None and self._info.max_faces_per_request > 0:
+            return self._info.max_faces_per_request
+        return RequestLimits().max_faces_per_request
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this client is closed; make a new one")
+
+
+def _decode(response: pb.EnhanceResponse, count: int, output_size: int) -> EnhanceResult:
+    """A successful response -> EnhanceResult; a malformed one is the service's fault."""
+    try:
+        result = codec.decode_response(response)
+    except (InvalidRequest, ValueError) as error:
+        raise StreamBroken("internal", f"the service answered a malformed batch: {error}") from None
+    if result.faces.shape != (count, output_size, output_size, 3) or len(result.status) != count:
+        raise StreamBroken("internal", f"the service answered {result.faces.shape} with "
+                           f"{len(result.status)} statuses for {count} faces of {output_size}")
+    # A writable array of its own, like the fallback's (the decoded view is read-only bytes).
+    result.faces = result.faces.copy()
+    return result
+
+
+def _join(parts: list[EnhanceResult]) -> EnhanceResult:
+    """Results of a split batch -> one result, faces in the original order."""
+    reasons = [p.fallback_reason for p in parts if p.fell_back]
+    return EnhanceResult(
+        faces=np.concatenate([p.faces for p in parts]),
+        status=[s for p in parts for s in p.status],
+        fell_back=bool(reasons),
+        fallback_reason=reasons[0] if reasons else None,
+        queue_ms=max(p.queue_ms for p in parts),
+        compute_ms=sum(p.compute_ms for p in parts),
+    )
+
+
+__all__ = ["AsyncFaceEnhanceClient", "ServiceInfo", "ServiceUnreachable"]

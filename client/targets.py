@@ -1,0 +1,244 @@
+"""How the client talks to each service address: one gRPC channel per target, long-lived
+EnhanceBatch streams on it with responses matched to waiting batches, and a breaker.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Sequence
+
+import grpc
+
+from client.breaker import BreakerConfig, CircuitBreaker
+from client.pb import face_enhance_pb2 as pb
+from client.pb import face_enhance_pb2_grpc as pb_grpc
+from client.types import RequestLimits
+
+#: Target schemes that can name several backends (resolved by gRPC, spread by round_robin).
+BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+#: Client keepalive: a ping every KEEPALIVE_TIME_MS on an open stream notices a dead peer that
+#: never closed the connection. The service must accept pings this often (its
+#: grpc.http2.min_recv_ping_interval_without_data_ms must be <= this).
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def channel_options(limits: RequestLimits = RequestLimits()) -> list[tuple[str, object]]:
+    """Channel arguments: messages up to the largest valid response, keepalive, fast reconnect."""
+    max_bytes = max(limits.max_request_bytes(), limits.max_response_bytes())
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+        # gRPC's default reconnect backoff grows to 120 s; a restarted replica should be used
+        # again within seconds (the breaker already limits how often a dead one is tried).
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+        # A name that resolves to several replicas spreads new calls (streams) over all of them.
+        ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+    ]
+
+
+def parse_targets(targets: str | Sequence[str]) -> list[str]:
+    """"host:port", a list of them, or one "dns:///name:port" -> the list of channel targets."""
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = [t.strip() for t in targets]
+    if not targets or not all(targets):
+        raise ValueError('targets must be "host:port", a list of them, or "dns:///name:port"; '
+                         f"got {targets!r}")
+    if len(targets) > 1 and any(t.startswith(BALANCED_SCHEMES) for t in targets):
+        raise ValueError(f"give either a list of host:port addresses or one dns:/// name, not both: "
+                         f"{targets!r}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"targets has duplicates: {targets!r}")
+    return targets
+
+
+class StreamBroken(Exception):
+    """A stream ended or failed before this request's answer came; `reason` says how."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def reason_for_code(code: grpc.StatusCode | None, otherwise: str = "transport") -> str:
+    """gRPC status -> fallback reason (`otherwise` for codes with no reason of their own)."""
+    return {
+        grpc.StatusCode.UNAVAILABLE: "unavailable",
+        grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted",
+        grpc.StatusCode.INTERNAL: "internal",
+        grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
+    }.get(code, otherwise)
+
+
+class _OpenCall:
+    """One EnhanceBatch call: the requests written on it wait here for their responses."""
+
+    def __init__(self, call):
+        self.call = call
+        self.pending: dict[int, asyncio.Future] = {}
+        self.write_lock = asyncio.Lock()  # one write at a time on a gRPC stream
+        self.broken: StreamBroken | None = None
+        self.reader = asyncio.get_running_loop().create_task(self._read_responses())
+
+    async def _read_responses(self) -> None:
+        broken = StreamBroken("transport", "the service closed the stream")
+        try:
+            while True:
+                response = await self.call.read()
+                if response is grpc.aio.EOF:
+                    code = await self.call.code()
+                    if code != grpc.StatusCode.OK:
+                        broken = StreamBroken(reason_for_code(code), await self.call.details() or "")
+                    break
+                waiter = self.pending.pop(response.request_id, None)
+                # No waiter: the batch timed out and fell back already; drop the late answer.
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(response)
+        except grpc.aio.AioRpcError as error:
+            broken = StreamBroken(reason_for_code(error.code()), error.details() or "")
+        except asyncio.CancelledError:
+            broken = StreamBroken("transport", "the stream was closed by the client")
+            raise
+        except Exception as error:  # noqa: BLE001 - any transport failure ends this stream only
+            broken = StreamBroken("transport", repr(error))
+        finally:
+            self.fail_pending(broken)
+
+    def fail_pending(self, broken: StreamBroken) -> None:
+        self.broken = self.broken or broken
+        pending, self.pending = self.pending, {}
+        for waiter in pending.values():
+            if not waiter.done():
+                waiter.set_result(broken)
+
+    def close(self) -> None:
+        self.fail_pending(StreamBroken("transport", "the stream was reset by the client"))
+        self.call.cancel()
+        self.reader.cancel()
+
+
+class BatchStream:
+    """A long-lived EnhanceBatch stream, opened lazily and again after it breaks, carrying
+    up to `max_in_flight` requests at once."""
+
+    def __init__(self, stub: pb_grpc.FaceEnhancerStub, max_in_flight: int):
+        self._stub = stub
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._open: _OpenCall | None = None
+        self.opened = 0  # how many calls this stream has opened (1 + reconnects)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._open.pending) if self._open is not None else 0
+
+    def _current(self) -> _OpenCall:
+        if self._open is None or self._open.broken is not None or self._open.call.done():
+            if self._open is not None:
+                self._open.close()
+            self._open = _OpenCall(self._stub.EnhanceBatch())
+            self.opened += 1
+        return self._open
+
+    async def request(self, request: pb.EnhanceRequest) -> pb.EnhanceResponse:
+        """Send one request and wait for its response; raises StreamBroken.
+
+        The caller bounds the wait (asyncio.timeout); a cancelled wait forgets the request,
+        so a late response is dropped.
+        """
+        async with self._slots:
+            current = self._current()
+            waiter = asyncio.get_running_loop().create_future()
+            current.pending[request.request_id] = waiter
+            try:
+                try:
+                    async with current.write_lock:
+                        await current.call.write(request)
+                except asyncio.CancelledError:
+                    # A write cut off half-way leaves the stream unusable: start a fresh one.
+                    current.close()
+                    raise
+                except Exception as error:  # noqa: BLE001 - the stream failed under us
+                    reason = (reason_for_code(error.code()) if isinstance(error, grpc.aio.AioRpcError)
+                              else "transport")
+                    current.fail_pending(StreamBroken(reason, repr(error)))
+                    current.call.cancel()
+                answer = await waiter
+            finally:
+                current.pending.pop(request.request_id, None)
+        if isinstance(answer, StreamBroken):
+            raise answer
+        return answer
+
+    def reset(self) -> None:
+        """Drop the open call (if any); the next request opens a new one."""
+        if self._open is not None:
+            self._open.close()
+            self._open = None
+
+
+class Target:
+    """One channel target ("host:port" or "dns:///name:port"), its streams and its breaker."""
+
+    def __init__(self, address: str, *, streams: int, max_in_flight: int,
+                 breaker: BreakerConfig, limits: RequestLimits = RequestLimits()):
+        if streams < 1 or max_in_flight < 1:
+            raise ValueError(f"streams_per_target and max_in_flight must be >= 1; "
+                             f"got {streams} and {max_in_flight}")
+        self.address = address
+        self.breaker = CircuitBreaker(breaker)
+        self.requests_sent = 0
+        self.failures = 0
+        self._stream_count = streams
+        self._max_in_flight = max_in_flight
+        self._limits = limits
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.FaceEnhancerStub | None = None
+        self._streams: list[BatchStream] = []
+        self._next_stream = itertools.count()
+
+    @property
+    def stub(self) -> pb_grpc.FaceEnhancerStub:
+        """The channel, created on first use inside the event loop that will drive it."""
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=channel_options(self._limits))
+            self._stub = pb_grpc.FaceEnhancerStub(self._channel)
+            # All streams are created together so that round_robin puts them on different
+            # replicas (a stream stays on the replica it was opened on).
+            self._streams = [BatchStream(self._stub, self._max_in_flight)
+                             for _ in range(self._stream_count)]
+        return self._stub
+
+    def pick_stream(self) -> BatchStream:
+        """The stream with the fewest requests in flight, round-robin among equals."""
+        self.stub  # noqa: B018 - creates the channel and streams on first use
+        start = next(self._next_stream) % len(self._streams)
+        order = self._streams[start:] + self._streams[:start]
+        return min(order, key=lambda stream: stream.in_flight)
+
+    async def request(self, request: pb.EnhanceRequest) -> pb.EnhanceResponse:
+        self.requests_sent += 1
+        return await self.pick_stream().request(request)
+
+    def reset_streams(self) -> None:
+        """Close this target's streams so the next batch opens fresh ones (maybe on another replica)."""
+        for stream in self._streams:
+            stream.reset()
+
+    @property
+    def streams_opened(self) -> int:
+        return sum(stream.opened for stream in self._streams)
+
+    async def close(self) -> None:
+        self.reset_streams()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
