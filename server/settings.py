@@ -1,0 +1,284 @@
+"""The service's one typed settings object, filled from flags, then GFPGAN_* variables, then defaults.
+
+`python -m server.settings --markdown` prints the table the README carries; `--help` lists the same.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from client.types import RequestLimits
+
+ENV_PREFIX = "GFPGAN_"
+DEFAULT_MODEL_FILE = "GFPGANv1.4.pth"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def default_weights_dir() -> str:
+    """Absolute, per-user, and never the current directory (GFPGANer's own default is)."""
+    return str(Path("~/.cache/gfpgan-service/weights").expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything an operator can set. Build with `Settings.from_args()`; every field is final."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090
+    model: str = ""  # "" until from_args fills in <weights_dir>/GFPGANv1.4.pth
+    weights_dir: str = dataclasses.field(default_factory=default_weights_dir)
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_faces: int = 8
+    max_delay_ms: float = 5.0
+    max_queue_faces: int = 256
+    max_faces_per_request: int = 32
+    min_face_size: int = 64
+    max_face_size: int = 512
+    no_download: bool = False
+    log_level: str = "INFO"
+    drain_grace_s: float = 30.0
+    warmup: bool = True
+
+    def __post_init__(self):
+        # Direct construction (tests, embedding) gets the same defaults, checks and spellings
+        # ("fp32" -> "float32", 5 -> 5.0) as the command line.
+        for spec in SPECS:
+            if spec.check is not None:
+                try:
+                    object.__setattr__(self, spec.name, spec.check(str(getattr(self, spec.name))))
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    raise ValueError(f"{spec.flag}: {exc}") from None
+        weights_dir = _absolute(self.weights_dir)
+        object.__setattr__(self, "weights_dir", weights_dir)
+        model = self.model or str(Path(weights_dir) / DEFAULT_MODEL_FILE)
+        object.__setattr__(self, "model", _absolute(model))
+        problem = _cross_check(self)
+        if problem:
+            raise ValueError(problem)
+
+    def limits(self) -> RequestLimits:
+        return RequestLimits(max_faces_per_request=self.max_faces_per_request,
+                             min_face_size=self.min_face_size, max_face_size=self.max_face_size)
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return self.metrics_port != 0
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> "Settings":
+        """Parse flags (argv, default sys.argv[1:]) over GFPGAN_* variables (default os.environ).
+
+        A bad value exits with status 2 and a message naming the flag or variable, as argparse does.
+        """
+        environ = os.environ if environ is None else environ
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        values: dict[str, Any] = {}
+        for spec in SPECS:
+            given = getattr(args, spec.name, None)
+            if given is not None:
+                values[spec.name] = given
+            elif spec.env in environ and environ[spec.env].strip() != "":
+                try:
+                    values[spec.name] = spec.parse(environ[spec.env])
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    parser.error(f"environment variable {spec.env}={environ[spec.env]!r}: {exc}")
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            parser.error(str(exc))
+
+
+# --- parsing and checking of single values -------------------------------------------------
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            where = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_at_least(low: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _device(text: str) -> str:
+    value = text.strip().lower()
+    if value in ("auto", "cpu", "cuda"):
+        return value
+    if value.startswith("cuda:") and value[5:].isdigit():
+        return value
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _dtype(text: str) -> str:
+    value = text.strip().lower()
+    aliases = {"fp32": "float32", "bf16": "bfloat16"}
+    value = aliases.get(value, value)
+    if value in ("auto", "float32", "bfloat16"):
+        return value
+    if value in ("float16", "fp16", "half"):
+        raise argparse.ArgumentTypeError(
+            "float16 is not offered: GFPGAN is reported to give blank or solid-colour faces in "
+            "fp16; use bfloat16 (the CUDA default) or float32")
+    raise argparse.ArgumentTypeError(f"must be auto, float32 or bfloat16, got {text!r}")
+
+
+def _log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false (or 1/0), got {text!r}")
+
+
+def _cross_check(s: Settings) -> str | None:
+    """Checks between fields; None when all is well."""
+    if s.min_face_size > s.max_face_size:
+        return (f"--min-face-size ({s.min_face_size}) is larger than --max-face-size "
+                f"({s.max_face_size})")
+    if s.max_queue_faces < s.max_faces_per_request:
+        return (f"--max-queue-faces ({s.max_queue_faces}) must be at least --max-faces-per-request "
+                f"({s.max_faces_per_request}), or the largest allowed request could never be queued")
+    if s.metrics_port != 0 and s.metrics_port == s.port:
+        return f"--metrics-port and --port are both {s.port}; give them different ports"
+    return None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """One setting as the command line, the environment and the README see it."""
+
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+    default_text: str
+    check: Callable[[str], Any] | None = None  # re-applied (and normalises) values set in code
+    boolean: str | None = None  # "flag": --x sets True; "both": --x / --no-x
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SPECS: tuple[_Spec, ...] = (
+    _Spec("host", str, "Address the gRPC and metrics servers listen on.", "0.0.0.0"),
+    _Spec("port", _int_in(0, 65535), "gRPC port (0 picks a free one and logs it).", "50051",
+          check=_int_in(0, 65535)),
+    _Spec("metrics_port", _int_in(0, 65535),
+          "Port of the Prometheus text page (/metrics); 0 turns it off.", "9090",
+          check=_int_in(0, 65535)),
+    _Spec("model", str, "GFPGAN v1.3/v1.4 checkpoint file (relative paths are taken from the "
+          "current directory at start-up and made absolute).", "<weights-dir>/GFPGANv1.4.pth"),
+    _Spec("weights_dir", str, "Folder for the detection and face-parsing weights, and for "
+          "downloads (made absolute at start-up).", "~/.cache/gfpgan-service/weights"),
+    _Spec("device", _device, "Where the pipeline runs: auto (CUDA when present, else CPU), cpu, "
+          "cuda or cuda:N.", "auto", check=_device),
+    _Spec("dtype", _dtype, "Network compute type: auto (bfloat16 on CUDA, float32 on CPU), "
+          "float32 or bfloat16. float16 is refused (unsafe for GFPGAN).", "auto", check=_dtype),
+    _Spec("max_batch_faces", _int_in(1, 1024), "Most faces run through the network at once; "
+          "larger requests are split across batches.", "8", check=_int_in(1, 1024)),
+    _Spec("max_delay_ms", _float_at_least(0.0), "Longest a batch waits for more faces after its "
+          "first arrives, in milliseconds.", "5.0", check=_float_at_least(0.0)),
+    _Spec("max_queue_faces", _int_in(1), "Faces waiting in the shared queue before new requests "
+          "are refused with RESOURCE_EXHAUSTED.", "256", check=_int_in(1)),
+    _Spec("max_faces_per_request", _int_in(1, 4096), "Most faces in one request.", "32",
+          check=_int_in(1, 4096)),
+    _Spec("min_face_size", _int_in(1, 4096), "Smallest accepted face side, in pixels.", "64",
+          check=_int_in(1, 4096)),
+    _Spec("max_face_size", _int_in(1, 4096), "Largest accepted face side, in pixels.", "512",
+          check=_int_in(1, 4096)),
+    _Spec("no_download", _boolean, "Never download missing weights; fail at start-up with what "
+          "to fetch and where to put it.", "false", boolean="flag"),
+    _Spec("log_level", _log_level, "Logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL.",
+          "INFO", check=_log_level),
+    _Spec("drain_grace_s", _float_at_least(0.0), "On SIGTERM/SIGINT, seconds to finish work "
+          "already accepted before exiting.", "30.0", check=_float_at_least(0.0)),
+    _Spec("warmup", _boolean, "Run one batch through the model before reporting SERVING "
+          "(--no-warmup skips it).", "true", boolean="both"),
+)
+SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
+assert set(SPEC_BY_NAME) == {f.name for f in dataclasses.fields(Settings)}, "a setting lacks a spec"
+
+
+def build_parser(prog: str = "gfpgan-serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="GFPGAN face enhancement as a batched gRPC service (faceenhance.v1).",
+        epilog=f"Every flag can also be set by an environment variable {ENV_PREFIX}<NAME> "
+               f"(e.g. {ENV_PREFIX}MAX_BATCH_FACES=16, {ENV_PREFIX}NO_DOWNLOAD=1); a flag wins "
+               "over the variable, the variable over the default.")
+    for spec in SPECS:
+        help_text = f"{spec.help} [env {spec.env}; default {spec.default_text}]"
+        if spec.boolean == "flag":
+            parser.add_argument(spec.flag, dest=spec.name, action="store_const", const=True,
+                                default=None, help=help_text)
+        elif spec.boolean == "both":
+            parser.add_argument(spec.flag, dest=spec.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(spec.flag, dest=spec.name, type=spec.parse, default=None,
+                                metavar=spec.name.upper(), help=help_text)
+    return parser
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated so it cannot drift from the code."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for spec in SPECS:
+        flag = f"`{spec.flag}` / `--no-{spec.flag[2:]}`" if spec.boolean == "both" else f"`{spec.flag}`"
+        rows.append(f"| {flag} | `{spec.env}` | `{spec.default_text}` | {spec.help} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--markdown"]:
+        sys.stdout.write(markdown_table())
+        return
+    print(Settings.from_args(args))
+
+
+if __name__ == "__main__":
+    main()
