@@ -1,0 +1,186 @@
+"""Batched image operations on the device that reproduce OpenCV's, for the pipeline.
+
+Resizes and blurs are separable linear maps, built once as small matrices and applied with
+two matmuls over the whole batch; warps are `grid_sample` with OpenCV's pixel-centre
+convention. Everything takes and returns float tensors shaped (N, C, H, W).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# cv2.INTER_CUBIC's kernel parameter.
+_CUBIC_A = -0.75
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Keys cubic kernel (a = -0.75) at distances t; OpenCV's interpolateCubic."""
+    t = np.abs(t)
+    a = _CUBIC_A
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+
+
+def _lanczos4_weights(t: np.ndarray) -> np.ndarray:
+    """sinc(t) * sinc(t / 4) on 8 taps; OpenCV's interpolateLanczos4 before normalising."""
+    return np.sinc(t) * np.sinc(t / 4.0)
+
+
+@functools.lru_cache(maxsize=64)
+def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
+    """(out_size, in_size) matrix W such that W @ signal is cv2.resize along one axis.
+
+    method: "linear", "cubic", "lanczos4" (any scale) or "area" (downscaling). Borders
+    replicate the edge pixel, as cv2.resize does.
+    """
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    scale = in_size / out_size
+    rows = np.arange(out_size)
+    if method == "area":
+        if out_size > in_size:
+            raise ValueError("area resize only shrinks; use linear, cubic or lanczos4 to enlarge")
+        for dst in range(out_size):
+            start, stop = dst * scale, (dst + 1) * scale
+            for src in range(int(math.floor(start)), min(int(math.ceil(stop)), in_size)):
+                overlap = min(stop, src + 1) - max(start, src)
+                if overlap > 1e-12:
+                    weights[dst, src] += overlap / scale
+        return weights
+    centre = (rows + 0.5) * scale - 0.5
+    base = np.floor(centre).astype(np.int64)
+    frac = centre - base
+    if method == "linear":
+        # OpenCV clamps the sample position itself at the borders (no extrapolation).
+        low = base < 0
+        high = base >= in_size - 1
+        frac = np.where(low | high, 0.0, frac)
+        base = np.clip(base, 0, in_size - 1)
+        taps = np.arange(2)
+        kernel = np.stack([1.0 - frac, frac], axis=1)
+    elif method in ("cubic", "lanczos4"):
+        half = 2 if method == "cubic" else 4
+        taps = np.arange(-half + 1, half + 1)
+        dist = frac[:, None] - taps[None, :]
+        kernel = _cubic_weights(dist) if method == "cubic" else _lanczos4_weights(dist)
+        kernel /= kernel.sum(axis=1, keepdims=True)
+        base = base[:, None]
+    else:
+        raise ValueError(f"unknown resize method {method!r}")
+    index = np.clip(base.reshape(-1, 1) + taps[None, :], 0, in_size - 1)
+    np.add.at(weights, (np.repeat(rows, len(taps)), index.reshape(-1)), kernel.reshape(-1))
+    return weights
+
+
+@functools.lru_cache(maxsize=8)
+def gaussian_blur_matrix(size: int, ksize: int, sigma: float, times: int = 1) -> np.ndarray:
+    """(size, size) matrix of cv2.GaussianBlur along one axis (BORDER_REFLECT_101), `times` over."""
+    half = ksize // 2
+    kernel = np.exp(-((np.arange(ksize) - half) ** 2) / (2.0 * sigma * sigma))
+    kernel /= kernel.sum()
+    blur = np.zeros((size, size), dtype=np.float64)
+    for out in range(size):
+        for k in range(ksize):
+            src = out + k - half
+            # reflect-101: ... 2 1 | 0 1 2 ... n-1 | n-2 n-3 ...
+            while src < 0 or src >= size:
+                src = -src if src < 0 else 2 * (size - 1) - src
+            blur[out, src] += kernel[k]
+    return np.linalg.matrix_power(blur, times)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_matrix(factory, args: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(factory(*args), dtype=dtype, device=device)
+
+
+def apply_separable(images: torch.Tensor, factory, rows_args: tuple, cols_args: tuple) -> torch.Tensor:
+    """R @ image @ C.T for every image and channel, R = factory(*rows_args), C likewise.
+
+    The matrices are built once per shape and kept on the device.
+    """
+    rows = _device_matrix(factory, rows_args, images.device, images.dtype)
+    cols = _device_matrix(factory, cols_args, images.device, images.dtype)
+    return torch.matmul(torch.matmul(rows, images), cols.transpose(0, 1))
+
+
+def resize(images: torch.Tensor, size: int, method: str) -> torch.Tensor:
+    """Resize (N, C, H, W) images to (N, C, size, size) like cv2.resize(method)."""
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size):
+        return images
+    return apply_separable(images, resize_matrix, (height, size, method), (width, size, method))
+
+
+def gaussian_blur(images: torch.Tensor, ksize: int, sigma: float, times: int = 1) -> torch.Tensor:
+    """cv2.GaussianBlur(image, (ksize, ksize), sigma) applied `times` times, batched."""
+    height, width = images.shape[-2:]
+    return apply_separable(images, gaussian_blur_matrix, (height, ksize, sigma, times),
+                           (width, ksize, sigma, times))
+
+
+def resize_for_output(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The resize used for backgrounds and aligned outputs: area to shrink, Lanczos-4 to enlarge.
+
+    Enlarging matches what facexlib does to the background; shrinking uses area averaging
+    (facexlib would use Lanczos-4 there too, which aliases).
+    """
+    return resize(images, size, "area" if size < images.shape[-1] else "lanczos4")
+
+
+def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity (rotation, uniform scale, shift) mapping src points to dst.
+
+    src: (N, K, 2), dst: (K, 2) -> (N, 2, 3) matrices in cv2's convention. This is the
+    solution cv2.estimateAffinePartial2D's refinement converges to when every point is an
+    inlier (facexlib calls it with LMEDS).
+    """
+    src = src.to(torch.float64)
+    dst = dst.to(device=src.device, dtype=torch.float64)
+    src_mean = src.mean(dim=1, keepdim=True)
+    dst_mean = dst.mean(dim=0, keepdim=True)
+    s = src - src_mean
+    d = (dst - dst_mean).unsqueeze(0)
+    norm = (s * s).sum(dim=(1, 2))
+    a = (s[..., 0] * d[..., 0] + s[..., 1] * d[..., 1]).sum(dim=1) / norm
+    b = (s[..., 0] * d[..., 1] - s[..., 1] * d[..., 0]).sum(dim=1) / norm
+    rot = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], dim=1)  # (N, 2, 2)
+    shift = dst_mean.squeeze(0) - torch.einsum("nij,nj->ni", rot, src_mean.squeeze(1))
+    return torch.cat([rot, shift.unsqueeze(-1)], dim=2)
+
+
+def invert_affine(matrices: torch.Tensor) -> torch.Tensor:
+    """Inverse of (N, 2, 3) affine matrices (cv2.invertAffineTransform, batched)."""
+    linear = matrices[:, :, :2]
+    inv = torch.linalg.inv(linear)
+    shift = -torch.einsum("nij,nj->ni", inv, matrices[:, :, 2])
+    return torch.cat([inv, shift.unsqueeze(-1)], dim=2)
+
+
+def warp_affine(images: torch.Tensor, matrices: torch.Tensor, size: int,
+                border_value: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """cv2.warpAffine(image, M, (size, size)) with bilinear sampling, for a batch.
+
+    images: (N, C, H, W) float; matrices: (N, 2, 3) mapping source pixels to destination
+    pixels (cv2's convention, pixel centres at integer coordinates); pixels outside the source
+    read as border_value (a scalar or a (C,) tensor), blended bilinearly at the edge like
+    BORDER_CONSTANT.
+    """
+    n, _, height, width = images.shape
+    inverse = invert_affine(matrices.double())  # destination -> source, in float64
+    coords = torch.arange(size, device=images.device, dtype=torch.float64)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    dst = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, -1, 3)  # (1, S*S, 3)
+    src = torch.einsum("nij,npj->npi", inverse, dst.expand(n, -1, -1))  # (N, S*S, 2)
+    # grid_sample with align_corners=False puts pixel i's centre at (2i + 1) / W - 1.
+    grid = torch.stack([(2 * src[..., 0] + 1) / width - 1, (2 * src[..., 1] + 1) / height - 1], dim=-1)
+    grid = grid.reshape(n, size, size, 2).to(images.dtype)
+    if not torch.is_tensor(border_value):
+        border_value = torch.tensor(float(border_value))
+    border = border_value.to(device=images.device, dtype=images.dtype).reshape(1, -1, 1, 1)
+    warped = F.grid_sample(images - border, grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
+    return warped + border
