@@ -1,0 +1,325 @@
+"""Dynamic batching: one bounded queue of faces from every caller, cut into device batches.
+
+Knows nothing about gRPC: requests come in as numpy faces, results go out as EnhanceResult.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from client.types import EnhanceOptions, EnhanceResult
+from server.jobs import Job, JobResult, Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The shared queue has no room for this request now (RESOURCE_EXHAUSTED)."""
+
+
+class NotAccepting(Exception):
+    """The service takes no new work: it is starting up or shutting down (UNAVAILABLE)."""
+
+
+class PipelineFailed(Exception):
+    """The device batch carrying this request failed (INTERNAL)."""
+
+
+@dataclass(eq=False)
+class _Request:
+    """One submitted request while it is queued, split and computed."""
+
+    faces: np.ndarray
+    options: EnhanceOptions
+    landmarks: np.ndarray | None
+    arrival: float
+    future: asyncio.Future
+    handed_out: int = 0  # faces already given to batches (the rest are queued)
+    finished: int = 0  # faces with results
+    parts: list[tuple[int, JobResult]] = field(default_factory=list)
+    device_start: float = 0.0  # when the device started on its latest batch
+    compute_s: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return self.faces.shape[0]
+
+
+class Batcher:
+    """Forms batches of up to max_batch_faces, waiting at most max_delay_ms after the oldest arrival.
+
+    Device work runs on one dedicated thread, so the event loop keeps reading and answering.
+    Use from one event loop: `start()`, then `await submit(...)`, finally `drain()` / `close()`.
+    """
+
+    def __init__(self, pipeline: Pipeline, max_batch_faces: int, max_delay_ms: float,
+                 max_queue_faces: int, metrics=None):
+        if max_batch_faces < 1 or max_queue_faces < 1 or max_delay_ms < 0:
+            raise ValueError("max_batch_faces and max_queue_faces must be >= 1, max_delay_ms >= 0")
+        self.pipeline = pipeline
+        self.max_batch_faces = max_batch_faces
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.max_queue_faces = max_queue_faces
+        self.metrics = metrics
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_faces = 0
+        self._wakeup = asyncio.Event()
+        self._accepting = False
+        self._computing = False
+        self._on_device: list[_Request] = []  # owners of the batch being computed
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._former: asyncio.Task | None = None
+        self._device = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="faceenhance-device")
+
+    @property
+    def queued_faces(self) -> int:
+        return self._queued_faces
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def start(self) -> None:
+        if self._former is None:
+            self._accepting = True
+            self._former = asyncio.get_running_loop().create_task(
+                self._form_batches(), name="faceenhance-batcher")
+            self._former.add_done_callback(self._former_ended)
+
+    async def submit(self, faces: np.ndarray, options: EnhanceOptions,
+                     landmarks: np.ndarray | None = None) -> EnhanceResult:
+        """Queue faces (N, H, W, 3) uint8 and wait for their results, in order.
+
+        Raises QueueFull at once when they do not fit, NotAccepting when draining,
+        PipelineFailed when the device failed on them. Cancelling the caller drops the
+        faces that have not reached the device yet.
+        """
+        if not self._accepting:
+            raise NotAccepting("the service is shutting down and takes no new work; "
+                               "retry on another replica")
+        count = faces.shape[0]
+        if count == 0:
+            raise ValueError("submit needs at least one face")
+        if self._queued_faces + count > self.max_queue_faces:
+            raise QueueFull(
+                f"the queue is full: {self._queued_faces} faces are waiting (limit "
+                f"{self.max_queue_faces}) and this request has {count}; retry later, send "
+                "smaller requests, or add replicas")
+        loop = asyncio.get_running_loop()
+        request = _Request(faces, options, landmarks, time.monotonic(), loop.create_future())
+        self._queue.append(request)
+        self._change_queued(count)
+        self._wakeup.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self._drop(request)
+            raise
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking work and finish what was accepted, for at most `timeout` seconds.
+
+        Returns True when everything finished; what is left after the timeout fails with
+        NotAccepting.
+        """
+        self._accepting = False
+        self._wakeup.set()  # a batch waiting for company goes now
+        deadline = time.monotonic() + max(0.0, timeout)
+        while self._queue or self._computing:
+            self._idle.clear()
+            if not (self._queue or self._computing):
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._idle.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        finished = not (self._queue or self._computing)
+        if not finished:
+            self._fail_queued(NotAccepting("the service shut down before this request reached "
+                                           "the device; retry on another replica"))
+        return finished
+
+    async def close(self) -> None:
+        """Stop at once: queued requests fail with NotAccepting; the device thread is released."""
+        self._accepting = False
+        stopping = NotAccepting("the service is shutting down; retry on another replica")
+        self._fail_queued(stopping)
+        for request in self._on_device:
+            self._fail(request, stopping)
+        if self._former is not None:
+            self._former.cancel()
+            try:
+                await self._former
+            except asyncio.CancelledError:
+                pass
+        self._device.shutdown(wait=False, cancel_futures=True)
+
+    # --- inside ------------------------------------------------------------------------------
+
+    def _former_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Should not happen; if it does, refuse work loudly rather than queue it forever.
+            log.error("the batcher stopped unexpectedly", exc_info=task.exception())
+            self._accepting = False
+            self._fail_queued(PipelineFailed(f"the batcher stopped: {task.exception()}"))
+
+    def _change_queued(self, delta: int) -> None:
+        self._queued_faces += delta
+        if self.metrics is not None:
+            self.metrics.queue_faces.set(self._queued_faces)
+
+    def _drop(self, request: _Request) -> None:
+        """Forget a request whose caller went away; faces already on the device finish unseen."""
+        if request.handed_out < request.count:
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                pass
+            else:
+                self._change_queued(-(request.count - request.handed_out))
+                request.handed_out = request.count
+                self._wakeup.set()
+        if not self._queue and not self._computing:
+            self._idle.set()
+
+    def _fail_queued(self, error: Exception) -> None:
+        while self._queue:
+            request = self._queue.popleft()
+            self._change_queued(-(request.count - request.handed_out))
+            request.handed_out = request.count
+            if not request.future.done():
+                request.future.set_exception(error)
+        if not self._computing:
+            self._idle.set()
+
+    async def _form_batches(self) -> None:
+        while True:
+            while not self._queue:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._wait_for_company()
+            if not self._queue:
+                continue  # everything waiting was cancelled
+            jobs, owners = self._take_batch()
+            await self._run_batch(jobs, owners)
+
+    async def _wait_for_company(self) -> None:
+        """Until the queue holds a full batch or its oldest request has waited max_delay_ms."""
+        while self._queue and self._queued_faces < self.max_batch_faces and self._accepting:
+            remaining = self._queue[0].arrival + self.max_delay_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take_batch(self) -> tuple[list[Job], list[tuple[_Request, int, int]]]:
+        """Up to max_batch_faces faces from the head of the queue, splitting the last request."""
+        jobs: list[Job] = []
+        owners: list[tuple[_Request, int, int]] = []
+        room = self.max_batch_faces
+        while room and self._queue:
+            request = self._queue[0]
+            start = request.handed_out
+            take = min(room, request.count - start)
+            stop = start + take
+            landmarks = None if request.landmarks is None else request.landmarks[start:stop]
+            jobs.append(Job(request.faces[start:stop], request.options, landmarks))
+            owners.append((request, start, take))
+            request.handed_out = stop
+            room -= take
+            if stop == request.count:
+                self._queue.popleft()
+        self._change_queued(-(self.max_batch_faces - room))
+        return jobs, owners
+
+    def _enhance_timed(self, jobs: Sequence[Job]) -> tuple[list[JobResult], float, float]:
+        """Runs on the device thread; times the device work itself, without the hand-over."""
+        started = time.monotonic()
+        results = self.pipeline.enhance(jobs)
+        return results, started, time.monotonic() - started
+
+    async def _run_batch(self, jobs: list[Job], owners: list[tuple[_Request, int, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        batch_faces = sum(take for _, _, take in owners)
+        self._computing = True
+        self._on_device = [request for request, _, _ in owners]
+        try:
+            results, started, seconds = await loop.run_in_executor(
+                self._device, self._enhance_timed, jobs)
+            results = list(results)
+            _check_results(jobs, results)
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the batcher
+            log.exception("device batch of %d faces failed", batch_faces)
+            error = PipelineFailed(f"enhancing failed on the server: {type(exc).__name__}: {exc}")
+            for request, _, _ in owners:
+                self._fail(request, error)
+            return
+        finally:
+            self._computing = False
+            self._on_device = []
+            if not self._queue:
+                self._idle.set()
+        if self.metrics is not None:
+            self.metrics.batch_faces.observe(batch_faces)
+            self.metrics.compute.observe(seconds)
+        for (request, start, take), result in zip(owners, results):
+            request.device_start = started
+            request.compute_s += seconds
+            request.parts.append((start, result))
+            request.finished += take
+            if request.finished == request.count and not request.future.done():
+                self._complete(request)
+
+    def _complete(self, request: _Request) -> None:
+        parts = sorted(request.parts, key=lambda part: part[0])
+        if len(parts) == 1:
+            faces, status = parts[0][1].faces, list(parts[0][1].status)
+        else:
+            faces = np.concatenate([part.faces for _, part in parts])
+            status = [s for _, part in parts for s in part.status]
+        queue_s = max(0.0, request.device_start - request.arrival)
+        if self.metrics is not None:
+            self.metrics.queue_wait.observe(queue_s)
+        request.future.set_result(EnhanceResult(
+            faces=faces, status=status, queue_ms=queue_s * 1000.0,
+            compute_ms=request.compute_s * 1000.0))
+
+    def _fail(self, request: _Request, error: Exception) -> None:
+        if request.handed_out < request.count:  # its later chunks are pointless now
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                pass
+            else:
+                self._change_queued(-(request.count - request.handed_out))
+            request.handed_out = request.count
+        if not request.future.done():
+            request.future.set_exception(error)
+
+
+def _check_results(jobs: Sequence[Job], results: Sequence[JobResult]) -> None:
+    """A pipeline answer that does not fit its jobs is a server bug: fail the batch, not the loop."""
+    if len(results) != len(jobs):
+        raise RuntimeError(f"pipeline returned {len(results)} results for {len(jobs)} jobs")
+    for job, result in zip(jobs, results):
+        count, size = job.faces.shape[0], job.options.output_size
+        if result.faces.shape != (count, size, size, 3) or len(result.status) != count:
+            raise RuntimeError(
+                f"pipeline returned faces {result.faces.shape} with {len(result.status)} statuses "
+                f"for a job of {count} faces at output_size {size}")

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the service (prefix faceenhance_), in a registry of their own.
+
+Each `Metrics` owns its registry, so tests can build many; `start_http_server` serves /metrics.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import start_http_server as _start_http_server
+
+from server.jobs import ModelInfo
+
+log = logging.getLogger(__name__)
+
+#: Request outcomes, one per status code the service answers with.
+OUTCOMES = ("ok", "invalid_argument", "resource_exhausted", "unavailable", "internal", "cancelled")
+RPCS = ("EnhanceBatch", "Enhance")
+
+_BATCH_FACES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Queue waits run from well under a millisecond (idle) to seconds (overloaded).
+_QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# One batch: ~10 ms on a big GPU to tens of seconds for a large batch on a CPU.
+_COMPUTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """The service's counters, histograms and gauges; all methods are cheap and loop-safe."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "faceenhance_requests", "Enhance requests answered, by RPC and outcome.",
+            ["rpc", "outcome"], registry=r)
+        self.faces = Counter(
+            "faceenhance_faces", "Faces returned enhanced (or unchanged when no face was found).",
+            registry=r)
+        self.batch_faces = Histogram(
+            "faceenhance_batch_faces", "Faces per device batch.",
+            buckets=_BATCH_FACES_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "faceenhance_queue_wait_seconds",
+            "Time from a request's arrival until the device started on its last batch.",
+            buckets=_QUEUE_BUCKETS, registry=r)
+        self.compute = Histogram(
+            "faceenhance_compute_seconds", "Device time of one batch.",
+            buckets=_COMPUTE_BUCKETS, registry=r)
+        self.queue_faces = Gauge(
+            "faceenhance_queue_faces", "Faces waiting in the shared queue.", registry=r)
+        self.in_flight = Gauge(
+            "faceenhance_in_flight_requests",
+            "Requests accepted and not yet answered (queued or computing).", registry=r)
+        self.model = Info(
+            "faceenhance_model", "The loaded model: name, version, weights SHA-256, device, dtype.",
+            registry=r)
+        self.device_memory = Gauge(
+            "faceenhance_device_memory_bytes",
+            "Memory in use: CUDA memory allocated by torch on a GPU, the process's resident "
+            "memory on the CPU.", registry=r)
+        self._device = "cpu"
+        self.device_memory.set_function(self._memory_in_use)
+        # Every series exists from the start, so rates and alerts work before the first error.
+        for rpc in RPCS:
+            for outcome in OUTCOMES:
+                self.requests.labels(rpc=rpc, outcome=outcome)
+
+    def set_model(self, info: ModelInfo) -> None:
+        self._device = info.device
+        self.model.info({"model": info.model_name, "version": info.model_version,
+                         "sha256": info.weights_sha256, "device": info.device, "dtype": info.dtype})
+
+    def start_http_server(self, host: str, port: int) -> tuple[object, int]:
+        """Serve /metrics on host:port (0 picks a free port). Returns (server, bound port)."""
+        server, _thread = _start_http_server(port, addr=host, registry=self.registry)
+        return server, server.server_port
+
+    def _memory_in_use(self) -> float:
+        if self._device.startswith("cuda"):
+            torch = sys.modules.get("torch")  # only a CUDA pipeline has imported it
+            if torch is not None:
+                try:
+                    return float(torch.cuda.memory_allocated(self._device))
+                except Exception:  # a scrape must never fail because of the device
+                    log.debug("torch.cuda.memory_allocated failed", exc_info=True)
+        return float(_resident_bytes())
+
+
+def _resident_bytes() -> int:
+    """The process's resident set size, from /proc on Linux, else the peak from getrusage."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024

@@ -1,0 +1,98 @@
+"""A numpy-only stand-in for the GFPGAN pipeline, for testing batching and transport.
+
+Its "enhancement" is recognisable per face, so tests can check every returned pixel.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from client.types import EnhanceOptions, FaceStatus
+from server.jobs import Job, JobResult, ModelInfo
+
+
+def fake_enhanced(faces: np.ndarray, options: EnhanceOptions) -> tuple[np.ndarray, list[FaceStatus]]:
+    """What the fake returns: nearest resize to output_size, inverted; all-black faces
+    (the fake's "no face found") come back resized but not inverted, marked NO_FACE."""
+    size = options.output_size
+    out = np.empty((len(faces), size, size, 3), np.uint8)
+    status = []
+    for i, face in enumerate(faces):
+        resized = cv2.resize(np.ascontiguousarray(face), (size, size),
+                             interpolation=cv2.INTER_NEAREST)
+        if face.any():
+            out[i] = 255 - resized
+            status.append(FaceStatus.ENHANCED)
+        else:
+            out[i] = resized
+            status.append(FaceStatus.NO_FACE)
+    return out, status
+
+
+class FakePipeline:
+    """Implements server.jobs.Pipeline; records every batch it is given.
+
+    delay_s: seconds per batch (the "device" time). hold: when given, every batch waits for
+    it to be set (a test decides when the device finishes). fail_if(jobs): raise for the
+    batches it picks. warmup_gate: warmup() blocks until it is set.
+    """
+
+    info = ModelInfo(model_name="FakeGFPGAN", model_version="fake (numpy)",
+                     weights_sha256="0" * 64, device="cpu", dtype="float32")
+
+    def __init__(self, delay_s: float = 0.0, fail_if: Callable[[Sequence[Job]], bool] | None = None,
+                 warmup_gate: threading.Event | None = None, hold: threading.Event | None = None):
+        self.delay_s = delay_s
+        self.hold = hold
+        self.fail_if = fail_if
+        self.warmup_gate = warmup_gate
+        self.warmed_up = False
+        self.batches: list[list[tuple[int, EnhanceOptions]]] = []  # per batch: (faces, options)
+        self.faces_seen: list[np.ndarray] = []
+        self.threads: set[str] = set()
+        self.started = threading.Event()  # set when a batch begins (tests wait for "in flight")
+        self._lock = threading.Lock()
+
+    def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
+        with self._lock:
+            self.batches.append([(job.faces.shape[0], job.options) for job in jobs])
+            self.faces_seen.extend(np.array(face) for job in jobs for face in job.faces)
+            self.threads.add(threading.current_thread().name)
+        self.started.set()
+        if self.hold is not None:
+            self.hold.wait(timeout=30)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_if is not None and self.fail_if(jobs):
+            raise RuntimeError("fake device failure")
+        results = []
+        for job in jobs:
+            faces, status = fake_enhanced(job.faces, job.options)
+            results.append(JobResult(faces=faces, status=status))
+        return results
+
+    def warmup(self) -> None:
+        if self.warmup_gate is not None:
+            self.warmup_gate.wait(timeout=30)
+        self.warmed_up = True
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [sum(n for n, _ in batch) for batch in self.batches]
+
+    @property
+    def faces_total(self) -> int:
+        return sum(self.batch_sizes)
+
+    def factory(self, settings=None) -> "FakePipeline":
+        """A pipeline_factory for serve()/FaceEnhanceServer that hands out this instance."""
+        return self
+
+
+def random_faces(rng: np.random.Generator, count: int, size: int = 64) -> np.ndarray:
+    """Random BGR faces with no all-black face among them (those mean NO_FACE to the fake)."""
+    return rng.integers(1, 256, (count, size, size, 3), dtype=np.uint8)
