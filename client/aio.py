@@ -193,7 +193,7 @@ class AsyncFaceEnhanceClient:
         loop = asyncio.get_running_loop()
         request = codec.encode_request(next(self._request_ids), faces, options, landmarks)
         tried: list[Target] = []
-        reason = None
+        reason, detail = None, ""
         while True:
             if loop.time() >= deadline:
                 reason = reason or "timeout"
@@ -212,20 +212,21 @@ class AsyncFaceEnhanceClient:
                         outcome = "success"  # the service is healthy; the request is wrong
                         raise InvalidRequest(f"the service rejected the request: {response.error.message}")
                     code = _CODE_BY_NUMBER.get(response.error.code)
-                    raise StreamBroken(reason_for_code(code, otherwise="internal"),
+                    raise StreamBroken(reason_for_code(code, in_band=True),
                                        response.error.message)
                 result = _decode(response, faces.shape[0], options.output_size)
                 outcome = "success"
                 return result
             except TimeoutError:
                 outcome, reason = "failure", "timeout"
+                detail = f"{target.address}: no answer within the deadline"
                 break
             except StreamBroken as broken:
                 # A fast refusal (unavailable, overloaded, broken stream): try another target.
-                outcome, reason = "failure", broken.reason
+                outcome, reason, detail = "failure", broken.reason, f"{target.address}: {broken}"
             finally:
                 self._record(target, outcome)
-        return await asyncio.to_thread(fallback_result, faces, options.output_size, reason)
+        return await asyncio.to_thread(fallback_result, faces, options.output_size, reason, detail)
 
     def _pick_target(self, exclude: list[Target]) -> Target | None:
         """Next target round-robin whose breaker lets a batch through."""

@@ -23,8 +23,9 @@ def resize_faces(faces: np.ndarray, output_size: int) -> np.ndarray:
     return out
 
 
-def fallback_result(faces: np.ndarray, output_size: int, reason: str) -> EnhanceResult:
-    """The EnhanceResult for faces the service did not enhance, and why."""
+def fallback_result(faces: np.ndarray, output_size: int, reason: str, detail: str = "") -> EnhanceResult:
+    """The EnhanceResult for faces the service did not enhance, and why (`detail`: the error
+    seen, kept in result.extra["fallback_detail"] for logs)."""
     if reason not in FALLBACK_REASONS:
         raise ValueError(f"unknown fallback reason {reason!r}; expected one of {FALLBACK_REASONS}")
     return EnhanceResult(
@@ -32,4 +33,5 @@ def fallback_result(faces: np.ndarray, output_size: int, reason: str) -> Enhance
         status=[FaceStatus.FALLBACK] * faces.shape[0],
         fell_back=True,
         fallback_reason=reason,
+        extra={"fallback_detail": detail} if detail else {},
     )

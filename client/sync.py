@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from client.aio import AsyncFaceEnhanceClient, ServiceInfo
 from client.breaker import BreakerConfig
-from client.types import EnhanceOptions, EnhanceResult
+from client.types import EnhanceOptions, EnhanceResult, InvalidRequest
 
 _CLOSE_TIMEOUT_S = 10.0
 
@@ -36,7 +37,12 @@ class FaceEnhanceClient:
                timeout_ms: float | None = None) -> concurrent.futures.Future[EnhanceResult]:
         """Start enhancing a batch and return at once; the future never fails for service
         trouble (see enhance). A caller error raises InvalidRequest here, not in the future."""
-        faces, options, landmarks = self._client.check(faces, options, landmarks)
+        started = time.perf_counter()
+        try:
+            faces, options, landmarks = self._client.check(faces, options, landmarks)
+        except InvalidRequest:
+            self._client.metrics.observe_invalid(time.perf_counter() - started)
+            raise
         # The batch is encoded later on the loop thread: take a private copy now, so the caller
         # may reuse its buffer as soon as submit() returns.
         faces = np.array(faces, dtype=np.uint8, order="C", copy=True)

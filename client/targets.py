@@ -68,14 +68,18 @@ class StreamBroken(Exception):
         self.reason = reason
 
 
-def reason_for_code(code: grpc.StatusCode | None, otherwise: str = "transport") -> str:
-    """gRPC status -> fallback reason (`otherwise` for codes with no reason of their own)."""
-    return {
+def reason_for_code(code: grpc.StatusCode | None, *, in_band: bool = False) -> str:
+    """gRPC status -> fallback reason.
+
+    "internal" is kept for the service saying so in band: as the status of a whole call,
+    gRPC also reports a failed connection as INTERNAL, which is a transport failure.
+    """
+    reasons = {
         grpc.StatusCode.UNAVAILABLE: "unavailable",
         grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted",
-        grpc.StatusCode.INTERNAL: "internal",
         grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
-    }.get(code, otherwise)
+    }
+    return reasons.get(code, "internal" if in_band else "transport")
 
 
 class _OpenCall:
