@@ -198,6 +198,9 @@ class AsyncFaceEnhanceClient:
             if loop.time() >= deadline:
                 reason = reason or "timeout"
                 break
+            if self._closed:
+                reason, detail = reason or "unavailable", detail or "the client was closed"
+                break
             target = self._pick_target(exclude=tried)
             if target is None:
                 reason = reason or "circuit_open"
@@ -257,13 +260,16 @@ class AsyncFaceEnhanceClient:
         healthy = [t for t in self.targets if t.breaker.state == "closed"]
         # Leave at least half the batch's time for the batch itself.
         budget = (deadline - loop.time()) / 2
-        if self._info is None and healthy and budget > 0 and loop.time() >= self._info_retry_at:
+        if self._info is None and budget > 0 and loop.time() >= self._info_retry_at:
             self._info_retry_at = loop.time() + _INFO_RETRY_S
-            try:
-                msg = await healthy[0].stub.GetInfo(pb.GetInfoRequest(), timeout=budget)
-                self._info = ServiceInfo.from_pb(healthy[0].address, msg)
-            except grpc.aio.AioRpcError:
-                pass  # the batch itself will find out, and fall back, if the service is down
+            for target in healthy:
+                try:
+                    msg = await target.stub.GetInfo(pb.GetInfoRequest(),
+                                                    timeout=max(deadline - loop.time(), 0) / 2)
+                except grpc.aio.AioRpcError:
+                    continue  # the batch itself will find out, and fall back, if all are down
+                self._info = ServiceInfo.from_pb(target.address, msg)
+                break
         if self._info is not None and self._info.max_faces_per_request > 0:
             return self._info.max_faces_per_request
         return RequestLimits().max_faces_per_request

@@ -32,6 +32,8 @@ class FaceEnhanceClient:
                                         name="faceenhance-client", daemon=True)
         self._thread.start()
         self._closed = False
+        self._in_flight: set[concurrent.futures.Future] = set()
+        self._in_flight_lock = threading.Lock()  # the loop thread removes, callers add
 
     def submit(self, faces, options: EnhanceOptions | None = None, landmarks=None,
                timeout_ms: float | None = None) -> concurrent.futures.Future[EnhanceResult]:
@@ -46,8 +48,20 @@ class FaceEnhanceClient:
         # The batch is encoded later on the loop thread: take a private copy now, so the caller
         # may reuse its buffer as soon as submit() returns.
         faces = np.array(faces, dtype=np.uint8, order="C", copy=True)
-        return asyncio.run_coroutine_threadsafe(
+        future = asyncio.run_coroutine_threadsafe(
             self._client.enhance(faces, options, landmarks, timeout_ms), self._loop)
+        with self._in_flight_lock:
+            self._in_flight.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: concurrent.futures.Future) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(future)
+
+    def _still_in_flight(self) -> list[concurrent.futures.Future]:
+        with self._in_flight_lock:
+            return list(self._in_flight)
 
     def enhance(self, faces, options: EnhanceOptions | None = None, landmarks=None,
                 timeout_ms: float | None = None) -> EnhanceResult:
@@ -62,17 +76,18 @@ class FaceEnhanceClient:
     def stats(self) -> dict:
         return self._client.stats()
 
-    @property
-    def targets(self):
-        return self._client.targets
-
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
+            # Batches still in flight fall back now (their streams are closed) and resolve
+            # before the loop stops; none is left waiting forever.
             self._run(self._client.close(), timeout=_CLOSE_TIMEOUT_S)
+            concurrent.futures.wait(self._still_in_flight(), timeout=_CLOSE_TIMEOUT_S)
         finally:
+            for future in self._still_in_flight():
+                future.cancel()
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(_CLOSE_TIMEOUT_S)
             if not self._thread.is_alive():

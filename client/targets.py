@@ -207,6 +207,7 @@ class Target:
         self._stub: pb_grpc.FaceEnhancerStub | None = None
         self._streams: list[BatchStream] = []
         self._next_stream = itertools.count()
+        self._closed = False
 
     @property
     def stub(self) -> pb_grpc.FaceEnhancerStub:
@@ -228,6 +229,8 @@ class Target:
         return min(order, key=lambda stream: stream.in_flight)
 
     async def request(self, request: pb.EnhanceRequest) -> pb.EnhanceResponse:
+        if self._closed:
+            raise StreamBroken("unavailable", "the client was closed")
         self.requests_sent += 1
         return await self.pick_stream().request(request)
 
@@ -241,6 +244,7 @@ class Target:
         return sum(stream.opened for stream in self._streams)
 
     async def close(self) -> None:
+        self._closed = True
         self.reset_streams()
         if self._channel is not None:
             await self._channel.close()

@@ -409,6 +409,15 @@ def test_a_batch_above_max_faces_per_request_is_split_and_reassembled_in_order(f
     assert fake.info_calls == 1  # learned once
 
 
+def test_the_limit_is_learned_from_a_live_target_when_the_first_is_dead(fake, nowhere):
+    fake.limits = fake.limits.__class__(max_faces_per_request=4)
+    faces = random_faces(10)
+    with FaceEnhanceClient([nowhere, fake.address]) as client:
+        result = client.enhance(faces)
+    assert_enhanced(result, faces)
+    assert sorted(fake.face_counts) == [2, 4, 4]
+
+
 def test_a_split_batch_with_a_failed_part_marks_only_those_faces(fake):
     fake.limits = fake.limits.__class__(max_faces_per_request=2)
     fake.drop_next_stream_at = 2  # the second part's stream breaks
@@ -419,6 +428,20 @@ def test_a_split_batch_with_a_failed_part_marks_only_those_faces(fake):
     assert result.status == [FaceStatus.ENHANCED] * 2 + [FaceStatus.FALLBACK] * 2
     np.testing.assert_array_equal(result.faces[:2], fake_enhance(faces[:2], OUT))
     np.testing.assert_array_equal(result.faces[2:], lanczos(faces[2:]))
+
+
+def test_closing_the_client_answers_the_batches_still_in_flight(fake):
+    fake.hold_until = 1000  # the fake never answers
+    batches = [random_faces(1, seed=i) for i in range(3)]
+    client = FaceEnhanceClient(fake.address, timeout_ms=30_000)
+    futures = [client.submit(faces) for faces in batches]
+    while fake.requests < 3:  # all three are on the wire
+        time.sleep(0.01)
+    client.close()
+    for faces, future in zip(batches, futures):
+        assert_fell_back(future.result(timeout=1), faces, ("transport", "unavailable"))
+    with pytest.raises(RuntimeError, match="closed"):
+        client.submit(batches[0])
 
 
 # --- stats and metrics -----------------------------------------------------------------------
