@@ -1,0 +1,243 @@
+"""The gfpgan-serve process: gRPC server, health, reflection, metrics page, model start-up, drain.
+
+`main()` is the console entry point; `serve()` runs until SIGTERM/SIGINT and drains.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from client.pb import face_enhance_pb2 as pb
+from client.pb import face_enhance_pb2_grpc as pb_grpc
+from server.batcher import Batcher
+from server.jobs import ModelInfo, Pipeline
+from server.metrics import Metrics
+from server.service import SERVICE_NAME, FaceEnhancerServicer
+from server.settings import Settings
+
+log = logging.getLogger("gfpgan-serve")
+
+PipelineFactory = Callable[[Settings], Pipeline]
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    limits = settings.limits()
+    return [
+        # The largest valid request and response: 32 faces of 256 px are 6.3 MB already,
+        # over gRPC's 4 MB default. Anything larger is refused by gRPC (RESOURCE_EXHAUSTED).
+        ("grpc.max_receive_message_length", limits.max_request_bytes()),
+        ("grpc.max_send_message_length", limits.max_response_bytes()),
+        # Ping idle connections so a vanished client (and its stream's work) is noticed.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Let clients keep long-lived streams alive with pings every 10 s or more.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def _build_pipeline(settings: Settings) -> Pipeline:
+    # Imported here: the real pipeline pulls in torch and gfpgan, which tests with a fake skip.
+    from server.pipeline import build_pipeline
+
+    return build_pipeline(settings)
+
+
+async def _in_daemon_thread(function, *args):
+    """Run a blocking call off the loop in a daemon thread, so a stop during it is not held up."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(exc, result):
+        if not future.done():
+            future.set_exception(exc) if exc is not None else future.set_result(result)
+
+    def run():
+        exc, result = None, None
+        try:
+            result = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            exc = error
+        try:
+            loop.call_soon_threadsafe(settle, exc, result)
+        except RuntimeError:
+            pass  # the loop closed while we ran: nobody is waiting any more
+
+    threading.Thread(target=run, name=f"faceenhance-{function.__name__}", daemon=True).start()
+    return await future
+
+
+class FaceEnhanceServer:
+    """One service instance: listens first, loads and warms the model, serves, then drains.
+
+    `await start()` returns once the port is bound (health NOT_SERVING); `ready` is set when
+    SERVING; `await shutdown()` drains; `run()` waits for the load and a stop request.
+    """
+
+    def __init__(self, settings: Settings, pipeline_factory: PipelineFactory | None = None):
+        self.settings = settings
+        self._pipeline_factory = pipeline_factory or _build_pipeline
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        self.pipeline: Pipeline | None = None
+        self.batcher: Batcher | None = None
+        self.servicer = FaceEnhancerServicer(
+            lambda: self.batcher, settings, self._model_info, metrics=self.metrics)
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_http = None
+        self.ready = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+        self._loading: asyncio.Task | None = None
+        self._draining: asyncio.Task | None = None
+        self._force_stop = False
+        self._shutdown_done = False
+
+    def _model_info(self) -> ModelInfo | None:
+        return self.pipeline.info if self.pipeline is not None and self.ready.is_set() else None
+
+    async def start(self) -> None:
+        s = self.settings
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, _NOT_SERVING)
+        self.server = grpc.aio.server(options=grpc_options(s))
+        pb_grpc.add_FaceEnhancerServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not listen on {address}: is the port in use? set --port")
+        await self.server.start()
+        if s.metrics_enabled:
+            self._metrics_http, self.metrics_port = self.metrics.start_http_server(
+                s.host, s.metrics_port)
+        log.info("listening on %s:%d (gRPC)%s; loading the model", s.host, self.port,
+                 f", metrics on :{self.metrics_port}/metrics" if s.metrics_enabled else "")
+        self._loading = asyncio.ensure_future(self._load())
+
+    async def _load(self) -> None:
+        s = self.settings
+        started = time.monotonic()
+        pipeline = await _in_daemon_thread(self._pipeline_factory, s)
+        self.pipeline = pipeline
+        if s.warmup:
+            await _in_daemon_thread(pipeline.warmup)
+        self.batcher = Batcher(pipeline, s.max_batch_faces, s.max_delay_ms, s.max_queue_faces,
+                               metrics=self.metrics)
+        self.batcher.start()
+        self.metrics.set_model(pipeline.info)
+        if self.stop_requested.is_set():
+            return
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, _SERVING)
+        self.ready.set()
+        info = pipeline.info
+        log.info("SERVING on %s:%d: %s (%s) sha256 %s on %s as %s; max_batch_faces=%d "
+                 "max_delay_ms=%g max_queue_faces=%d max_faces_per_request=%d face sizes "
+                 "%d..%d; ready in %.1f s", s.host, self.port, info.model_name, info.model_version,
+                 info.weights_sha256[:12], info.device, info.dtype, s.max_batch_faces,
+                 s.max_delay_ms, s.max_queue_faces, s.max_faces_per_request, s.min_face_size,
+                 s.max_face_size, time.monotonic() - started)
+
+    async def run(self) -> int:
+        """Wait for the model and then for a stop request; drain; the process exit status."""
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            await asyncio.wait({self._loading, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if self._loading.done() and self._loading.exception() is not None:
+                exc = self._loading.exception()
+                log.error("could not start: %s: %s", type(exc).__name__, exc)
+                log.debug("start-up failure", exc_info=exc)
+                await self.shutdown(grace=0.0)
+                return 1
+            await stop
+        finally:
+            stop.cancel()
+        await self.shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        if self.stop_requested.is_set():
+            log.warning("second stop signal: not waiting for work in flight")
+            self._force_stop = True
+            if self._draining is not None:
+                self._draining.cancel()
+            return
+        log.info("stop requested: refusing new work, finishing what is in flight")
+        self.stop_requested.set()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new work, finish accepted work within the grace, stop."""
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        self.stop_requested.set()
+        grace = self.settings.drain_grace_s if grace is None else grace
+        deadline = time.monotonic() + grace
+        await self.health.enter_graceful_shutdown()
+        if self.batcher is not None and not self._force_stop:
+            self._draining = asyncio.ensure_future(self.batcher.drain(grace))
+            try:
+                finished = await self._draining
+            except asyncio.CancelledError:
+                finished = False
+            if not finished:
+                log.warning("drain grace of %.1f s ran out with work still queued", grace)
+        # Streams write their last answers and end; then gRPC refuses anything new. The extra
+        # half second lets answers computed just in time reach the wire.
+        self.servicer.close_streams()
+        await self.server.stop(max(0.0, deadline - time.monotonic()) + 0.5)
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.shutdown)
+            self._metrics_http.server_close()
+        log.info("stopped")
+
+
+async def serve(settings: Settings, pipeline_factory: PipelineFactory | None = None) -> int:
+    """Run the service until SIGTERM/SIGINT, then drain. Returns the process exit status."""
+    app = FaceEnhanceServer(settings, pipeline_factory)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, app.request_stop)
+    try:
+        await app.start()
+    except OSError as exc:
+        log.error("could not start: %s", exc)
+        return 1
+    return await app.run()
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = Settings.from_args(argv)
+    configure_logging(settings.log_level)
+    sys.exit(asyncio.run(serve(settings)))
+
+
+if __name__ == "__main__":
+    main()

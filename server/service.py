@@ -1,0 +1,168 @@
+"""The gRPC face of the service: protobuf in, batcher call, protobuf out (grpc.aio).
+
+Errors become status codes in one place, `error_status`; the model and batching live elsewhere.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from client import codec
+from client.pb import face_enhance_pb2 as pb
+from client.pb import face_enhance_pb2_grpc as pb_grpc
+from client.types import OUTPUT_SIZES, InvalidRequest
+from server.batcher import Batcher, NotAccepting, PipelineFailed, QueueFull
+from server.jobs import ModelInfo
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceEnhancer"].full_name
+#: Requests of one stream that may be decoded, queued or computing at once. Past this the
+#: stream stops reading, and HTTP/2 flow control slows the sender instead of us buffering.
+MAX_IN_FLIGHT_PER_STREAM = 16
+#: Responses above this many bytes are serialised off the event loop.
+_ENCODE_OFF_LOOP_BYTES = 8 << 20
+
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("gfpgan-service")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0+source"
+
+
+def error_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """The one mapping from what went wrong to (status code, message, metrics outcome)."""
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), "invalid_argument"
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "resource_exhausted"
+    if isinstance(exc, NotAccepting):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable"
+    if isinstance(exc, PipelineFailed):
+        return grpc.StatusCode.INTERNAL, str(exc), "internal"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", "internal"
+
+
+class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
+    """faceenhance.v1.FaceEnhancer over a Batcher that may not exist yet (model still loading).
+
+    batcher_provider() returns the Batcher, or None while starting; info_provider() the
+    loaded pipeline's ModelInfo, or None.
+    """
+
+    def __init__(self, batcher_provider: Callable[[], Batcher | None], settings: Settings,
+                 info_provider: Callable[[], ModelInfo | None], metrics=None,
+                 max_in_flight_per_stream: int = MAX_IN_FLIGHT_PER_STREAM):
+        self._batcher_provider = batcher_provider
+        self._settings = settings
+        self._limits = settings.limits()
+        self._info_provider = info_provider
+        self._metrics = metrics
+        self._max_in_flight = max_in_flight_per_stream
+        self._stream_readers: set[asyncio.Task] = set()
+        self._closing = False
+
+    # --- RPCs ------------------------------------------------------------------------------
+
+    async def EnhanceBatch(self, request_iterator, context) -> AsyncIterator[pb.EnhanceResponse]:
+        # The reader decodes and queues requests as they come while this coroutine writes the
+        # answers in request order; `slots` bounds how far the reader may run ahead.
+        slots = asyncio.Semaphore(self._max_in_flight)
+        answers: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    answers.put_nowait(asyncio.ensure_future(self._answer(request, "EnhanceBatch")))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        self._stream_readers.add(reader)
+        try:
+            while (answer := await answers.get()) is not None:
+                yield await answer
+                slots.release()
+            if reader.cancelled():  # close_streams(): the service is going away
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "the service is shutting down; reconnect (to another replica)")
+            reader.result()  # a transport error while reading ends the call with it
+        finally:
+            self._stream_readers.discard(reader)
+            reader.cancel()
+            # The caller went away (or the call failed): drop its queued work.
+            while not answers.empty():
+                pending = answers.get_nowait()
+                if pending is not None:
+                    pending.cancel()
+
+    async def Enhance(self, request: pb.EnhanceRequest, context) -> pb.EnhanceResponse:
+        response = await self._answer(request, "Enhance")
+        if response.HasField("error"):
+            await context.abort(_CODES_BY_NUMBER[response.error.code], response.error.message)
+        return response
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.ServiceInfo:
+        info = self._info_provider()
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the model is still loading; retry when health says SERVING")
+        s = self._settings
+        return pb.ServiceInfo(
+            model_name=info.model_name, model_version=info.model_version,
+            weights_sha256=info.weights_sha256, device=info.device, dtype=info.dtype,
+            max_faces_per_request=s.max_faces_per_request, min_face_size=s.min_face_size,
+            max_face_size=s.max_face_size, output_sizes=list(OUTPUT_SIZES),
+            max_batch_faces=s.max_batch_faces, server_version=server_version())
+
+    # --- shutdown ----------------------------------------------------------------------------
+
+    def close_streams(self) -> None:
+        """Stop reading every open stream: each writes its answers in flight, then ends UNAVAILABLE."""
+        self._closing = True
+        for reader in list(self._stream_readers):
+            reader.cancel()
+
+    # --- one request -------------------------------------------------------------------------
+
+    async def _answer(self, request: pb.EnhanceRequest, rpc: str) -> pb.EnhanceResponse:
+        """Decode, enhance and encode one request; every failure becomes an in-band error."""
+        request_id = request.request_id
+        if self._metrics is not None:
+            self._metrics.in_flight.inc()
+        outcome = "cancelled"
+        try:
+            batcher = self._batcher_provider()
+            if batcher is None or self._closing:
+                raise NotAccepting("the service is starting up (loading the model) or shutting "
+                                   "down; retry shortly or on another replica")
+            faces, options, landmarks = codec.decode_request(request, self._limits)
+            result = await batcher.submit(faces, options, landmarks)
+            if result.faces.nbytes > _ENCODE_OFF_LOOP_BYTES:
+                response = await asyncio.to_thread(codec.encode_response, request_id, result)
+            else:
+                response = codec.encode_response(request_id, result)
+            outcome = "ok"
+            if self._metrics is not None:
+                self._metrics.faces.inc(len(result.status))
+            return response
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - bad input must never end the stream
+            code, message, outcome = error_status(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("request %d failed: %s", request_id, message)
+            return codec.error_response(request_id, code.value[0], message)
+        finally:
+            if self._metrics is not None:
+                self._metrics.in_flight.dec()
+                self._metrics.requests.labels(rpc=rpc, outcome=outcome).inc()

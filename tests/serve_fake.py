@@ -1,0 +1,29 @@
+"""Runs the real gfpgan-serve process (flags, signals, drain) around the fake pipeline.
+
+FAKE_DELAY_S sets the fake's seconds per batch; FAKE_LOAD_ERROR makes the pipeline fail to load.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.app import configure_logging, serve  # noqa: E402
+from server.settings import Settings  # noqa: E402
+from tests.fakes import FakePipeline  # noqa: E402
+
+
+def fake_factory(settings: Settings) -> FakePipeline:
+    error = os.environ.get("FAKE_LOAD_ERROR")
+    if error:
+        raise FileNotFoundError(error)
+    return FakePipeline(delay_s=float(os.environ.get("FAKE_DELAY_S", "0")))
+
+
+if __name__ == "__main__":
+    settings = Settings.from_args()
+    configure_logging(settings.log_level)
+    sys.exit(asyncio.run(serve(settings, fake_factory)))
