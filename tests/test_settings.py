@@ -1,0 +1,113 @@
+"""Settings: flags over GFPGAN_* variables over defaults, absolute paths, clear refusals, --help."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.types import RequestLimits
+from server.settings import SPECS, Settings, markdown_table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_documented_ones_and_weights_live_under_the_home_cache():
+    s = Settings.from_args([], environ={})
+    assert (s.host, s.port, s.metrics_port, s.device, s.dtype) == (
+        "0.0.0.0", 50051, 9090, "auto", "auto")
+    assert (s.max_batch_faces, s.max_delay_ms, s.max_queue_faces) == (8, 5.0, 256)
+    assert (s.max_faces_per_request, s.min_face_size, s.max_face_size) == (32, 64, 512)
+    assert (s.no_download, s.log_level, s.drain_grace_s, s.warmup) == (False, "INFO", 30.0, True)
+    assert s.weights_dir == str(Path.home().resolve() / ".cache" / "gfpgan-service" / "weights")
+    assert s.model == str(Path(s.weights_dir) / "GFPGANv1.4.pth")
+
+
+def test_environment_overrides_defaults_and_flags_override_the_environment():
+    environ = {"GFPGAN_MAX_BATCH_FACES": "16", "GFPGAN_PORT": "6000", "GFPGAN_DTYPE": "float32",
+               "GFPGAN_NO_DOWNLOAD": "1", "GFPGAN_WARMUP": "false", "GFPGAN_MAX_DELAY_MS": "2.5"}
+    from_env = Settings.from_args([], environ=environ)
+    assert (from_env.max_batch_faces, from_env.port, from_env.dtype) == (16, 6000, "float32")
+    assert (from_env.no_download, from_env.warmup, from_env.max_delay_ms) == (True, False, 2.5)
+
+    flags = Settings.from_args(["--max-batch-faces", "4", "--port", "7000", "--warmup",
+                                "--dtype", "bfloat16"], environ=environ)
+    assert (flags.max_batch_faces, flags.port, flags.dtype, flags.warmup) == (4, 7000, "bfloat16",
+                                                                              True)
+    assert flags.max_delay_ms == 2.5  # not given as a flag: the environment still counts
+
+
+def test_relative_paths_become_absolute_at_parse_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_args(["--weights-dir", "weights"], environ={})
+    assert s.weights_dir == str(tmp_path.resolve() / "weights")
+    assert s.model == str(tmp_path.resolve() / "weights" / "GFPGANv1.4.pth")
+    custom = Settings.from_args([], environ={"GFPGAN_MODEL": "models/GFPGANv1.3.pth"})
+    assert custom.model == str(tmp_path.resolve() / "models" / "GFPGANv1.3.pth")
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--port", "70000", "must be in 0..65535"),
+    ("--port", "http", "expected a whole number"),
+    ("--max-batch-faces", "0", "must be in 1..1024"),
+    ("--max-delay-ms", "-1", "finite number >= 0"),
+    ("--max-delay-ms", "nan", "finite number >= 0"),
+    ("--device", "tpu", "auto, cpu, cuda or cuda:N"),
+    ("--dtype", "float16", "float16 is not offered"),
+    ("--log-level", "LOUD", "DEBUG, INFO"),
+])
+def test_a_bad_flag_value_exits_2_naming_the_flag(flag, value, expected, capsys):
+    with pytest.raises(SystemExit) as exited:
+        Settings.from_args([flag, value], environ={})
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and expected in err
+
+
+def test_a_bad_environment_value_exits_2_naming_the_variable(capsys):
+    with pytest.raises(SystemExit) as exited:
+        Settings.from_args([], environ={"GFPGAN_MAX_QUEUE_FACES": "lots"})
+    assert exited.value.code == 2
+    assert "GFPGAN_MAX_QUEUE_FACES='lots'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--min-face-size", "600"], "--min-face-size (600) is larger than --max-face-size (512)"),
+    (["--max-queue-faces", "16"], "--max-queue-faces (16) must be at least --max-faces-per-request"),
+    (["--port", "9090"], "give them different ports"),
+])
+def test_settings_that_contradict_each_other_are_refused(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exited:
+        Settings.from_args(argv, environ={})
+    assert exited.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_settings_built_in_code_get_the_same_checks_and_spellings():
+    assert Settings(dtype="fp32", device="CUDA:1", max_delay_ms=5).dtype == "float32"
+    assert Settings(device="CUDA:1").device == "cuda:1"
+    with pytest.raises(ValueError, match="--max-batch-faces"):
+        Settings(max_batch_faces=0)
+
+
+def test_limits_carry_the_request_settings():
+    s = Settings(max_faces_per_request=12, min_face_size=32, max_face_size=256)
+    assert s.limits() == RequestLimits(max_faces_per_request=12, min_face_size=32,
+                                       max_face_size=256)
+
+
+def test_help_and_the_readme_table_list_every_setting():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "server.app", "--help"], cwd=REPO, capture_output=True, text=True,
+        timeout=60)
+    assert help_text.returncode == 0, help_text.stderr
+    table = markdown_table()
+    fields = [f.name for f in dataclasses.fields(Settings)]
+    assert [spec.name for spec in SPECS] == fields
+    for spec in SPECS:
+        assert spec.flag in help_text.stdout and spec.env in help_text.stdout
+        assert f"`{spec.flag}`" in table and f"`{spec.env}`" in table
+    assert "--no-warmup" in help_text.stdout and "--no-download" in help_text.stdout
+    assert len(table.strip().splitlines()) == 2 + len(fields)
