@@ -25,6 +25,7 @@ from client import (
     FaceEnhanceClient,
     FaceStatus,
     InvalidRequest,
+    RequestLimits,
     ServiceUnreachable,
 )
 from client.breaker import CircuitBreaker
@@ -148,7 +149,7 @@ def test_submit_takes_a_copy_so_the_caller_may_reuse_its_buffer(fake):
 
 
 def test_landmarks_are_sent_per_face_and_split_with_their_faces(fake):
-    fake.limits = fake.limits.__class__(max_faces_per_request=2)
+    fake.limits = RequestLimits(max_faces_per_request=2)
     faces = random_faces(3)
     landmarks = np.arange(3 * 5 * 2, dtype=np.float32).reshape(3, 5, 2) + 10
     with FaceEnhanceClient(fake.address, options=EnhanceOptions(alignment=Alignment.LANDMARKS)) as client:
@@ -399,7 +400,7 @@ def test_every_target_down_falls_back_and_later_batches_skip_the_timeout(nowhere
 # --- splitting -------------------------------------------------------------------------------
 
 def test_a_batch_above_max_faces_per_request_is_split_and_reassembled_in_order(fake):
-    fake.limits = fake.limits.__class__(max_faces_per_request=4)
+    fake.limits = RequestLimits(max_faces_per_request=4)
     faces = random_faces(10)[..., ::-1]
     with FaceEnhanceClient(fake.address) as client:
         result = client.enhance(faces)
@@ -410,7 +411,7 @@ def test_a_batch_above_max_faces_per_request_is_split_and_reassembled_in_order(f
 
 
 def test_the_limit_is_learned_from_a_live_target_when_the_first_is_dead(fake, nowhere):
-    fake.limits = fake.limits.__class__(max_faces_per_request=4)
+    fake.limits = RequestLimits(max_faces_per_request=4)
     faces = random_faces(10)
     with FaceEnhanceClient([nowhere, fake.address]) as client:
         result = client.enhance(faces)
@@ -419,7 +420,7 @@ def test_the_limit_is_learned_from_a_live_target_when_the_first_is_dead(fake, no
 
 
 def test_a_split_batch_with_a_failed_part_marks_only_those_faces(fake):
-    fake.limits = fake.limits.__class__(max_faces_per_request=2)
+    fake.limits = RequestLimits(max_faces_per_request=2)
     fake.drop_next_stream_at = 2  # the second part's stream breaks
     faces = random_faces(4)
     with FaceEnhanceClient(fake.address, max_in_flight=1) as client:
