@@ -44,8 +44,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         # Let clients keep long-lived streams alive with pings every 10 s or more.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.max_ping_strikes", 0),
+        # A second server on the same port is an operator mistake: fail instead of sharing it.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -121,13 +121,21 @@ class FaceEnhanceServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not listen on {address}: is the port in use? set --port")
-        await self.server.start()
+            raise OSError(f"could not listen on {address} for gRPC: is the port in use or the "
+                          "address wrong? choose another --port / --host")
         if s.metrics_enabled:
-            self._metrics_http, self.metrics_port = self.metrics.start_http_server(
-                s.host, s.metrics_port)
+            try:
+                self._metrics_http, self.metrics_port = self.metrics.start_http_server(
+                    s.host, s.metrics_port)
+            except OSError as exc:
+                raise OSError(f"could not serve metrics on {s.host}:{s.metrics_port}: {exc}; "
+                              "choose another --metrics-port (0 turns metrics off)") from None
+        await self.server.start()
         log.info("listening on %s:%d (gRPC)%s; loading the model", s.host, self.port,
                  f", metrics on :{self.metrics_port}/metrics" if s.metrics_enabled else "")
         self._loading = asyncio.ensure_future(self._load())

@@ -1,12 +1,14 @@
 """Runs the real gfpgan-serve process (flags, signals, drain) around the fake pipeline.
 
-FAKE_DELAY_S sets the fake's seconds per batch; FAKE_LOAD_ERROR makes the pipeline fail to load.
+FAKE_DELAY_S: the fake's seconds per batch; FAKE_WARMUP_S: how long its warm-up takes;
+FAKE_LOAD_ERROR: the pipeline fails to load with this message.
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,7 +22,14 @@ def fake_factory(settings: Settings) -> FakePipeline:
     error = os.environ.get("FAKE_LOAD_ERROR")
     if error:
         raise FileNotFoundError(error)
-    return FakePipeline(delay_s=float(os.environ.get("FAKE_DELAY_S", "0")))
+    warmup_s = float(os.environ.get("FAKE_WARMUP_S", "0"))
+    gate = None
+    if warmup_s:
+        gate = threading.Event()
+        timer = threading.Timer(warmup_s, gate.set)
+        timer.daemon = True  # a stop during warm-up must not wait for it
+        timer.start()
+    return FakePipeline(delay_s=float(os.environ.get("FAKE_DELAY_S", "0")), warmup_gate=gate)
 
 
 if __name__ == "__main__":

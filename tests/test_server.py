@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ from client.pb import face_enhance_pb2 as pb
 from client.pb import face_enhance_pb2_grpc as pb_grpc
 from client.types import Alignment, EnhanceOptions, FaceStatus
 from server.app import FaceEnhanceServer
-from server.service import SERVICE_NAME
+from server.service import MAX_IN_FLIGHT_PER_STREAM, SERVICE_NAME
 from server.settings import Settings
 from tests.fakes import FakePipeline, fake_enhanced, random_faces
 
@@ -334,6 +335,26 @@ async def test_a_cancelled_stream_has_its_queued_work_dropped(rng):
     assert not any((face == 77).all() for face in pipeline.faces_seen)
 
 
+async def test_a_fast_sender_is_held_to_a_bounded_number_of_requests_in_flight(rng):
+    hold = threading.Event()
+    pipeline = FakePipeline(hold=hold)
+    async with running(pipeline, max_queue_faces=1024) as app, channel(app) as ch:
+        frames = [random_faces(rng, 1) for _ in range(3 * MAX_IN_FLIGHT_PER_STREAM)]
+        call = pb_grpc.FaceEnhancerStub(ch).EnhanceBatch(
+            request(i, faces) for i, faces in enumerate(frames))
+        in_flight = lambda: app.metrics.registry.get_sample_value("faceenhance_in_flight_requests")
+        await _until(lambda: in_flight() == MAX_IN_FLIGHT_PER_STREAM)
+        await asyncio.sleep(0.2)  # the sender has far more to give, but the stream stops reading
+        held_at = in_flight()
+        hold.set()
+        responses = [r async for r in call]
+
+    assert held_at == MAX_IN_FLIGHT_PER_STREAM
+    assert [r.request_id for r in responses] == list(range(len(frames)))
+    for response, faces in zip(responses, frames):
+        assert_answers(response, response.request_id, faces)
+
+
 async def test_a_device_failure_fails_only_its_requests_with_internal(rng):
     poisoned = EnhanceOptions(output_size=256, fidelity=0.25)
     pipeline = FakePipeline(fail_if=lambda jobs: any(job.options == poisoned for job in jobs))
@@ -508,8 +529,10 @@ def _start_fake_server(*args: str, **env: str) -> subprocess.Popen:
         stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_port(process: subprocess.Popen, timeout: float = 20.0) -> tuple[int, list[str]]:
-    """Read the server's log until its SERVING line; returns the port and the lines so far."""
+def _wait_for_port(process: subprocess.Popen, timeout: float = 20.0,
+                   line_says: str = "SERVING on") -> tuple[int, list[str]]:
+    """Read the server's log until the line that says it is SERVING (or line_says); returns
+    the port and the lines read so far (the list keeps growing)."""
     lines: list[str] = []
     found: list[int] = []
     done = threading.Event()
@@ -517,7 +540,7 @@ def _wait_for_port(process: subprocess.Popen, timeout: float = 20.0) -> tuple[in
     def read():
         for line in process.stderr:
             lines.append(line)
-            match = re.search(r"SERVING on 127\.0\.0\.1:(\d+)", line)
+            match = re.search(line_says + r" 127\.0\.0\.1:(\d+)", line)
             if match and not found:
                 found.append(int(match.group(1)))
                 done.set()
@@ -569,6 +592,23 @@ async def test_sigterm_finishes_work_in_flight_refuses_new_work_and_exits_zero(r
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+async def test_sigterm_during_a_slow_start_up_exits_zero_without_waiting_for_the_model():
+    process = _start_fake_server(FAKE_WARMUP_S="60")
+    try:
+        port, lines = _wait_for_port(process, line_says="listening on")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            status = await _health(ch)
+        process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(process.wait, 15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert exit_code == 0, "".join(lines)
+    assert not any("SERVING on" in line for line in lines)
+
+
 def test_a_pipeline_that_cannot_load_makes_the_process_exit_non_zero_with_the_reason():
     process = _start_fake_server(FAKE_LOAD_ERROR="GFPGANv1.4.pth is missing from /nowhere")
     try:
@@ -578,3 +618,22 @@ def test_a_pipeline_that_cannot_load_makes_the_process_exit_non_zero_with_the_re
             process.kill()
     assert process.returncode == 1
     assert "could not start" in stderr and "GFPGANv1.4.pth is missing from /nowhere" in stderr
+
+
+def test_a_port_already_in_use_makes_the_process_exit_non_zero_saying_so():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "serve_fake.py"), "--host", "127.0.0.1",
+             "--port", str(port), "--metrics-port", "0"],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            _, stderr = process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 1
+    assert f"could not listen on 127.0.0.1:{port}" in stderr and "--port" in stderr
