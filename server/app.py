@@ -199,6 +199,8 @@ class FaceEnhanceServer:
         self.stop_requested.set()
         grace = self.settings.drain_grace_s if grace is None else grace
         deadline = time.monotonic() + grace
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()  # stopped before the model was ready: nothing to drain
         await self.health.enter_graceful_shutdown()
         if self.batcher is not None and not self._force_stop:
             self._draining = asyncio.ensure_future(self.batcher.drain(grace))
@@ -211,11 +213,10 @@ class FaceEnhanceServer:
         # Streams write their last answers and end; then gRPC refuses anything new. The extra
         # half second lets answers computed just in time reach the wire.
         self.servicer.close_streams()
-        await self.server.stop(max(0.0, deadline - time.monotonic()) + 0.5)
+        left = 0.0 if self._force_stop else max(0.0, deadline - time.monotonic())
+        await self.server.stop(left + 0.5)
         if self.batcher is not None:
             await self.batcher.close()
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
         if self._metrics_http is not None:
             await asyncio.to_thread(self._metrics_http.shutdown)
             self._metrics_http.server_close()

@@ -135,9 +135,7 @@ class Batcher:
         self._wakeup.set()  # a batch waiting for company goes now
         deadline = time.monotonic() + max(0.0, timeout)
         while self._queue or self._computing:
-            self._idle.clear()
-            if not (self._queue or self._computing):
-                break
+            self._idle.clear()  # set again by whoever leaves the batcher idle
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
