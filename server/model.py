@@ -186,7 +186,8 @@ def _check_gfpgan_keys(path: Path, state_dict: dict) -> None:
     if not missing:
         return
     expected = _reference_gfpgan_keys()
-    absent = sorted(expected - state_dict.keys())
+    # The signature keys first: they say most about what a GFPGANv1Clean file looks like.
+    absent = missing + sorted(expected - state_dict.keys() - set(missing))
     unexpected = sorted(state_dict.keys() - expected)
     raise ModelLoadError(
         f"{path} is not {_EXPECTED_GFPGAN}{_guess_family(state_dict)}: "

@@ -39,6 +39,10 @@ GFPGANER_CLEAN_CONFIG = dict(
     sft_half=True,
 )
 
+# The calibrated output's spread in [-1, 1] units on the calibration faces: other faces then
+# stay mostly inside the range (at most ~7% of pixels clipped, measured over 8 faces).
+_OUTPUT_STD = 0.35
+
 GFPGAN_FILE = "GFPGANv1.4.pth"
 DETECTION_FILE = "detection_Resnet50_Final.pth"
 PARSING_FILE = "parsing_parsenet.pth"
@@ -75,7 +79,7 @@ def build_gfpgan(narrow: float = 1.0, seed: int = 0, noise_strength: float = 0.1
             conv.weight.fill_(noise_strength * (1.0 + index / len(style_convs)))
             # Zero at init as well; trained files have per-channel biases.
             conv.bias.normal_(0.0, 0.05)
-        _calibrate(net, smooth_faces(1, seed=seed))
+        _calibrate(net, smooth_faces(2, seed=seed))
     return net
 
 
@@ -87,7 +91,7 @@ def _calibrate(net: GFPGANv1Clean, faces: torch.Tensor) -> None:
     faces) and a broken warp would go unnoticed. One forward pass over sample faces rescales each
     U-Net layer, in forward order, to zero-mean unit-variance outputs (scale maps to about 1, shift
     maps to about 0, like SFT in a trained model); then the to-RGB layers, which the image is
-    linear in, are scaled so that the image has mean 0 and standard deviation 0.5.
+    linear in, are scaled so that the image has mean 0 and standard deviation _OUTPUT_STD.
     """
     unet_layers = [
         module
@@ -127,7 +131,7 @@ def _calibrate(net: GFPGANv1Clean, faces: torch.Tensor) -> None:
             hook.remove()
 
     decoder = net.stylegan_decoder
-    gain = 0.5 / image.std().clamp_min(1e-6)
+    gain = _OUTPUT_STD / image.std().clamp_min(1e-6)
     for to_rgb in [decoder.to_rgb1, *decoder.to_rgbs]:
         to_rgb.modulated_conv.weight.mul_(gain)
         to_rgb.bias.mul_(gain)
