@@ -212,7 +212,14 @@ def _stream_to(url: str, stream, timeout_s: float) -> str:
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         total = int(response.headers.get("Content-Length") or 0)
         done, last_report = 0, time.monotonic()
-        while chunk := response.read(_CHUNK_BYTES):
+        while True:
+            try:
+                chunk = response.read(_CHUNK_BYTES)
+            except http.client.IncompleteRead as error:
+                done += len(error.partial)
+                chunk = b""
+            if not chunk:
+                break
             stream.write(chunk)
             digest.update(chunk)
             done += len(chunk)
