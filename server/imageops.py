@@ -131,25 +131,76 @@ def resize_for_output(images: torch.Tensor, size: int) -> torch.Tensor:
     return resize(images, size, "area" if size < images.shape[-1] else "lanczos4")
 
 
-def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+def similarity_transform(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Least-squares similarity (rotation, uniform scale, shift) mapping src points to dst.
 
-    src: (N, K, 2), dst: (K, 2) -> (N, 2, 3) matrices in cv2's convention. This is the
-    solution cv2.estimateAffinePartial2D's refinement converges to when every point is an
-    inlier (facexlib calls it with LMEDS).
+    src: (N, K, 2), dst: (K, 2) or (N, K, 2), weights: (N, K) (1 keeps a point, 0 drops it)
+    -> (N, 2, 3) matrices in cv2's convention.
     """
     src = src.to(torch.float64)
-    dst = dst.to(device=src.device, dtype=torch.float64)
-    src_mean = src.mean(dim=1, keepdim=True)
-    dst_mean = dst.mean(dim=0, keepdim=True)
-    s = src - src_mean
-    d = (dst - dst_mean).unsqueeze(0)
+    dst = dst.to(device=src.device, dtype=torch.float64).expand_as(src)
+    w = torch.ones(src.shape[:2], dtype=torch.float64, device=src.device) if weights is None \
+        else weights.to(torch.float64)
+    total = w.sum(dim=1).view(-1, 1, 1)
+    src_mean = (src * w.unsqueeze(-1)).sum(dim=1, keepdim=True) / total
+    dst_mean = (dst * w.unsqueeze(-1)).sum(dim=1, keepdim=True) / total
+    s = (src - src_mean) * w.sqrt().unsqueeze(-1)
+    d = (dst - dst_mean) * w.sqrt().unsqueeze(-1)
     norm = (s * s).sum(dim=(1, 2))
     a = (s[..., 0] * d[..., 0] + s[..., 1] * d[..., 1]).sum(dim=1) / norm
     b = (s[..., 0] * d[..., 1] - s[..., 1] * d[..., 0]).sum(dim=1) / norm
     rot = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], dim=1)  # (N, 2, 2)
-    shift = dst_mean.squeeze(0) - torch.einsum("nij,nj->ni", rot, src_mean.squeeze(1))
+    shift = dst_mean.squeeze(1) - torch.einsum("nij,nj->ni", rot, src_mean.squeeze(1))
     return torch.cat([rot, shift.unsqueeze(-1)], dim=2)
+
+
+def _opencv_lmeds_pairs(count: int = 5, iterations: int = 13) -> list[tuple[int, int]]:
+    """The point pairs cv2.estimateAffinePartial2D(method=LMEDS) tries, in its order.
+
+    OpenCV seeds its generator with the same constant on every call and, for 5 points,
+    draws 13 random pairs (confidence 0.99, outlier ratio 0.45); this replays that
+    generator (multiply-with-carry, coefficient 4164903690).
+    """
+    state = (1 << 64) - 1
+    pairs = []
+    for _ in range(iterations):
+        chosen: list[int] = []
+        while len(chosen) < 2:
+            state = ((state & 0xFFFFFFFF) * 4164903690 + (state >> 32)) & ((1 << 64) - 1)
+            index = (state & 0xFFFFFFFF) % count
+            if index not in chosen:
+                chosen.append(index)
+        pairs.append((chosen[0], chosen[1]))
+    return pairs
+
+
+_LMEDS_PAIRS = torch.tensor(_opencv_lmeds_pairs())
+
+
+def robust_similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """What facexlib's cv2.estimateAffinePartial2D(landmarks, template, method=LMEDS) returns,
+    for a batch, on the device.
+
+    Least median of squares over OpenCV's own sequence of point pairs picks a model; points
+    within its inlier bound are kept and the similarity is refitted on them by least squares
+    (where OpenCV's Levenberg-Marquardt refinement converges). A landmark the detector got
+    wrong (an occluded mouth corner, say) is dropped instead of skewing the alignment.
+    src: (N, 5, 2), dst: (5, 2) -> (N, 2, 3).
+    """
+    n, k, _ = src.shape
+    pts = src.to(torch.float32).to(torch.float64)  # OpenCV works on float32 points
+    target = dst.to(device=src.device, dtype=torch.float32).to(torch.float64)
+    pairs = _LMEDS_PAIRS.to(src.device)
+    models = similarity_transform(pts[:, pairs].reshape(-1, 2, 2),
+                                  target[pairs].repeat(n, 1, 1)).view(n, -1, 2, 3)
+    projected = torch.einsum("nmij,nkj->nmki", models[..., :2], pts) + models[..., 2].unsqueeze(2)
+    errors = ((projected - target) ** 2).sum(-1).to(torch.float32)  # (N, pairs, K)
+    medians = errors.kthvalue(k // 2 + 1, dim=-1).values
+    best = medians.argmin(dim=1)  # first minimum, as OpenCV keeps the first
+    rows = torch.arange(n, device=src.device)
+    sigma = (2.5 * 1.4826 * (1 + 5.0 / (k - 2)) * medians[rows, best].double().sqrt()).clamp_min(0.001)
+    inliers = errors[rows, best] <= (sigma * sigma).to(torch.float32).unsqueeze(-1)
+    return similarity_transform(pts, target, inliers)
 
 
 def invert_affine(matrices: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ class FacePipeline:
         random_noise = torch.tensor([o.random_noise for o in options], device=self.device)
 
         faces = self._locate(jobs, indices, images, detect, centre_only)
-        affines = imageops.similarity_transform(faces.landmarks.double(), self._template)
+        affines = imageops.robust_similarity_transform(faces.landmarks, self._template)
         warped = imageops.warp_affine(images[faces.image], affines, FACE_SIZE,
                                       self._border)
         aligned_index = aligned.nonzero().flatten()
