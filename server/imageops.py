@@ -192,7 +192,7 @@ def robust_similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.T
     target = dst.to(device=src.device, dtype=torch.float32).to(torch.float64)
     pairs = _LMEDS_PAIRS.to(src.device)
     models = similarity_transform(pts[:, pairs].reshape(-1, 2, 2),
-                                  target[pairs].repeat(n, 1, 1)).view(n, -1, 2, 3)
+                                  target[pairs].repeat(n, 1, 1)).view(n, pairs.shape[0], 2, 3)
     projected = torch.einsum("nmij,nkj->nmki", models[..., :2], pts) + models[..., 2].unsqueeze(2)
     errors = ((projected - target) ** 2).sum(-1).to(torch.float32)  # (N, pairs, K)
     medians = errors.kthvalue(k // 2 + 1, dim=-1).values

@@ -271,3 +271,39 @@ def _rank_within_image(image: torch.Tensor) -> torch.Tensor:
 def _to_host(canvas: torch.Tensor) -> np.ndarray:
     """(N, 3, S, S) float 0..255 -> (N, S, S, 3) uint8 on the host, C-contiguous."""
     return canvas.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" -> bfloat16 on CUDA (fp16 is unsafe for GFPGAN), float32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def build_pipeline(settings) -> FacePipeline:
+    """Fetch missing weights (unless --no-download), load the three networks once, and wrap them."""
+    from server.model import load_models
+    from server.weights import ensure_weights
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    paths = ensure_weights(settings.model, settings.weights_dir, download=not settings.no_download)
+    models = load_models(paths, device)
+    for warning in models.gfpgan.warnings:
+        log.warning("%s", warning)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    log.info("loaded %s (%s, sha256 %s) on %s as %s", models.gfpgan.name, models.gfpgan.path,
+             models.gfpgan.sha256[:12], device, str(dtype).removeprefix("torch."))
+    return FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device, dtype=dtype,
+                        info=models.gfpgan.model_info(dtype))

@@ -27,19 +27,12 @@ CPU = torch.device("cpu")
 
 def load_nets(weights_dir):
     """Our pipeline's networks, loaded through the service's own loaders."""
-    # TEMP until server.model lands
-    from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
-    from facexlib.detection.retinaface import RetinaFace
-    from facexlib.parsing.parsenet import ParseNet
-    from tests.checkpoints import GFPGANER_CLEAN_CONFIG
-    g = GFPGANv1Clean(narrow=SMALL_NARROW, **GFPGANER_CLEAN_CONFIG).eval()
-    g.load_state_dict(torch.load(weights_dir / GFPGAN_FILE, weights_only=True)["params_ema"])
-    d = RetinaFace("resnet50", device="cpu").eval()
-    sd = torch.load(weights_dir / DETECTION_FILE, weights_only=True)
-    d.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
-    p = ParseNet(in_size=512, out_size=512, parsing_ch=19).eval()
-    p.load_state_dict(torch.load(weights_dir / PARSING_FILE, weights_only=True))
-    return g, d, p
+    from server.model import load_gfpgan, load_parsenet, load_retinaface
+
+    gfpgan = load_gfpgan(weights_dir / GFPGAN_FILE, CPU)
+    detector = load_retinaface(weights_dir / DETECTION_FILE, CPU)
+    parser = load_parsenet(weights_dir / PARSING_FILE, CPU)
+    return gfpgan.net, detector, parser
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +223,7 @@ def test_fidelity_blends_towards_the_input(pipeline):
 def test_mixed_options_in_one_batch_equal_separate_runs(pipeline):
     faces = make_faces(3, seed=9)
     points = template_landmarks(3, seed=9)
-    jobs = [Job(faces[:2], EnhanceOptions(alignment=Alignment.ALIGNED, output_size=512)),
+    jobs = [Job(faces[:1], EnhanceOptions(alignment=Alignment.ALIGNED, output_size=512)),
             Job(faces[2:], EnhanceOptions(alignment=Alignment.LANDMARKS, fidelity=0.3), points[2:]),
             Job(faces[:1], EnhanceOptions()),
             Job(make_faces(1, seed=9, size=128), EnhanceOptions(alignment=Alignment.ALIGNED))]
@@ -243,9 +236,11 @@ def test_mixed_options_in_one_batch_equal_separate_runs(pipeline):
 
 
 def test_no_face_found_returns_the_input_resized(pipeline):
+    blind = calibrated_retinaface(make_faces(2, seed=1), class_gain=0.0)  # every score is 0.5
+    no_faces = FacePipeline(pipeline.gfpgan, blind, pipeline.parser, device=CPU, dtype=torch.float32)
     flat = np.full((1, 256, 256, 3), 90, np.uint8)
     flat[:, :, :128] = 160
-    [result] = pipeline.enhance([Job(flat, EnhanceOptions(output_size=512))])
+    [result] = no_faces.enhance([Job(flat, EnhanceOptions(output_size=512))])
     assert result.status == [FaceStatus.NO_FACE]
     expected = cv2.resize(flat[0], (512, 512), interpolation=cv2.INTER_LANCZOS4)
     assert np.abs(result.faces[0].astype(int) - expected).max() <= 1
