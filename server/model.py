@@ -67,6 +67,8 @@ class GFPGANModel:
     #: bf16 works; fp16 is reported to give blank or solid-colour faces (GFPGAN #483).
     supports_bfloat16: bool = True
     supports_half: bool = False
+    #: Things the operator should hear about (e.g. a known file name with another hash); the
+    #: caller logs them.
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -135,9 +137,7 @@ def load_gfpgan(path: str | Path, device: torch.device | str) -> GFPGANModel:
 
     sha256 = sha256_file(path)
     name, version = _identify(path, sha256)
-    notes = [w for w in [known_hash_warning(path, sha256)] if w]
-    for note in notes:
-        log.warning("%s", note)
+    notes = [w for w in [known_hash_warning(path, sha256)] if w]  # the caller logs them
     log.info("loaded %s (%s, %s, narrow=%g) from %s, sha256 %s, on %s", name, ARCHITECTURE, key,
              config["narrow"], path, sha256[:12], device)
     return GFPGANModel(net=net, name=name, version=version, sha256=sha256, config=config,
