@@ -256,6 +256,8 @@ def test_a_gfpgan_file_with_extra_layers_lists_them(tmp_path):
 # -- facexlib's detector and parser -----------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:The parameter 'pretrained':UserWarning",
+                            "ignore:Arguments other than a weight enum:UserWarning")
 def test_facexlibs_own_loaders_accept_the_test_detection_and_parsing_files(small_weights, tmp_path):
     # Proves the test files have the real key layout (including the 'module.' prefix).
     detector = init_detection_model("retinaface_resnet50", half=False, device="cpu",
