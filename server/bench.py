@@ -1,0 +1,332 @@
+"""gfpgan-bench: faces/s and per-batch latency of GFPGANer, our pipeline, and our gRPC service.
+
+Same weights, same faces, one process; prints a Markdown table (optionally to --markdown-out).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+import server.compat  # noqa: F401  (must precede gfpgan/basicsr/facexlib)
+import torch
+
+from client.types import OUTPUT_SIZES, Alignment, EnhanceOptions
+from server.jobs import Job
+from server.settings import Settings, default_weights_dir
+
+METHODS = ("GFPGANer, one face at a time", "FacePipeline, in-process", "gRPC service, loopback")
+
+
+@dataclass
+class Measurement:
+    method: str
+    batch_size: int
+    faces_per_s: float
+    latencies_ms: list[float]
+
+    def percentile(self, q: float) -> float:
+        values = sorted(self.latencies_ms)
+        return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def synthetic_faces(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """(count, size, size, 3) uint8 BGR cartoon faces: skin oval, dark eyes, nose, red mouth."""
+    rng = np.random.default_rng(seed)
+    faces = np.empty((count, size, size, 3), np.uint8)
+    for index in range(count):
+        face = np.empty((size, size, 3), np.uint8)
+        face[:] = rng.integers(30, 220, size=3)
+        centre = np.array([size / 2, size * 0.55]) + rng.uniform(-0.03, 0.03, 2) * size
+        cx, cy = (int(v) for v in centre)
+        skin = (rng.uniform(90, 150), rng.uniform(130, 180), rng.uniform(180, 230))
+        cv2.ellipse(face, (cx, cy), (int(size * 0.3), int(size * 0.4)), 0, 0, 360, skin, -1)
+        eye_dx, eye_y = int(size * 0.12), cy - int(size * 0.08)
+        for x in (cx - eye_dx, cx + eye_dx):
+            cv2.ellipse(face, (x, eye_y), (int(size * 0.05), int(size * 0.022)), 0, 0, 360, (40, 30, 30), -1)
+        cv2.circle(face, (cx, cy + int(size * 0.05)), int(size * 0.025), tuple(0.7 * c for c in skin), -1)
+        cv2.line(face, (cx - int(size * 0.09), cy + int(size * 0.17)),
+                 (cx + int(size * 0.09), cy + int(size * 0.17)), (60, 50, 160), max(2, size // 60))
+        noisy = face + rng.normal(0, 3, face.shape)
+        faces[index] = cv2.GaussianBlur(np.clip(noisy, 0, 255).astype(np.uint8), (0, 0), 1.0)
+    return faces
+
+
+def faces_from(folder: str, size: int) -> np.ndarray:
+    """Every readable image in a folder, resized to size x size (square crops expected)."""
+    images = []
+    for path in sorted(Path(folder).iterdir()):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is not None:
+            images.append(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA))
+    if not images:
+        raise SystemExit(f"--faces-from {folder}: no readable images there")
+    return np.stack(images)
+
+
+def _batch(faces: np.ndarray, start: int, size: int) -> np.ndarray:
+    """size faces starting at start, wrapping round the pool."""
+    return faces[np.arange(start, start + size) % len(faces)]
+
+
+def _time_batches(run_batch: Callable[[np.ndarray], None], faces: np.ndarray, batch_size: int,
+                  iterations: int, seconds: float | None, sync: Callable[[], None]) -> tuple[float, list[float]]:
+    """Run batches one after the other; (faces/s, per-batch latencies in ms)."""
+    run_batch(_batch(faces, 0, batch_size))  # warm-up: first-call costs are not measured
+    sync()
+    latencies, started = [], time.perf_counter()
+    for index in range(iterations):
+        t0 = time.perf_counter()
+        run_batch(_batch(faces, index * batch_size, batch_size))
+        sync()
+        latencies.append((time.perf_counter() - t0) * 1000)
+        if seconds is not None and time.perf_counter() - started >= seconds:
+            break
+    elapsed = time.perf_counter() - started
+    return len(latencies) * batch_size / elapsed, latencies
+
+
+# -- (a) GFPGAN's own integration -----------------------------------------------------------------
+
+@contextlib.contextmanager
+def _gfpganer(model: str, weights_dir: str, device: torch.device):
+    """GFPGANer as usually integrated, on our files: facexlib reads its weights from
+    ./gfpgan/weights, so it is built in a temporary directory of symlinks; a narrow (test)
+    checkpoint gets its width passed to GFPGAN's own class."""
+    import gfpgan.utils
+    from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
+
+    from server.model import load_gfpgan
+    from server.weights import DETECTION_FILE, PARSING_FILE
+
+    narrow = load_gfpgan(model, "cpu").config.get("narrow", 1)
+    original_class, original_cwd = gfpgan.utils.GFPGANv1Clean, os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="gfpgan-bench-") as workdir:
+        links = Path(workdir) / "gfpgan" / "weights"
+        links.mkdir(parents=True)
+        for name in (DETECTION_FILE, PARSING_FILE):
+            os.symlink(Path(weights_dir).resolve() / name, links / name)
+        try:
+            os.chdir(workdir)
+            if narrow != 1:
+                gfpgan.utils.GFPGANv1Clean = lambda **kw: GFPGANv1Clean(**{**kw, "narrow": narrow})
+            restorer = gfpgan.utils.GFPGANer(model_path=str(Path(model).resolve()), upscale=1,
+                                             arch="clean", channel_multiplier=2, device=device)
+        finally:
+            gfpgan.utils.GFPGANv1Clean = original_class
+            os.chdir(original_cwd)
+        yield restorer
+
+
+def bench_gfpganer(restorer, faces, batch_sizes, alignment, iterations, seconds, sync) -> list[Measurement]:
+    aligned = alignment is Alignment.ALIGNED
+
+    def run_batch(batch):
+        for face in batch:  # the usual integration: one face per call
+            restorer.enhance(face, has_aligned=aligned, only_center_face=True, paste_back=True)
+
+    return [Measurement(METHODS[0], b, *_time_batches(run_batch, faces, b, iterations, seconds, sync))
+            for b in batch_sizes]
+
+
+# -- (b) our pipeline in-process ------------------------------------------------------------------
+
+def bench_pipeline(pipeline, faces, batch_sizes, options, iterations, seconds, sync) -> list[Measurement]:
+    def run_batch(batch):
+        pipeline.enhance([Job(batch, options)])
+
+    return [Measurement(METHODS[1], b, *_time_batches(run_batch, faces, b, iterations, seconds, sync))
+            for b in batch_sizes]
+
+
+# -- (c) our service over loopback gRPC -----------------------------------------------------------
+
+@contextlib.contextmanager
+def _loopback_service(pipeline, max_batch_faces: int):
+    """The real server on 127.0.0.1:<free port>, on its own event loop thread, serving `pipeline`."""
+    from server.app import FaceEnhanceServer
+
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=0, warmup=False,
+                        max_batch_faces=max_batch_faces, max_faces_per_request=max(32, max_batch_faces),
+                        max_queue_faces=max(256, 8 * max_batch_faces), drain_grace_s=5.0)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bench-server", daemon=True)
+    thread.start()
+    app = FaceEnhanceServer(settings, pipeline_factory=lambda _settings: pipeline)
+
+    async def start():
+        await app.start()
+        await asyncio.wait_for(app.ready.wait(), timeout=60)
+
+    try:
+        asyncio.run_coroutine_threadsafe(start(), loop).result(90)
+        yield f"127.0.0.1:{app.port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(app.shutdown(grace=1.0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_flight) -> list[Measurement]:
+    from client.sync import FaceEnhanceClient
+
+    results = []
+    with FaceEnhanceClient(address, options=options, timeout_ms=600_000, max_in_flight=in_flight) as client:
+        for b in batch_sizes:
+            outcome = client.enhance(_batch(faces, 0, b))  # warm-up, and a check that it is served
+            if outcome.fell_back:
+                raise RuntimeError(f"the loopback service did not answer: {outcome.fallback_reason} "
+                                   f"{outcome.extra.get('fallback_detail', '')}")
+            latencies, window = [], threading.Semaphore(in_flight)
+            lock = threading.Lock()
+            fell_back = []
+
+            def done(future, t0):
+                with lock:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                    fell_back.append(future.result().fell_back)
+                window.release()
+
+            started, futures = time.perf_counter(), []
+            for index in range(iterations):
+                window.acquire()  # keep `in_flight` batches on the wire, no more
+                t0 = time.perf_counter()
+                future = client.submit(_batch(faces, index * b, b))
+                future.add_done_callback(lambda f, t0=t0: done(f, t0))
+                futures.append(future)
+                if seconds is not None and time.perf_counter() - started >= seconds:
+                    break
+            for future in futures:
+                future.result()
+            elapsed = time.perf_counter() - started
+            if any(fell_back):
+                raise RuntimeError("the loopback service fell back during the run; raise --timeout")
+            results.append(Measurement(METHODS[2], b, len(futures) * b / elapsed, list(latencies)))
+    return results
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+def markdown_table(measurements: list[Measurement]) -> str:
+    baseline = {m.batch_size: m.faces_per_s for m in measurements if m.method == METHODS[0]}
+    lines = ["| method | batch | faces/s | vs GFPGANer | latency mean ms | p50 ms | p95 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in sorted(measurements, key=lambda m: (METHODS.index(m.method), m.batch_size)):
+        ratio = m.faces_per_s / baseline[m.batch_size] if baseline.get(m.batch_size) else float("nan")
+        lines.append(f"| {m.method} | {m.batch_size} | {m.faces_per_s:.2f} | {ratio:.2f}x | "
+                     f"{statistics.fmean(m.latencies_ms):.1f} | {m.percentile(50):.1f} | "
+                     f"{m.percentile(95):.1f} |")
+    return "\n".join(lines)
+
+
+def header(argv: Sequence[str], device: torch.device, dtype: torch.dtype, model: str, faces: np.ndarray,
+           options: EnhanceOptions) -> str:
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+                  f"{torch.get_num_threads()} torch threads)"
+    return "\n".join([
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- command: `gfpgan-bench {shlex.join(argv)}`",
+        f"- device: {machine}; pipeline dtype {str(dtype).removeprefix('torch.')} "
+        "(GFPGANer always float32)",
+        f"- torch {torch.__version__}, Python {platform.python_version()}",
+        f"- model: {model}; {len(faces)} distinct {faces.shape[1]}x{faces.shape[1]} faces, "
+        f"alignment {options.alignment.value}, output {options.output_size}",
+    ])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gfpgan-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="", help="GFPGAN checkpoint (default <weights-dir>/GFPGANv1.4.pth)")
+    parser.add_argument("--weights-dir", default=default_weights_dir(),
+                        help="folder of the detection and parsing weights")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="our pipeline's dtype: auto, float32, bfloat16")
+    parser.add_argument("--alignment", default="detect", choices=["detect", "aligned"])
+    parser.add_argument("--batch-sizes", default="1,4,8", help="comma-separated, default 1,4,8")
+    parser.add_argument("--iterations", type=int, default=10, help="timed batches per cell, default 10")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="stop a cell early after this many seconds (at least one batch runs)")
+    parser.add_argument("--in-flight", type=int, default=4,
+                        help="batches in flight towards the service, default 4")
+    parser.add_argument("--face-size", type=int, default=256, help="input crop side, default 256")
+    parser.add_argument("--output-size", type=int, default=256, choices=OUTPUT_SIZES)
+    parser.add_argument("--faces-from", default=None, help="folder of face crops (else synthetic faces)")
+    parser.add_argument("--faces", type=int, default=16, help="synthetic faces to cycle through, default 16")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading weights")
+    parser.add_argument("--markdown-out", default=None, help="also write the report to this file")
+    return parser
+
+
+def _batch_sizes(parser, text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--batch-sizes: expected numbers like 1,4,8; got {text!r}")
+    if not sizes or min(sizes) < 1:
+        parser.error(f"--batch-sizes: expected positive numbers like 1,4,8; got {text!r}")
+    return sizes
+
+
+def run(argv: Sequence[str] | None = None) -> str:
+    """Run the three benchmarks and print (and return) the Markdown report."""
+    from server.pipeline import build_pipeline
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sizes = _batch_sizes(parser, args.batch_sizes)
+    if args.iterations < 1 or args.in_flight < 1:
+        parser.error("--iterations and --in-flight must be at least 1")
+    settings = Settings(model=args.model, weights_dir=args.weights_dir, device=args.device,
+                        dtype=args.dtype, no_download=args.no_download, metrics_port=0)
+    options = EnhanceOptions(output_size=args.output_size, alignment=Alignment(args.alignment))
+    faces = (faces_from(args.faces_from, args.face_size) if args.faces_from
+             else synthetic_faces(args.faces, args.face_size))
+
+    pipeline = build_pipeline(settings)  # downloads missing weights unless --no-download
+    device = pipeline.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    measurements: list[Measurement] = []
+    with _gfpganer(settings.model, settings.weights_dir, device) as restorer:
+        measurements += bench_gfpganer(restorer, faces, sizes, options.alignment, args.iterations,
+                                       args.seconds, sync)
+    del restorer
+    measurements += bench_pipeline(pipeline, faces, sizes, options, args.iterations, args.seconds, sync)
+    with _loopback_service(pipeline, max(8, max(sizes))) as address:
+        measurements += bench_service(address, faces, sizes, options, args.iterations, args.seconds,
+                                      args.in_flight)
+
+    report = "\n\n".join([header(argv, device, pipeline.dtype, settings.model, faces, options),
+                          markdown_table(measurements)]) + "\n"
+    print(report)
+    if args.markdown_out:
+        Path(args.markdown_out).write_text(report)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    # The console entry point: returns None, so the exit status is 0 (a returned string would
+    # be printed to stderr and exit 1).
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()
