@@ -20,7 +20,7 @@ from client.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
 from server.pipeline import FACE_TEMPLATE, FacePipeline
 from tests.checkpoints import DETECTION_FILE, GFPGAN_FILE, PARSING_FILE, SMALL_NARROW
-from tests.faces import calibrated_retinaface, make_faces, template_landmarks
+from tests.faces import calibrated_retinaface, make_faces, template_landmarks, weights_with_detector
 
 CPU = torch.device("cpu")
 
@@ -38,12 +38,7 @@ def load_nets(weights_dir):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, small_weights):
     """small_weights with a detector that finds a few faces in the test images."""
-    directory = tmp_path_factory.mktemp("parity_weights")
-    for name in (GFPGAN_FILE, PARSING_FILE):
-        os.symlink(small_weights / name, directory / name)
-    net = calibrated_retinaface(make_faces(4, seed=1))
-    torch.save(net.state_dict(), directory / DETECTION_FILE)
-    return directory
+    return weights_with_detector(tmp_path_factory.mktemp("parity_weights"), small_weights)
 
 
 @pytest.fixture(scope="module")
