@@ -1,0 +1,156 @@
+"""`python -m musetalk_adapter run [--gfpgan-...] -- scripts/inference.py [MuseTalk's args]`:
+hooks MuseTalk's VAE.decode_latents, then runs MuseTalk's own script unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import tempfile
+
+from musetalk_adapter.config import (
+    YAML_SECTION,
+    GFPGANSettings,
+    SettingsError,
+    add_arguments,
+    from_args,
+    load_yaml,
+    resolve,
+)
+
+USAGE = ("python -m musetalk_adapter run [--gfpgan-address HOST:PORT] [--gfpgan-...] -- "
+         "SCRIPT.py|-m MODULE [MuseTalk's own arguments]")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m musetalk_adapter", usage=USAGE, allow_abbrev=False,
+        description="Run a MuseTalk script (scripts/inference.py, scripts/realtime_inference.py, "
+                    "app.py) unchanged, with every decoded face batch enhanced by the "
+                    "gfpgan-service. Settings: defaults < the 'gfpgan:' section of the "
+                    "--inference_config YAML < flags (before or after --).")
+    parser.add_argument("command", choices=["run"], help="run a MuseTalk script")
+    parser.add_argument("--summary-json", default=None,
+                        help="also write the end-of-run summary to this JSON file")
+    return add_arguments(parser)
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" not in argv:
+        raise SettingsError(f"put -- before MuseTalk's script and its arguments; usage: {USAGE}")
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+def _pop_gfpgan_flags(script_args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """--gfpgan_* / --enable_gfpgan among MuseTalk's arguments are ours: MuseTalk's parser
+    would refuse them. Everything else passes through untouched, in order."""
+    parser = add_arguments(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
+    ours, rest = parser.parse_known_args(script_args)
+    return ours, rest
+
+
+def _config_path(script_args: list[str]) -> tuple[int | None, str | None]:
+    """Where --inference_config's value is in MuseTalk's arguments, and the value."""
+    for i, arg in enumerate(script_args):
+        if arg == "--inference_config" and i + 1 < len(script_args):
+            return i + 1, script_args[i + 1]
+        if arg.startswith("--inference_config="):
+            return i, arg.split("=", 1)[1]
+    return None, None
+
+
+def prepare(argv: list[str]) -> tuple[GFPGANSettings, list[str], argparse.Namespace, str | None]:
+    """Settings and MuseTalk's argv (a `gfpgan:`-free copy of its YAML swapped in, since
+    MuseTalk reads every top-level key as a task); raises SettingsError before anything runs."""
+    ours, script_argv = _split(argv)
+    launcher = _parser().parse_args(ours)
+    if not script_argv:
+        raise SettingsError(f"no MuseTalk script after --; usage: {USAGE}")
+    if script_argv[0] == "-m":
+        head, script_args = script_argv[:2], script_argv[2:]
+        if len(head) < 2:
+            raise SettingsError("-m needs a module name, e.g. -m scripts.inference")
+    else:
+        head, script_args = script_argv[:1], script_argv[1:]
+        if not os.path.isfile(head[0]):
+            raise SettingsError(f"MuseTalk script {head[0]} not found (the current folder is "
+                                f"{os.getcwd()}; run from MuseTalk's root folder)")
+    inline, script_args = _pop_gfpgan_flags(script_args)
+    index, path = _config_path(script_args)
+    document = load_yaml(path) if path else None
+    # The launcher is how GFPGAN gets turned on: enabled unless the YAML or a flag says not.
+    settings = from_args(inline, from_args(launcher, resolve(document, base=GFPGANSettings(enabled=True))))
+    settings = settings.check()
+    stripped = None
+    if isinstance(document, dict) and YAML_SECTION in document:
+        stripped = _without_section(document)
+        script_args = list(script_args)
+        script_args[index] = (stripped if script_args[index] == path
+                              else f"--inference_config={stripped}")
+    return settings, head + script_args, launcher, stripped
+
+
+def _without_section(document: dict) -> str:
+    import yaml
+
+    rest = {key: value for key, value in document.items() if key != YAML_SECTION}
+    handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="musetalk_config_",
+                                         delete=False, encoding="utf-8")
+    with handle:
+        yaml.safe_dump(rest, handle, sort_keys=False, allow_unicode=True)
+    return handle.name
+
+
+def run_script(script_argv: list[str]) -> None:
+    """Run MuseTalk's script as `python SCRIPT ...` or `python -m MODULE ...` would."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)  # MuseTalk imports `musetalk.*` from its root folder
+    if script_argv[0] == "-m":
+        sys.argv = [script_argv[1], *script_argv[2:]]
+        runpy.run_module(script_argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(script_argv)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script_argv[0])))
+        runpy.run_path(script_argv[0], run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help") or argv[:2] in (["run", "-h"], ["run", "--help"]):
+        _parser().print_help()
+        return 0
+    try:
+        settings, script_argv, launcher, stripped = prepare(argv)
+    except SettingsError as error:
+        print(f"musetalk_adapter: error: {error}", file=sys.stderr)
+        return 2
+    from musetalk_adapter.enhancer import GFPGANEnhancer
+    from musetalk_adapter.hook import install
+
+    enhancer = GFPGANEnhancer(settings)
+    uninstall = install(enhancer) if settings.enabled else None
+    code = 0
+    try:
+        run_script(script_argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        if uninstall is not None:
+            uninstall()
+        summary = enhancer.close()
+        if stripped:
+            os.unlink(stripped)
+        if settings.enabled:
+            print(summary, file=sys.stderr)
+            if launcher.summary_json:
+                with open(launcher.summary_json, "w", encoding="utf-8") as handle:
+                    json.dump(summary.as_dict(), handle)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""GFPGAN settings for a MuseTalk run: defaults, the `gfpgan:` section of the inference YAML,
+then the `--gfpgan_*` flags, in that order of precedence, checked once before the run starts.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, fields, replace
+
+from client.types import Alignment, EnhanceOptions
+
+#: --gfpgan_upscale -> the side of the faces that come back (MuseTalk decodes 256x256 faces).
+OUTPUT_SIZE_BY_UPSCALE = {1: 256, 2: 512, 4: 1024}
+#: The alignments a MuseTalk crop can use: it has no landmarks to send (see MUSETALK.md).
+ALIGNMENTS = {"detect": Alignment.DETECT, "aligned": Alignment.ALIGNED}
+#: The name of the section in MuseTalk's inference YAML.
+YAML_SECTION = "gfpgan"
+
+
+class SettingsError(ValueError):
+    """A GFPGAN setting that cannot work; the message names the setting and what to write."""
+
+
+@dataclass(frozen=True)
+class GFPGANSettings:
+    """Everything the adapter needs; field names are the YAML keys."""
+
+    enabled: bool = False
+    address: str = "localhost:50051"
+    upscale: int = 1
+    timeout_ms: float = 2000.0
+    fidelity: float = 0.0
+    alignment: str = "detect"
+    #: Decoded batches in flight to the service before the next decode waits for the oldest;
+    #: bounds memory and keeps a slow service from turning every batch into a timeout.
+    max_pending_batches: int = 4
+    #: Port of this worker's Prometheus page (faces enhanced/fell back, waiting); 0 = off.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+
+    @property
+    def output_size(self) -> int:
+        return OUTPUT_SIZE_BY_UPSCALE[self.upscale]
+
+    def enhance_options(self) -> EnhanceOptions:
+        return EnhanceOptions(output_size=self.output_size, alignment=ALIGNMENTS[self.alignment],
+                              fidelity=float(self.fidelity))
+
+    def check(self) -> "GFPGANSettings":
+        """Return the settings with values normalised; raise SettingsError for a bad one."""
+        where = "gfpgan setting"
+        if not isinstance(self.enabled, bool):
+            raise SettingsError(f"{where} 'enabled' must be true or false; got {self.enabled!r}")
+        address = str(self.address).strip()
+        if not address or any(c.isspace() for c in address):
+            raise SettingsError(f"{where} 'address' must be HOST:PORT (or several, comma-separated, "
+                                f"or dns:///name:port); got {self.address!r}")
+        upscale = _number(self.upscale, "upscale", int)
+        if upscale not in OUTPUT_SIZE_BY_UPSCALE:
+            raise SettingsError(f"{where} 'upscale' must be 1, 2 or 4 (faces of 256, 512 or 1024 "
+                                f"pixels); got {self.upscale!r}")
+        timeout_ms = _number(self.timeout_ms, "timeout_ms", float)
+        if not timeout_ms > 0:
+            raise SettingsError(f"{where} 'timeout_ms' must be more than 0 milliseconds; "
+                                f"got {self.timeout_ms!r}")
+        fidelity = _number(self.fidelity, "fidelity", float)
+        if not 0.0 <= fidelity <= 1.0:
+            raise SettingsError(f"{where} 'fidelity' must be between 0 (all GFPGAN) and 1 (all "
+                                f"MuseTalk); got {self.fidelity!r}")
+        alignment = str(self.alignment).strip().lower()
+        if alignment not in ALIGNMENTS:
+            raise SettingsError(f"{where} 'alignment' must be one of {', '.join(ALIGNMENTS)}; got "
+                                f"{self.alignment!r} (MuseTalk has no 5-point landmarks to send)")
+        pending = _number(self.max_pending_batches, "max_pending_batches", int)
+        if pending < 1:
+            raise SettingsError(f"{where} 'max_pending_batches' must be 1 or more; got {pending}")
+        port = _number(self.metrics_port, "metrics_port", int)
+        if not 0 <= port <= 65535:
+            raise SettingsError(f"{where} 'metrics_port' must be 0 (off) to 65535; got {port}")
+        return replace(self, address=address, upscale=upscale, timeout_ms=timeout_ms,
+                       fidelity=fidelity, alignment=alignment, max_pending_batches=pending,
+                       metrics_port=port, metrics_host=str(self.metrics_host))
+
+
+def _number(value, name: str, kind: type):
+    """An int or float setting; YAML and flags both give numbers, strings are accepted too."""
+    if isinstance(value, bool):
+        raise SettingsError(f"gfpgan setting {name!r} must be a number; got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"gfpgan setting {name!r} must be a number; got {value!r}") from None
+    if not math.isfinite(number):
+        raise SettingsError(f"gfpgan setting {name!r} must be a finite number; got {value!r}")
+    if kind is int:
+        if number != int(number):
+            raise SettingsError(f"gfpgan setting {name!r} must be a whole number; got {value!r}")
+        return int(number)
+    return number
+
+
+_KEYS = tuple(f.name for f in fields(GFPGANSettings))
+
+
+def from_yaml_section(section, base: GFPGANSettings = GFPGANSettings()) -> GFPGANSettings:
+    """Apply the `gfpgan:` mapping of an inference YAML over `base`; unknown keys are refused."""
+    if section is None:
+        return base
+    if not isinstance(section, dict):
+        raise SettingsError(f"the '{YAML_SECTION}:' section of the inference YAML must be a mapping "
+                            f"of settings ({', '.join(_KEYS)}); got {section!r}")
+    unknown = sorted(str(k) for k in section if k not in _KEYS)
+    if unknown:
+        raise SettingsError(f"unknown key(s) in the '{YAML_SECTION}:' section of the inference YAML: "
+                            f"{', '.join(unknown)}; the known keys are {', '.join(_KEYS)}")
+    return replace(base, **section)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the --gfpgan_* flags (each also spelled with dashes) to MuseTalk's or our parser.
+    Every default is None, so that a flag left out does not override the YAML."""
+    group = parser.add_argument_group("GFPGAN face enhancement (through the gfpgan-service)")
+    group.add_argument("--enable_gfpgan", "--enable-gfpgan", dest="gfpgan_enabled",
+                       action=argparse.BooleanOptionalAction, default=None,
+                       help="enhance every decoded face through the service")
+    flags = (
+        ("address", str, "service address HOST:PORT, several comma-separated, or dns:///name:port"),
+        ("upscale", int, "1, 2 or 4: faces come back 256, 512 or 1024 pixels wide"),
+        ("timeout_ms", float, "per-batch deadline; past it the batch is resized locally instead"),
+        ("fidelity", float, "0..1, how much of MuseTalk's own face is kept (0 = all GFPGAN)"),
+        ("alignment", str, "detect (find and align the face, default) or aligned (crop as is)"),
+        ("max_pending_batches", int, "decoded batches in flight before decoding waits"),
+        ("metrics_port", int, "Prometheus page of this worker on this port (0 = off)"),
+        ("metrics_host", str, "address the Prometheus page listens on"),
+    )
+    for name, kind, text in flags:
+        group.add_argument(f"--gfpgan_{name}", f"--gfpgan-{name.replace('_', '-')}",
+                           dest=f"gfpgan_{name}", type=kind, default=None, help=text)
+    return parser
+
+
+def from_args(args: argparse.Namespace, base: GFPGANSettings = GFPGANSettings()) -> GFPGANSettings:
+    """Apply the flags that were given (not None) over `base`."""
+    given = {}
+    for key in _KEYS:
+        value = getattr(args, f"gfpgan_{key}", None)
+        if value is not None:
+            given[key] = value
+    return replace(base, **given)
+
+
+def resolve(yaml_document=None, args: argparse.Namespace | None = None,
+            base: GFPGANSettings = GFPGANSettings()) -> GFPGANSettings:
+    """base < the YAML's `gfpgan:` section < flags, checked; raises SettingsError."""
+    settings = base
+    if yaml_document is not None:
+        if not isinstance(yaml_document, dict):
+            raise SettingsError("the inference YAML must be a mapping at the top level")
+        settings = from_yaml_section(yaml_document.get(YAML_SECTION), settings)
+    if args is not None:
+        settings = from_args(args, settings)
+    return settings.check()
+
+
+def load_yaml(path) -> dict:
+    """The inference YAML as plain data; a file that is missing or not YAML fails clearly."""
+    import yaml  # MuseTalk's OmegaConf depends on PyYAML, so it is there wherever MuseTalk runs
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except OSError as error:
+        raise SettingsError(f"cannot read the inference YAML {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise SettingsError(f"the inference YAML {path} is not valid YAML: {error}") from None
+    return document if document is not None else {}
