@@ -41,8 +41,7 @@ class Measurement:
     latencies_ms: list[float]
 
     def percentile(self, q: float) -> float:
-        values = sorted(self.latencies_ms)
-        return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+        return float(np.percentile(self.latencies_ms, q))
 
 
 def synthetic_faces(count: int, size: int, seed: int = 0) -> np.ndarray:
