@@ -145,16 +145,22 @@ def _service_enhancer(args) -> tuple[Enhancer, Callable[[], None]]:
 def _in_process_enhancer(args) -> tuple[Enhancer, Callable[[], None]]:
     # torch and the model code are imported only here, so --address works without them.
     from server.jobs import Job
+    from server.model import ModelLoadError
     from server.pipeline import build_pipeline
     from server.settings import Settings
+    from server.weights import WeightsError
 
     values = dict(model=args.model, device=args.device, dtype=args.dtype,
                   no_download=args.no_download, metrics_port=0)
     if args.weights_dir:
         values["weights_dir"] = args.weights_dir
-    settings = Settings(**values)
+    try:
+        settings = Settings(**values)
+        pipeline = build_pipeline(settings)
+    except (ValueError, RuntimeError, WeightsError, ModelLoadError) as exc:
+        # Missing weights, a bad file or device: one line saying what to do, not a traceback.
+        raise SystemExit(f"error: {exc}") from None
     limits = settings.limits()
-    pipeline = build_pipeline(settings)
 
     def submit(faces, options):
         size = faces.shape[1]
@@ -186,8 +192,8 @@ def run(args, log=print) -> int:
 
     from tqdm import tqdm
 
-    progress = tqdm(total=len(found), unit="face", file=sys.stderr, disable=args.quiet)
     submit, close = (_service_enhancer if args.address else _in_process_enhancer)(args)
+    progress = tqdm(total=len(found), unit="face", file=sys.stderr, disable=args.quiet)
     pending: deque = deque()
 
     def finish_oldest() -> None:
@@ -243,15 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         EnhanceOptions(fidelity=args.fidelity).validate()
     except InvalidRequest as exc:
         parser.error(f"--fidelity: {exc}")
-    try:
-        status = run(args)
-    except Exception as exc:  # weights missing, model unloadable: one line, not a traceback
-        if type(exc).__name__ in ("WeightsMissing", "WeightsChecksumMismatch", "ModelLoadError"):
-            print(f"error: {exc}", file=sys.stderr)
-            status = 1
-        else:
-            raise
-    sys.exit(status)
+    sys.exit(run(args))
 
 
 if __name__ == "__main__":

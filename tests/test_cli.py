@@ -110,3 +110,14 @@ def test_service_mode_does_not_import_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.split() == ["False", "0"], done.stderr
+
+
+def test_in_process_without_weights_and_no_download_says_which_files_are_missing(tmp_path, capsys):
+    write_faces(tmp_path / "in", 1)
+    with pytest.raises(SystemExit) as exited:
+        main(["--in-process", "--weights-dir", str(tmp_path / "empty"), "--device", "cpu",
+              "--no-download", "--quiet", "-o", str(tmp_path / "out"), str(tmp_path / "in")])
+    message = str(exited.value.code)
+    assert message.startswith("error: ") and "GFPGANv1.4.pth" in message
+    assert "--no-download" in message
+    assert not (tmp_path / "out").exists()
