@@ -106,9 +106,6 @@ def _without_section(document: dict) -> str:
 
 def run_script(script_argv: list[str]) -> None:
     """Run MuseTalk's script as `python SCRIPT ...` or `python -m MODULE ...` would."""
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)  # MuseTalk imports `musetalk.*` from its root folder
     if script_argv[0] == "-m":
         sys.argv = [script_argv[1], *script_argv[2:]]
         runpy.run_module(script_argv[1], run_name="__main__", alter_sys=True)
@@ -131,8 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     from musetalk_adapter.enhancer import GFPGANEnhancer
     from musetalk_adapter.hook import install
 
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # MuseTalk imports `musetalk.*` from its root folder
     enhancer = GFPGANEnhancer(settings)
-    uninstall = install(enhancer) if settings.enabled else None
+    try:
+        uninstall = install(enhancer) if settings.enabled else None
+    except ImportError as error:
+        enhancer.close()
+        print(f"musetalk_adapter: error: {error}", file=sys.stderr)
+        return 2
     code = 0
     try:
         run_script(script_argv)

@@ -1,0 +1,286 @@
+"""The MuseTalk adapter on a stand-in of MuseTalk's scripts (tests/musetalk_standin), against
+the real gfpgan-serve (random-valued weights) on loopback, or a fake for timeouts and refusals.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from musetalk_adapter import (
+    GFPGANEnhancer,
+    GFPGANSettings,
+    SettingsError,
+    add_arguments,
+    enhancer_from_musetalk,
+    resolve,
+)
+from musetalk_adapter.__main__ import main as launcher_main
+from tests.checkpoints import GFPGAN_FILE
+from tests.faces import make_faces
+from tests.fake_service import FakeService, dead_address
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN = Path(__file__).resolve().parent / "musetalk_standin"
+VIDEO_FRAMES = 5
+# fidelity 1.0 keeps MuseTalk's own face: the service's answer is then the decoded face again
+# (up to interpolation), whatever the random weights do, so pixels can be compared.
+KEEP_FACE = ["--gfpgan_alignment", "aligned", "--gfpgan_fidelity", "1.0"]
+
+
+# --- the service ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2).status
+        except grpc.RpcError:
+            return False
+    return status == health_pb2.HealthCheckResponse.SERVING
+
+
+@contextlib.contextmanager
+def gfpgan_serve(weights: Path, *extra: str):
+    """`gfpgan-serve` as its own process on loopback; yields (address, metrics_url, process)."""
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from server.app import main; main()", "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", str(metrics_port), "--model",
+         str(weights / GFPGAN_FILE), "--weights-dir", str(weights), "--device", "cpu",
+         "--no-download", "--no-warmup", "--max-batch-faces", "8", *extra],
+        cwd=ROOT, env={**os.environ, "GRPC_VERBOSITY": "ERROR"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not serving(address):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "gfpgan-serve did not become SERVING"
+            time.sleep(0.3)
+        yield address, f"http://127.0.0.1:{metrics_port}/metrics", proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def service(small_weights):
+    with gfpgan_serve(small_weights) as (address, metrics_url, _):
+        yield address, metrics_url
+
+
+def scrape(url: str, name: str) -> float:
+    """Sum of every sample of metric `name` on a Prometheus text page."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+# --- a MuseTalk project for the stand-in ------------------------------------------------------
+
+@pytest.fixture
+def project(tmp_path):
+    """Video frames with a face and hard blue/red regions, "audio" lengths, inference YAMLs."""
+    frames = tmp_path / "video"
+    frames.mkdir()
+    faces = make_faces(VIDEO_FRAMES, seed=3)
+    for k in range(VIDEO_FRAMES):
+        frame = np.full((340, 330, 3), 90, np.uint8)
+        frame[:, :110] = (220, 40, 40)   # blue in BGR: a red/blue swap anywhere shows
+        frame[:, 220:] = (30, 40, 230)   # red
+        frame[40:296, 40:296] = faces[k]
+        frame[60:120, 50:100] = (255, 0, 0)
+        frame[60:120, 230:280] = (0, 0, 255)
+        cv2.imwrite(str(frames / f"{k:08d}.png"), frame)
+
+    def audio(name: str, frames_count: int) -> str:
+        path = tmp_path / f"{name}.txt"
+        path.write_text(str(frames_count))
+        return str(path)
+
+    def offline_yaml(frames_count: int, gfpgan: str = "") -> str:
+        path = tmp_path / f"test_{frames_count}.yaml"
+        path.write_text(f"task_0:\n  video_path: {frames}\n  audio_path: {audio('speech', frames_count)}\n"
+                        + gfpgan)
+        return str(path)
+
+    def realtime_yaml(frames_count: int) -> str:
+        path = tmp_path / "realtime.yaml"
+        path.write_text(f"avator_1:\n  preparation: true\n  bbox_shift: 5\n  video_path: {frames}\n"
+                        f"  audio_clips:\n    clip_0: {audio('clip', frames_count)}\n")
+        return str(path)
+
+    return argparse.Namespace(dir=tmp_path, offline_yaml=offline_yaml, realtime_yaml=realtime_yaml)
+
+
+def written_frames(folder: Path) -> list[np.ndarray]:
+    paths = sorted(glob.glob(str(folder / "**" / "*.png"), recursive=True))
+    names = [int(Path(p).stem) for p in paths]
+    assert names == list(range(len(paths))), f"frames missing or repeated: {names}"
+    return [cv2.imread(p) for p in paths]
+
+
+@contextlib.contextmanager
+def in_standin():
+    """Run the launcher in this process as if from MuseTalk's root folder (fresh `musetalk`
+    modules each time, cwd, sys.path and sys.argv put back afterwards)."""
+    saved = os.getcwd(), list(sys.path), list(sys.argv)
+    os.chdir(STANDIN)
+    try:
+        yield
+    finally:
+        os.chdir(saved[0])
+        sys.path[:], sys.argv[:] = saved[1], saved[2]
+        for name in [m for m in sys.modules if m == "musetalk" or m.startswith("musetalk.")]:
+            del sys.modules[name]
+
+
+def run_launcher(*argv: str) -> int:
+    with in_standin():
+        return launcher_main(list(argv))
+
+
+def reference_frames(project, script: str, config: str, out: str, *script_args: str) -> list:
+    """The same run with GFPGAN off: what MuseTalk alone writes."""
+    assert run_launcher("run", "--no-enable-gfpgan", "--", script, "--inference_config", config,
+                        "--result_dir", str(project.dir / out), *script_args) == 0
+    return written_frames(project.dir / out)
+
+
+def assert_same_frames_in_order(frames: list, reference: list) -> None:
+    """Each frame matches its own reference (the service may differ by interpolation only) and
+    not its neighbours (each generated mouth has its own colour), with channels in place."""
+    assert len(frames) == len(reference)
+    for i, (frame, expected) in enumerate(zip(frames, reference)):
+        diff = np.abs(frame.astype(int) - expected).mean()
+        assert diff < 2.0, f"frame {i} differs from MuseTalk's own frame {i} by {diff:.1f}"
+        swapped = np.abs(frame[..., ::-1].astype(int) - expected).mean()
+        assert swapped > 20 * max(diff, 0.5), f"frame {i}: blue and red look swapped"
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(reference):
+                assert np.abs(frame.astype(int) - reference[j]).mean() > max(3 * diff, 1.5), \
+                    f"frame {i} looks like frame {j}: order lost"
+
+
+# --- through the real service ------------------------------------------------------------------
+
+def test_launcher_runs_the_offline_script_unchanged_and_every_batch_goes_through_the_service(
+        service, project):
+    """A real `python -m musetalk_adapter run -- scripts/inference.py ...` process; batch size 8
+    (MuseTalk's default), 11 frames: 2 decode_latents calls, 11 faces at the service."""
+    address, metrics_url = service
+    requests_before = scrape(metrics_url, "faceenhance_requests_total")
+    faces_before = scrape(metrics_url, "faceenhance_faces_total")
+    config = project.offline_yaml(11, gfpgan=f"gfpgan:\n  address: {address}\n  timeout_ms: 60000\n")
+    summary = project.dir / "summary.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "musetalk_adapter", "run", "--summary-json", str(summary), "--",
+         "scripts/inference.py", "--inference_config", config, "--result_dir",
+         str(project.dir / "out"), *KEEP_FACE],
+        cwd=STANDIN, env={**os.environ, "PYTHONPATH": str(ROOT), "GRPC_VERBOSITY": "ERROR"},
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # MuseTalk would have printed an error for a 'gfpgan' task: the launcher hid that section.
+    assert "Error occurred" not in done.stdout, done.stdout
+    assert "GFPGAN summary: 11 faces in 2 batches; 11 enhanced" in done.stderr
+    assert json.loads(summary.read_text())["faces_enhanced"] == 11
+    assert scrape(metrics_url, "faceenhance_requests_total") - requests_before == 2
+    assert scrape(metrics_url, "faceenhance_faces_total") - faces_before == 11
+    frames = written_frames(project.dir / "out")
+    assert_same_frames_in_order(frames, reference_frames(project, "scripts/inference.py", config, "ref"))
+
+
+def test_realtime_script_blends_every_enhanced_frame_in_order_from_its_worker_thread(service, project):
+    """Batch size 20 (the realtime default), 21 frames; MuseTalk's worker blends while the main
+    thread decodes. MuseTalk's realtime worker never blends the last frame, with or without us."""
+    address, _ = service
+    config = project.realtime_yaml(21)
+    summary = project.dir / "summary.json"
+    assert run_launcher("run", "--gfpgan-address", address, "--gfpgan-timeout-ms", "60000",
+                        "--summary-json", str(summary), "--", "scripts/realtime_inference.py",
+                        "--inference_config", config, "--result_dir", str(project.dir / "out"),
+                        *KEEP_FACE) == 0
+    assert json.loads(summary.read_text())["faces_enhanced"] == 21
+    frames = written_frames(project.dir / "out")
+    reference = reference_frames(project, "scripts/realtime_inference.py", config, "ref")
+    assert len(frames) == 20
+    assert_same_frames_in_order(frames, reference)
+
+
+def test_sketch_interface_enhances_a_negative_stride_batch_in_order_keeping_bgr(service):
+    address, _ = service
+    decoded = np.ascontiguousarray(make_faces(3, seed=11)[..., ::-1])[..., ::-1]  # MuseTalk's view
+    assert decoded.strides[-1] < 0
+    with GFPGANEnhancer(address=address, alignment="aligned", fidelity=1.0, timeout_ms=60000) as enhancer:
+        faces = enhancer.enhance_batch(decoded)
+        one = enhancer.enhance_face(decoded[1])
+        summary = enhancer.summary
+    assert faces.shape == (3, 256, 256, 3) and faces.dtype == np.uint8
+    for j in range(3):
+        assert np.abs(faces[j].astype(int) - decoded[j]).mean() < 2.0
+        assert np.abs(faces[j].astype(int) - decoded[(j + 1) % 3]).mean() > 10
+    assert np.abs(one.astype(int) - faces[1]).max() <= 1
+    assert summary.faces_enhanced == 4 and summary.faces_fell_back == 0
+    box = (16, 12, 296, 312)
+    assert GFPGANEnhancer.resize_to_original(faces[0], box).shape == (300, 280, 3)
+
+
+def test_service_killed_mid_run_every_frame_still_comes_back_and_fallbacks_are_counted(
+        small_weights, project, monkeypatch):
+    """The service dies while MuseTalk is on its third batch: the run completes with every frame
+    (the answered ones enhanced, the others resized locally), and the summary says so."""
+    config = project.offline_yaml(29)  # batches of 8: 8, 8, 8, 5
+    reference = reference_frames(project, "scripts/inference.py", config, "ref")
+    calls = []
+
+    def kill_on_third_batch(original):
+        def call(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3 and server[0].poll() is None:
+                server[0].kill()
+                server[0].wait()
+            return original(self, *args, **kwargs)
+        return call
+
+    server = []
+    summary = project.dir / "summary.json"
+    with gfpgan_serve(small_weights) as (address, _, proc):
+        server.append(proc)
+        with in_standin():
+            sys.path.insert(0, str(STANDIN))
+            from musetalk.models.unet import UNetModel
+
+            monkeypatch.setattr(UNetModel, "__call__", kill_on_third_batch(UNetModel.__call__))
+            code = launcher_main(["run", "--gfpgan-address", address, "--gfpgan-timeout-ms", "30000",
+                                  "--summary-json", str(summary), "--", "scripts/inference.py",
+                                  "--inference_config", config, "--result_dir",
+                                  str(project.dir / "out"), *KEEP_FACE])
+    assert code == 0
+    result = json.loads(summary.read_text())
+    assert result["faces"] == 29 and result["batches"] == 4
+    assert result["faces_enhanced"] + result["faces_fell_back"] == 29
+    assert result["faces_fell_back"] >= 13  # the two batches decoded after the kill
+    assert set(result["fell_back"]) <= {"unavailable", "transport", "circuit_open", "internal"}
+    assert_same_frames_in_order(written_frames(project.dir / "out"), reference)
