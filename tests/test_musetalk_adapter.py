@@ -284,3 +284,151 @@ def test_service_killed_mid_run_every_frame_still_comes_back_and_fallbacks_are_c
     assert result["faces_fell_back"] >= 13  # the two batches decoded after the kill
     assert set(result["fell_back"]) <= {"unavailable", "transport", "circuit_open", "internal"}
     assert_same_frames_in_order(written_frames(project.dir / "out"), reference)
+
+
+# --- when the service cannot answer -----------------------------------------------------------
+
+@pytest.mark.parametrize("trouble, reason", [
+    ("wrong_address", "unavailable"),
+    ("timeout", "timeout"),
+    ("full_queue", "resource_exhausted"),
+])
+def test_service_trouble_falls_back_without_an_exception_and_the_run_completes(
+        trouble, reason, project):
+    """Every frame is written, equal to MuseTalk's own (upscale 1: the fallback is the decoded
+    face itself), and the summary counts each face under the reason."""
+    config = project.offline_yaml(11)
+    reference = reference_frames(project, "scripts/inference.py", config, "ref")
+    summary = project.dir / "summary.json"
+    with contextlib.ExitStack() as stack:
+        if trouble == "wrong_address":
+            holder, address = dead_address()
+            stack.callback(holder.close)
+        else:
+            fake = stack.enter_context(FakeService())
+            address = fake.address
+            if trouble == "timeout":
+                fake.delay_s = 1.0
+            else:  # what gfpgan-serve answers when its shared queue is full
+                fake.error = (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full (256 faces)")
+        code = run_launcher("run", "--gfpgan-address", address, "--gfpgan-timeout-ms", "200",
+                            "--summary-json", str(summary), "--", "scripts/inference.py",
+                            "--inference_config", config, "--result_dir", str(project.dir / "out"))
+    assert code == 0
+    result = json.loads(summary.read_text())
+    assert result["faces"] == 11 and result["faces_enhanced"] == 0
+    # After a few failures the client's circuit breaker skips the service: a reason of its own.
+    assert result["fell_back"].get(reason, 0) >= 1
+    assert sum(result["fell_back"].values()) == 11
+    assert set(result["fell_back"]) <= {reason, "circuit_open"}
+    frames = written_frames(project.dir / "out")
+    assert len(frames) == 11
+    for frame, expected in zip(frames, reference):
+        assert np.array_equal(frame, expected)
+
+
+def test_upscale_2_returns_512_faces_that_musetalk_resizes_to_their_boxes(project):
+    holder, address = dead_address()
+    with holder, GFPGANEnhancer(address=address, upscale=2, timeout_ms=200) as enhancer:
+        decoded = make_faces(2, seed=5)[..., ::-1][..., ::-1]
+        batch = enhancer.submit_batch(decoded)
+        assert batch.shape == (2, 512, 512, 3) and len(batch) == 2
+        faces = [face.astype(np.uint8) for face in batch]  # what MuseTalk's loops call
+    assert [f.shape for f in faces] == [(512, 512, 3)] * 2
+    assert cv2.resize(faces[0], (280, 300)).shape == (300, 280, 3)
+    # Lanczos down again: close to the decoded face, with its channels in place.
+    back = cv2.resize(faces[1], (256, 256), interpolation=cv2.INTER_AREA)
+    assert np.abs(back.astype(int) - decoded[1]).mean() < 3
+
+
+def test_worker_metrics_page_counts_faces_by_outcome_and_reason():
+    holder, address = dead_address()
+    port = free_port()
+    with holder, GFPGANEnhancer(address=address, timeout_ms=200, metrics_port=port) as enhancer:
+        for seed in range(3):
+            list(enhancer.submit_batch(make_faces(2, seed=seed)))[0].astype(np.uint8)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    fell_back = sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                    if line.startswith('musetalk_gfpgan_faces_total{outcome="fell_back"'))
+    assert fell_back == 6
+    assert 'faceenhance_client_batches_total{outcome="fallback"} 3.0' in page
+
+
+def test_a_full_pending_window_waits_for_the_oldest_batch_instead_of_dropping_one():
+    with FakeService() as fake:
+        fake.delay_s = 0.2
+        with GFPGANEnhancer(address=fake.address, timeout_ms=5000, max_pending_batches=1,
+                            alignment="aligned") as enhancer:
+            batches = [enhancer.submit_batch(make_faces(2, seed=s)) for s in range(3)]
+            assert enhancer.summary.backpressure_s > 0.2  # the 2nd and 3rd waited their turn
+            answers = [np.stack([f.astype(np.uint8) for f in b]) for b in batches]
+        assert fake.requests == 3
+    assert enhancer.summary.faces_enhanced == 6
+    for seed, faces in enumerate(answers):
+        assert np.array_equal(faces, 255 - make_faces(2, seed=seed))  # the fake inverts
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def musetalk_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--inference_config")
+    return add_arguments(parser).parse_args(list(argv))
+
+
+def test_flags_override_the_yaml_section_which_overrides_the_defaults():
+    document = {"task_0": {"video_path": "v"}, "gfpgan": {"enabled": True, "address": "yaml:1",
+                                                          "upscale": 2, "fidelity": 0.3}}
+    settings = resolve(document, musetalk_args("--gfpgan_upscale", "4", "--gfpgan-timeout-ms", "750"))
+    assert (settings.enabled, settings.address, settings.upscale, settings.output_size) == (True, "yaml:1", 4, 1024)
+    assert (settings.timeout_ms, settings.fidelity, settings.alignment) == (750.0, 0.3, "detect")
+    assert resolve({"task_0": {}}, musetalk_args()).enabled is False  # off unless asked for
+    assert resolve(document, musetalk_args("--no-enable_gfpgan")).enabled is False
+
+
+def test_an_edited_musetalk_script_builds_its_enhancer_from_its_config_file_and_flags(tmp_path):
+    config = tmp_path / "test.yaml"
+    config.write_text("task_0:\n  video_path: v\ngfpgan:\n  enabled: false\n  upscale: 2\n")
+    off = enhancer_from_musetalk(musetalk_args("--inference_config", str(config)))
+    assert off.enabled is False and off.settings.output_size == 512
+    decoded = make_faces(1, seed=2)[..., ::-1]
+    assert off.submit_batch(decoded)[0].astype(np.uint8) is not None
+    assert np.array_equal(np.asarray(off.submit_batch(decoded)), decoded)  # untouched when off
+    holder, address = dead_address()
+    with holder:
+        on = enhancer_from_musetalk(musetalk_args("--inference_config", str(config), "--enable_gfpgan",
+                                                  "--gfpgan_address", address))
+        assert on.enabled and on.settings.address == address
+        on.close()
+
+
+@pytest.mark.parametrize("section, flags, message", [
+    ("  colour: rgb\n", [], "unknown key(s) in the 'gfpgan:' section of the inference YAML: colour"),
+    ("  upscale: 3\n", [], "'upscale' must be 1, 2 or 4"),
+    ("", ["--gfpgan_fidelity", "1.5"], "'fidelity' must be between 0"),
+    ("  timeout_ms: -5\n", [], "'timeout_ms' must be more than 0"),
+    ("  alignment: landmarks\n", [], "'alignment' must be one of detect, aligned"),
+    ("  upscale: two\n", [], "'upscale' must be a number"),
+])
+def test_bad_settings_stop_the_launcher_before_musetalk_runs(section, flags, message, project, capsys):
+    config = project.offline_yaml(3, gfpgan="gfpgan:\n" + section if section else "")
+    code = run_launcher("run", *flags, "--", "scripts/inference.py", "--inference_config", config,
+                        "--result_dir", str(project.dir / "out"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("musetalk_adapter: error:")
+    assert not (project.dir / "out").exists()  # MuseTalk never started
+
+
+def test_launcher_refuses_a_missing_script_or_a_missing_separator(capsys):
+    assert run_launcher("run", "scripts/inference.py") == 2
+    assert "put -- before MuseTalk's script" in capsys.readouterr().err
+    assert run_launcher("run", "--", "scripts/nothing_here.py") == 2
+    assert "scripts/nothing_here.py not found" in capsys.readouterr().err
+
+
+def test_settings_refuse_bad_values_with_the_setting_named():
+    with pytest.raises(SettingsError, match="'max_pending_batches' must be 1 or more"):
+        GFPGANSettings(max_pending_batches=0).check()
+    with pytest.raises(SettingsError, match="must be a mapping"):
+        resolve({"gfpgan": ["address"]})
