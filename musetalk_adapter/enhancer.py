@@ -67,7 +67,8 @@ class PendingBatch:
         return faces if dtype is None else faces.astype(dtype)
 
     def done(self) -> bool:
-        return self._faces is not None or self._future is None or self._future.done()
+        future = self._future  # read once: the blending thread may resolve the batch meanwhile
+        return self._faces is not None or future is None or future.done()
 
     # --- resolution ----------------------------------------------------------------------
     def faces(self) -> np.ndarray:
@@ -214,8 +215,10 @@ class GFPGANEnhancer:
         return batch
 
     def _make_room(self) -> None:
+        # Answered batches are resolved here, at no wait: that frees their decoded copy, which
+        # matters in the offline script, where MuseTalk holds every frame until the end.
         while self._pending and self._pending[0].done():
-            self._pending.popleft()
+            self._pending.popleft().faces()
         while len(self._pending) >= self.settings.max_pending_batches:
             oldest = self._pending.popleft()
             started = time.perf_counter()
@@ -223,6 +226,7 @@ class GFPGANEnhancer:
                 concurrent.futures.wait([oldest._future],
                                         timeout=self.settings.timeout_ms / 1000 + _GRACE_S)
             self.summary.add_backpressure(time.perf_counter() - started)
+            oldest.faces()
 
     # --- the sketch's interface ------------------------------------------------------------
     def enhance_batch(self, faces) -> np.ndarray:
