@@ -432,3 +432,65 @@ def test_settings_refuse_bad_values_with_the_setting_named():
         GFPGANSettings(max_pending_batches=0).check()
     with pytest.raises(SettingsError, match="must be a mapping"):
         resolve({"gfpgan": ["address"]})
+
+
+# --- editing MuseTalk instead --------------------------------------------------------------------
+
+def test_the_patch_for_musetalk_inference_has_consistent_hunks_and_only_adds_lines():
+    text = (ROOT / "musetalk_adapter" / "inference.py.diff").read_text()
+    body = text[text.index("--- a/scripts/inference.py"):].splitlines()[2:]
+    hunks, added = 0, []
+    i = 0
+    while i < len(body):
+        header = body[i].split()
+        assert header[0] == "@@", body[i]
+        old_len, new_len = (int(part.split(",")[1]) for part in header[1:3])
+        lines = body[i + 1:i + 1 + max(old_len, new_len)]
+        lines = lines[:next((n for n, line in enumerate(lines) if line.startswith("@@")), len(lines))]
+        assert sum(1 for line in lines if line[:1] in (" ", "")) + \
+            sum(1 for line in lines if line.startswith("-")) == old_len
+        assert sum(1 for line in lines if line[:1] in (" ", "", "+")) == new_len
+        assert not any(line.startswith("-") for line in lines)
+        added += [line[1:].strip() for line in lines if line.startswith("+")]
+        hunks += 1
+        i += 1 + len(lines)
+    assert hunks == 5
+    assert "recon = gfpgan.submit_batch(recon)  # answered while the next UNet batch runs" in added
+    exec(added[0], {})  # the import line names the adapter's public API
+
+
+def test_the_documented_edit_works_in_a_musetalk_shaped_script(project, tmp_path):
+    """The README's lines, added to a copy of the stand-in's inference.py: GFPGAN is turned on
+    by a flag, the 'gfpgan:' YAML section is skipped as a task, every frame comes back."""
+    script = (STANDIN / "scripts" / "inference.py").read_text()
+    edits = [
+        ("from musetalk.utils.utils import datagen, load_all_model\n",
+         "from musetalk_adapter import add_arguments as add_gfpgan_arguments, enhancer_from_musetalk\n"),
+        ('    print("Loaded inference config:", inference_config)\n',
+         "    gfpgan = enhancer_from_musetalk(args, inference_config)\n"),
+        ("    for task_id in inference_config:\n",
+         '        if task_id == "gfpgan":\n            continue\n'),
+        ("                recon = vae.decode_latents(pred_latents)\n",
+         "                recon = gfpgan.submit_batch(recon)\n"),
+        ('            print("Error occurred during processing:", e)\n', "    print(gfpgan.close())\n"),
+    ]
+    for anchor, lines in edits:
+        assert script.count(anchor) == 1, anchor
+        script = script.replace(anchor, anchor + lines)
+    script = script.replace("    args = parser.parse_args()\n",
+                            "    add_gfpgan_arguments(parser)\n    args = parser.parse_args()\n")
+    edited = tmp_path / "inference.py"  # `musetalk` comes from PYTHONPATH, as from MuseTalk's root
+    edited.write_text(script)
+    holder, address = dead_address()
+    config = project.offline_yaml(11, gfpgan=f"gfpgan:\n  address: {address}\n  timeout_ms: 300\n")
+    with holder:
+        done = subprocess.run(
+            [sys.executable, str(edited), "--inference_config", config, "--result_dir",
+             str(project.dir / "out"), "--enable_gfpgan"],
+            cwd=STANDIN, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{STANDIN}",
+                              "GRPC_VERBOSITY": "ERROR"},
+            capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Error occurred" not in done.stdout
+    assert "GFPGAN summary: 11 faces in 2 batches; 0 enhanced" in done.stdout
+    assert len(written_frames(project.dir / "out")) == 11
