@@ -29,7 +29,7 @@ def install(enhancer: GFPGANEnhancer, vae_class=None):
     """Wrap `vae_class.decode_latents` (MuseTalk's by default) for every VAE, made before or
     after; returns a function that restores the original."""
     vae_class = vae_class or import_vae_class()
-    original = vae_class.__dict__["decode_latents"]
+    original = vae_class.__dict__.get("decode_latents") or getattr(vae_class, "decode_latents")
     if getattr(original, "__gfpgan_original__", None) is not None:
         raise RuntimeError(f"{vae_class.__qualname__}.decode_latents is already hooked; "
                            f"uninstall the first hook before installing another")
@@ -41,11 +41,15 @@ def install(enhancer: GFPGANEnhancer, vae_class=None):
         return enhancer.submit_batch(original(self, *args, **kwargs))
 
     decode_latents.__gfpgan_original__ = original
+    inherited = "decode_latents" not in vae_class.__dict__
     vae_class.decode_latents = decode_latents
 
     def uninstall() -> None:
         if vae_class.__dict__.get("decode_latents") is decode_latents:
-            vae_class.decode_latents = original
+            if inherited:
+                del vae_class.decode_latents
+            else:
+                vae_class.decode_latents = original
 
     return uninstall
 

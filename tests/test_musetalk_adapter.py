@@ -494,3 +494,22 @@ def test_the_documented_edit_works_in_a_musetalk_shaped_script(project, tmp_path
     assert "Error occurred" not in done.stdout
     assert "GFPGAN summary: 11 faces in 2 batches; 0 enhanced" in done.stdout
     assert len(written_frames(project.dir / "out")) == 11
+
+
+def test_the_hook_wraps_decode_latents_for_the_run_only_and_refuses_a_second_hook():
+    from musetalk_adapter import hooked
+
+    class VAE:
+        def decode_latents(self, latents):
+            return np.ascontiguousarray(make_faces(2, seed=latents)[..., ::-1])[..., ::-1]
+
+    original = VAE.__dict__["decode_latents"]
+    enhancer = GFPGANEnhancer(GFPGANSettings(enabled=False))
+    with hooked(enhancer, VAE):
+        batch = VAE().decode_latents(4)
+        assert [face.astype(np.uint8).shape for face in batch] == [(256, 256, 3)] * 2
+        assert np.array_equal(np.asarray(batch), make_faces(2, seed=4))
+        with pytest.raises(RuntimeError, match="already hooked"):
+            with hooked(enhancer, VAE):
+                pass
+    assert VAE.__dict__["decode_latents"] is original
