@@ -62,7 +62,8 @@ def make_faces(count: int, seed: int = 0, size: int = 256, landmarks: np.ndarray
     return np.stack(faces)
 
 
-def calibrated_retinaface(samples: np.ndarray, seed: int = 0, class_gain: float = 5.0):
+def calibrated_retinaface(samples: np.ndarray, seed: int = 0, class_gain: float = 5.0,
+                          background_bias: float = 0.0):
     """A random-valued resnet50 RetinaFace that behaves like a detector on `samples`.
 
     With default batch-norm statistics a random ResNet's activations explode, so every anchor
@@ -98,6 +99,7 @@ def calibrated_retinaface(samples: np.ndarray, seed: int = 0, class_gain: float 
             head.conv1x1.bias.copy_(torch.tensor(np.tile(layout.reshape(-1), anchors)))
         for head in net.ClassHead:
             head.conv1x1.weight.mul_(class_gain)
+            head.conv1x1.bias[0::2] += background_bias  # (background, face) logits per anchor
     return net
 
 
