@@ -178,17 +178,22 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.queue_faces.set(self._queued_faces)
 
+    def _unqueue(self, request: _Request) -> bool:
+        """Take a request's not-yet-batched faces out of the queue; True if there were any."""
+        if request.handed_out >= request.count:
+            return False
+        try:
+            self._queue.remove(request)
+        except ValueError:
+            return False
+        self._change_queued(-(request.count - request.handed_out))
+        request.handed_out = request.count
+        return True
+
     def _drop(self, request: _Request) -> None:
         """Forget a request whose caller went away; faces already on the device finish unseen."""
-        if request.handed_out < request.count:
-            try:
-                self._queue.remove(request)
-            except ValueError:
-                pass
-            else:
-                self._change_queued(-(request.count - request.handed_out))
-                request.handed_out = request.count
-                self._wakeup.set()
+        if self._unqueue(request):
+            self._wakeup.set()
         if not self._queue and not self._computing:
             self._idle.set()
 
@@ -299,14 +304,8 @@ class Batcher:
             compute_ms=request.compute_s * 1000.0))
 
     def _fail(self, request: _Request, error: Exception) -> None:
-        if request.handed_out < request.count:  # its later chunks are pointless now
-            try:
-                self._queue.remove(request)
-            except ValueError:
-                pass
-            else:
-                self._change_queued(-(request.count - request.handed_out))
-            request.handed_out = request.count
+        self._unqueue(request)  # its later chunks are pointless now
+        request.handed_out = request.count
         if not request.future.done():
             request.future.set_exception(error)
 
