@@ -52,11 +52,29 @@ def _from_network(output_rgb: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Crops:
-    """Template-aligned 512x512 faces waiting for the network, and where they came from."""
+class _Group:
+    """The images of one input size in a device batch, on their way through the pipeline."""
 
-    images: list[torch.Tensor]
-    random_noise: list[torch.Tensor]
+    indices: list[int]             # which jobs, in order
+    images: torch.Tensor           # (n, 3, S, S) float BGR 0..255
+    options: list[EnhanceOptions]  # per image
+    faces: Faces                   # faces to restore and paste (DETECT and LANDMARKS images)
+    affines: torch.Tensor          # (faces, 2, 3) image -> 512 template
+    aligned_index: torch.Tensor    # images given as already aligned (ALIGNED)
+    warped: torch.Tensor           # (faces, 3, 512, 512) template crops
+    aligned_inputs: torch.Tensor   # (aligned, 3, 512, 512) ALIGNED inputs resized to 512
+    noise: torch.Tensor            # per crop (faces then aligned): wants random noise
+    pasted_faces: torch.Tensor | None = None
+    aligned_faces: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.options)
+
+    @property
+    def num_crops(self) -> int:
+        return self.warped.shape[0] + self.aligned_inputs.shape[0]
 
 
 class FacePipeline:
@@ -83,16 +101,14 @@ class FacePipeline:
         for index, job in enumerate(jobs):
             groups[job.faces.shape[1]].append(index)
         plans = [self._prepare(jobs, indices) for indices in groups.values()]
-        crops = torch.cat([c for plan in plans for c in plan["crops"]]) if plans else None
-        noise = torch.cat([n for plan in plans for n in plan["noise"]])
-        restored = self._restore(crops, noise)
+        crops = torch.cat([c for plan in plans for c in (plan.warped, plan.aligned_inputs)])
+        restored = self._restore(crops, torch.cat([plan.noise for plan in plans]))
         results: list[JobResult | None] = [None] * len(jobs)
         offset = 0
         for plan in plans:
-            count = plan["num_crops"]
-            for index, result in self._finish(plan, restored[offset:offset + count], jobs):
+            for index, result in self._finish(plan, restored[offset:offset + plan.num_crops], jobs):
                 results[index] = result
-            offset += count
+            offset += plan.num_crops
         return results  # type: ignore[return-value]
 
     def warmup(self, faces: int = 1, size: int = 256) -> None:
@@ -113,13 +129,10 @@ class FacePipeline:
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.permute(0, 3, 1, 2).float()
 
-    def _prepare(self, jobs: Sequence[Job], indices: list[int]) -> dict:
+    def _prepare(self, jobs: Sequence[Job], indices: list[int]) -> _Group:
         """Upload one size group, find its faces and warp them to the 512 template."""
         images = self._upload(jobs, indices)
-        size = images.shape[-1]
-        per_image = [(i, jobs[i].options) for i in indices for _ in range(jobs[i].faces.shape[0])]
-        options = [o for _, o in per_image]
-        n = len(per_image)
+        options = [jobs[i].options for i in indices for _ in range(jobs[i].faces.shape[0])]
         aligned = torch.tensor([o.alignment is Alignment.ALIGNED for o in options], device=self.device)
         detect = torch.tensor([o.alignment is Alignment.DETECT for o in options], device=self.device)
         centre_only = torch.tensor([o.only_center_face for o in options], device=self.device)
@@ -132,11 +145,10 @@ class FacePipeline:
         aligned_index = aligned.nonzero().flatten()
         resized = imageops.resize(images[aligned_index], FACE_SIZE, "linear")
         # facexlib and cv2 hand GFPGAN uint8 crops: round like they do.
-        crops = [warped.round().clamp(0, 255), resized.round().clamp(0, 255)]
-        noise = [random_noise[faces.image], random_noise[aligned_index]]
-        return dict(indices=indices, images=images, size=size, options=options, n=n,
-                    faces=faces, affines=affines, aligned_index=aligned_index,
-                    crops=crops, noise=noise, num_crops=sum(c.shape[0] for c in crops))
+        return _Group(indices=indices, images=images, options=options, faces=faces, affines=affines,
+                      aligned_index=aligned_index, warped=warped.round().clamp(0, 255),
+                      aligned_inputs=resized.round().clamp(0, 255),
+                      noise=torch.cat([random_noise[faces.image], random_noise[aligned_index]]))
 
     def _locate(self, jobs, indices, images, detect, centre_only) -> Faces:
         """5-point landmarks of every face to restore: detected, or given by the caller."""
@@ -199,35 +211,35 @@ class FacePipeline:
         frame[..., _MASK_FRAME:-_MASK_FRAME, _MASK_FRAME:-_MASK_FRAME] = 1.0
         return masks * frame / 255.0
 
-    def _finish(self, plan: dict, restored: torch.Tensor, jobs: Sequence[Job]):
+    def _finish(self, plan: _Group, restored: torch.Tensor, jobs: Sequence[Job]):
         """Paste restored faces back, blend with the original, resize, and hand out per job."""
-        faces, n = plan["faces"], plan["n"]
+        faces = plan.faces
         num_faces = faces.image.shape[0]
-        plan["pasted_faces"], plan["aligned_faces"] = restored[:num_faces], restored[num_faces:]
-        plan["masks"] = self._face_masks(plan["pasted_faces"]) if num_faces else None
-        status = torch.full((n,), int(FaceStatus.NO_FACE), dtype=torch.int64, device=self.device)
+        plan.pasted_faces, plan.aligned_faces = restored[:num_faces], restored[num_faces:]
+        plan.masks = self._face_masks(plan.pasted_faces) if num_faces else None
+        status = torch.full((plan.n,), int(FaceStatus.NO_FACE), dtype=torch.int64, device=self.device)
         status[faces.image] = int(FaceStatus.ENHANCED)
-        status[plan["aligned_index"]] = int(FaceStatus.ENHANCED)
+        status[plan.aligned_index] = int(FaceStatus.ENHANCED)
         status_host = status.cpu().tolist()
         outputs = {size: _to_host(self._compose(plan, size))
-                   for size in sorted({o.output_size for o in plan["options"]})}
+                   for size in sorted({o.output_size for o in plan.options})}
         rows = defaultdict(int)  # next unread row of each output size
         start = 0
-        for i in plan["indices"]:
+        for i in plan.indices:
             count, size = jobs[i].faces.shape[0], jobs[i].options.output_size
             out = outputs[size][rows[size]:rows[size] + count]
             rows[size] += count
             yield i, JobResult(out, [FaceStatus(s) for s in status_host[start:start + count]])
             start += count
 
-    def _compose(self, plan: dict, out_size: int) -> torch.Tensor:
+    def _compose(self, plan: _Group, out_size: int) -> torch.Tensor:
         """Output canvases, at out_size, of the group's images that asked for that size."""
-        images, faces = plan["images"], plan["faces"]
-        wanted = torch.tensor([o.output_size == out_size for o in plan["options"]], device=self.device)
+        images, faces = plan.images, plan.faces
+        wanted = torch.tensor([o.output_size == out_size for o in plan.options], device=self.device)
         chosen = wanted.nonzero().flatten()
-        row_of = torch.full((plan["n"],), -1, dtype=torch.int64, device=self.device)
+        row_of = torch.full((plan.n,), -1, dtype=torch.int64, device=self.device)
         row_of[chosen] = torch.arange(chosen.numel(), device=self.device)
-        fidelity = torch.tensor([o.fidelity for o in plan["options"]], device=self.device)
+        fidelity = torch.tensor([o.fidelity for o in plan.options], device=self.device)
         scale = out_size / images.shape[-1]
 
         background = imageops.resize_for_output(images[chosen], out_size)
@@ -237,10 +249,10 @@ class FacePipeline:
             # template -> output canvas: undo the alignment, then map input pixels to output
             # pixels centre to centre (q = s * p + (s - 1) / 2; facexlib adds s / 2, which
             # shifts the face half an output pixel right and down when upscaling).
-            to_canvas = imageops.invert_affine(plan["affines"][sel]) * scale
+            to_canvas = imageops.invert_affine(plan.affines[sel]) * scale
             to_canvas[:, :, 2] += (scale - 1.0) / 2.0
-            face_px = imageops.warp_affine(plan["pasted_faces"][sel], to_canvas, out_size, 0.0).round()
-            face_alpha = imageops.warp_affine(plan["masks"][sel], to_canvas, out_size, 0.0)
+            face_px = imageops.warp_affine(plan.pasted_faces[sel], to_canvas, out_size, 0.0).round()
+            face_alpha = imageops.warp_affine(plan.masks[sel], to_canvas, out_size, 0.0)
             target = row_of[faces.image[sel]]
             rank = _rank_within_image(target)
             for r in range(int(rank.max()) + 1):  # several faces in one image paste in turn
@@ -249,11 +261,11 @@ class FacePipeline:
                 canvas[rows] = alpha * face_px[at] + (1 - alpha) * canvas[rows]
         f = fidelity[chosen].view(-1, 1, 1, 1)
         canvas = (1 - f) * canvas + f * background
-        aligned = plan["aligned_index"]
+        aligned = plan.aligned_index
         sel = wanted[aligned].nonzero().flatten()
         if sel.numel():
             f = fidelity[aligned[sel]].view(-1, 1, 1, 1)
-            blended = (1 - f) * plan["aligned_faces"][sel] + f * plan["crops"][1][sel]
+            blended = (1 - f) * plan.aligned_faces[sel] + f * plan.aligned_inputs[sel]
             canvas[row_of[aligned[sel]]] = imageops.resize_for_output(blended, out_size)
         return canvas
 
