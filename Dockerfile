@@ -30,16 +30,14 @@ RUN if ! python3 -c 'import ensurepip' 2>/dev/null; then \
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
-# Dependencies first (changes to the code do not re-download torch): the same steps as
-# `make install` (Makefile), minus the editable install and the dev extra.
+# The same recipe as `make install` (scripts/install.sh), without the editable install and
+# the dev extra.
 COPY pyproject.toml README.md ./
 COPY requirements/ requirements/
+COPY scripts/install.sh scripts/
 COPY client/ client/
 COPY server/ server/
-# hadolint ignore=DL3013
-RUN pip install --upgrade pip setuptools wheel cython numpy \
-    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} '.[server]' \
-    && pip install --no-deps --no-build-isolation -r requirements/gfpgan-nodeps.txt \
+RUN PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}" scripts/install.sh \
     && pip uninstall -y cython \
     && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 

@@ -8,12 +8,10 @@ STAMP := $(VENV)/.installed
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel cython numpy
 
-# gfpgan/basicsr/facexlib go in with --no-deps: see pyproject.toml, extra `server`.
-$(STAMP): $(BIN)/python pyproject.toml requirements/gfpgan-nodeps.txt
-	$(BIN)/pip install -q -e '.[server,dev]'
-	$(BIN)/pip install -q --no-deps --no-build-isolation -r requirements/gfpgan-nodeps.txt
+# The same recipe as the Dockerfile's (scripts/install.sh), plus the dev extra, editable.
+$(STAMP): $(BIN)/python pyproject.toml requirements/gfpgan-nodeps.txt scripts/install.sh
+	PIP=$(BIN)/pip scripts/install.sh --dev --editable
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,5 +1,5 @@
 """GFPGAN for MuseTalk through the gfpgan-service: every decoded face batch enhanced, overlapped
-with the next UNet batch, every face back once and in order (see musetalk_adapter/README.md).
+with the next UNet batch, every face back once and in order (see README.md, "Use with MuseTalk").
 """
 from __future__ import annotations
 

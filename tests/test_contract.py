@@ -66,7 +66,8 @@ def test_readme_settings_table_is_generated_from_the_settings():
 def test_readme_opens_with_the_commands_ci_runs():
     readme = (ROOT / "README.md").read_text()
     first_block = readme.split("```")[1]
-    assert "make serve" in first_block and "make test" in first_block
+    assert "docker compose up" in first_block and "docker-compose.cpu.yml" in first_block
+    assert "make test" in first_block
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
