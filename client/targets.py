@@ -39,6 +39,10 @@ def channel_options(limits: RequestLimits = RequestLimits()) -> list[tuple[str, 
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2_000),
+        # Channels share connections process-wide by default, so one channel's failed attempt
+        # (a replica that was down, a port reused by a new server) would hold back the others'
+        # until its backoff ends; each client keeps its own.
+        ("grpc.use_local_subchannel_pool", 1),
         # A name that resolves to several replicas spreads new calls (streams) over all of them.
         ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
     ]
@@ -181,11 +185,17 @@ class BatchStream:
             raise answer
         return answer
 
-    def reset(self) -> None:
-        """Drop the open call (if any); the next request opens a new one."""
-        if self._open is not None:
-            self._open.close()
-            self._open = None
+    def reset(self) -> asyncio.Task | None:
+        """Drop the open call (if any); the next request opens a new one.
+
+        Returns the cancelled call's reader task, for a caller that wants to wait for it.
+        """
+        if self._open is None:
+            return None
+        reader = self._open.reader
+        self._open.close()
+        self._open = None
+        return reader
 
 
 class Target:
@@ -245,7 +255,9 @@ class Target:
 
     async def close(self) -> None:
         self._closed = True
-        self.reset_streams()
+        readers = [reader for reader in (stream.reset() for stream in self._streams) if reader]
+        # let the cancelled readers finish, so none is left pending when the loop closes
+        await asyncio.gather(*readers, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
