@@ -315,7 +315,5 @@ def build_pipeline(settings) -> FacePipeline:
         log.warning("%s", warning)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    log.info("loaded %s (%s, sha256 %s) on %s as %s", models.gfpgan.name, models.gfpgan.path,
-             models.gfpgan.sha256[:12], device, str(dtype).removeprefix("torch."))
     return FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device, dtype=dtype,
                         info=models.gfpgan.model_info(dtype))
