@@ -10,18 +10,12 @@ import pytest
 from client.types import EnhanceOptions, FaceStatus
 from server.batcher import Batcher, NotAccepting, PipelineFailed, QueueFull
 from tests.fakes import FakePipeline, fake_enhanced, random_faces
+from tests.helpers import until
 
 pytestmark = pytest.mark.timeout(30)
 OPTIONS = EnhanceOptions(output_size=256)
 
 
-async def _until(condition, timeout=5.0):
-    """Wait (polling the loop) until condition() is true; fail the test after timeout."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        assert loop.time() < end, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -99,7 +93,7 @@ async def test_device_work_runs_on_one_worker_thread_and_the_loop_stays_free(rng
     pipeline = FakePipeline(hold=hold)
     batcher = await _batcher(pipeline)
     task = asyncio.ensure_future(batcher.submit(random_faces(rng, 2), OPTIONS))
-    await _until(pipeline.started.is_set)
+    await until(pipeline.started.is_set)
 
     # The batch is stuck on the "device", yet the loop keeps running other coroutines.
     ticks = 0
@@ -122,9 +116,9 @@ async def test_a_full_queue_refuses_at_once_and_recovers_when_it_empties(rng):
     pipeline = FakePipeline(hold=hold)
     batcher = await _batcher(pipeline, max_batch_faces=4, max_queue_faces=8)
     on_device = asyncio.ensure_future(batcher.submit(random_faces(rng, 4), OPTIONS))
-    await _until(pipeline.started.is_set)
+    await until(pipeline.started.is_set)
     queued = asyncio.ensure_future(batcher.submit(random_faces(rng, 8), OPTIONS))
-    await _until(lambda: batcher.queued_faces == 8)
+    await until(lambda: batcher.queued_faces == 8)
 
     with pytest.raises(QueueFull) as refused:
         await batcher.submit(random_faces(rng, 1), OPTIONS)
@@ -146,13 +140,13 @@ async def test_a_cancelled_request_is_dropped_from_the_queue_and_never_computed(
     pipeline = FakePipeline(hold=hold)
     batcher = await _batcher(pipeline, max_batch_faces=4)
     first = asyncio.ensure_future(batcher.submit(random_faces(rng, 4), OPTIONS))
-    await _until(pipeline.started.is_set)
+    await until(pipeline.started.is_set)
     unwanted = np.full((6, 64, 64, 3), 77, np.uint8)
     cancelled = asyncio.ensure_future(batcher.submit(unwanted, OPTIONS))
-    await _until(lambda: batcher.queued_faces == 6)
+    await until(lambda: batcher.queued_faces == 6)
 
     cancelled.cancel()
-    await _until(lambda: batcher.queued_faces == 0)
+    await until(lambda: batcher.queued_faces == 0)
     hold.set()
     await first
     later = random_faces(rng, 2)
@@ -168,10 +162,10 @@ async def test_a_request_cancelled_between_its_chunks_drops_the_rest(rng):
     pipeline = FakePipeline(hold=hold)
     batcher = await _batcher(pipeline, max_batch_faces=4)
     big = asyncio.ensure_future(batcher.submit(random_faces(rng, 12), OPTIONS))
-    await _until(lambda: pipeline.started.is_set() and batcher.queued_faces == 8)
+    await until(lambda: pipeline.started.is_set() and batcher.queued_faces == 8)
 
     big.cancel()
-    await _until(lambda: batcher.queued_faces == 0)
+    await until(lambda: batcher.queued_faces == 0)
     hold.set()
     with pytest.raises(asyncio.CancelledError):
         await big
@@ -205,7 +199,7 @@ async def test_a_failure_in_one_chunk_fails_the_whole_split_request_and_drops_it
     batcher = await _batcher(pipeline, max_batch_faces=4)
     with pytest.raises(PipelineFailed):
         await batcher.submit(random_faces(rng, 12), OPTIONS)
-    await _until(lambda: batcher.queued_faces == 0)
+    await until(lambda: batcher.queued_faces == 0)
     assert pipeline.batch_sizes == [4]  # the two chunks behind the failed one were dropped
     await batcher.close()
 
@@ -241,9 +235,9 @@ async def test_drain_that_runs_out_of_time_fails_what_is_still_queued(rng):
     pipeline = FakePipeline(hold=hold)
     batcher = await _batcher(pipeline, max_batch_faces=2)
     first = asyncio.ensure_future(batcher.submit(random_faces(rng, 2), OPTIONS))
-    await _until(pipeline.started.is_set)
+    await until(pipeline.started.is_set)
     waiting = asyncio.ensure_future(batcher.submit(random_faces(rng, 2), OPTIONS))
-    await _until(lambda: batcher.queued_faces == 2)
+    await until(lambda: batcher.queued_faces == 2)
 
     assert await batcher.drain(timeout=0.05) is False
     with pytest.raises(NotAccepting):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,8 +12,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import FaceEnhanceClient
 from client.codec import decode_response, encode_request
@@ -24,23 +21,9 @@ from server.jobs import Job
 from server.weights import sha256_file
 from tests.checkpoints import GFPGAN_FILE
 from tests.faces import make_faces, template_landmarks, weights_with_detector
+from tests.helpers import free_port, serving
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def health(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                            timeout=2).status
-        except grpc.RpcError:
-            return -1
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +44,7 @@ def service(weights):
         stderr=subprocess.STDOUT, text=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
-    while health(address) != health_pb2.HealthCheckResponse.SERVING:
+    while not serving(address):
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "service did not become SERVING"
         time.sleep(0.5)

@@ -8,7 +8,6 @@ import contextlib
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from musetalk_adapter import (
 )
 from musetalk_adapter.__main__ import main as launcher_main
 from tests.checkpoints import GFPGAN_FILE
+from tests.helpers import free_port, serving
 from tests.faces import make_faces
 from tests.fake_service import FakeService, dead_address
 
@@ -43,22 +43,6 @@ KEEP_FACE = ["--gfpgan_alignment", "aligned", "--gfpgan_fidelity", "1.0"]
 
 
 # --- the service ------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=2).status
-        except grpc.RpcError:
-            return False
-    return status == health_pb2.HealthCheckResponse.SERVING
-
 
 @contextlib.contextmanager
 def gfpgan_serve(weights: Path, *extra: str):

@@ -18,7 +18,7 @@ import torch
 import server.compat  # noqa: F401
 from client.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
-from server.pipeline import FACE_TEMPLATE, FacePipeline
+from server.pipeline import FacePipeline
 from tests.checkpoints import DETECTION_FILE, GFPGAN_FILE, PARSING_FILE, SMALL_NARROW
 from tests.faces import calibrated_retinaface, make_faces, template_landmarks, weights_with_detector
 

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -29,11 +28,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from client import codec
 from client.pb import face_enhance_pb2 as pb
 from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, EnhanceOptions, FaceStatus
+from client.types import EnhanceOptions, FaceStatus
 from server.app import FaceEnhanceServer
 from server.service import MAX_IN_FLIGHT_PER_STREAM, SERVICE_NAME
 from server.settings import Settings
 from tests.fakes import FakePipeline, fake_enhanced, random_faces
+from tests.helpers import until
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
@@ -66,12 +66,6 @@ def channel(app: FaceEnhanceServer) -> grpc.aio.Channel:
         f"127.0.0.1:{app.port}", options=[("grpc.max_receive_message_length", 64 << 20)])
 
 
-async def _until(condition, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        assert loop.time() < end, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def request(request_id: int, faces: np.ndarray, options: EnhanceOptions = OPTIONS,
@@ -262,7 +256,7 @@ async def test_an_oversized_message_is_refused_by_grpc_with_resource_exhausted(r
 
             async def then_huge():
                 yield request(1, good)
-                await _until(lambda: pipeline.faces_total == 2)
+                await until(lambda: pipeline.faces_total == 2)
                 yield huge
 
             call = stub.EnhanceBatch(then_huge())
@@ -288,9 +282,9 @@ async def test_a_full_queue_gives_resource_exhausted_then_recovers(rng):
     async with running(pipeline, max_queue_faces=8) as app, channel(app) as ch:
         stub = pb_grpc.FaceEnhancerStub(ch)
         on_device = asyncio.ensure_future(stub.Enhance(request(1, random_faces(rng, 4))))
-        await _until(pipeline.started.is_set)
+        await until(pipeline.started.is_set)
         queued = asyncio.ensure_future(stub.Enhance(request(2, random_faces(rng, 8))))
-        await _until(lambda: app.batcher.queued_faces == 8)
+        await until(lambda: app.batcher.queued_faces == 8)
 
         with pytest.raises(grpc.aio.AioRpcError) as unary:
             await stub.Enhance(request(3, random_faces(rng, 1)))
@@ -317,17 +311,17 @@ async def test_a_cancelled_stream_has_its_queued_work_dropped(rng):
         # Another client's request holds the device...
         mine = random_faces(rng, 4)
         on_device = asyncio.ensure_future(pb_grpc.FaceEnhancerStub(other).Enhance(request(1, mine)))
-        await _until(pipeline.started.is_set)
+        await until(pipeline.started.is_set)
         # ...while this stream queues 6 recognisable faces and then goes away.
         unwanted = np.full((3, 64, 64, 3), 77, np.uint8)
         call = pb_grpc.FaceEnhancerStub(ch).EnhanceBatch(
             iter([request(10, unwanted), request(11, unwanted)]))
-        await _until(lambda: app.batcher.queued_faces == 6)
+        await until(lambda: app.batcher.queued_faces == 6)
         call.cancel()
-        await _until(lambda: app.batcher.queued_faces == 0)
+        await until(lambda: app.batcher.queued_faces == 0)
         hold.set()
         response = await on_device
-        await _until(lambda: app.metrics.registry.get_sample_value(
+        await until(lambda: app.metrics.registry.get_sample_value(
             "faceenhance_in_flight_requests") == 0)
 
     assert_answers(response, 1, mine)
@@ -343,7 +337,7 @@ async def test_a_fast_sender_is_held_to_a_bounded_number_of_requests_in_flight(r
         call = pb_grpc.FaceEnhancerStub(ch).EnhanceBatch(
             request(i, faces) for i, faces in enumerate(frames))
         in_flight = lambda: app.metrics.registry.get_sample_value("faceenhance_in_flight_requests")
-        await _until(lambda: in_flight() == MAX_IN_FLIGHT_PER_STREAM)
+        await until(lambda: in_flight() == MAX_IN_FLIGHT_PER_STREAM)
         await asyncio.sleep(0.2)  # the sender has far more to give, but the stream stops reading
         held_at = in_flight()
         hold.set()
@@ -379,7 +373,7 @@ async def _spaced(messages, pipeline):
     """Send each message only after the previous one has reached the fake device."""
     for i, message in enumerate(messages):
         yield message
-        await _until(lambda: len(pipeline.batches) > i)
+        await until(lambda: len(pipeline.batches) > i)
 
 
 # --- start-up, health, info, reflection, shutdown ----------------------------------------------
@@ -411,9 +405,9 @@ async def test_health_is_not_serving_until_warm_up_then_serving_then_not_serving
         assert await _health(ch) == SERVING and await _health(ch, SERVICE_NAME) == SERVING
 
         in_flight = asyncio.ensure_future(stub.Enhance(request(2, random_faces(rng, 2))))
-        await _until(pipeline.started.is_set)
+        await until(pipeline.started.is_set)
         shutdown = asyncio.ensure_future(app.shutdown(grace=5.0))
-        await _until(lambda: app.batcher is not None and not app.batcher.accepting)
+        await until(lambda: app.batcher is not None and not app.batcher.accepting)
         draining = await _health(ch), await _health(ch, SERVICE_NAME)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Enhance(request(3, random_faces(rng, 1)))
