@@ -6,8 +6,6 @@ what was wrong, so the service can send it back as is.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from client.pb import face_enhance_pb2 as pb
@@ -105,7 +103,7 @@ def decode_options(msg: pb.EnhanceOptions) -> EnhanceOptions:
     ).validate()
 
 
-def decode_landmarks(values, count: int, alignment: Alignment) -> np.ndarray | None:
+def decode_landmarks(values, count: int, alignment: Alignment, image_size: int) -> np.ndarray | None:
     """The request's flat landmark list -> (count, 5, 2) float32, or None when not LANDMARKS."""
     if alignment is not Alignment.LANDMARKS:
         if len(values):
@@ -119,6 +117,8 @@ def decode_landmarks(values, count: int, alignment: Alignment) -> np.ndarray | N
     points = np.asarray(values, dtype=np.float32).reshape(count, NUM_LANDMARKS, 2)
     if not np.isfinite(points).all():
         raise InvalidRequest("landmarks contain NaN or infinity")
+    if np.abs(points).max() >= 16 * image_size:
+        raise InvalidRequest("landmarks lie far outside the image; they are in input pixel coordinates")
     eye_dist = np.linalg.norm(points[:, 1] - points[:, 0], axis=-1)
     if (eye_dist < 1.0).any():
         bad = int(np.argmax(eye_dist < 1.0))
@@ -139,10 +139,7 @@ def decode_request(req: pb.EnhanceRequest, limits: RequestLimits):
     """EnhanceRequest -> (faces view, options, landmarks or None); raises InvalidRequest."""
     options = decode_options(req.options)
     faces = decode_faces(req.faces, limits)
-    landmarks = decode_landmarks(req.landmarks, faces.shape[0], options.alignment)
-    if landmarks is not None and not (math.isfinite(float(landmarks.max())) and
-                                      float(np.abs(landmarks).max()) < 16 * faces.shape[1]):
-        raise InvalidRequest("landmarks lie far outside the image; they are in input pixel coordinates")
+    landmarks = decode_landmarks(req.landmarks, faces.shape[0], options.alignment, faces.shape[1])
     return faces, options, landmarks
 
 
