@@ -44,7 +44,9 @@ def _project(folder: Path, frames: int) -> Path:
 
 
 @contextlib.contextmanager
-def _in_standin(standin: Path):
+def in_standin(standin: Path):
+    """Run as if from MuseTalk's root folder `standin`: cwd and sys.path point there, and
+    cwd, sys.path, sys.argv and the `musetalk` modules are put back afterwards."""
     saved = os.getcwd(), list(sys.path), list(sys.argv)
     os.chdir(standin)
     sys.path.insert(0, str(standin))
@@ -61,7 +63,7 @@ def run_once(mode: str, settings: GFPGANSettings, standin: Path, config: Path, o
              batch_size: int) -> tuple[float, dict]:
     """Wall seconds of one whole stand-in run in `mode`, and the adapter's summary."""
     enhancer = GFPGANEnhancer(settings) if mode != "off" else None
-    with _in_standin(standin):
+    with in_standin(standin):
         vae = import_vae_class()
         if mode == "overlapped":
             uninstall = install(enhancer, vae)

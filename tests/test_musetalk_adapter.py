@@ -18,7 +18,6 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from musetalk_adapter import (
     GFPGANEnhancer,
@@ -28,6 +27,7 @@ from musetalk_adapter import (
     enhancer_from_musetalk,
     resolve,
 )
+from musetalk_adapter import bench_overhead
 from musetalk_adapter.__main__ import main as launcher_main
 from tests.checkpoints import GFPGAN_FILE
 from tests.helpers import free_port, serving
@@ -126,19 +126,9 @@ def written_frames(folder: Path) -> list[np.ndarray]:
     return [cv2.imread(p) for p in paths]
 
 
-@contextlib.contextmanager
 def in_standin():
-    """Run the launcher in this process as if from MuseTalk's root folder (fresh `musetalk`
-    modules each time, cwd, sys.path and sys.argv put back afterwards)."""
-    saved = os.getcwd(), list(sys.path), list(sys.argv)
-    os.chdir(STANDIN)
-    try:
-        yield
-    finally:
-        os.chdir(saved[0])
-        sys.path[:], sys.argv[:] = saved[1], saved[2]
-        for name in [m for m in sys.modules if m == "musetalk" or m.startswith("musetalk.")]:
-            del sys.modules[name]
+    """Run the launcher in this process as if from MuseTalk's root folder."""
+    return bench_overhead.in_standin(STANDIN)
 
 
 def run_launcher(*argv: str) -> int:
