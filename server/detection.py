@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 # GFPGANer's settings: get_face_landmarks_5(..., eye_dist_threshold=5) calls
 # detect_faces(img, 0.97) with facexlib's default NMS threshold of 0.4.
@@ -35,6 +35,8 @@ class Faces:
     landmarks: torch.Tensor  # (M, 5, 2) x, y in input pixels
 
     def take(self, index: torch.Tensor) -> "Faces":
+        if index.dtype == torch.bool:  # one device round trip for the mask, not one per field
+            index = index.nonzero().squeeze(1)
         return Faces(self.image[index], self.boxes[index], self.scores[index], self.landmarks[index])
 
 
@@ -53,8 +55,10 @@ def _priors_cpu(height: int, width: int) -> torch.Tensor:
     return torch.cat(levels)
 
 
+@functools.lru_cache(maxsize=16)
 def priors(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """RetinaFace anchors (cx, cy, w, h), relative to the image, in facexlib's order."""
+    """RetinaFace anchors (cx, cy, w, h), relative to the image, in facexlib's order; made once
+    per size and device, so a batch uploads nothing."""
     return _priors_cpu(height, width).to(device)
 
 
@@ -67,27 +71,57 @@ class FaceDetector:
     @torch.no_grad()
     def detect(self, images: torch.Tensor) -> Faces:
         """images: (N, 3, H, W) float, BGR, 0..255 -> faces after threshold, NMS, eye filter."""
+        faces, usable = self.candidates(images)
+        return faces.take(usable)
+
+    @torch.no_grad()
+    def candidates(self, images: torch.Tensor) -> tuple[Faces, torch.Tensor]:
+        """Faces after threshold and NMS, and which of them pass GFPGANer's eye-distance filter.
+
+        The filter is returned as a mask rather than applied, so the caller can fold it into its
+        own selection and take the faces once (each selection costs a device round trip).
+        """
         n, _, height, width = images.shape
-        mean = torch.tensor(_BGR_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-        loc, conf, landm = self.net(images.float() - mean)
+        loc, conf, landm = self.net(images.float() - _bgr_mean(images.device))
         anchors = priors(height, width, images.device)
-        centre, size = anchors[:, :2], anchors[:, 2:]
         scores = conf[..., 1]
-        keep = scores > CONF_THRESHOLD                      # (N, P)
-        image_index, prior_index = keep.nonzero(as_tuple=True)
-        loc, landm, scores = loc[keep], landm[keep], scores[keep]
-        centre, size = centre[prior_index], size[prior_index]
+        # The one data-dependent step: which anchors pass the threshold.
+        image_index, prior_index = (scores > CONF_THRESHOLD).nonzero(as_tuple=True)
+        loc, landm = loc[image_index, prior_index], landm[image_index, prior_index]
+        scores = scores[image_index, prior_index]
+        centre, size = anchors[prior_index, :2], anchors[prior_index, 2:]
         box_centre = centre + loc[:, :2] * _VARIANCE[0] * size
         box_size = size * torch.exp(loc[:, 2:] * _VARIANCE[1])
-        scale = torch.tensor([width, height], device=images.device, dtype=torch.float32)
+        scale = _scale(width, height, images.device)
         boxes = torch.cat([box_centre - box_size / 2, box_centre + box_size / 2], dim=1) * scale.repeat(2)
         points = (centre.unsqueeze(1) + landm.view(-1, 5, 2) * _VARIANCE[0] * size.unsqueeze(1)) * scale
-        kept = batched_nms(boxes, scores, image_index, NMS_THRESHOLD)
+        kept = _batched_nms(boxes, scores, image_index, NMS_THRESHOLD)
         # batched_nms orders by score over the whole batch; regroup by image, keeping that order.
         kept = kept[torch.sort(image_index[kept], stable=True).indices]
         faces = Faces(image_index[kept], boxes[kept], scores[kept], points[kept])
         eye_dist = torch.linalg.vector_norm(faces.landmarks[:, 0] - faces.landmarks[:, 1], dim=-1)
-        return faces.take(eye_dist >= EYE_DIST_THRESHOLD)
+        return faces, eye_dist >= EYE_DIST_THRESHOLD
+
+
+def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, image: torch.Tensor,
+                 threshold: float) -> torch.Tensor:
+    """NMS within each image, in one NMS call: each image's boxes are shifted past the previous
+    image's, so boxes of different images never overlap (torchvision's batched_nms does this too
+    below a size limit, above which it loops over the images, one round trip each)."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    offsets = image.to(boxes.dtype) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, threshold)
+
+
+@functools.lru_cache(maxsize=8)
+def _bgr_mean(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_BGR_MEAN, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _scale(width: int, height: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([width, height], dtype=torch.float32).to(device)
 
 
 def centre_faces(faces: Faces, height: int, width: int, wanted: torch.Tensor) -> Faces:
@@ -98,15 +132,26 @@ def centre_faces(faces: Faces, height: int, width: int, wanted: torch.Tensor) ->
     """
     if faces.image.numel() == 0:
         return faces
-    centre = torch.tensor([width / 2, height / 2], device=faces.boxes.device)
+    return faces.take(centre_mask(faces, height, width, wanted))
+
+
+def centre_mask(faces: Faces, height: int, width: int, wanted: torch.Tensor,
+                among: torch.Tensor | None = None) -> torch.Tensor:
+    """The faces `centre_faces` keeps, as a mask; `among` (a mask) limits the candidates."""
+    count = faces.image.numel()
+    among = torch.ones(count, dtype=torch.bool, device=faces.boxes.device) if among is None else among
+    if count == 0:
+        return among
+    centre = _scale(width, height, faces.boxes.device) / 2
     dist = torch.linalg.vector_norm((faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2 - centre, dim=-1)
+    dist = torch.where(among, dist, float("inf"))
     n = int(wanted.shape[0])
     best = torch.full((n,), float("inf"), device=dist.device).scatter_reduce(
         0, faces.image, dist, reduce="amin")
-    is_best = dist == best[faces.image]
+    is_best = among & (dist == best[faces.image])
     # the first face (highest score) among equally near ones
-    position = torch.arange(faces.image.numel(), device=dist.device)
-    first = torch.full((n,), faces.image.numel(), device=dist.device).scatter_reduce(
-        0, faces.image, torch.where(is_best, position, faces.image.numel()), reduce="amin")
+    position = torch.arange(count, device=dist.device)
+    first = torch.full((n,), count, device=dist.device).scatter_reduce(
+        0, faces.image, torch.where(is_best, position, count), reduce="amin")
     chosen = position == first[faces.image]
-    return faces.take(chosen | ~wanted[faces.image])
+    return among & (chosen | ~wanted[faces.image])

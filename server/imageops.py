@@ -177,6 +177,11 @@ def _opencv_lmeds_pairs(count: int = 5, iterations: int = 13) -> list[tuple[int,
 _LMEDS_PAIRS = torch.tensor(_opencv_lmeds_pairs())
 
 
+@functools.lru_cache(maxsize=8)
+def _lmeds_pairs(device: torch.device) -> torch.Tensor:
+    return _LMEDS_PAIRS.to(device)
+
+
 def robust_similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """What facexlib's cv2.estimateAffinePartial2D(landmarks, template, method=LMEDS) returns,
     for a batch, on the device.
@@ -190,7 +195,7 @@ def robust_similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.T
     n, k, _ = src.shape
     pts = src.to(torch.float32).to(torch.float64)  # OpenCV works on float32 points
     target = dst.to(device=src.device, dtype=torch.float32).to(torch.float64)
-    pairs = _LMEDS_PAIRS.to(src.device)
+    pairs = _lmeds_pairs(src.device)
     models = similarity_transform(pts[:, pairs].reshape(-1, 2, 2),
                                   target[pairs].repeat(n, 1, 1)).view(n, pairs.shape[0], 2, 3)
     projected = torch.einsum("nmij,nkj->nmki", models[..., :2], pts) + models[..., 2].unsqueeze(2)
@@ -205,8 +210,12 @@ def robust_similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.T
 
 def invert_affine(matrices: torch.Tensor) -> torch.Tensor:
     """Inverse of (N, 2, 3) affine matrices (cv2.invertAffineTransform, batched)."""
-    linear = matrices[:, :, :2]
-    inv = torch.linalg.inv(linear)
+    # The 2x2 inverse in closed form: torch.linalg.inv checks for singular input on the host,
+    # which would stall the device queue once per call.
+    a, b = matrices[:, 0, 0], matrices[:, 0, 1]
+    c, d = matrices[:, 1, 0], matrices[:, 1, 1]
+    det = a * d - b * c
+    inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], 1) / det.view(-1, 1, 1)
     shift = -torch.einsum("nij,nj->ni", inv, matrices[:, :, 2])
     return torch.cat([inv, shift.unsqueeze(-1)], dim=2)
 
@@ -229,9 +238,10 @@ def warp_affine(images: torch.Tensor, matrices: torch.Tensor, size: int,
     # grid_sample with align_corners=False puts pixel i's centre at (2i + 1) / W - 1.
     grid = torch.stack([(2 * src[..., 0] + 1) / width - 1, (2 * src[..., 1] + 1) / height - 1], dim=-1)
     grid = grid.reshape(n, size, size, 2).to(images.dtype)
-    if not torch.is_tensor(border_value):
-        border_value = torch.tensor(float(border_value))
-    border = border_value.to(device=images.device, dtype=images.dtype).reshape(1, -1, 1, 1)
+    if torch.is_tensor(border_value):
+        border = border_value.to(device=images.device, dtype=images.dtype).reshape(1, -1, 1, 1)
+    else:
+        border = float(border_value)  # a plain number: nothing to upload
     warped = F.grid_sample(images - border, grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)
     return warped + border

@@ -1,0 +1,215 @@
+"""Where a batch's time goes: per-stage device time, operators (about one kernel launch each) and
+host synchronisations, on any device.
+
+The pipeline wraps each stage in `profiler.stage(name)`; with no profiler attached that is a
+no-op. `gfpgan-bench --profile` attaches one. Time comes from CUDA events on CUDA (from the host
+clock on the CPU, where work is synchronous). Operators and syncs come from a dispatch mode that
+sees every ATen operator the stage runs. A sync is an operator after which the host must wait for
+the device: a scalar read (`int(t)`, `.item()`), an output whose shape depends on the data
+(`nonzero`, boolean-mask indexing, `masked_select`, `unique`), a tensor built on the host and
+copied in (`torch.tensor(list, device=...)`), a copy to the host, a checked `linalg.inv`, and
+torchvision's NMS (which reads its mask on the host). On CUDA, `torch.cuda.set_sync_debug_mode`
+counts the real ones as well (`cuda_syncs`).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_aten = torch.ops.aten
+# Operators after which the host waits for the device (see the module docstring).
+SYNC_OPS = {
+    _aten.nonzero.default, _aten.nonzero_static.default, _aten._local_scalar_dense.default,
+    _aten.masked_select.default, _aten.lift_fresh.default, _aten._linalg_check_errors.default,
+    _aten.unique_dim.default, _aten._unique2.default, _aten.unique_consecutive.default,
+}
+_NMS_NAMES = ("torchvision::nms",)
+# Data movement and views: not kernels of their own (views) or counted as syncs instead.
+_NOT_LAUNCHES = {"aten::view", "aten::_unsafe_view", "aten::expand", "aten::permute", "aten::t",
+                 "aten::transpose", "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select",
+                 "aten::alias", "aten::detach", "aten::reshape", "aten::as_strided", "aten::unbind",
+                 "aten::split", "aten::chunk", "aten::lift_fresh", "aten::_local_scalar_dense",
+                 "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::_reshape_alias",
+                 "aten::view_as", "aten::expand_as", "aten::narrow"}
+
+
+def _is_sync(func, args) -> bool:
+    if func in SYNC_OPS:
+        return True
+    name = func.name()
+    if name.startswith(_NMS_NAMES):
+        return True
+    if func in (_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default):
+        indices = args[1] if len(args) > 1 else []
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+    if func in (_aten.repeat_interleave.Tensor,):
+        return True
+    if func is _aten._to_copy.default or func is _aten.copy_.default:
+        return False  # device changes are judged by the caller (see OpCounter)
+    return False
+
+
+@dataclass
+class StageCounts:
+    ops: int = 0
+    syncs: int = 0
+    sync_ops: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts ATen operators (launches) and syncs, attributed to the current stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = "other"
+        self.counts: dict[str, StageCounts] = defaultdict(StageCounts)
+        #: Set while the pipeline stages a host array for an asynchronous upload (pinned buffer,
+        #: non_blocking copy): the tensor it wraps is not a host-built tensor copied in.
+        self.uploading = False
+
+    def note_sync(self, what: str) -> None:
+        """A wait the pipeline makes on purpose (its one download), counted like the others."""
+        counts = self.counts[self.stage]
+        counts.syncs += 1
+        counts.sync_ops[what] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        counts = self.counts[self.stage]
+        name = func.name()
+        base = name.split(".")[0]
+        if base not in _NOT_LAUNCHES:
+            counts.ops += 1
+        sync = _is_sync(func, args) and not (self.uploading and func is _aten.lift_fresh.default)
+        if func is _aten._to_copy.default or func is _aten.copy_.default:
+            source = args[1] if func is _aten.copy_.default else args[0]
+            target = kwargs.get("device") if func is _aten._to_copy.default else args[0].device
+            if isinstance(source, torch.Tensor) and target is not None and \
+                    torch.device(target).type == "cpu" and source.device.type != "cpu":
+                sync = True
+        out = func(*args, **kwargs)
+        if sync and func is _aten.lift_fresh.default and out.dim() == 0:
+            sync = False  # a Python number as a 0-d tensor (t[i] = 3): passed as a scalar
+        if sync:
+            counts.syncs += 1
+            counts.sync_ops[base] += 1
+        return out
+
+
+class StageProfiler:
+    """Per-stage time (and, with `count=True`, operators and syncs) over the batches it sees."""
+
+    def __init__(self, device: torch.device, count: bool = False):
+        self.device = torch.device(device)
+        self.count = count
+        self.batches = 0
+        self._events: list[tuple[str, object, object]] = []
+        self.times_ms: dict[str, list[float]] = defaultdict(list)
+        self.counter = OpCounter() if count else None
+        self.cuda_syncs = 0
+        self._batch_stack: contextlib.ExitStack | None = None
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Wrap one `pipeline.enhance(...)` call."""
+        with contextlib.ExitStack() as stack:
+            if self.counter is not None:
+                stack.enter_context(self.counter)
+                if self.device.type == "cuda":
+                    caught = stack.enter_context(warnings.catch_warnings(record=True))
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    stack.callback(torch.cuda.set_sync_debug_mode, "default")
+                    stack.callback(self._count_cuda_syncs, caught)
+            yield
+        self.batches += 1
+        self._collect()
+
+    def _count_cuda_syncs(self, caught) -> None:
+        self.cuda_syncs += sum("synchroniz" in str(w.message) for w in caught)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        previous = None
+        if self.counter is not None:
+            previous, self.counter.stage = self.counter.stage, name
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.append((name, start, end))
+                if previous is not None:
+                    self.counter.stage = previous
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._events.append((name, t0, time.perf_counter()))
+                if previous is not None:
+                    self.counter.stage = previous
+
+    @contextlib.contextmanager
+    def uploading(self):
+        """Around a staged asynchronous upload (see OpCounter.uploading)."""
+        if self.counter is None:
+            yield
+            return
+        self.counter.uploading = True
+        try:
+            yield
+        finally:
+            self.counter.uploading = False
+
+    def note_sync(self, what: str) -> None:
+        if self.counter is not None:
+            self.counter.note_sync(what)
+
+    def _collect(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        per_batch: dict[str, float] = defaultdict(float)
+        for name, start, end in self._events:
+            if self.device.type == "cuda":
+                per_batch[name] += start.elapsed_time(end)
+            else:
+                per_batch[name] += (end - start) * 1000.0
+        for name, ms in per_batch.items():
+            self.times_ms[name].append(ms)
+        self._events.clear()
+
+    # -- report -----------------------------------------------------------------------------
+
+    def per_batch_counts(self) -> dict[str, tuple[float, float]]:
+        """stage -> (operators per batch, syncs per batch)."""
+        if self.counter is None or not self.batches:
+            return {}
+        return {stage: (c.ops / self.batches, c.syncs / self.batches)
+                for stage, c in self.counter.counts.items()}
+
+    def totals(self) -> tuple[float, float]:
+        counts = self.per_batch_counts()
+        return (sum(ops for ops, _ in counts.values()), sum(s for _, s in counts.values()))
+
+    def sync_sources(self) -> dict[str, float]:
+        """operator -> syncs per batch, over every stage."""
+        if self.counter is None or not self.batches:
+            return {}
+        merged: dict[str, float] = defaultdict(float)
+        for c in self.counter.counts.values():
+            for op, n in c.sync_ops.items():
+                merged[op] += n / self.batches
+        return dict(merged)
+
+    def median_ms(self) -> dict[str, float]:
+        import statistics
+        return {name: statistics.median(values) for name, values in self.times_ms.items()}

@@ -1,0 +1,278 @@
+"""Speed forms of the pipeline's networks: each one a switch, each one equal to the plain form.
+
+- `unfuse_modulated_convs`: StyleGAN2's modulated convolution without per-sample weights.
+- `NoisePlan`: one GFPGAN pass for a batch that mixes fixed and fresh noise.
+- `GraphedForward`: a fixed-shape forward captured as CUDA graphs, one per batch-size bucket.
+- `box_paste_mask`: facexlib's non-parsing paste mask (its `use_parse=False`), made once.
+
+The pipeline (server/pipeline.py) picks them through `SpeedOptions`; the settings of the same
+names choose them for the service, and `gfpgan-bench --variants` measures each on and off.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MODCONV_FORMS = ("fused", "unfused")
+PASTE_MASKS = ("parse", "box")
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How the pipeline runs its networks. Every form gives the same faces within the tolerances
+    stated in tests/test_speed.py; only speed and memory differ."""
+
+    #: "fused": GFPGAN's own grouped convolution with a weight per face; "unfused": scale the
+    #: input by the style, one convolution with the shared weight, demodulate the output.
+    modconv: str = "fused"
+    #: Capture GFPGAN and ParseNet as CUDA graphs per batch-size bucket at warm-up (CUDA only).
+    cuda_graphs: bool = False
+    #: Run the convolutions channels-last (NHWC), the layout tensor cores read directly.
+    channels_last: bool = False
+    #: "parse": ParseNet's face mask (GFPGANer's paste); "box": a feathered box, no ParseNet.
+    paste_mask: str = "parse"
+
+    def __post_init__(self):
+        if self.modconv not in MODCONV_FORMS:
+            raise ValueError(f"modconv must be one of {MODCONV_FORMS}, got {self.modconv!r}")
+        if self.paste_mask not in PASTE_MASKS:
+            raise ValueError(f"paste_mask must be one of {PASTE_MASKS}, got {self.paste_mask!r}")
+        if self.channels_last and self.modconv == "fused":
+            # The fused form folds the batch into channels with a view, which NHWC cannot take.
+            raise ValueError("channels_last needs modconv='unfused' (the fused form views the "
+                             "batch as channels, which a channels-last tensor cannot)")
+
+    def describe(self) -> str:
+        return (f"modconv={self.modconv} cuda_graphs={'on' if self.cuda_graphs else 'off'} "
+                f"channels_last={'on' if self.channels_last else 'off'} paste_mask={self.paste_mask}")
+
+
+# -- modulated convolution ----------------------------------------------------------------------
+
+
+def _unfused_forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """ModulatedConv2d.forward as one shared-weight convolution.
+
+    conv(x, w * s) == conv(x * s, w) when s scales input channels, and demodulation scales
+    output channels by 1 / sqrt(sum over (c_in, k, k) of (w * s)^2 + eps), which is
+    (s^2 @ sum_k(w^2)^T): both come out of the convolution, so no weight is built per face.
+    Bilinear resampling is linear per channel, so scaling before it is the same as after.
+    """
+    b, c = x.shape[:2]
+    s = self.modulation(style)  # (b, c_in)
+    x = x * s.view(b, c, 1, 1).to(x.dtype)
+    if self.sample_mode == "upsample":
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    elif self.sample_mode == "downsample":
+        x = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+    weight = self.weight[0]  # (c_out, c_in, k, k)
+    out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
+    if self.demodulate:
+        energy = weight.float().pow(2).sum(dim=(2, 3))  # (c_out, c_in)
+        demod = torch.rsqrt(s.float().pow(2) @ energy.t() + self.eps)  # (b, c_out)
+        out = out * demod.view(b, self.out_channels, 1, 1).to(out.dtype)
+    return out
+
+
+def _modulated_conv_class():
+    from gfpgan.archs.stylegan2_clean_arch import ModulatedConv2d
+    return ModulatedConv2d
+
+
+def set_modconv_form(net: torch.nn.Module, form: str) -> int:
+    """Switch every ModulatedConv2d in `net` to `form` ("fused" or "unfused"); returns how many.
+
+    The module keeps its parameters and state-dict keys: only its forward changes.
+    """
+    if form not in MODCONV_FORMS:
+        raise ValueError(f"modconv must be one of {MODCONV_FORMS}, got {form!r}")
+    cls = _modulated_conv_class()
+    count = 0
+    for module in net.modules():
+        if isinstance(module, cls):
+            if form == "unfused":
+                module.forward = _unfused_forward.__get__(module)
+            else:
+                module.__dict__.pop("forward", None)
+            count += 1
+    return count
+
+
+def unfuse_modulated_convs(net: torch.nn.Module) -> int:
+    return set_modconv_form(net, "unfused")
+
+
+# -- noise ----------------------------------------------------------------------------------------
+
+
+class NoisePlan:
+    """Per-face noise for one GFPGAN pass: stored noise for some faces, fresh for the others.
+
+    GFPGAN's decoder takes either its stored noise for the whole batch or fresh noise for the
+    whole batch. A forward pre-hook on the decoder hands it a noise list instead, built as
+    `where(wants_fresh, randn, stored)` per layer, so a batch that mixes both is one pass.
+    """
+
+    def __init__(self, gfpgan: torch.nn.Module):
+        self.decoder = gfpgan.stylegan_decoder
+        self._fresh: torch.Tensor | None = None  # (B,) bool while a mixed pass runs
+        self.decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        if self._fresh is None:
+            return None
+        fresh = self._fresh.view(-1, 1, 1, 1)
+        noises = []
+        for i in range(self.decoder.num_layers):
+            stored = getattr(self.decoder.noises, f"noise{i}")
+            random = torch.randn((fresh.shape[0], *stored.shape[1:]), device=stored.device,
+                                 dtype=stored.dtype)
+            noises.append(torch.where(fresh, random, stored))
+        return args, {**kwargs, "noise": noises}
+
+    @contextlib.contextmanager
+    def mixed(self, fresh: torch.Tensor):
+        """While inside, the decoder uses fresh noise where `fresh` is True, stored noise elsewhere."""
+        self._fresh = fresh
+        try:
+            yield
+        finally:
+            self._fresh = None
+
+
+# -- CUDA graphs ----------------------------------------------------------------------------------
+
+
+def graph_buckets(largest: int) -> list[int]:
+    """Batch sizes that get a graph: powers of two and the halfway points, up to `largest`.
+
+    A batch is padded up to the next bucket, so at most a third of a replay is padding
+    (beyond the first few sizes)."""
+    sizes, value = set(), 1
+    while value < largest:
+        sizes.add(value)
+        if value >= 4:
+            sizes.add(value * 3 // 2)
+        value *= 2
+    sizes.add(largest)
+    return sorted(s for s in sizes if s <= largest)
+
+
+class GraphedForward:
+    """`fn(x)` for x of shape (n, *sample_shape), replayed from CUDA graphs captured per bucket.
+
+    `fn` must be a pure function of x on the device (its weights fixed). A batch is copied into
+    the static input of the smallest bucket that holds it (the rows beyond n keep whatever the
+    last replay left there and their outputs are dropped); a batch larger than every bucket runs
+    eagerly. The graphs share one memory pool; each replay's output is cloned before returning,
+    since the next replay may reuse that memory.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], sample_shape: Sequence[int],
+                 buckets: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32):
+        self.fn = fn
+        self.sample_shape = tuple(sample_shape)
+        self.buckets = sorted(buckets)
+        self.device = device
+        self.dtype = dtype
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.replays = 0
+        self.eager_calls = 0
+
+    def capture(self) -> None:
+        """Capture every bucket, largest first (the first capture sizes the shared pool)."""
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for size in sorted(self.buckets, reverse=True):
+            static_in = torch.zeros((size, *self.sample_shape), device=self.device, dtype=self.dtype)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up outside the graph: cuDNN picks its algorithms here
+                    self.fn(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                static_out = self.fn(static_in)
+            self._graphs[size] = (graph, static_in, static_out)
+        torch.cuda.synchronize(self.device)
+
+    @property
+    def captured(self) -> bool:
+        return bool(self._graphs)
+
+    def bucket_for(self, n: int) -> int | None:
+        for size in self.buckets:
+            if size >= n:
+                return size
+        return None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        bucket = self.bucket_for(n) if self._graphs else None
+        if bucket is None or n == 0:
+            self.eager_calls += 1
+            return self.fn(x)
+        graph, static_in, static_out = self._graphs[bucket]
+        static_in[:n].copy_(x)
+        graph.replay()
+        self.replays += 1
+        return static_out[:n].clone()
+
+
+# -- the box paste mask --------------------------------------------------------------------------
+
+
+def _cv2_gaussian_sigma(ksize: int) -> float:
+    """The sigma cv2.GaussianBlur picks for sigma 0: 0.3 * ((ksize - 1) / 2 - 1) + 0.8."""
+    return 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
+
+
+def box_paste_mask(face_size: int = 512) -> np.ndarray:
+    """facexlib's non-parsing paste mask, in template space: (face_size, face_size) float in [0, 1].
+
+    facexlib (use_parse=False) warps a box of ones to the image, erodes it by 2 * upscale
+    pixels, then erodes it again by 2 * w_edge and blurs it with a (2 * w_edge + 1) kernel,
+    where w_edge = sqrt(face area) // 20. In the template the face area is face_size^2, so
+    w_edge is face_size // 20 template pixels: the same box, made once in template space and
+    warped with the face (tests/test_speed.py compares it with facexlib's own paste).
+    """
+    import cv2
+
+    w_edge = int(face_size) // 20
+    mask = np.ones((face_size, face_size), np.float32)
+    # warpAffine's bilinear border leaves about one pixel of partial coverage, which facexlib's
+    # first erosion (by 2 * upscale output pixels, ~2 template pixels at a 256 face) removes.
+    mask = cv2.erode(mask, np.ones((2, 2), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    mask = cv2.erode(mask, np.ones((2 * w_edge, 2 * w_edge), np.uint8),
+                     borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    ksize = 2 * w_edge + 1
+    return cv2.GaussianBlur(mask, (ksize, ksize), _cv2_gaussian_sigma(ksize))
+
+
+def set_memory_format(net: torch.nn.Module, channels_last: bool) -> None:
+    """Lay out every 4-D parameter and buffer (the convolution weights) channels-last, or back.
+
+    `Module.to(memory_format=...)` refuses networks with 5-D parameters, which GFPGAN's
+    modulated convolutions have."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for tensor in [*net.parameters(), *net.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=layout)
+
+
+def check_speed_device(speed: SpeedOptions, device: torch.device) -> list[str]:
+    """What the operator should hear about options that cannot act on this device."""
+    notes = []
+    if speed.cuda_graphs and device.type != "cuda":
+        notes.append(f"--cuda-graphs has no effect on {device}: CUDA graphs exist on CUDA only")
+    return notes
+
