@@ -18,8 +18,11 @@ import torch
 
 from client.types import Alignment, EnhanceOptions, FaceStatus
 from server import imageops
-from server.detection import FaceDetector, Faces, centre_faces
+from server.detection import FaceDetector, Faces, centre_mask
 from server.jobs import Job, JobResult, ModelInfo
+from server.speed import (GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
+                          check_speed_device, graph_buckets, set_memory_format,
+                          set_modconv_form)
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +56,25 @@ def _from_network(output_rgb: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Group:
-    """The images of one input size in a device batch, on their way through the pipeline."""
+    """The images of one input size in a device batch, on their way through the pipeline.
 
+    Everything that depends only on the options is decided on the host before the upload
+    (which images detect, which are aligned, output rows, fidelity), so the device never has to
+    report back until the results are downloaded.
+    """
+
+    key: str                       # names its upload buffers
     indices: list[int]             # which jobs, in order
     images: torch.Tensor           # (n, 3, S, S) float BGR 0..255
     options: list[EnhanceOptions]  # per image
     faces: Faces                   # faces to restore and paste (DETECT and LANDMARKS images)
     affines: torch.Tensor          # (faces, 2, 3) image -> 512 template
     aligned_index: torch.Tensor    # images given as already aligned (ALIGNED)
+    aligned_host: list[int]        # the same, on the host
     warped: torch.Tensor           # (faces, 3, 512, 512) template crops
     aligned_inputs: torch.Tensor   # (aligned, 3, 512, 512) ALIGNED inputs resized to 512
     noise: torch.Tensor            # per crop (faces then aligned): wants random noise
+    fidelity: torch.Tensor         # (n,) per image
     pasted_faces: torch.Tensor | None = None
     aligned_faces: torch.Tensor | None = None
     masks: torch.Tensor | None = None
@@ -77,11 +88,43 @@ class _Group:
         return self.warped.shape[0] + self.aligned_inputs.shape[0]
 
 
+class _HostStaging:
+    """Pinned host buffers, reused from batch to batch, for asynchronous uploads to CUDA.
+
+    Every enhance() ends by waiting for its downloads, so by the next batch every copy out of
+    these buffers has finished and they can be refilled.
+    """
+
+    def __init__(self, device: torch.device, owner: "FacePipeline"):
+        self.device = device
+        self.owner = owner
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def upload(self, key: str, array: np.ndarray) -> torch.Tensor:
+        profiler = self.owner.profiler
+        with profiler.uploading() if profiler is not None else contextlib.nullcontext():
+            return self._upload(key, array)
+
+    def _upload(self, key: str, array: np.ndarray) -> torch.Tensor:
+        array = np.ascontiguousarray(array)
+        if self.device.type != "cuda":
+            return torch.from_numpy(array)
+        source = torch.from_numpy(array)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.dtype != source.dtype or buffer.numel() < source.numel():
+            buffer = torch.empty(max(source.numel(), 1) * 3 // 2 + 1, dtype=source.dtype, pin_memory=True)
+            self._buffers[key] = buffer
+        staged = buffer[:source.numel()].view(source.shape)
+        staged.copy_(source)
+        return staged.to(self.device, non_blocking=True)
+
+
 class FacePipeline:
     """GFPGAN + RetinaFace + ParseNet, resident on one device, run over batches of faces."""
 
     def __init__(self, gfpgan: torch.nn.Module, detector: torch.nn.Module, parser: torch.nn.Module,
-                 *, device: torch.device, dtype: torch.dtype, info: ModelInfo | None = None):
+                 *, device: torch.device, dtype: torch.dtype, info: ModelInfo | None = None,
+                 speed: SpeedOptions | None = None, graph_max_batch: int = 8):
         self.gfpgan = gfpgan
         self.detector = FaceDetector(detector)
         self.parser = parser
@@ -91,28 +134,92 @@ class FacePipeline:
         self._face_mask_lut = torch.tensor(_FACE_CLASSES, dtype=torch.float32, device=self.device)
         self._template = FACE_TEMPLATE.to(self.device)
         self._border = torch.tensor(WARP_BORDER_BGR, device=self.device)
+        self._staging = _HostStaging(self.device, self)
+        self._noise_plan: NoisePlan | None = None
+        self._graphs: dict[str, GraphedForward] = {}
+        self.graph_max_batch = graph_max_batch
+        #: Attach a server.profiling.StageProfiler to time stages and count launches and syncs.
+        self.profiler = None
+        self.speed = SpeedOptions()
+        self.set_speed(speed or SpeedOptions())
+
+    # -- speed forms ------------------------------------------------------------------------
+
+    def set_speed(self, speed: SpeedOptions) -> None:
+        """Switch the networks to `speed`'s forms; CUDA graphs are (re)captured by warmup()."""
+        self._graphs = {}
+        for net in (self.gfpgan, self.parser):
+            if isinstance(net, torch.nn.Module):
+                set_memory_format(net, speed.channels_last)
+        if isinstance(self.gfpgan, torch.nn.Module) and hasattr(self.gfpgan, "stylegan_decoder"):
+            set_modconv_form(self.gfpgan, speed.modconv)
+            _keep_style_input_contiguous(self.gfpgan)
+        self._box_mask = torch.from_numpy(box_paste_mask(FACE_SIZE)).to(self.device).view(1, 1, FACE_SIZE, FACE_SIZE)
+        self.speed = speed
+        for note in check_speed_device(speed, self.device):
+            log.warning("%s", note)
+
+    def _capture_graphs(self) -> None:
+        buckets = graph_buckets(self.graph_max_batch)
+        shape = (3, FACE_SIZE, FACE_SIZE)
+        self._graphs = {}
+        graphs = {"gfpgan": GraphedForward(self._gfpgan_fixed_noise, shape, buckets, self.device)}
+        if self.speed.paste_mask == "parse":
+            graphs["parse"] = GraphedForward(self._parse_masks, shape, buckets, self.device)
+        for graph in graphs.values():
+            graph.capture()
+        self._graphs = graphs
+        log.info("captured CUDA graphs for batches of %s faces", ", ".join(map(str, buckets)))
 
     # -- the door ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
         """Run every job's faces through the pipeline in as few device passes as possible."""
+        batch = self.profiler.batch() if self.profiler is not None else contextlib.nullcontext()
+        with batch:
+            return self._enhance(jobs)
+
+    def _stage(self, name: str):
+        return self.profiler.stage(name) if self.profiler is not None else contextlib.nullcontext()
+
+    def _enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
         groups = defaultdict(list)  # input size -> job indices: one tensor per size
         for index, job in enumerate(jobs):
             groups[job.faces.shape[1]].append(index)
-        plans = [self._prepare(jobs, indices) for indices in groups.values()]
+        plans = [self._prepare(jobs, indices, f"g{number}") for number, indices in enumerate(groups.values())]
+        options = [o for plan in plans for o in plan.options]
         crops = torch.cat([c for plan in plans for c in (plan.warped, plan.aligned_inputs)])
-        restored = self._restore(crops, torch.cat([plan.noise for plan in plans]))
-        results: list[JobResult | None] = [None] * len(jobs)
+        with self._stage("gfpgan"):
+            restored = self._restore(crops, torch.cat([plan.noise for plan in plans]),
+                                     any(o.random_noise for o in options),
+                                     all(o.random_noise for o in options))
+        pending = []  # (plan, {size: device uint8 NHWC}, device status)
         offset = 0
         for plan in plans:
-            for index, result in self._finish(plan, restored[offset:offset + plan.num_crops], jobs):
-                results[index] = result
+            pending.append(self._finish(plan, restored[offset:offset + plan.num_crops]))
             offset += plan.num_crops
+        with self._stage("download"):
+            if self.profiler is not None:
+                self.profiler.note_sync("download")
+            host = _download([(status, outputs) for _, outputs, status in pending], self.device)
+        results: list[JobResult | None] = [None] * len(jobs)
+        for (plan, _, _), (status, outputs) in zip(pending, host):
+            rows = defaultdict(int)  # next unread row of each output size
+            start = 0
+            for i in plan.indices:
+                count, size = jobs[i].faces.shape[0], jobs[i].options.output_size
+                out = outputs[size][rows[size]:rows[size] + count]
+                rows[size] += count
+                results[i] = JobResult(out, [FaceStatus(int(s)) for s in status[start:start + count]])
+                start += count
         return results  # type: ignore[return-value]
 
     def warmup(self, faces: int = 1, size: int = 256) -> None:
-        """One DETECT and one ALIGNED pass, so kernels and caches exist before real traffic."""
+        """Capture the CUDA graphs (when on), then one DETECT and one ALIGNED pass, so kernels
+        and caches exist before real traffic."""
+        if self.speed.cuda_graphs and self.device.type == "cuda" and not self._graphs:
+            self._capture_graphs()
         image = np.full((faces, size, size, 3), 128, dtype=np.uint8)
         self.enhance([Job(image, EnhanceOptions()),
                       Job(image, EnhanceOptions(alignment=Alignment.ALIGNED))])
@@ -121,59 +228,65 @@ class FacePipeline:
 
     # -- stages -----------------------------------------------------------------------------
 
-    def _upload(self, jobs: Sequence[Job], indices: list[int]) -> torch.Tensor:
-        """The jobs' uint8 NHWC faces -> one float NCHW BGR tensor on the device."""
-        host = np.concatenate([np.ascontiguousarray(jobs[i].faces) for i in indices])
-        tensor = torch.from_numpy(host)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.permute(0, 3, 1, 2).float()
-
-    def _prepare(self, jobs: Sequence[Job], indices: list[int]) -> _Group:
+    def _prepare(self, jobs: Sequence[Job], indices: list[int], key: str) -> _Group:
         """Upload one size group, find its faces and warp them to the 512 template."""
-        images = self._upload(jobs, indices)
         options = [jobs[i].options for i in indices for _ in range(jobs[i].faces.shape[0])]
-        aligned = torch.tensor([o.alignment is Alignment.ALIGNED for o in options], device=self.device)
-        detect = torch.tensor([o.alignment is Alignment.DETECT for o in options], device=self.device)
-        centre_only = torch.tensor([o.only_center_face for o in options], device=self.device)
-        random_noise = torch.tensor([o.random_noise for o in options], device=self.device)
+        n = len(options)
+        with self._stage("upload"):
+            host = np.concatenate([np.ascontiguousarray(jobs[i].faces) for i in indices])
+            images = self._staging.upload(key + "images", host).permute(0, 3, 1, 2).float()
+            # Per image: aligned, detect, centre only, random noise, fidelity (one upload).
+            flags = np.array([[o.alignment is Alignment.ALIGNED, o.alignment is Alignment.DETECT,
+                               o.only_center_face, o.random_noise, o.fidelity] for o in options],
+                             dtype=np.float32).reshape(n, 5)
+            given = [(start, jobs[i].landmarks) for start, i in zip(_starts(jobs, indices), indices)
+                     if jobs[i].options.alignment is Alignment.LANDMARKS]
+            given_images = np.concatenate([np.arange(s, s + len(p)) for s, p in given]) if given \
+                else np.zeros(0, np.int64)
+            given_points = np.concatenate([np.asarray(p, np.float32) for _, p in given]) if given \
+                else np.zeros((0, 5, 2), np.float32)
+            aligned_host = [i for i, o in enumerate(options) if o.alignment is Alignment.ALIGNED]
+            detect_host = [i for i, o in enumerate(options) if o.alignment is Alignment.DETECT]
+            index_host = np.array(aligned_host + detect_host + given_images.tolist(), dtype=np.int64)
+            meta = self._staging.upload(key + "flags", flags)
+            index = self._staging.upload(key + "index", index_host)
+            points = self._staging.upload(key + "points", given_points.reshape(-1, 5, 2))
+        na, nd = len(aligned_host), len(detect_host)
+        aligned_index, detect_index, given_index = index[:na], index[na:na + nd], index[na + nd:]
+        centre_only, random_noise, fidelity = meta[:, 2] > 0.5, meta[:, 3] > 0.5, meta[:, 4]
 
-        faces = self._locate(jobs, indices, images, detect, centre_only)
-        affines = imageops.robust_similarity_transform(faces.landmarks, self._template)
-        warped = imageops.warp_affine(images[faces.image], affines, FACE_SIZE,
-                                      self._border)
-        aligned_index = aligned.nonzero().flatten()
-        resized = imageops.resize(images[aligned_index], FACE_SIZE, "linear")
-        # facexlib and cv2 hand GFPGAN uint8 crops: round like they do.
-        return _Group(indices=indices, images=images, options=options, faces=faces, affines=affines,
-                      aligned_index=aligned_index, warped=warped.round().clamp(0, 255),
-                      aligned_inputs=resized.round().clamp(0, 255),
+        faces = self._locate(images, detect_index, given_index, points, centre_only,
+                             all_centre=all(options[i].only_center_face for i in detect_host))
+        with self._stage("align"):
+            affines = imageops.robust_similarity_transform(faces.landmarks, self._template)
+        with self._stage("warp"):
+            warped = imageops.warp_affine(images[faces.image], affines, FACE_SIZE, self._border)
+            resized = imageops.resize(images[aligned_index], FACE_SIZE, "linear")
+            # facexlib and cv2 hand GFPGAN uint8 crops: round like they do.
+            warped, resized = warped.round().clamp(0, 255), resized.round().clamp(0, 255)
+        return _Group(key=key, indices=indices, images=images, options=options, faces=faces, affines=affines,
+                      aligned_index=aligned_index, aligned_host=aligned_host, warped=warped,
+                      aligned_inputs=resized, fidelity=fidelity,
                       noise=torch.cat([random_noise[faces.image], random_noise[aligned_index]]))
 
-    def _locate(self, jobs, indices, images, detect, centre_only) -> Faces:
+    def _locate(self, images, detect_index, given_index, given_points, centre_only, all_centre) -> Faces:
         """5-point landmarks of every face to restore: detected, or given by the caller."""
         size = images.shape[-1]
-        detect_index = detect.nonzero().flatten()
-        found = self.detector.detect(images[detect_index]) if detect_index.numel() else None
-        if found is not None:
-            found = centre_faces(found, size, size, centre_only[detect_index])
-            found.image = detect_index[found.image]
-            found = found.take(_rank_within_image(found.image) < MAX_FACES_PER_IMAGE)
-        given_images, given_points = [], []
-        start = 0
-        for i in indices:
-            job = jobs[i]
-            count = job.faces.shape[0]
-            if job.options.alignment is Alignment.LANDMARKS:
-                given_images.append(torch.arange(start, start + count))
-                given_points.append(torch.as_tensor(job.landmarks, dtype=torch.float32))
-            start += count
-        parts = [found] if found is not None else []
-        if given_images:
-            image = torch.cat(given_images).to(self.device)
-            points = torch.cat(given_points).to(self.device)
-            zeros = torch.zeros(image.shape[0], device=self.device)
-            parts.append(Faces(image, torch.zeros(image.shape[0], 4, device=self.device), zeros, points))
+        parts = []
+        if detect_index.numel():
+            with self._stage("detect"):
+                found, usable = self.detector.candidates(images[detect_index])
+                keep = centre_mask(found, size, size, centre_only[detect_index], among=usable)
+                if not all_centre:  # at most MAX_FACES_PER_IMAGE faces of one image
+                    keep = keep & (_rank_within_image(found.image, detect_index.numel(), keep)
+                                   < MAX_FACES_PER_IMAGE)
+                found = found.take(keep)  # the one selection: every filter folded into `keep`
+                found.image = detect_index[found.image]
+                parts.append(found)
+        if given_index.numel():
+            zeros = torch.zeros(given_index.shape[0], device=self.device)
+            parts.append(Faces(given_index, torch.zeros(given_index.shape[0], 4, device=self.device),
+                               zeros, given_points))
         if not parts:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             return Faces(empty, torch.zeros(0, 4, device=self.device), torch.zeros(0, device=self.device),
@@ -185,104 +298,179 @@ class FacePipeline:
     def _autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        # No weight cache: each weight is used once per pass, and a cache breaks graph capture.
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=False)
 
-    def _restore(self, crops: torch.Tensor, random_noise: torch.Tensor) -> torch.Tensor:
-        """GFPGAN over all crops at once (two passes only if some want random noise)."""
-        restored = torch.empty_like(crops)
-        for wants_noise in (False, True):
-            index = (random_noise == wants_noise).nonzero().flatten()
-            if index.numel() == 0:
-                continue
+    def _network_input(self, crops: torch.Tensor) -> torch.Tensor:
+        x = _to_network(crops)
+        return x.contiguous(memory_format=torch.channels_last) if self.speed.channels_last else x
+
+    def _gfpgan_fixed_noise(self, crops: torch.Tensor) -> torch.Tensor:
+        """0..255 BGR template crops -> restored 0..255 BGR, with the stored noise."""
+        with self._autocast():
+            output = self.gfpgan(self._network_input(crops), return_rgb=False, randomize_noise=False)[0]
+        return _from_network(output)
+
+    def _restore(self, crops: torch.Tensor, random_noise: torch.Tensor, any_random: bool,
+                 all_random: bool) -> torch.Tensor:
+        """GFPGAN over all crops in one pass, whatever mix of noise modes they ask for."""
+        if crops.shape[0] == 0:
+            return crops
+        if not any_random:
+            run = self._graphs.get("gfpgan", self._gfpgan_fixed_noise)
+            return run(crops)
+        if all_random:
             with self._autocast():
-                output = self.gfpgan(_to_network(crops[index]), return_rgb=False,
-                                     randomize_noise=wants_noise)[0]
-            restored[index] = _from_network(output)
-        return restored
+                output = self.gfpgan(self._network_input(crops), return_rgb=False, randomize_noise=True)[0]
+            return _from_network(output)
+        if not hasattr(self.gfpgan, "stylegan_decoder"):  # a stand-in network: two passes
+            output = torch.empty_like(crops)
+            for fresh in (False, True):
+                with self._autocast():
+                    out = self.gfpgan(self._network_input(crops), return_rgb=False, randomize_noise=fresh)[0]
+                output = torch.where(random_noise.view(-1, 1, 1, 1) == fresh, _from_network(out), output)
+            return output
+        if self._noise_plan is None:
+            self._noise_plan = NoisePlan(self.gfpgan)
+        with self._noise_plan.mixed(random_noise), self._autocast():
+            output = self.gfpgan(self._network_input(crops), return_rgb=False, randomize_noise=False)[0]
+        return _from_network(output)
 
-    def _face_masks(self, restored: torch.Tensor) -> torch.Tensor:
+    def _parse_masks(self, restored: torch.Tensor) -> torch.Tensor:
         """Soft face masks in [0, 1] from ParseNet, feathered like facexlib's paste-back."""
         with self._autocast():
-            logits = self.parser(_to_network(restored))[0]
+            logits = self.parser(self._network_input(restored))[0]
         masks = self._face_mask_lut[logits.float().argmax(dim=1)].unsqueeze(1) * 255.0
         ksize, sigma, times = _MASK_BLUR
         masks = imageops.gaussian_blur(masks, ksize, sigma, times)
-        frame = torch.zeros_like(masks)
-        frame[..., _MASK_FRAME:-_MASK_FRAME, _MASK_FRAME:-_MASK_FRAME] = 1.0
-        return masks * frame / 255.0
+        masks[..., :_MASK_FRAME, :] = 0.0
+        masks[..., -_MASK_FRAME:, :] = 0.0
+        masks[..., :, :_MASK_FRAME] = 0.0
+        masks[..., :, -_MASK_FRAME:] = 0.0
+        return masks / 255.0
 
-    def _finish(self, plan: _Group, restored: torch.Tensor, jobs: Sequence[Job]):
-        """Paste restored faces back, blend with the original, resize, and hand out per job."""
+    def _face_masks(self, restored: torch.Tensor) -> torch.Tensor:
+        """The paste mask of each restored face, in template space: ParseNet's or the box."""
+        if self.speed.paste_mask == "box":
+            return self._box_mask.expand(restored.shape[0], -1, -1, -1)
+        return self._graphs.get("parse", self._parse_masks)(restored)
+
+    def _finish(self, plan: _Group, restored: torch.Tensor):
+        """Paste restored faces back, blend with the original and resize, on the device."""
         faces = plan.faces
         num_faces = faces.image.shape[0]
         plan.pasted_faces, plan.aligned_faces = restored[:num_faces], restored[num_faces:]
-        plan.masks = self._face_masks(plan.pasted_faces) if num_faces else None
-        status = torch.full((plan.n,), int(FaceStatus.NO_FACE), dtype=torch.int64, device=self.device)
+        if num_faces:
+            with self._stage("parse"):
+                plan.masks = self._face_masks(plan.pasted_faces)
+        status = torch.full((plan.n,), int(FaceStatus.NO_FACE), dtype=torch.uint8, device=self.device)
         status[faces.image] = int(FaceStatus.ENHANCED)
         status[plan.aligned_index] = int(FaceStatus.ENHANCED)
-        status_host = status.cpu().tolist()
-        outputs = {size: _to_host(self._compose(plan, size))
+        outputs = {size: _to_uint8_nhwc(self._compose(plan, size))
                    for size in sorted({o.output_size for o in plan.options})}
-        rows = defaultdict(int)  # next unread row of each output size
-        start = 0
-        for i in plan.indices:
-            count, size = jobs[i].faces.shape[0], jobs[i].options.output_size
-            out = outputs[size][rows[size]:rows[size] + count]
-            rows[size] += count
-            yield i, JobResult(out, [FaceStatus(s) for s in status_host[start:start + count]])
-            start += count
+        return plan, outputs, status
 
     def _compose(self, plan: _Group, out_size: int) -> torch.Tensor:
-        """Output canvases, at out_size, of the group's images that asked for that size."""
+        """Output canvases, at out_size, of the group's images that asked for that size.
+
+        Which images go to which canvas row is known on the host; faces are pasted with masks
+        rather than selections, so nothing here waits for the device.
+        """
         images, faces = plan.images, plan.faces
-        wanted = torch.tensor([o.output_size == out_size for o in plan.options], device=self.device)
-        chosen = wanted.nonzero().flatten()
-        row_of = torch.full((plan.n,), -1, dtype=torch.int64, device=self.device)
-        row_of[chosen] = torch.arange(chosen.numel(), device=self.device)
-        fidelity = torch.tensor([o.fidelity for o in plan.options], device=self.device)
+        chosen_host = [i for i, o in enumerate(plan.options) if o.output_size == out_size]
+        row_host = np.full(plan.n, -1, np.int64)
+        row_host[chosen_host] = np.arange(len(chosen_host))
+        rows_index = self._staging.upload(f"{plan.key}rows{out_size}", np.concatenate([chosen_host, row_host]))
+        chosen, row_of = rows_index[:len(chosen_host)], rows_index[len(chosen_host):]
         scale = out_size / images.shape[-1]
 
-        background = imageops.resize_for_output(images[chosen], out_size)
-        canvas = background.clone()
-        sel = wanted[faces.image].nonzero().flatten()
-        if sel.numel():
-            # template -> output canvas: undo the alignment, then map input pixels to output
-            # pixels centre to centre (q = s * p + (s - 1) / 2; facexlib adds s / 2, which
-            # shifts the face half an output pixel right and down when upscaling).
-            to_canvas = imageops.invert_affine(plan.affines[sel]) * scale
-            to_canvas[:, :, 2] += (scale - 1.0) / 2.0
-            face_px = imageops.warp_affine(plan.pasted_faces[sel], to_canvas, out_size, 0.0).round()
-            face_alpha = imageops.warp_affine(plan.masks[sel], to_canvas, out_size, 0.0)
-            target = row_of[faces.image[sel]]
-            rank = _rank_within_image(target)
-            for r in range(int(rank.max()) + 1):  # several faces in one image paste in turn
-                at = (rank == r).nonzero().flatten()
-                alpha, rows = face_alpha[at], target[at]
-                canvas[rows] = alpha * face_px[at] + (1 - alpha) * canvas[rows]
-        f = fidelity[chosen].view(-1, 1, 1, 1)
-        canvas = (1 - f) * canvas + f * background
-        aligned = plan.aligned_index
-        sel = wanted[aligned].nonzero().flatten()
-        if sel.numel():
-            f = fidelity[aligned[sel]].view(-1, 1, 1, 1)
-            blended = (1 - f) * plan.aligned_faces[sel] + f * plan.aligned_inputs[sel]
-            canvas[row_of[aligned[sel]]] = imageops.resize_for_output(blended, out_size)
+        with self._stage("blend"):
+            background = imageops.resize_for_output(images[chosen], out_size)
+        canvas = background
+        if faces.image.numel():
+            with self._stage("paste"):
+                # template -> output canvas: undo the alignment, then map input pixels to output
+                # pixels centre to centre (q = s * p + (s - 1) / 2; facexlib adds s / 2, which
+                # shifts the face half an output pixel right and down when upscaling).
+                to_canvas = imageops.invert_affine(plan.affines) * scale
+                to_canvas[:, :, 2] += (scale - 1.0) / 2.0
+                face_px = imageops.warp_affine(plan.pasted_faces, to_canvas, out_size, 0.0).round()
+                face_alpha = imageops.warp_affine(plan.masks, to_canvas, out_size, 0.0)
+                target = row_of[faces.image]  # -1: this face's image wants another size
+                face_alpha = face_alpha * (target >= 0).view(-1, 1, 1, 1)
+                target = target.clamp_min(0)
+                rank = _rank_within_image(faces.image, plan.n)
+                all_centre = all(o.only_center_face or o.alignment is not Alignment.DETECT
+                                 for o in plan.options)
+                # One face per image and pass: several faces of one image paste in turn.
+                for r in range(1 if all_centre else MAX_FACES_PER_IMAGE):
+                    alpha = face_alpha if all_centre else face_alpha * (rank == r).view(-1, 1, 1, 1)
+                    cover = torch.zeros_like(canvas[:, :1]).index_add_(0, target, alpha)
+                    paint = torch.zeros_like(canvas).index_add_(0, target, alpha * face_px)
+                    canvas = paint + (1 - cover) * canvas
+        with self._stage("blend"):
+            f = plan.fidelity[chosen].view(-1, 1, 1, 1)
+            canvas = (1 - f) * canvas + f * background
+            aligned_rows = [row_host[i] for i in plan.aligned_host if row_host[i] >= 0]
+            if aligned_rows:
+                pick = [k for k, i in enumerate(plan.aligned_host) if row_host[i] >= 0]
+                sel = self._staging.upload(f"{plan.key}aligned{out_size}", np.array(pick + aligned_rows))
+                sel, rows = sel[:len(pick)], sel[len(pick):]
+                f = plan.fidelity[plan.aligned_index[sel]].view(-1, 1, 1, 1)
+                blended = (1 - f) * plan.aligned_faces[sel] + f * plan.aligned_inputs[sel]
+                canvas = canvas.index_copy(0, rows, imageops.resize_for_output(blended, out_size))
         return canvas
 
 
-def _rank_within_image(image: torch.Tensor) -> torch.Tensor:
-    """0 for each image's first face, 1 for its second, ... (image ids sorted ascending)."""
+def _starts(jobs: Sequence[Job], indices: list[int]) -> list[int]:
+    """Each job's first image within its size group."""
+    starts, start = [], 0
+    for i in indices:
+        starts.append(start)
+        start += jobs[i].faces.shape[0]
+    return starts
+
+
+def _keep_style_input_contiguous(gfpgan: torch.nn.Module) -> None:
+    """GFPGAN flattens its last encoder feature map with .view(), which a channels-last tensor
+    refuses: hand the flattening a contiguous tensor (a no-op in the default layout)."""
+    if getattr(gfpgan, "_contiguous_hook", None) is None:
+        gfpgan._contiguous_hook = gfpgan.final_conv.register_forward_hook(
+            lambda _module, _inputs, output: output.contiguous())
+
+
+def _rank_within_image(image: torch.Tensor, n_images: int, among: torch.Tensor | None = None) -> torch.Tensor:
+    """0 for each image's first face, 1 for its second, ... (image ids sorted ascending).
+
+    With `among`, faces are counted only where the mask is set (the others get ranks too, which
+    the caller ignores). `n_images` bounds the ids, so nothing is read back from the device.
+    """
     if image.numel() == 0:
         return image
+    counted = torch.ones_like(image) if among is None else among.to(torch.int64)
+    before = torch.cumsum(counted, 0) - counted  # counted faces before each face, batch-wide
     position = torch.arange(image.numel(), device=image.device)
-    first = torch.full((int(image.max()) + 1,), image.numel(), device=image.device).scatter_reduce(
+    first = torch.full((n_images,), image.numel(), device=image.device).scatter_reduce(
         0, image, position, reduce="amin")
-    return position - first[image]
+    return before - before[first[image]]
 
 
-def _to_host(canvas: torch.Tensor) -> np.ndarray:
-    """(N, 3, S, S) float 0..255 -> (N, S, S, 3) uint8 on the host, C-contiguous."""
-    return canvas.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+def _to_uint8_nhwc(canvas: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) float 0..255 -> (N, S, S, 3) uint8, still on the device."""
+    return canvas.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _download(parts, device: torch.device):
+    """Copy every (status, {size: outputs}) to the host with one wait for the device."""
+    if device.type != "cuda":
+        return [(status.numpy(), {size: t.numpy() for size, t in outputs.items()})
+                for status, outputs in parts]
+    copies = [(status.to("cpu", non_blocking=True),
+               {size: t.to("cpu", non_blocking=True) for size, t in outputs.items()})
+              for status, outputs in parts]
+    torch.cuda.current_stream(device).synchronize()
+    return [(status.numpy(), {size: t.numpy() for size, t in outputs.items()})
+            for status, outputs in copies]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -316,4 +504,5 @@ def build_pipeline(settings) -> FacePipeline:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device, dtype=dtype,
-                        info=models.gfpgan.model_info(dtype))
+                        info=models.gfpgan.model_info(dtype), speed=settings.speed_options(),
+                        graph_max_batch=settings.max_batch_faces)

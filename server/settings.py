@@ -46,6 +46,10 @@ class Settings:
     log_level: str = "INFO"
     drain_grace_s: float = 30.0
     warmup: bool = True
+    modconv: str = "fused"
+    cuda_graphs: bool = False
+    channels_last: bool = False
+    paste_mask: str = "parse"
 
     def __post_init__(self):
         # Direct construction (tests, embedding) gets the same defaults, checks and spellings
@@ -63,6 +67,12 @@ class Settings:
         problem = _cross_check(self)
         if problem:
             raise ValueError(problem)
+
+    def speed_options(self):
+        """The pipeline's speed forms (server/speed.py) these settings choose."""
+        from server.speed import SpeedOptions
+        return SpeedOptions(modconv=self.modconv, cuda_graphs=self.cuda_graphs,
+                            channels_last=self.channels_last, paste_mask=self.paste_mask)
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -153,6 +163,16 @@ def _dtype(text: str) -> str:
     raise argparse.ArgumentTypeError(f"must be auto, float32 or bfloat16, got {text!r}")
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(allowed)}, got {text!r}")
+        return value
+    parse.__name__ = "choice"
+    return parse
+
+
 def _log_level(text: str) -> str:
     value = text.strip().upper()
     if value not in LOG_LEVELS:
@@ -177,6 +197,9 @@ def _cross_check(s: Settings) -> str | None:
     if s.max_queue_faces < s.max_faces_per_request:
         return (f"--max-queue-faces ({s.max_queue_faces}) must be at least --max-faces-per-request "
                 f"({s.max_faces_per_request}), or the largest allowed request could never be queued")
+    if s.channels_last and s.modconv == "fused":
+        return ("--channels-last needs --modconv unfused: the fused form folds the batch into "
+                "channels with a view that a channels-last tensor cannot take")
     if s.metrics_port != 0 and s.metrics_port == s.port:
         return f"--metrics-port and --port are both {s.port}; give them different ports"
     return None
@@ -237,6 +260,19 @@ SPECS: tuple[_Spec, ...] = (
           "already accepted before exiting.", "30.0", check=_float_at_least(0.0)),
     _Spec("warmup", _boolean, "Run one batch through the model before reporting SERVING "
           "(--no-warmup skips it).", "true", boolean="both"),
+    _Spec("modconv", _choice("fused", "unfused"), "GFPGAN's modulated convolutions: fused (a "
+          "weight per face, one grouped convolution, as GFPGAN does) or unfused (one shared-weight "
+          "convolution, the style applied to the input and output channels). Same faces.",
+          "fused", check=_choice("fused", "unfused")),
+    _Spec("cuda_graphs", _boolean, "Capture GFPGAN and ParseNet as CUDA graphs at warm-up, one per "
+          "batch-size bucket up to --max-batch-faces (CUDA only; a warning on the CPU).", "false",
+          boolean="both"),
+    _Spec("channels_last", _boolean, "Run the networks' convolutions channels-last (NHWC); needs "
+          "--modconv unfused.", "false", boolean="both"),
+    _Spec("paste_mask", _choice("parse", "box"), "Mask that pastes a restored face back: parse "
+          "(ParseNet's face regions, as GFPGANer does) or box (facexlib's feathered box, no "
+          "ParseNet pass: faster, and the hair and neck edges come from the restored crop).",
+          "parse", check=_choice("parse", "box")),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 assert set(SPEC_BY_NAME) == {f.name for f in dataclasses.fields(Settings)}, "a setting lacks a spec"

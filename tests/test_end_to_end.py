@@ -20,6 +20,7 @@ from client.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
 from server.weights import sha256_file
 from tests.checkpoints import GFPGAN_FILE
+from tests.device import TEST_DEVICE
 from tests.faces import make_faces, template_landmarks, weights_with_detector
 from tests.helpers import free_port, serving
 
@@ -33,12 +34,12 @@ def weights(tmp_path_factory, small_weights):
 
 @pytest.fixture(scope="module")
 def service(weights):
-    """`gfpgan-serve` as its own process, on the CPU, with downloads off."""
+    """`gfpgan-serve` as its own process, on the test device in float32, with downloads off."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", "from server.app import main; main()", "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", "0", "--model", str(weights / GFPGAN_FILE),
-         "--weights-dir", str(weights), "--device", "cpu", "--no-download", "--max-batch-faces", "4",
+         "--weights-dir", str(weights), "--device", str(TEST_DEVICE), "--dtype", "float32", "--no-download", "--max-batch-faces", "4",
          "--max-delay-ms", "20", "--drain-grace-s", "60"],
         cwd=ROOT, env={**os.environ, "GRPC_VERBOSITY": "ERROR"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
@@ -61,7 +62,7 @@ def local(weights):
     from server.settings import Settings
 
     return build_pipeline(Settings(model=str(weights / GFPGAN_FILE), weights_dir=str(weights),
-                                   device="cpu", no_download=True))
+                                   device=str(TEST_DEVICE), dtype="float32", no_download=True))
 
 
 def test_info_reports_the_loaded_weights(service, weights):
@@ -69,7 +70,7 @@ def test_info_reports_the_loaded_weights(service, weights):
     with FaceEnhanceClient(address) as client:
         info = client.info()
     assert info.weights_sha256 == sha256_file(weights / GFPGAN_FILE)
-    assert info.device == "cpu" and info.dtype == "float32"
+    assert info.device.split(":")[0] == TEST_DEVICE.type and info.dtype == "float32"
     assert info.model_name == "GFPGANv1.4"
 
 

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from server import imageops
+from tests.device import TEST_DEVICE
 from tests.faces import TEMPLATE_512, make_faces
 
 FACE = make_faces(1, seed=11)[0]
 
 
 def as_tensor(img):
-    return torch.from_numpy(img.astype(np.float64)).permute(2, 0, 1)[None]
+    return torch.from_numpy(img.astype(np.float64)).permute(2, 0, 1)[None].to(TEST_DEVICE)
 
 
 def as_image(t):
-    return t[0].permute(1, 2, 0).numpy()
+    return t[0].permute(1, 2, 0).cpu().numpy()
 
 
 @pytest.mark.parametrize("size,method,flag", [
@@ -34,7 +35,7 @@ def test_resize_equals_cv2(size, method, flag):
 def test_gaussian_blur_equals_cv2_twice():
     mask = (np.random.default_rng(0).random((512, 512)) > 0.5) * 255.0
     expected = cv2.GaussianBlur(cv2.GaussianBlur(mask, (101, 101), 11), (101, 101), 11)
-    ours = imageops.gaussian_blur(torch.from_numpy(mask)[None, None], 101, 11.0, 2)[0, 0].numpy()
+    ours = imageops.gaussian_blur(torch.from_numpy(mask)[None, None].to(TEST_DEVICE), 101, 11.0, 2)[0, 0].cpu().numpy()
     assert np.abs(ours - expected).max() < 1e-6
 
 
@@ -43,7 +44,7 @@ def test_warp_affine_equals_cv2_with_constant_border():
     matrix[:, 2] += [3.3, -7.1]
     expected = cv2.warpAffine(FACE.astype(np.float32), matrix, (512, 512), borderMode=cv2.BORDER_CONSTANT,
                               borderValue=(135, 133, 132))
-    ours = as_image(imageops.warp_affine(as_tensor(FACE), torch.from_numpy(matrix)[None], 512,
+    ours = as_image(imageops.warp_affine(as_tensor(FACE), torch.from_numpy(matrix)[None].to(TEST_DEVICE), 512,
                                          torch.tensor([135.0, 133, 132])))
     # cv2 quantises sample positions to 1/32 pixel
     assert np.abs(ours - expected).mean() < 0.01 and np.abs(ours - expected).max() < 0.5
@@ -58,12 +59,13 @@ def test_robust_similarity_equals_cv2_lmeds_including_outliers():
         p = p + rng.normal(0, rng.choice([0.5, 3, 10, 30]), p.shape)  # some with outliers
         points.append(p)
         expected.append(cv2.estimateAffinePartial2D(p, TEMPLATE_512, method=cv2.LMEDS)[0])
-    ours = imageops.robust_similarity_transform(torch.tensor(np.array(points)), torch.tensor(TEMPLATE_512))
+    ours = imageops.robust_similarity_transform(torch.tensor(np.array(points), device=TEST_DEVICE),
+                                                torch.tensor(TEMPLATE_512))
     # OpenCV refines with 10 Levenberg-Marquardt steps; we solve the same least squares exactly
-    assert np.abs(ours.numpy() - np.array(expected)).max() < 0.01
+    assert np.abs(ours.cpu().numpy() - np.array(expected)).max() < 0.01
 
 
 def test_invert_affine_equals_cv2():
     matrix = cv2.getRotationMatrix2D((10, 20), 33, 0.7)
-    ours = imageops.invert_affine(torch.from_numpy(matrix)[None])[0].numpy()
+    ours = imageops.invert_affine(torch.from_numpy(matrix)[None].to(TEST_DEVICE))[0].cpu().numpy()
     assert np.abs(ours - cv2.invertAffineTransform(matrix)).max() < 1e-12

@@ -20,18 +20,18 @@ from client.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
 from server.pipeline import FacePipeline
 from tests.checkpoints import DETECTION_FILE, GFPGAN_FILE, PARSING_FILE, SMALL_NARROW
+from tests.device import TEST_DEVICE
 from tests.faces import calibrated_retinaface, make_faces, template_landmarks, weights_with_detector
 
-CPU = torch.device("cpu")
 
 
 def load_nets(weights_dir):
     """Our pipeline's networks, loaded through the service's own loaders."""
     from server.model import load_gfpgan, load_parsenet, load_retinaface
 
-    gfpgan = load_gfpgan(weights_dir / GFPGAN_FILE, CPU)
-    detector = load_retinaface(weights_dir / DETECTION_FILE, CPU)
-    parser = load_parsenet(weights_dir / PARSING_FILE, CPU)
+    gfpgan = load_gfpgan(weights_dir / GFPGAN_FILE, TEST_DEVICE)
+    detector = load_retinaface(weights_dir / DETECTION_FILE, TEST_DEVICE)
+    parser = load_parsenet(weights_dir / PARSING_FILE, TEST_DEVICE)
     return gfpgan.net, detector, parser
 
 
@@ -44,7 +44,7 @@ def weights(tmp_path_factory, small_weights):
 @pytest.fixture(scope="module")
 def pipeline(weights):
     gfpgan, detector, parser = load_nets(weights)
-    return FacePipeline(gfpgan, detector, parser, device=CPU, dtype=torch.float32)
+    return FacePipeline(gfpgan, detector, parser, device=TEST_DEVICE, dtype=torch.float32)
 
 
 class _StoredNoise(torch.nn.Module):
@@ -81,7 +81,7 @@ def reference(weights, upscale, monkeypatch, narrow=SMALL_NARROW):
         monkeypatch.setattr(gfpgan.utils, "GFPGANv1Clean",
                             lambda **kw: GFPGANv1Clean(**{**kw, "narrow": narrow}))
     restorer = gfpgan.utils.GFPGANer(model_path=str(weights / GFPGAN_FILE), upscale=upscale,
-                                     arch="clean", channel_multiplier=2, device=CPU)
+                                     arch="clean", channel_multiplier=2, device=TEST_DEVICE)
     restorer.gfpgan = _StoredNoise(restorer.gfpgan)
     if upscale > 1:
         # facexlib shifts the pasted face by upscale/2 output pixels instead of
@@ -175,7 +175,7 @@ def test_identity_network_returns_the_input(pipeline):
     faces = make_faces(2, seed=6)
     points = template_landmarks(2, seed=6)
     identity = FacePipeline(lambda x, **kw: (x, None), pipeline.detector.net, pipeline.parser,
-                            device=CPU, dtype=torch.float32)
+                            device=TEST_DEVICE, dtype=torch.float32)
     # a mask covering the whole crop but its frame (like facexlib's, without the feathering),
     # so the pasted face covers everything the template crop saw; the frame keeps the crop's
     # own edge (bilinear against black) out, as facexlib's 10-pixel frame does
@@ -198,7 +198,7 @@ def test_identity_network_returns_the_input(pipeline):
             assert mean < 1.0 and worst <= 25, (mean, worst)
     # and a network that returns black really is pasted where the face is
     black = FacePipeline(lambda x, **kw: (torch.full_like(x, -1.0), None), pipeline.detector.net,
-                         pipeline.parser, device=CPU, dtype=torch.float32)
+                         pipeline.parser, device=TEST_DEVICE, dtype=torch.float32)
     black._face_masks = identity._face_masks
     [dark] = black.enhance([Job(faces, EnhanceOptions(alignment=Alignment.LANDMARKS), points)])
     nose = points[:, 2].round().astype(int)
@@ -242,7 +242,7 @@ def test_mixed_options_in_one_batch_equal_separate_runs(pipeline):
 
 def test_no_face_found_returns_the_input_resized(pipeline):
     blind = calibrated_retinaface(make_faces(2, seed=1), class_gain=0.0)  # every score is 0.5
-    no_faces = FacePipeline(pipeline.gfpgan, blind, pipeline.parser, device=CPU, dtype=torch.float32)
+    no_faces = FacePipeline(pipeline.gfpgan, blind, pipeline.parser, device=TEST_DEVICE, dtype=torch.float32)
     flat = np.full((1, 256, 256, 3), 90, np.uint8)
     flat[:, :, :128] = 160
     [result] = no_faces.enhance([Job(flat, EnhanceOptions(output_size=512))])
@@ -266,9 +266,10 @@ def test_all_faces_mode_restores_every_face_like_gfpganer(pipeline, weights, mon
     detections = np.concatenate([boxes, scores[:, None], points.reshape(3, 10)], axis=1)
     faces = make_faces(1, seed=12)
 
-    monkeypatch.setattr(pipeline.detector, "detect", lambda images: Faces(
-        torch.zeros(3, dtype=torch.int64), torch.from_numpy(boxes).float(), torch.from_numpy(scores),
-        torch.from_numpy(points).float()))
+    monkeypatch.setattr(pipeline.detector, "candidates", lambda images: (Faces(
+        torch.zeros(3, dtype=torch.int64, device=TEST_DEVICE), torch.from_numpy(boxes).float().to(TEST_DEVICE),
+        torch.from_numpy(scores).to(TEST_DEVICE), torch.from_numpy(points).float().to(TEST_DEVICE)),
+        torch.ones(3, dtype=torch.bool, device=TEST_DEVICE)))
     [result] = pipeline.enhance([Job(faces, EnhanceOptions(only_center_face=False))])
     [centre] = pipeline.enhance([Job(faces, EnhanceOptions(only_center_face=True))])
     with reference(weights, 1, monkeypatch) as restorer:

@@ -1,0 +1,210 @@
+"""The pipeline's speed forms (server/speed.py) give the same faces as the plain pipeline.
+
+Tolerances are in 0..255 levels of the output faces, on the narrow random-valued test weights
+(which amplify small differences more than full-width ones do, see tests/checkpoints.py).
+Runs on the CPU, or on GFPGAN_TEST_DEVICE (scripts/gpu_check.py runs it on CUDA).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import server.compat  # noqa: F401
+from client.types import Alignment, EnhanceOptions, FaceStatus
+from server.jobs import Job
+from server.pipeline import FacePipeline
+from server.profiling import StageProfiler
+from server.speed import GraphedForward, SpeedOptions, box_paste_mask, graph_buckets, set_modconv_form
+from tests.device import TEST_DEVICE, needs_cuda
+from tests.faces import make_faces, template_landmarks, weights_with_detector
+from tests.test_pipeline import load_nets, reference, with_landmarks
+
+ALIGNED = EnhanceOptions(alignment=Alignment.ALIGNED)
+LANDMARKS = EnhanceOptions(alignment=Alignment.LANDMARKS)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, small_weights):
+    return weights_with_detector(tmp_path_factory.mktemp("speed_weights"), small_weights)
+
+
+@pytest.fixture(scope="module")
+def nets(weights):
+    return load_nets(weights)
+
+
+def make_pipeline(nets, speed=SpeedOptions(), dtype=torch.float32, graph_max_batch=8):
+    gfpgan, detector, parser = nets
+    return FacePipeline(gfpgan, detector, parser, device=TEST_DEVICE, dtype=dtype, speed=speed,
+                        graph_max_batch=graph_max_batch)
+
+
+def levels(a, b):
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return d.mean(), d.max()
+
+
+def test_unfused_modulated_convolution_equals_gfpgans_own(nets):
+    gfpgan = nets[0]
+    x = torch.rand(3, 3, 512, 512, generator=torch.Generator().manual_seed(1)).to(TEST_DEVICE) * 2 - 1
+    with torch.no_grad():
+        set_modconv_form(gfpgan, "fused")
+        fused = gfpgan(x, return_rgb=False, randomize_noise=False)[0]
+        count = set_modconv_form(gfpgan, "unfused")
+        unfused = gfpgan(x, return_rgb=False, randomize_noise=False)[0]
+        set_modconv_form(gfpgan, "fused")
+        again = gfpgan(x, return_rgb=False, randomize_noise=False)[0]
+    assert count == 15 + 8  # 15 StyleConvs and 8 ToRGBs in the 512 decoder
+    # float32 rounding only: the same sums in another order
+    assert (fused - unfused).abs().max() < 1e-4
+    assert torch.equal(fused, again)  # switching back restores GFPGAN's own forward
+
+
+@pytest.mark.parametrize("speed", [SpeedOptions(modconv="unfused"),
+                                   SpeedOptions(modconv="unfused", channels_last=True)],
+                         ids=["unfused", "unfused-channels-last"])
+def test_speed_forms_give_the_plain_pipelines_faces(nets, speed):
+    faces = make_faces(3, seed=21)
+    points = template_landmarks(3, seed=21)
+    jobs = [Job(faces, EnhanceOptions()), Job(faces, LANDMARKS, points), Job(faces, ALIGNED)]
+    plain = make_pipeline(nets).enhance(jobs)
+    fast = make_pipeline(nets, speed).enhance(jobs)
+    make_pipeline(nets)  # leave the shared networks in their plain form
+    for a, b in zip(plain, fast):
+        assert a.status == b.status
+        mean, worst = levels(a.faces, b.faces)
+        print(f"{speed.describe()}: mean {mean:.4f} max {worst:.0f}")
+        assert mean < 0.02 and worst <= 2, (mean, worst)
+
+
+def test_mixed_noise_is_one_pass_and_keeps_each_faces_mode(nets):
+    pipeline = make_pipeline(nets)
+    calls = []
+    original = pipeline.gfpgan.forward
+    pipeline.gfpgan.forward = lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k)
+    try:
+        faces = make_faces(2, seed=22)
+        noisy = EnhanceOptions(alignment=Alignment.ALIGNED, random_noise=True)
+        jobs = [Job(faces[:1], ALIGNED), Job(faces[1:], noisy)]
+        first, second = pipeline.enhance(jobs), pipeline.enhance(jobs)
+        assert calls == [2, 2]  # one network pass per batch, both faces in it
+        [fixed_alone] = pipeline.enhance([jobs[0]])
+    finally:
+        del pipeline.gfpgan.forward
+    assert np.array_equal(first[0].faces, second[0].faces)  # stored noise: the same every time
+    assert levels(first[0].faces, fixed_alone.faces)[1] <= 1
+    assert not np.array_equal(first[1].faces, second[1].faces)  # fresh noise on every call
+
+
+def test_box_mask_pastes_like_facexlib_without_parsing(nets, weights, monkeypatch):
+    faces = make_faces(2, seed=23)
+    points = template_landmarks(2, seed=23)
+    [ours] = make_pipeline(nets, SpeedOptions(paste_mask="box")).enhance([Job(faces, LANDMARKS, points)])
+    [parse] = make_pipeline(nets).enhance([Job(faces, LANDMARKS, points)])
+    with reference(weights, 1, monkeypatch) as restorer:
+        restorer.face_helper.use_parse = False
+        refs = []
+        for face, p in zip(faces, points):
+            with_landmarks(restorer, p)
+            refs.append(restorer.enhance(face, has_aligned=False, only_center_face=True, paste_back=True)[2])
+    assert ours.status == [FaceStatus.ENHANCED] * 2
+    for mine, ref, with_parse in zip(ours.faces, refs, parse.faces):
+        mean, worst = levels(mine, ref)
+        print(f"box mask vs facexlib use_parse=False: mean {mean:.3f} max {worst:.0f}; "
+              f"vs the parse mask: mean {levels(mine, with_parse)[0]:.2f}")
+        # facexlib feathers by sqrt(the face's area on the image) / 20, which shrinks where the
+        # template box leaves the crop; we feather the template box by 512 / 20 (the same when the
+        # box is inside): the feather's edge differs by a few pixels, plus uint8 truncation.
+        assert mean < 1.5 and worst <= 60, (mean, worst)
+
+
+def test_box_mask_is_one_inside_and_feathers_to_zero():
+    mask = box_paste_mask(512)
+    assert mask.shape == (512, 512) and mask.dtype == np.float32
+    assert mask[100:412, 100:412].min() == pytest.approx(1.0)
+    assert mask[0].max() == 0 and mask[:, 0].max() == 0
+    assert 0 < mask[256, 40] < 1  # a soft edge
+
+
+def test_bfloat16_stays_close_to_float32_on_the_same_weights(nets):
+    faces = make_faces(3, seed=24)
+    points = template_landmarks(3, seed=24)
+    jobs = [Job(faces, LANDMARKS, points), Job(faces, ALIGNED)]
+    fp32 = make_pipeline(nets).enhance(jobs)
+    bf16 = make_pipeline(nets, dtype=torch.bfloat16).enhance(jobs)
+    for a, b in zip(fp32, bf16):
+        mean, worst = levels(a.faces, b.faces)
+        print(f"bfloat16 vs float32: mean {mean:.3f} max {worst:.0f}")
+        # bf16 keeps 8 bits of mantissa: ~0.4% per operation, which the narrow random network
+        # accumulates to a couple of levels on average.
+        assert mean < 4.0 and worst <= 96, (mean, worst)
+
+
+def test_graph_buckets_cover_every_size_up_to_the_largest():
+    assert graph_buckets(8) == [1, 2, 4, 6, 8]
+    assert graph_buckets(32) == [1, 2, 4, 6, 8, 12, 16, 24, 32]
+    assert graph_buckets(20) == [1, 2, 4, 6, 8, 12, 16, 20]
+    assert graph_buckets(1) == [1]
+
+
+def test_cuda_graphs_option_on_the_cpu_warns_and_runs_eagerly(nets, caplog):
+    if TEST_DEVICE.type == "cuda":
+        pytest.skip("the CPU's behaviour")
+    pipeline = make_pipeline(nets, SpeedOptions(cuda_graphs=True))
+    assert "no effect on cpu" in caplog.text
+    pipeline.warmup()
+    assert pipeline._graphs == {}
+
+
+@needs_cuda
+def test_cuda_graphs_give_the_eager_faces_at_every_batch_size(nets):
+    eager = make_pipeline(nets, SpeedOptions(modconv="unfused"))
+    graphed = make_pipeline(nets, SpeedOptions(modconv="unfused", cuda_graphs=True), graph_max_batch=4)
+    graphed.warmup()
+    assert set(graphed._graphs) == {"gfpgan", "parse"}
+    replays = graphed._graphs["gfpgan"].replays
+    points = template_landmarks(6, seed=25)
+    faces = make_faces(6, seed=25)
+    for n in (1, 3, 6):  # exact bucket, padded to 4, larger than every bucket (eager)
+        a = eager.enhance([Job(faces[:n], LANDMARKS, points[:n])])[0]
+        b = graphed.enhance([Job(faces[:n], LANDMARKS, points[:n])])[0]
+        assert levels(a.faces, b.faces)[1] <= 1, n
+    assert graphed._graphs["gfpgan"].replays == replays + 2
+    assert graphed._graphs["gfpgan"].eager_calls >= 1
+
+
+@needs_cuda
+def test_graphed_forward_pads_to_the_bucket_and_drops_the_padding():
+    calls = []
+    def double(x):
+        calls.append(x.shape[0])
+        return x * 2
+    graphed = GraphedForward(double, (3,), [2, 4], TEST_DEVICE)
+    graphed.capture()
+    x = torch.arange(9.0, device=TEST_DEVICE).view(3, 3)
+    assert torch.equal(graphed(x), x * 2) and graphed.replays == 1
+    assert torch.equal(graphed(torch.ones(5, 3, device=TEST_DEVICE)), torch.full((5, 3), 2.0, device=TEST_DEVICE))
+    assert graphed.eager_calls == 1
+
+
+def test_profile_counts_launches_and_syncs_per_stage(nets):
+    pipeline = make_pipeline(nets)
+    pipeline.warmup()  # the resize and blur matrices are made (and uploaded) once, here
+    counts = {}
+    for n in (1, 4):
+        for name, options in (("aligned", ALIGNED), ("detect", EnhanceOptions())):
+            pipeline.profiler = StageProfiler(TEST_DEVICE, count=True)
+            pipeline.enhance([Job(make_faces(n, seed=26), options)])
+            counts[name, n] = pipeline.profiler.totals()
+            stages = pipeline.profiler.per_batch_counts()
+            assert {"upload", "gfpgan", "download"} <= set(stages)
+    pipeline.profiler = None
+    print(counts)
+    # launches do not grow with the number of faces
+    assert abs(counts["aligned", 1][0] - counts["aligned", 4][0]) <= 0.01 * counts["aligned", 1][0]
+    assert abs(counts["detect", 1][0] - counts["detect", 4][0]) <= 0.05 * counts["detect", 1][0]
+    # an ALIGNED batch waits for the device once, for its results; DETECT also waits on the
+    # detections (threshold, NMS, the face selection)
+    assert counts["aligned", 4][1] == 1
+    assert counts["detect", 4][1] <= 4
