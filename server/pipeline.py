@@ -21,8 +21,8 @@ from server import imageops
 from server.detection import FaceDetector, Faces, centre_mask
 from server.jobs import Job, JobResult, ModelInfo
 from server.speed import (GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
-                          check_speed_device, graph_buckets, set_memory_format,
-                          set_modconv_form)
+                          check_speed_device, fast_resampling, graph_buckets, prepare_resampling,
+                          set_memory_format, set_modconv_form)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ _FACE_CLASSES = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0]
 # 10-pixel frame.
 _MASK_BLUR = (101, 11.0, 2)
 _MASK_FRAME = 10
+# Most faces in one network pass. At 64 faces GFPGAN's last upsampling (64 x 128 x 512 x 512)
+# and ParseNet's reflect padding pass 2**31 elements, beyond which CUDA kernels refuse to index
+# ("input tensor must fit into 32-bit index math", seen on an H200); batches of 32 run as fast
+# per face as larger ones there (BENCHMARKS.md), so larger batches run in passes of 32.
+MAX_NETWORK_FACES = 32
 # A hard cap on restored faces per image when only_center_face is off, so that one
 # crowded (or adversarial) image cannot blow up a device batch.
 MAX_FACES_PER_IMAGE = 8
@@ -148,19 +153,20 @@ class FacePipeline:
     def set_speed(self, speed: SpeedOptions) -> None:
         """Switch the networks to `speed`'s forms; CUDA graphs are (re)captured by warmup()."""
         self._graphs = {}
-        for net in (self.gfpgan, self.parser):
-            if isinstance(net, torch.nn.Module):
-                set_memory_format(net, speed.channels_last)
+        # Channels-last for GFPGAN only: ParseNet measured slower in it on an H200 (BENCHMARKS.md).
+        if isinstance(self.gfpgan, torch.nn.Module):
+            set_memory_format(self.gfpgan, speed.channels_last)
         if isinstance(self.gfpgan, torch.nn.Module) and hasattr(self.gfpgan, "stylegan_decoder"):
             set_modconv_form(self.gfpgan, speed.modconv)
             _keep_style_input_contiguous(self.gfpgan)
+        prepare_resampling(self.parser)
         self._box_mask = torch.from_numpy(box_paste_mask(FACE_SIZE)).to(self.device).view(1, 1, FACE_SIZE, FACE_SIZE)
         self.speed = speed
         for note in check_speed_device(speed, self.device):
             log.warning("%s", note)
 
     def _capture_graphs(self) -> None:
-        buckets = graph_buckets(self.graph_max_batch)
+        buckets = graph_buckets(min(self.graph_max_batch, MAX_NETWORK_FACES))
         shape = (3, FACE_SIZE, FACE_SIZE)
         self._graphs = {}
         graphs = {"gfpgan": GraphedForward(self._gfpgan_fixed_noise, shape, buckets, self.device)}
@@ -295,15 +301,20 @@ class FacePipeline:
         # paste order: image by image, each image's faces in detection (score) order
         return merged.take(torch.sort(merged.image, stable=True).indices)
 
+    @contextlib.contextmanager
     def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        # No weight cache: each weight is used once per pass, and a cache breaks graph capture.
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=False)
+        """Around every network pass: the compute dtype, and the resampling form."""
+        with fast_resampling(self.speed.resample == "fast"):
+            if self.dtype == torch.float32:
+                yield
+                return
+            # No weight cache: each weight is used once per pass, and a cache breaks graph capture.
+            with torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=False):
+                yield
 
-    def _network_input(self, crops: torch.Tensor) -> torch.Tensor:
+    def _network_input(self, crops: torch.Tensor, gfpgan: bool = True) -> torch.Tensor:
         x = _to_network(crops)
-        return x.contiguous(memory_format=torch.channels_last) if self.speed.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if gfpgan and self.speed.channels_last else x
 
     def _gfpgan_fixed_noise(self, crops: torch.Tensor) -> torch.Tensor:
         """0..255 BGR template crops -> restored 0..255 BGR, with the stored noise."""
@@ -317,12 +328,9 @@ class FacePipeline:
         if crops.shape[0] == 0:
             return crops
         if not any_random:
-            run = self._graphs.get("gfpgan", self._gfpgan_fixed_noise)
-            return run(crops)
+            return _in_passes(self._graphs.get("gfpgan", self._gfpgan_fixed_noise), crops)
         if all_random:
-            with self._autocast():
-                output = self.gfpgan(self._network_input(crops), return_rgb=False, randomize_noise=True)[0]
-            return _from_network(output)
+            return _in_passes(self._gfpgan_fresh_noise, crops)
         if not hasattr(self.gfpgan, "stylegan_decoder"):  # a stand-in network: two passes
             output = torch.empty_like(crops)
             for fresh in (False, True):
@@ -332,14 +340,24 @@ class FacePipeline:
             return output
         if self._noise_plan is None:
             self._noise_plan = NoisePlan(self.gfpgan)
-        with self._noise_plan.mixed(random_noise), self._autocast():
-            output = self.gfpgan(self._network_input(crops), return_rgb=False, randomize_noise=False)[0]
+        outputs = []
+        for start in range(0, crops.shape[0], MAX_NETWORK_FACES):
+            part = slice(start, start + MAX_NETWORK_FACES)
+            with self._noise_plan.mixed(random_noise[part]), self._autocast():
+                output = self.gfpgan(self._network_input(crops[part]), return_rgb=False,
+                                     randomize_noise=False)[0]
+            outputs.append(_from_network(output))
+        return torch.cat(outputs)
+
+    def _gfpgan_fresh_noise(self, crops: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            output = self.gfpgan(self._network_input(crops), return_rgb=False, randomize_noise=True)[0]
         return _from_network(output)
 
     def _parse_masks(self, restored: torch.Tensor) -> torch.Tensor:
         """Soft face masks in [0, 1] from ParseNet, feathered like facexlib's paste-back."""
         with self._autocast():
-            logits = self.parser(self._network_input(restored))[0]
+            logits = self.parser(self._network_input(restored, gfpgan=False))[0]
         masks = self._face_mask_lut[logits.float().argmax(dim=1)].unsqueeze(1) * 255.0
         ksize, sigma, times = _MASK_BLUR
         masks = imageops.gaussian_blur(masks, ksize, sigma, times)
@@ -353,7 +371,7 @@ class FacePipeline:
         """The paste mask of each restored face, in template space: ParseNet's or the box."""
         if self.speed.paste_mask == "box":
             return self._box_mask.expand(restored.shape[0], -1, -1, -1)
-        return self._graphs.get("parse", self._parse_masks)(restored)
+        return _in_passes(self._graphs.get("parse", self._parse_masks), restored)
 
     def _finish(self, plan: _Group, restored: torch.Tensor):
         """Paste restored faces back, blend with the original and resize, on the device."""
@@ -420,6 +438,14 @@ class FacePipeline:
                 blended = (1 - f) * plan.aligned_faces[sel] + f * plan.aligned_inputs[sel]
                 canvas = canvas.index_copy(0, rows, imageops.resize_for_output(blended, out_size))
         return canvas
+
+
+def _in_passes(run, batch: torch.Tensor) -> torch.Tensor:
+    """run(batch) in passes of at most MAX_NETWORK_FACES."""
+    if batch.shape[0] <= MAX_NETWORK_FACES:
+        return run(batch)
+    return torch.cat([run(batch[start:start + MAX_NETWORK_FACES])
+                      for start in range(0, batch.shape[0], MAX_NETWORK_FACES)])
 
 
 def _starts(jobs: Sequence[Job], indices: list[int]) -> list[int]:
@@ -504,5 +530,5 @@ def build_pipeline(settings) -> FacePipeline:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device, dtype=dtype,
-                        info=models.gfpgan.model_info(dtype), speed=settings.speed_options(),
+                        info=models.gfpgan.model_info(dtype), speed=settings.speed_options(device.type),
                         graph_max_batch=settings.max_batch_faces)

@@ -46,10 +46,11 @@ class Settings:
     log_level: str = "INFO"
     drain_grace_s: float = 30.0
     warmup: bool = True
-    modconv: str = "fused"
-    cuda_graphs: bool = False
-    channels_last: bool = False
+    modconv: str = "auto"
+    cuda_graphs: str = "auto"
+    channels_last: str = "auto"
     paste_mask: str = "parse"
+    resample: str = "torch"
 
     def __post_init__(self):
         # Direct construction (tests, embedding) gets the same defaults, checks and spellings
@@ -68,11 +69,21 @@ class Settings:
         if problem:
             raise ValueError(problem)
 
-    def speed_options(self):
-        """The pipeline's speed forms (server/speed.py) these settings choose."""
+    def speed_options(self, device_type: str):
+        """The pipeline's speed forms (server/speed.py) these settings choose on `device_type`.
+
+        "auto" picks what the H200 run measured faster on CUDA (BENCHMARKS.md: the unfused
+        modulated convolution, GFPGAN channels-last, CUDA graphs) and GFPGAN's own forms on the
+        CPU, where the unfused form measured slower."""
         from server.speed import SpeedOptions
-        return SpeedOptions(modconv=self.modconv, cuda_graphs=self.cuda_graphs,
-                            channels_last=self.channels_last, paste_mask=self.paste_mask)
+
+        cuda = device_type == "cuda"
+        def on(value: str) -> bool:
+            return cuda if value == "auto" else value == "on"
+        modconv = ("unfused" if cuda else "fused") if self.modconv == "auto" else self.modconv
+        return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs),
+                            channels_last=on(self.channels_last) and modconv == "unfused",
+                            paste_mask=self.paste_mask, resample=self.resample)
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -166,6 +177,9 @@ def _dtype(text: str) -> str:
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
+        if "on" in allowed:  # on/off settings also take the boolean spellings
+            value = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off",
+                     "no": "off"}.get(value, value)
         if value not in allowed:
             raise argparse.ArgumentTypeError(f"must be one of {', '.join(allowed)}, got {text!r}")
         return value
@@ -197,7 +211,7 @@ def _cross_check(s: Settings) -> str | None:
     if s.max_queue_faces < s.max_faces_per_request:
         return (f"--max-queue-faces ({s.max_queue_faces}) must be at least --max-faces-per-request "
                 f"({s.max_faces_per_request}), or the largest allowed request could never be queued")
-    if s.channels_last and s.modconv == "fused":
+    if s.channels_last == "on" and s.modconv == "fused":
         return ("--channels-last needs --modconv unfused: the fused form folds the batch into "
                 "channels with a view that a channels-last tensor cannot take")
     if s.metrics_port != 0 and s.metrics_port == s.port:
@@ -260,19 +274,25 @@ SPECS: tuple[_Spec, ...] = (
           "already accepted before exiting.", "30.0", check=_float_at_least(0.0)),
     _Spec("warmup", _boolean, "Run one batch through the model before reporting SERVING "
           "(--no-warmup skips it).", "true", boolean="both"),
-    _Spec("modconv", _choice("fused", "unfused"), "GFPGAN's modulated convolutions: fused (a "
-          "weight per face, one grouped convolution, as GFPGAN does) or unfused (one shared-weight "
-          "convolution, the style applied to the input and output channels). Same faces.",
-          "fused", check=_choice("fused", "unfused")),
-    _Spec("cuda_graphs", _boolean, "Capture GFPGAN and ParseNet as CUDA graphs at warm-up, one per "
-          "batch-size bucket up to --max-batch-faces (CUDA only; a warning on the CPU).", "false",
-          boolean="both"),
-    _Spec("channels_last", _boolean, "Run the networks' convolutions channels-last (NHWC); needs "
-          "--modconv unfused.", "false", boolean="both"),
+    _Spec("modconv", _choice("auto", "fused", "unfused"), "GFPGAN's modulated convolutions: fused "
+          "(a weight per face, one grouped convolution, as GFPGAN does) or unfused (one "
+          "shared-weight convolution, the style applied to the input and output channels); same "
+          "faces. auto: unfused on CUDA, fused on the CPU.", "auto",
+          check=_choice("auto", "fused", "unfused")),
+    _Spec("cuda_graphs", _choice("auto", "on", "off"), "Capture GFPGAN and ParseNet as CUDA graphs "
+          "at warm-up, one per batch-size bucket up to --max-batch-faces (at most 32). auto: on "
+          "with CUDA; on with the CPU is a warning and no effect.", "auto",
+          check=_choice("auto", "on", "off")),
+    _Spec("channels_last", _choice("auto", "on", "off"), "Run GFPGAN's convolutions channels-last "
+          "(NHWC; with the unfused form only). auto: on with CUDA.", "auto",
+          check=_choice("auto", "on", "off")),
     _Spec("paste_mask", _choice("parse", "box"), "Mask that pastes a restored face back: parse "
           "(ParseNet's face regions, as GFPGANer does) or box (facexlib's feathered box, no "
           "ParseNet pass: faster, and the hair and neck edges come from the restored crop).",
           "parse", check=_choice("parse", "box")),
+    _Spec("resample", _choice("torch", "fast"), "How the networks upsample, downsample and pad: "
+          "torch (F.interpolate, ReflectionPad2d) or fast (the same values from slices and "
+          "elementwise ops; not yet measured on a GPU).", "torch", check=_choice("torch", "fast")),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 assert set(SPEC_BY_NAME) == {f.name for f in dataclasses.fields(Settings)}, "a setting lacks a spec"

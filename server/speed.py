@@ -4,6 +4,10 @@
 - `NoisePlan`: one GFPGAN pass for a batch that mixes fixed and fresh noise.
 - `GraphedForward`: a fixed-shape forward captured as CUDA graphs, one per batch-size bucket.
 - `box_paste_mask`: facexlib's non-parsing paste mask (its `use_parse=False`), made once.
+- `fast_resampling`: the networks' x2 / x0.5 resampling and reflection padding as plain
+  elementwise ops. On an H200, PyTorch's NCHW bilinear upsampling and reflection padding took
+  37% of GFPGAN's and 37% of ParseNet's time at batch 16 (BENCHMARKS.md, kernels), far more
+  than the convolutions.
 
 The pipeline (server/pipeline.py) picks them through `SpeedOptions`; the settings of the same
 names choose them for the service, and `gfpgan-bench --variants` measures each on and off.
@@ -11,6 +15,7 @@ names choose them for the service, and `gfpgan-bench --variants` measures each o
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MODCONV_FORMS = ("fused", "unfused")
 PASTE_MASKS = ("parse", "box")
+RESAMPLE_FORMS = ("torch", "fast")
 
 
 @dataclass(frozen=True)
@@ -40,12 +46,17 @@ class SpeedOptions:
     channels_last: bool = False
     #: "parse": ParseNet's face mask (GFPGANer's paste); "box": a feathered box, no ParseNet.
     paste_mask: str = "parse"
+    #: "torch": F.interpolate and ReflectionPad2d as the networks call them; "fast": the same
+    #: results from slices and elementwise ops (see fast_resampling).
+    resample: str = "torch"
 
     def __post_init__(self):
         if self.modconv not in MODCONV_FORMS:
             raise ValueError(f"modconv must be one of {MODCONV_FORMS}, got {self.modconv!r}")
         if self.paste_mask not in PASTE_MASKS:
             raise ValueError(f"paste_mask must be one of {PASTE_MASKS}, got {self.paste_mask!r}")
+        if self.resample not in RESAMPLE_FORMS:
+            raise ValueError(f"resample must be one of {RESAMPLE_FORMS}, got {self.resample!r}")
         if self.channels_last and self.modconv == "fused":
             # The fused form folds the batch into channels with a view, which NHWC cannot take.
             raise ValueError("channels_last needs modconv='unfused' (the fused form views the "
@@ -53,7 +64,8 @@ class SpeedOptions:
 
     def describe(self) -> str:
         return (f"modconv={self.modconv} cuda_graphs={'on' if self.cuda_graphs else 'off'} "
-                f"channels_last={'on' if self.channels_last else 'off'} paste_mask={self.paste_mask}")
+                f"channels_last={'on' if self.channels_last else 'off'} paste_mask={self.paste_mask} "
+                f"resample={self.resample}")
 
 
 # -- modulated convolution ----------------------------------------------------------------------
@@ -71,9 +83,9 @@ def _unfused_forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor
     s = self.modulation(style)  # (b, c_in)
     x = x * s.view(b, c, 1, 1).to(x.dtype)
     if self.sample_mode == "upsample":
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = _interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     elif self.sample_mode == "downsample":
-        x = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+        x = _interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
     weight = self.weight[0]  # (c_out, c_in, k, k)
     out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
     if self.demodulate:
@@ -276,3 +288,129 @@ def check_speed_device(speed: SpeedOptions, device: torch.device) -> list[str]:
         notes.append(f"--cuda-graphs has no effect on {device}: CUDA graphs exist on CUDA only")
     return notes
 
+
+
+# -- resampling and padding -----------------------------------------------------------------------
+
+_FAST = contextvars.ContextVar("fast_resampling", default=False)
+
+
+def upsample2x_bilinear(x: torch.Tensor) -> torch.Tensor:
+    """F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), from slices.
+
+    Output pixel 2i reads 1/4 of input i-1 and 3/4 of i, pixel 2i+1 3/4 of i and 1/4 of i+1,
+    the edge pixel standing in for its missing neighbour. Every step is an elementwise op over
+    the whole tensor, so it runs at memory speed in either layout (PyTorch's NCHW kernel walks
+    the channels of a pixel in one thread, which starves the GPU on small images)."""
+    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim]
+        before = torch.cat([t.narrow(dim, 0, 1), t.narrow(dim, 0, n - 1)], dim)
+        after = torch.cat([t.narrow(dim, 1, n - 1), t.narrow(dim, n - 1, 1)], dim)
+        even = torch.lerp(t, before, 0.25)
+        odd = torch.lerp(t, after, 0.25)
+        out = torch.stack([even, odd], dim + 1)
+        return out.flatten(dim, dim + 1)
+    return along(along(x, 3), 2)
+
+
+def downsample2x_bilinear(x: torch.Tensor) -> torch.Tensor:
+    """F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False) for even sizes:
+    each output pixel sits halfway between two input pixels in each direction, so it is the
+    mean of a 2x2 block."""
+    return F.avg_pool2d(x, 2)
+
+
+def upsample2x_nearest(x: torch.Tensor) -> torch.Tensor:
+    """F.interpolate(x, scale_factor=2, mode="nearest")."""
+    n, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
+def reflection_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """nn.ReflectionPad2d(pad)(x), from slices: the edge row is not repeated."""
+    if pad == 0:
+        return x
+    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim]
+        low = t.narrow(dim, 1, pad).flip(dim)
+        high = t.narrow(dim, n - 1 - pad, pad).flip(dim)
+        return torch.cat([low, t, high], dim)
+    return along(along(x, 3), 2)
+
+
+def _interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=None, **kwargs):
+    """F.interpolate, with the x2 / x0.5 cases the networks use routed to the functions above
+    while `fast_resampling` is on."""
+    if _FAST.get() and size is None and not kwargs and x.dim() == 4:
+        if mode == "bilinear" and align_corners is False:
+            if scale_factor == 2:
+                return upsample2x_bilinear(x)
+            if scale_factor == 0.5 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0:
+                return downsample2x_bilinear(x)
+        if mode == "nearest" and scale_factor == 2:
+            return upsample2x_nearest(x)
+    return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode,
+                         align_corners=align_corners, **kwargs)
+
+
+class _Functional:
+    """torch.nn.functional as GFPGAN's modules see it: every name handed through, except
+    interpolate (see _interpolate). Installed once as those modules' `F`."""
+
+    interpolate = staticmethod(_interpolate)
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+
+def _install_resampling_hooks() -> None:
+    import gfpgan.archs.gfpganv1_clean_arch as gfpgan_arch
+    import gfpgan.archs.stylegan2_clean_arch as stylegan_arch
+
+    for module in (gfpgan_arch, stylegan_arch):
+        if not isinstance(module.F, _Functional):
+            module.F = _Functional()
+
+
+class _FastReflectionPad(torch.nn.Module):
+    """Stands in for a ParseNet layer's nn.ReflectionPad2d while fast resampling is on."""
+
+    def __init__(self, original: torch.nn.ReflectionPad2d):
+        super().__init__()
+        self.original = original
+        self.pad = int(original.padding[0])
+
+    def forward(self, x):
+        if _FAST.get() and x.dim() == 4:
+            return reflection_pad(x, self.pad)
+        return self.original(x)
+
+
+def prepare_resampling(parser: torch.nn.Module | None) -> None:
+    """Make GFPGAN's archs and ParseNet's pad and upsampling layers follow `fast_resampling`.
+
+    Idempotent; with fast resampling off, every layer computes exactly what it did before."""
+    _install_resampling_hooks()
+    if not isinstance(parser, torch.nn.Module):
+        return
+    for module in parser.modules():
+        pad = getattr(module, "reflection_pad", None)
+        if isinstance(pad, torch.nn.ReflectionPad2d) and len(set(pad.padding)) == 1:
+            module.reflection_pad = _FastReflectionPad(pad)
+        scale = getattr(module, "scale_func", None)
+        # facexlib's ConvLayer(scale='up') keeps `lambda x: nn.functional.interpolate(x, 2, nearest)`
+        calls = getattr(getattr(scale, "__code__", None), "co_names", ())
+        if callable(scale) and "interpolate" in calls and not getattr(scale, "_routed", False):
+            routed = lambda x: _interpolate(x, scale_factor=2, mode="nearest")  # noqa: E731
+            routed._routed = True
+            module.scale_func = routed
+
+
+@contextlib.contextmanager
+def fast_resampling(enabled: bool = True):
+    """While inside, the prepared networks resample and pad with the functions above."""
+    token = _FAST.set(enabled)
+    try:
+        yield
+    finally:
+        _FAST.reset(token)

@@ -241,7 +241,7 @@ def test_mixed_options_in_one_batch_equal_separate_runs(pipeline):
 
 
 def test_no_face_found_returns_the_input_resized(pipeline):
-    blind = calibrated_retinaface(make_faces(2, seed=1), class_gain=0.0)  # every score is 0.5
+    blind = calibrated_retinaface(make_faces(2, seed=1), class_gain=0.0).to(TEST_DEVICE)  # every score is 0.5
     no_faces = FacePipeline(pipeline.gfpgan, blind, pipeline.parser, device=TEST_DEVICE, dtype=torch.float32)
     flat = np.full((1, 256, 256, 3), 90, np.uint8)
     flat[:, :, :128] = 160
