@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test proto
+.PHONY: install serve test proto gpu-kit gpu-check gpu-rehearsal
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,14 @@ test: install
 
 proto:
 	$(BIN)/python scripts/gen_proto.py
+
+# The GPU check (BENCHMARKS.md, "The GPU check"): the kit of wheels the GPU machine lacks, the
+# command to run there, and its CPU rehearsal in a Python 3.12 copy of that machine's packages.
+gpu-kit:
+	PYTHON=$(BIN)/python scripts/gpu_kit.sh
+
+gpu-check:
+	bash scripts/gpu_device.sh $(ARGS)
+
+gpu-rehearsal:
+	scripts/gpu_rehearsal.sh

@@ -29,6 +29,7 @@ import torch
 from client.types import OUTPUT_SIZES, Alignment, EnhanceOptions
 from server.jobs import Job
 from server.settings import Settings, default_weights_dir
+from server.speed import SpeedOptions
 
 METHODS = ("GFPGANer, one face at a time", "FacePipeline, in-process", "gRPC service, loopback")
 
@@ -39,6 +40,11 @@ class Measurement:
     batch_size: int
     faces_per_s: float
     latencies_ms: list[float]
+
+    def __post_init__(self):
+        # One line per cell as soon as it is measured, so a run cut short still leaves numbers.
+        print(f"measured: {self.method}, batch {self.batch_size}: {self.faces_per_s:.2f} faces/s, "
+              f"p50 {self.percentile(50):.1f} ms", file=sys.stderr, flush=True)
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
@@ -219,17 +225,144 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
     return results
 
 
+# -- (d) where the time goes, speed variants, memory ---------------------------------------------
+
+#: The speed forms `--variants` compares, each against "plain" (GFPGAN's own forms) in one run.
+VARIANTS = {
+    "plain": SpeedOptions(),
+    "fast-resample": SpeedOptions(resample="fast"),
+    "unfused+channels_last+graphs+fast-resample": SpeedOptions(modconv="unfused", channels_last=True,
+                                                               cuda_graphs=True, resample="fast"),
+    "unfused": SpeedOptions(modconv="unfused"),
+    "unfused+channels_last": SpeedOptions(modconv="unfused", channels_last=True),
+    "fused+graphs": SpeedOptions(cuda_graphs=True),
+    "unfused+graphs": SpeedOptions(modconv="unfused", cuda_graphs=True),
+    "unfused+channels_last+graphs": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True),
+    "unfused+graphs+box": SpeedOptions(modconv="unfused", cuda_graphs=True, paste_mask="box"),
+    "plain+box": SpeedOptions(paste_mask="box"),
+}
+
+
+def profile_stages(pipeline, faces, batch_sizes, options, iterations, sync) -> str:
+    """Per-stage device time (median over `iterations` batches), operators and syncs per batch."""
+    from server.profiling import StageProfiler
+
+    sections = []
+    for b in batch_sizes:
+        batch = _batch(faces, 0, b)
+        pipeline.enhance([Job(batch, options)])  # warm: caches and autotuning out of the numbers
+        counting = StageProfiler(pipeline.device, count=True)
+        pipeline.profiler = counting
+        try:
+            pipeline.enhance([Job(batch, options)])
+            timing = StageProfiler(pipeline.device)
+            pipeline.profiler = timing
+            for index in range(iterations):
+                pipeline.enhance([Job(_batch(faces, index * b, b), options)])
+            sync()
+        finally:
+            pipeline.profiler = None
+        counts, times = counting.per_batch_counts(), timing.median_ms()
+        stages = [name for name in STAGES if name in counts or name in times]
+        stages += sorted((set(counts) | set(times)) - set(stages))
+        lines = [f"batch {b}, {options.alignment.value}, {pipeline.speed.describe()}:", "",
+                 "| stage | ms per batch (median) | operators | syncs |", "|---|---:|---:|---:|"]
+        for name in stages:
+            ops, syncs = counts.get(name, (0, 0))
+            lines.append(f"| {name} | {times.get(name, 0.0):.2f} | {ops:.0f} | {syncs:.0f} |")
+        ops, syncs = counting.totals()
+        lines.append(f"| **total** | {sum(times.values()):.2f} | {ops:.0f} | {syncs:.0f} |")
+        sources = ", ".join(f"{op} {n:g}" for op, n in sorted(counting.sync_sources().items()))
+        lines.append("")
+        lines.append(f"syncs from: {sources or 'none'}"
+                     + (f"; CUDA sync debug mode counted {counting.cuda_syncs}" if pipeline.device.type == "cuda" else ""))
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+#: Stage names in pipeline order (server/pipeline.py).
+STAGES = ("upload", "detect", "align", "warp", "gfpgan", "parse", "paste", "blend", "download")
+
+
+def bench_variants(pipeline, faces, batch_sizes, alignments, names, iterations, seconds, sync) -> str:
+    """faces/s of each speed variant at each batch size, side by side with "plain"."""
+    rows, failures = {}, {}
+    original = pipeline.speed
+    try:
+        for name in names:
+            speed = VARIANTS[name]
+            if speed.cuda_graphs and pipeline.device.type != "cuda":
+                continue
+            try:
+                pipeline.set_speed(speed)
+                pipeline.warmup()
+                for alignment in alignments:
+                    options = EnhanceOptions(alignment=alignment)
+                    for b in batch_sizes:
+                        rate, latencies = _time_batches(lambda batch: pipeline.enhance([Job(batch, options)]),
+                                                        faces, b, iterations, seconds, sync)
+                        rows[name, alignment.value, b] = (rate, statistics.median(latencies))
+                        print(f"measured: variant {name}, {alignment.value}, batch {b}: {rate:.2f} faces/s",
+                              file=sys.stderr, flush=True)
+            except Exception as error:  # one broken form must not hide the others' numbers
+                rows[name, "failed", 0] = (float("nan"), float("nan"))
+                failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    finally:
+        pipeline.set_speed(original)
+    lines = ["| variant | alignment | batch | faces/s | vs plain | p50 ms |", "|---|---|---:|---:|---:|---:|"]
+    for (name, alignment, b), (rate, p50) in rows.items():
+        base = rows.get(("plain", alignment, b), (float("nan"),))[0]
+        if alignment == "failed":
+            lines.append(f"| {name} | failed: {failures[name]} | | | | |")
+            continue
+        shown = f"{rate:.1f}" if rate >= 10 else f"{rate:.3g}"
+        lines.append(f"| {name} | {alignment} | {b} | {shown} | {rate / base:.2f}x | {p50:.1f} |")
+    return "\n".join(lines)
+
+
+def bench_memory(pipeline, faces, batch_sizes, options, largest_probe: int) -> str:
+    """Peak device memory of one batch at each size, and the largest batch (doubling) that fits."""
+    if pipeline.device.type != "cuda":
+        return "(device memory is measured on CUDA only)"
+    device = pipeline.device
+    lines = ["| batch | peak allocated MiB | peak reserved MiB |", "|---:|---:|---:|"]
+    fits = 0
+    sizes = sorted(set(batch_sizes))
+    size = sizes[-1]
+    while size < largest_probe:
+        size *= 2
+        sizes.append(min(size, largest_probe))
+    for b in sizes:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            pipeline.enhance([Job(_batch(faces, 0, b), options)])
+            torch.cuda.synchronize(device)
+        except torch.OutOfMemoryError:
+            lines.append(f"| {b} | out of memory | |")
+            break
+        fits = b
+        lines.append(f"| {b} | {torch.cuda.max_memory_allocated(device) / 2**20:.0f} | "
+                     f"{torch.cuda.max_memory_reserved(device) / 2**20:.0f} |")
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    lines.append("")
+    lines.append(f"largest batch that ran: {fits} faces ({options.alignment.value}, "
+                 f"{pipeline.speed.describe()}, {total:.0f} GiB card)")
+    return "\n".join(lines)
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 def markdown_table(measurements: list[Measurement]) -> str:
     baseline = {m.batch_size: m.faces_per_s for m in measurements if m.method == METHODS[0]}
-    lines = ["| method | batch | faces/s | vs GFPGANer | latency mean ms | p50 ms | p95 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | batch | faces/s | vs GFPGANer | latency mean ms | p50 ms | p95 ms | p99 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in sorted(measurements, key=lambda m: (METHODS.index(m.method), m.batch_size)):
-        ratio = m.faces_per_s / baseline[m.batch_size] if baseline.get(m.batch_size) else float("nan")
-        lines.append(f"| {m.method} | {m.batch_size} | {m.faces_per_s:.2f} | {ratio:.2f}x | "
+        ratio = f"{m.faces_per_s / baseline[m.batch_size]:.2f}x" if baseline.get(m.batch_size) else "-"
+        lines.append(f"| {m.method} | {m.batch_size} | {m.faces_per_s:.2f} | {ratio} | "
                      f"{statistics.fmean(m.latencies_ms):.1f} | {m.percentile(50):.1f} | "
-                     f"{m.percentile(95):.1f} |")
+                     f"{m.percentile(95):.1f} | {m.percentile(99):.1f} |")
     return "\n".join(lines)
 
 
@@ -271,6 +404,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--faces", type=int, default=16, help="synthetic faces to cycle through, default 16")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading weights")
     parser.add_argument("--markdown-out", default=None, help="also write the report to this file")
+    parser.add_argument("--methods", default="gfpganer,pipeline,service",
+                        help="which of gfpganer, pipeline, service to time (default all three)")
+    parser.add_argument("--modconv", default="auto", choices=["auto", "fused", "unfused"],
+                        help="our pipeline's speed forms, as gfpgan-serve takes them (default: "
+                             "the service's defaults)")
+    parser.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--paste-mask", default="parse", choices=["parse", "box"])
+    parser.add_argument("--resample", default="torch", choices=["torch", "fast"])
+    parser.add_argument("--profile", action="store_true",
+                        help="also report time, operators (about one kernel launch each) and host "
+                             "syncs per stage and per batch")
+    parser.add_argument("--variants", default=None,
+                        help=f"also compare speed variants side by side: comma-separated names of "
+                             f"{', '.join(VARIANTS)} (or 'all')")
+    parser.add_argument("--variant-alignments", default=None,
+                        help="alignments for --variants (default: --alignment), e.g. aligned,detect")
+    parser.add_argument("--memory", type=int, default=0, metavar="LARGEST",
+                        help="also measure peak device memory per batch size, doubling up to "
+                             "LARGEST faces or the first out-of-memory (CUDA only)")
     return parser
 
 
@@ -294,27 +447,58 @@ def run(argv: Sequence[str] | None = None) -> str:
     sizes = _batch_sizes(parser, args.batch_sizes)
     if args.iterations < 1 or args.in_flight < 1:
         parser.error("--iterations and --in-flight must be at least 1")
-    settings = Settings(model=args.model, weights_dir=args.weights_dir, device=args.device,
-                        dtype=args.dtype, no_download=args.no_download, metrics_port=0)
     options = EnhanceOptions(output_size=args.output_size, alignment=Alignment(args.alignment))
     faces = (faces_from(args.faces_from, args.face_size) if args.faces_from
              else synthetic_faces(args.faces, args.face_size))
 
+    methods = {m.strip() for m in args.methods.split(",") if m.strip()}
+    if not methods <= {"gfpganer", "pipeline", "service"}:
+        parser.error(f"--methods: expected gfpganer, pipeline and/or service, got {args.methods!r}")
+    variants = list(VARIANTS) if args.variants == "all" else \
+        [v.strip() for v in (args.variants or "").split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    try:
+        settings = Settings(model=args.model, weights_dir=args.weights_dir, device=args.device,
+                            dtype=args.dtype, no_download=args.no_download, metrics_port=0,
+                            max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
+                            cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
+                            paste_mask=args.paste_mask, resample=args.resample)
+    except ValueError as error:
+        parser.error(str(error))
+
     pipeline = build_pipeline(settings)  # downloads missing weights unless --no-download
+    pipeline.warmup()
     device = pipeline.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     measurements: list[Measurement] = []
-    with _gfpganer(settings.model, settings.weights_dir, device) as restorer:
-        measurements += bench_gfpganer(restorer, faces, sizes, options.alignment, args.iterations,
-                                       args.seconds, sync)
-    del restorer
-    measurements += bench_pipeline(pipeline, faces, sizes, options, args.iterations, args.seconds, sync)
-    with _loopback_service(pipeline, max(8, max(sizes))) as address:
-        measurements += bench_service(address, faces, sizes, options, args.iterations, args.seconds,
-                                      args.in_flight)
+    if "gfpganer" in methods:
+        with _gfpganer(settings.model, settings.weights_dir, device) as restorer:
+            measurements += bench_gfpganer(restorer, faces, sizes, options.alignment, args.iterations,
+                                           args.seconds, sync)
+        del restorer
+    if "pipeline" in methods:
+        measurements += bench_pipeline(pipeline, faces, sizes, options, args.iterations, args.seconds, sync)
+    if "service" in methods:
+        with _loopback_service(pipeline, max(8, max(sizes))) as address:
+            measurements += bench_service(address, faces, sizes, options, args.iterations, args.seconds,
+                                          args.in_flight)
 
-    report = "\n\n".join([header(argv, device, pipeline.dtype, settings.model, faces, options),
-                          markdown_table(measurements)]) + "\n"
+    sections = [header(argv, device, pipeline.dtype, settings.model, faces, options)
+                + f"\n- pipeline speed forms: {pipeline.speed.describe()}"]
+    if measurements:
+        sections.append(markdown_table(measurements))
+    if args.profile:
+        sections.append("### Stages\n\n" + profile_stages(pipeline, faces, sizes, options,
+                                                          max(3, args.iterations), sync))
+    if variants:
+        alignments = [Alignment(a.strip()) for a in (args.variant_alignments or args.alignment).split(",")]
+        sections.append("### Speed variants\n\n" + bench_variants(
+            pipeline, faces, sizes, alignments, variants, args.iterations, args.seconds, sync))
+    if args.memory:
+        sections.append("### Device memory\n\n" + bench_memory(pipeline, faces, sizes, options, args.memory))
+    report = "\n\n".join(sections) + "\n"
     print(report)
     if args.markdown_out:
         Path(args.markdown_out).write_text(report)

@@ -90,9 +90,10 @@ class OpCounter(TorchDispatchMode):
         if func is _aten._to_copy.default or func is _aten.copy_.default:
             source = args[1] if func is _aten.copy_.default else args[0]
             target = kwargs.get("device") if func is _aten._to_copy.default else args[0].device
-            if isinstance(source, torch.Tensor) and target is not None and \
+            blocking = not (kwargs.get("non_blocking") or (func is _aten.copy_.default and len(args) > 2 and args[2]))
+            if isinstance(source, torch.Tensor) and target is not None and blocking and \
                     torch.device(target).type == "cpu" and source.device.type != "cpu":
-                sync = True
+                sync = True  # a blocking copy to the host (a non-blocking one waits at a sync)
         out = func(*args, **kwargs)
         if sync and func is _aten.lift_fresh.default and out.dim() == 0:
             sync = False  # a Python number as a 0-d tensor (t[i] = 3): passed as a scalar

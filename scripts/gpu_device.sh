@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The device command: install the kit (make gpu-kit) without touching the image's own packages,
+# then run the GPU check. On a lent GPU machine, from the repository root:
+#   bash scripts/gpu_device.sh            # report.md, summary.json, gpu-check.tar.gz into $OUT
+#   bash scripts/gpu_device.sh DIR [--only step,step ...]   # everything into DIR
+# The rehearsal runs the same script with --device cpu --narrow 0.0625 --quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KIT=${GPU_KIT:-.gpu-kit}
+SITE=${GPU_SITE:-/tmp/gpu-site}
+PY=${PYTHON:-python3}
+ls "$KIT"/*.whl >/dev/null 2>&1 || { echo "gpu_device.sh: no wheels in $KIT: run 'make gpu-kit' here first and carry $KIT" >&2; exit 2; }
+rm -rf "$SITE"
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$KIT"/*.whl
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [ -n "${OUT:-}" ] && [ $# -eq 0 ]; then
+    # On the device machine: work in /tmp, bring back three files (the tool returns at most 8).
+    exec "$PY" scripts/gpu_check.py /tmp/gpu-check-out --pack "$OUT"
+fi
+exec "$PY" scripts/gpu_check.py "$@"

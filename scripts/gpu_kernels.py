@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Where the networks' time goes on the GPU: achieved TFLOP/s and the top kernels of one pass.
+
+    python scripts/gpu_kernels.py WEIGHTS_DIR [--batch 16] [--device cuda]
+
+For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in the plain form and in
+the unfused channels-last form, bf16: the time of one pass from CUDA events (median of 5), the
+TFLOP/s that makes, and torch.profiler's kernels by device time. scripts/gpu_check.py runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
+FORMS = {"plain": {}, "unfused+channels_last": {"modconv": "unfused", "channels_last": True}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("weights", type=Path)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+
+    import server.compat  # noqa: F401
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from server.model import load_models
+    from server.pipeline import FacePipeline
+    from server.speed import SpeedOptions
+    from server.weights import WeightPaths
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    models = load_models(WeightPaths(gfpgan=args.weights / "GFPGANv1.4.pth",
+                                     detection=args.weights / "detection_Resnet50_Final.pth",
+                                     parsing=args.weights / "parsing_parsenet.pth"), device)
+    dtype = getattr(torch, args.dtype)
+    crops = torch.rand(args.batch, 3, 512, 512, device=device) * 255
+    rows = []
+    for form, options in FORMS.items():
+        pipeline = FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device,
+                                dtype=dtype, speed=SpeedOptions(**options))
+        for name, run in (("gfpgan", pipeline._gfpgan_fixed_noise), ("parse", pipeline._parse_masks)):
+            with torch.no_grad():
+                for _ in range(2):
+                    run(crops)
+                ms = statistics.median(_timed(run, crops, device) for _ in range(5))
+                with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                    run(crops)
+                    if cuda:
+                        torch.cuda.synchronize(device)
+            tflops = GFLOP_PER_FACE[name] * args.batch / ms  # GFLOP per ms is TFLOP/s
+            rows.append((form, name, ms, ms / args.batch, tflops))
+            print(f"\n### {name}, {form}, batch {args.batch}, {args.dtype}: {ms:.2f} ms "
+                  f"({ms / args.batch:.2f} ms a face, {tflops:.0f} TFLOP/s)\n")
+            print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                                            row_limit=14, max_name_column_width=70))
+    print("\n| network | form | ms per pass | ms per face | TFLOP/s |\n|---|---|---:|---:|---:|")
+    for form, name, ms, per_face, tflops in rows:
+        print(f"| {name} | {form} | {ms:.2f} | {per_face:.2f} | {tflops:.0f} |")
+
+
+def _timed(run, crops, device) -> float:
+    """Milliseconds of one run: CUDA events on the GPU, the host clock on the CPU."""
+    import time
+
+    import torch
+
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        run(crops)
+        return (time.perf_counter() - t0) * 1000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run(crops)
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end)
+
+
+if __name__ == "__main__":
+    main()
