@@ -2,7 +2,8 @@
 # The device command: install the kit (make gpu-kit) without touching the image's own packages,
 # then run the GPU check. On a lent GPU machine, from the repository root:
 #   bash scripts/gpu_device.sh            # report.md, summary.json, gpu-check.tar.gz into $OUT
-#   bash scripts/gpu_device.sh DIR [--only step,step ...]   # everything into DIR
+#   bash scripts/gpu_device.sh --only memory,realtime   # a second call, same machine: the rest
+#   bash scripts/gpu_device.sh DIR [options]            # with no $OUT: everything into DIR
 # The rehearsal runs the same script with --device cpu --narrow 0.0625 --quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +14,9 @@ ls "$KIT"/*.whl >/dev/null 2>&1 || { echo "gpu_device.sh: no wheels in $KIT: run
 rm -rf "$SITE"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$KIT"/*.whl
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-if [ -n "${OUT:-}" ] && [ $# -eq 0 ]; then
-    # On the device machine: work in /tmp, bring back three files (the tool returns at most 8).
-    exec "$PY" scripts/gpu_check.py /tmp/gpu-check-out --pack "$OUT"
+if [ -n "${OUT:-}" ]; then
+    # On the device machine: work in /tmp (a second call on the warm machine finds the first
+    # one's weights and tables there), bring back three files (the tool returns at most 8).
+    exec "$PY" scripts/gpu_check.py /tmp/gpu-check-out --pack "$OUT" "$@"
 fi
 exec "$PY" scripts/gpu_check.py "$@"

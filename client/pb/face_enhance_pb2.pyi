@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -53,7 +52,7 @@ class EnhanceOptions(_message.Message):
     fidelity: float
     only_center_face: bool
     random_noise: bool
-    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: _Optional[bool] = ..., random_noise: _Optional[bool] = ...) -> None: ...
+    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ...) -> None: ...
 
 class EnhanceRequest(_message.Message):
     __slots__ = ("request_id", "faces", "options", "landmarks")
