@@ -231,6 +231,9 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
 VARIANTS = {
     "plain": SpeedOptions(),
     "fast-resample": SpeedOptions(resample="fast"),
+    "bf16-activations": SpeedOptions(activations="compute"),
+    "all-forms": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, resample="fast",
+                              activations="compute"),
     "unfused+channels_last+graphs+fast-resample": SpeedOptions(modconv="unfused", channels_last=True,
                                                                cuda_graphs=True, resample="fast"),
     "unfused": SpeedOptions(modconv="unfused"),
@@ -413,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--paste-mask", default="parse", choices=["parse", "box"])
     parser.add_argument("--resample", default="torch", choices=["torch", "fast"])
+    parser.add_argument("--activations", default="promote", choices=["promote", "compute"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
                              "syncs per stage and per batch")
@@ -464,7 +468,8 @@ def run(argv: Sequence[str] | None = None) -> str:
                             dtype=args.dtype, no_download=args.no_download, metrics_port=0,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
-                            paste_mask=args.paste_mask, resample=args.resample)
+                            paste_mask=args.paste_mask, resample=args.resample,
+                            activations=args.activations)
     except ValueError as error:
         parser.error(str(error))
 

@@ -22,7 +22,7 @@ from server.detection import FaceDetector, Faces, centre_mask
 from server.jobs import Job, JobResult, ModelInfo
 from server.speed import (GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
                           check_speed_device, fast_resampling, graph_buckets, prepare_resampling,
-                          set_memory_format, set_modconv_form)
+                          set_activation_form, set_memory_format, set_modconv_form)
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class FacePipeline:
             set_memory_format(self.gfpgan, speed.channels_last)
         if isinstance(self.gfpgan, torch.nn.Module) and hasattr(self.gfpgan, "stylegan_decoder"):
             set_modconv_form(self.gfpgan, speed.modconv)
+            set_activation_form(self.gfpgan, speed.activations)
             _keep_style_input_contiguous(self.gfpgan)
         prepare_resampling(self.parser)
         self._box_mask = torch.from_numpy(box_paste_mask(FACE_SIZE)).to(self.device).view(1, 1, FACE_SIZE, FACE_SIZE)

@@ -51,6 +51,7 @@ class Settings:
     channels_last: str = "auto"
     paste_mask: str = "parse"
     resample: str = "torch"
+    activations: str = "promote"
 
     def __post_init__(self):
         # Direct construction (tests, embedding) gets the same defaults, checks and spellings
@@ -83,7 +84,8 @@ class Settings:
         modconv = ("unfused" if cuda else "fused") if self.modconv == "auto" else self.modconv
         return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs),
                             channels_last=on(self.channels_last) and modconv == "unfused",
-                            paste_mask=self.paste_mask, resample=self.resample)
+                            paste_mask=self.paste_mask, resample=self.resample,
+                            activations=self.activations)
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -293,6 +295,10 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("resample", _choice("torch", "fast"), "How the networks upsample, downsample and pad: "
           "torch (F.interpolate, ReflectionPad2d) or fast (the same values from slices and "
           "elementwise ops; not yet measured on a GPU).", "torch", check=_choice("torch", "fast")),
+    _Spec("activations", _choice("promote", "compute"), "GFPGAN's activations between "
+          "convolutions with --dtype bfloat16: promote (float32, as GFPGAN's float32 noise and bias "
+          "make them) or compute (kept in bfloat16; not yet measured on a GPU).", "promote",
+          check=_choice("promote", "compute")),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 assert set(SPEC_BY_NAME) == {f.name for f in dataclasses.fields(Settings)}, "a setting lacks a spec"

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MODCONV_FORMS = ("fused", "unfused")
 PASTE_MASKS = ("parse", "box")
 RESAMPLE_FORMS = ("torch", "fast")
+ACTIVATION_FORMS = ("promote", "compute")
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,18 @@ class SpeedOptions:
     #: "torch": F.interpolate and ReflectionPad2d as the networks call them; "fast": the same
     #: results from slices and elementwise ops (see fast_resampling).
     resample: str = "torch"
+    #: "promote": as GFPGAN runs under autocast, where its float32 noise and bias parameters turn
+    #: every StyleConv output back into float32; "compute": they are cast instead, so the
+    #: activations stay in the compute dtype (bf16) between convolutions (half the bytes).
+    activations: str = "promote"
 
     def __post_init__(self):
         if self.modconv not in MODCONV_FORMS:
             raise ValueError(f"modconv must be one of {MODCONV_FORMS}, got {self.modconv!r}")
         if self.paste_mask not in PASTE_MASKS:
             raise ValueError(f"paste_mask must be one of {PASTE_MASKS}, got {self.paste_mask!r}")
+        if self.activations not in ACTIVATION_FORMS:
+            raise ValueError(f"activations must be one of {ACTIVATION_FORMS}, got {self.activations!r}")
         if self.resample not in RESAMPLE_FORMS:
             raise ValueError(f"resample must be one of {RESAMPLE_FORMS}, got {self.resample!r}")
         if self.channels_last and self.modconv == "fused":
@@ -65,7 +72,7 @@ class SpeedOptions:
     def describe(self) -> str:
         return (f"modconv={self.modconv} cuda_graphs={'on' if self.cuda_graphs else 'off'} "
                 f"channels_last={'on' if self.channels_last else 'off'} paste_mask={self.paste_mask} "
-                f"resample={self.resample}")
+                f"resample={self.resample} activations={self.activations}")
 
 
 # -- modulated convolution ----------------------------------------------------------------------
@@ -121,6 +128,34 @@ def set_modconv_form(net: torch.nn.Module, form: str) -> int:
 
 def unfuse_modulated_convs(net: torch.nn.Module) -> int:
     return set_modconv_form(net, "unfused")
+
+
+def _compute_dtype_styleconv_forward(self, x, style, noise=None):
+    """StyleConv.forward with the noise and bias cast to the activations' dtype: the same sums,
+    without promoting a bf16 activation map to float32 on every layer."""
+    out = self.modulated_conv(x, style) * 2**0.5
+    if noise is None:
+        b, _, h, w = out.shape
+        noise = out.new_empty(b, 1, h, w).normal_()
+    out = out + (self.weight * noise).to(out.dtype)
+    out = out + self.bias.to(out.dtype)
+    return self.activate(out)
+
+
+def set_activation_form(net: torch.nn.Module, form: str) -> int:
+    """Switch every StyleConv in `net` to `form` ("promote" or "compute"); returns how many."""
+    if form not in ACTIVATION_FORMS:
+        raise ValueError(f"activations must be one of {ACTIVATION_FORMS}, got {form!r}")
+    from gfpgan.archs.stylegan2_clean_arch import StyleConv
+    count = 0
+    for module in net.modules():
+        if isinstance(module, StyleConv):
+            if form == "compute":
+                module.forward = _compute_dtype_styleconv_forward.__get__(module)
+            else:
+                module.__dict__.pop("forward", None)
+            count += 1
+    return count
 
 
 # -- noise ----------------------------------------------------------------------------------------
