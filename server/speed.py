@@ -1,6 +1,6 @@
 """Speed forms of the pipeline's networks: each one a switch, each one equal to the plain form.
 
-- `unfuse_modulated_convs`: StyleGAN2's modulated convolution without per-sample weights.
+- `set_modconv_form`: StyleGAN2's modulated convolution without per-sample weights.
 - `NoisePlan`: one GFPGAN pass for a batch that mixes fixed and fresh noise.
 - `GraphedForward`: a fixed-shape forward captured as CUDA graphs, one per batch-size bucket.
 - `box_paste_mask`: facexlib's non-parsing paste mask (its `use_parse=False`), made once.
@@ -107,27 +107,26 @@ def _modulated_conv_class():
     return ModulatedConv2d
 
 
-def set_modconv_form(net: torch.nn.Module, form: str) -> int:
-    """Switch every ModulatedConv2d in `net` to `form` ("fused" or "unfused"); returns how many.
+def _swap_forward(net: torch.nn.Module, cls: type, forward) -> int:
+    """Give every `cls` module in `net` `forward` (None: its class's own); returns how many.
 
-    The module keeps its parameters and state-dict keys: only its forward changes.
-    """
-    if form not in MODCONV_FORMS:
-        raise ValueError(f"modconv must be one of {MODCONV_FORMS}, got {form!r}")
-    cls = _modulated_conv_class()
+    The modules keep their parameters and state-dict keys: only their forward changes."""
     count = 0
     for module in net.modules():
         if isinstance(module, cls):
-            if form == "unfused":
-                module.forward = _unfused_forward.__get__(module)
-            else:
+            if forward is None:
                 module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward.__get__(module)
             count += 1
     return count
 
 
-def unfuse_modulated_convs(net: torch.nn.Module) -> int:
-    return set_modconv_form(net, "unfused")
+def set_modconv_form(net: torch.nn.Module, form: str) -> int:
+    """Switch every ModulatedConv2d in `net` to `form` ("fused" or "unfused"); returns how many."""
+    if form not in MODCONV_FORMS:
+        raise ValueError(f"modconv must be one of {MODCONV_FORMS}, got {form!r}")
+    return _swap_forward(net, _modulated_conv_class(), _unfused_forward if form == "unfused" else None)
 
 
 def _compute_dtype_styleconv_forward(self, x, style, noise=None):
@@ -147,15 +146,7 @@ def set_activation_form(net: torch.nn.Module, form: str) -> int:
     if form not in ACTIVATION_FORMS:
         raise ValueError(f"activations must be one of {ACTIVATION_FORMS}, got {form!r}")
     from gfpgan.archs.stylegan2_clean_arch import StyleConv
-    count = 0
-    for module in net.modules():
-        if isinstance(module, StyleConv):
-            if form == "compute":
-                module.forward = _compute_dtype_styleconv_forward.__get__(module)
-            else:
-                module.__dict__.pop("forward", None)
-            count += 1
-    return count
+    return _swap_forward(net, StyleConv, _compute_dtype_styleconv_forward if form == "compute" else None)
 
 
 # -- noise ----------------------------------------------------------------------------------------
