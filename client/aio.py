@@ -180,12 +180,19 @@ class AsyncFaceEnhanceClient:
         if len(starts) == 1:
             return await self._enhance_part(faces, options, landmarks, deadline)
         # Parts go out together (pipelined, maybe to different targets) and come back in order.
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._enhance_part(
-                faces[s:s + per_request], options,
-                None if landmarks is None else landmarks[s:s + per_request], deadline))
-                for s in starts]
-        return _join([task.result() for task in tasks])
+        # (gather rather than asyncio.TaskGroup, which Python 3.10 lacks: MuseTalk runs there.)
+        tasks = [asyncio.ensure_future(self._enhance_part(
+            faces[s:s + per_request], options,
+            None if landmarks is None else landmarks[s:s + per_request], deadline))
+            for s in starts]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # one part failed (or we were cancelled): stop the others
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return _join(results)
 
     async def _enhance_part(self, faces: np.ndarray, options: EnhanceOptions,
                             landmarks: np.ndarray | None, deadline: float) -> EnhanceResult:
@@ -208,8 +215,10 @@ class AsyncFaceEnhanceClient:
             tried.append(target)
             outcome = "abandoned"
             try:
-                async with asyncio.timeout_at(deadline):
-                    response = await target.request(request)
+                # asyncio.wait_for, not asyncio.timeout_at (Python 3.11+): it raises
+                # asyncio.TimeoutError, which is TimeoutError only from 3.11 on.
+                response = await asyncio.wait_for(target.request(request),
+                                                  timeout=max(0.0, deadline - loop.time()))
                 if response.HasField("error"):
                     if response.error.code == _INVALID_ARGUMENT:
                         outcome = "success"  # the service is healthy; the request is wrong
@@ -220,7 +229,7 @@ class AsyncFaceEnhanceClient:
                 result = _decode(response, faces.shape[0], options.output_size)
                 outcome = "success"
                 return result
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):
                 outcome, reason = "failure", "timeout"
                 detail = f"{target.address}: no answer within the deadline"
                 break

@@ -3,7 +3,11 @@ the output size with Lanczos, every face marked FALLBACK, so a pipeline never st
 """
 from __future__ import annotations
 
-import cv2
+try:
+    import cv2
+except ImportError as error:  # the client adds no OpenCV of its own (see pyproject.toml)
+    raise ImportError("the gfpgan-service client needs OpenCV (cv2): install opencv-python-headless "
+                      "(pip install 'gfpgan-service[opencv]') or opencv-python") from error
 import numpy as np
 
 from client.types import EnhanceResult, FaceStatus

@@ -27,6 +27,10 @@ def missing_server_packages() -> list[str]:
 
 
 def _require_server(command: str) -> None:
+    if sys.version_info < (3, 11):
+        sys.stderr.write(f"{command}: the service needs Python 3.11 or newer (this is "
+                         f"{sys.version.split()[0]}); the client and the MuseTalk adapter run on 3.10.\n")
+        raise SystemExit(2)
     missing = missing_server_packages()
     if missing:
         sys.stderr.write(

@@ -150,3 +150,26 @@ serve()
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "client-only install (missing: torch, grpcio-health-checking)" in lines[0]
     assert "gfpgan-service[server]" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_service_commands_on_python_3_10_say_the_service_needs_3_11(monkeypatch, capsys):
+    import pytest
+
+    from server import entry
+
+    monkeypatch.setattr(entry.sys, "version_info", (3, 10, 13, "final", 0))
+    with pytest.raises(SystemExit) as stopped:
+        entry.serve()
+    assert stopped.value.code == 2
+    assert "needs Python 3.11 or newer" in capsys.readouterr().err
+
+
+def test_the_client_adds_no_opencv_of_its_own():
+    """MuseTalk's environment has opencv-python; a second distribution would overwrite cv2/."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.lower().startswith("opencv")]
+    assert any(d.startswith("opencv-python-headless") for d in project["optional-dependencies"]["opencv"])
+    assert any(d.startswith("opencv-python-headless") for d in project["optional-dependencies"]["server"])
+    assert project["requires-python"] == ">=3.10"
