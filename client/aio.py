@@ -215,10 +215,7 @@ class AsyncFaceEnhanceClient:
             tried.append(target)
             outcome = "abandoned"
             try:
-                # asyncio.wait_for, not asyncio.timeout_at (Python 3.11+): it raises
-                # asyncio.TimeoutError, which is TimeoutError only from 3.11 on.
-                response = await asyncio.wait_for(target.request(request),
-                                                  timeout=max(0.0, deadline - loop.time()))
+                response = await _until(deadline, target.request(request))
                 if response.HasField("error"):
                     if response.error.code == _INVALID_ARGUMENT:
                         outcome = "success"  # the service is healthy; the request is wrong
@@ -229,7 +226,7 @@ class AsyncFaceEnhanceClient:
                 result = _decode(response, faces.shape[0], options.output_size)
                 outcome = "success"
                 return result
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 outcome, reason = "failure", "timeout"
                 detail = f"{target.address}: no answer within the deadline"
                 break
@@ -316,3 +313,17 @@ def _join(parts: list[EnhanceResult]) -> EnhanceResult:
 
 
 __all__ = ["AsyncFaceEnhanceClient", "ServiceInfo", "ServiceUnreachable"]
+
+
+async def _until(deadline: float, awaitable):
+    """await `awaitable`, raising TimeoutError at `deadline` (event-loop time).
+
+    asyncio.timeout_at on Python 3.11+, in the calling task; Python 3.10 (MuseTalk's) lacks it,
+    so there asyncio.wait_for, whose asyncio.TimeoutError is not TimeoutError before 3.11."""
+    if hasattr(asyncio, "timeout_at"):
+        async with asyncio.timeout_at(deadline):
+            return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
+    except asyncio.TimeoutError:
+        raise TimeoutError("no answer before the deadline") from None
