@@ -20,7 +20,8 @@ BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
 
 #: Client keepalive: a ping every KEEPALIVE_TIME_MS on an open stream notices a dead peer that
 #: never closed the connection. The service must accept pings this often (its
-#: grpc.http2.min_recv_ping_interval_without_data_ms must be <= this).
+#: grpc.http2.min_ping_interval_without_data_ms, server.app.MIN_CLIENT_PING_INTERVAL_MS, must be
+#: <= this).
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 

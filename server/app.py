@@ -31,6 +31,12 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+#: The most often a client may ping a connection that carries no data (an open but idle
+#: EnhanceBatch stream) before the server answers with GOAWAY "too_many_pings". gRPC's default is
+#: 5 minutes; the client pings every 30 s (client/targets.py KEEPALIVE_TIME_MS).
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+
+
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     limits = settings.limits()
     return [
@@ -42,8 +48,9 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        # Let clients keep long-lived streams alive with pings every 10 s or more.
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        # Let clients keep long-lived streams alive with pings every 10 s or more. (gRPC core's
+        # name for it; "grpc.http2.min_recv_ping_interval_without_data_ms" is silently ignored.)
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         # A second server on the same port is an operator mistake: fail instead of sharing it.
         ("grpc.so_reuseport", 0),
     ]

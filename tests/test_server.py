@@ -633,3 +633,44 @@ def test_a_port_already_in_use_makes_the_process_exit_non_zero_saying_so():
                 process.kill()
     assert process.returncode == 1
     assert f"could not listen on 127.0.0.1:{port}" in stderr and "--port" in stderr
+
+
+@pytest.mark.parametrize("server_allows_pings", [True, False])
+def test_the_server_accepts_the_idle_stream_pings_it_allows(monkeypatch, server_allows_pings):
+    """The ping allowance takes effect: a client pinging an open, idle stream every 300 ms keeps
+    it when the server allows one every 200 ms; without the allowance (gRPC's 5-minute default)
+    the server sends GOAWAY too_many_pings and the stream ends UNAVAILABLE."""
+    import concurrent.futures
+    import time as clock
+
+    import grpc as sync_grpc
+    from grpc_health.v1 import health
+
+    from server import app
+    from server.settings import Settings
+
+    monkeypatch.setattr(app, "MIN_CLIENT_PING_INTERVAL_MS", 200)
+    options = app.grpc_options(Settings(port=0, metrics_port=0))
+    if not server_allows_pings:
+        options = [o for o in options if o[0] != "grpc.http2.min_ping_interval_without_data_ms"]
+    server = sync_grpc.server(concurrent.futures.ThreadPoolExecutor(4), options=options)
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = sync_grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.keepalive_time_ms", 300), ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0)])
+    try:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        deadline = clock.monotonic() + 3.0
+        while clock.monotonic() < deadline and watch.is_active():
+            clock.sleep(0.1)
+        if server_allows_pings:
+            assert watch.is_active(), watch.details()
+        else:
+            assert not watch.is_active() and watch.code() == sync_grpc.StatusCode.UNAVAILABLE
+        watch.cancel()
+    finally:
+        channel.close()
+        server.stop(0)
