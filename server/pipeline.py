@@ -139,6 +139,7 @@ class FacePipeline:
         self._face_mask_lut = torch.tensor(_FACE_CLASSES, dtype=torch.float32, device=self.device)
         self._template = FACE_TEMPLATE.to(self.device)
         self._border = torch.tensor(WARP_BORDER_BGR, device=self.device)
+        self._box_mask = torch.from_numpy(box_paste_mask(FACE_SIZE)).to(self.device).view(1, 1, FACE_SIZE, FACE_SIZE)
         self._staging = _HostStaging(self.device, self)
         self._noise_plan: NoisePlan | None = None
         self._graphs: dict[str, GraphedForward] = {}
@@ -161,7 +162,6 @@ class FacePipeline:
             set_activation_form(self.gfpgan, speed.activations)
             _keep_style_input_contiguous(self.gfpgan)
         prepare_resampling(self.parser)
-        self._box_mask = torch.from_numpy(box_paste_mask(FACE_SIZE)).to(self.device).view(1, 1, FACE_SIZE, FACE_SIZE)
         self.speed = speed
         for note in check_speed_device(speed, self.device):
             log.warning("%s", note)

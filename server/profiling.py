@@ -28,6 +28,7 @@ SYNC_OPS = {
     _aten.nonzero.default, _aten.nonzero_static.default, _aten._local_scalar_dense.default,
     _aten.masked_select.default, _aten.lift_fresh.default, _aten._linalg_check_errors.default,
     _aten.unique_dim.default, _aten._unique2.default, _aten.unique_consecutive.default,
+    _aten.repeat_interleave.Tensor,
 }
 _NMS_NAMES = ("torchvision::nms",)
 # Data movement and views: not kernels of their own (views) or counted as syncs instead.
@@ -48,11 +49,7 @@ def _is_sync(func, args) -> bool:
     if func in (_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default):
         indices = args[1] if len(args) > 1 else []
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
-    if func in (_aten.repeat_interleave.Tensor,):
-        return True
-    if func is _aten._to_copy.default or func is _aten.copy_.default:
-        return False  # device changes are judged by the caller (see OpCounter)
-    return False
+    return False  # copies between devices are judged by OpCounter, which sees their arguments
 
 
 @dataclass
@@ -114,7 +111,6 @@ class StageProfiler:
         self.times_ms: dict[str, list[float]] = defaultdict(list)
         self.counter = OpCounter() if count else None
         self.cuda_syncs = 0
-        self._batch_stack: contextlib.ExitStack | None = None
 
     @contextlib.contextmanager
     def batch(self):
@@ -140,24 +136,22 @@ class StageProfiler:
         previous = None
         if self.counter is not None:
             previous, self.counter.stage = self.counter.stage, name
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            try:
-                yield
-            finally:
-                end.record()
-                self._events.append((name, start, end))
-                if previous is not None:
-                    self.counter.stage = previous
         else:
-            t0 = time.perf_counter()
-            try:
-                yield
-            finally:
-                self._events.append((name, t0, time.perf_counter()))
-                if previous is not None:
-                    self.counter.stage = previous
+            start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                end.record()
+            else:
+                end = time.perf_counter()
+            self._events.append((name, start, end))
+            if previous is not None:
+                self.counter.stage = previous
 
     @contextlib.contextmanager
     def uploading(self):

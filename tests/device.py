@@ -24,6 +24,3 @@ if ON_CUDA:
 #: them with this reason.
 needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="CUDA only: run with GFPGAN_TEST_DEVICE=cuda")
 
-
-def to_numpy(tensor: torch.Tensor):
-    return tensor.detach().cpu().numpy()
