@@ -12,6 +12,7 @@ from client.types import (
     EnhanceResult,
     FaceStatus,
     InvalidRequest,
+    ModelSpec,
     RequestLimits,
 )
 
@@ -21,13 +22,14 @@ _LAZY = {
     "AsyncFaceEnhanceClient": "client.aio",
     "ServiceInfo": "client.aio",
     "ServiceUnreachable": "client.aio",
+    "WrongModel": "client.aio",
     "FaceEnhanceClient": "client.sync",
     "BreakerConfig": "client.breaker",
     "FALLBACK_REASONS": "client.fallback",
 }
 
 __all__ = ["Alignment", "EnhanceOptions", "EnhanceResult", "FaceStatus", "InvalidRequest",
-           "RequestLimits", *_LAZY]
+           "ModelSpec", "RequestLimits", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -24,6 +24,7 @@ from client.types import (
     EnhanceOptions,
     EnhanceResult,
     InvalidRequest,
+    ModelSpec,
     RequestLimits,
 )
 
@@ -31,6 +32,9 @@ _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 #: After a failed GetInfo, batches are split by the default limit for this long before asking again.
 _INFO_RETRY_S = 5.0
+#: A target found serving another model than expect_model is asked again after this long (it
+#: may have been redeployed); one serving the right model is asked again after its breaker opens.
+_WRONG_MODEL_RECHECK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class ServiceInfo:
     output_sizes: tuple[int, ...]
     max_batch_faces: int
     server_version: str
+    model_file: str = ""
+    arch: str = ""
+    channel_multiplier: int = 0
 
     @property
     def limits(self) -> RequestLimits:
@@ -62,11 +69,16 @@ class ServiceInfo:
                    max_faces_per_request=msg.max_faces_per_request,
                    min_face_size=msg.min_face_size, max_face_size=msg.max_face_size,
                    output_sizes=tuple(msg.output_sizes), max_batch_faces=msg.max_batch_faces,
-                   server_version=msg.server_version)
+                   server_version=msg.server_version, model_file=msg.model_file, arch=msg.arch,
+                   channel_multiplier=msg.channel_multiplier)
 
 
 class ServiceUnreachable(ConnectionError):
     """No target answered a call that has no local fallback (info())."""
+
+
+class WrongModel(Exception):
+    """A target serves another model than the client's expect_model; it gets no faces."""
 
 
 class AsyncFaceEnhanceClient:
@@ -75,14 +87,20 @@ class AsyncFaceEnhanceClient:
     `enhance()` never raises for service trouble (timeout, unavailable, overloaded, broken
     stream): the batch comes back resized locally and marked `fell_back`. It raises
     `InvalidRequest` for a caller error (wrong dtype or shape, bad options or landmarks).
+
+    With `expect_model` (a ModelSpec), each target is asked what it serves (GetInfo) before
+    its first batch; one that serves another model gets no faces, and where no target serves
+    it the batch falls back with reason "wrong_model".
     """
 
     def __init__(self, targets: str | Sequence[str], *, options: EnhanceOptions = EnhanceOptions(),
                  timeout_ms: float = 1000, streams_per_target: int = 1, max_in_flight: int = 4,
-                 breaker: BreakerConfig = BreakerConfig(), registry=None):
+                 breaker: BreakerConfig = BreakerConfig(), registry=None,
+                 expect_model: ModelSpec | None = None):
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be > 0; got {timeout_ms}")
         self.options = options.validate()
+        self.expect_model = expect_model.validate() if expect_model else None
         self.timeout_ms = timeout_ms
         self.targets = [Target(address, streams=streams_per_target, max_in_flight=max_in_flight,
                                breaker=breaker)
@@ -120,7 +138,7 @@ class AsyncFaceEnhanceClient:
             except grpc.aio.AioRpcError as error:
                 errors.append(f"{target.address}: {error.code().name} {error.details()}")
                 continue
-            self._info = ServiceInfo.from_pb(target.address, msg)
+            self._info = self._learn(target, ServiceInfo.from_pb(target.address, msg))
             return self._info
         raise ServiceUnreachable("no face-enhance service answered GetInfo; is it running? "
                                  + "; ".join(errors))
@@ -215,6 +233,7 @@ class AsyncFaceEnhanceClient:
             tried.append(target)
             outcome = "abandoned"
             try:
+                await _until(deadline, self._check_model(target, deadline))
                 response = await _until(deadline, target.request(request))
                 if response.HasField("error"):
                     if response.error.code == _INVALID_ARGUMENT:
@@ -233,6 +252,8 @@ class AsyncFaceEnhanceClient:
             except StreamBroken as broken:
                 # A fast refusal (unavailable, overloaded, broken stream): try another target.
                 outcome, reason, detail = "failure", broken.reason, f"{target.address}: {broken}"
+            except WrongModel as wrong:
+                reason, detail = "wrong_model", str(wrong)  # another target may serve it
             finally:
                 self._record(target, outcome)
         return await asyncio.to_thread(fallback_result, faces, options.output_size, reason, detail)
@@ -255,8 +276,10 @@ class AsyncFaceEnhanceClient:
         elif outcome == "failure":
             target.failures += 1
             if target.breaker.record_failure():
-                # Open circuit: drop its streams, so the probe later starts on a fresh one.
+                # Open circuit: drop its streams, so the probe later starts on a fresh one, and
+                # what it serves, which a restart may have changed.
                 target.reset_streams()
+                target.info = None
         else:
             target.breaker.release()
 
@@ -274,11 +297,37 @@ class AsyncFaceEnhanceClient:
                                                     timeout=max(deadline - loop.time(), 0) / 2)
                 except grpc.aio.AioRpcError:
                     continue  # the batch itself will find out, and fall back, if all are down
-                self._info = ServiceInfo.from_pb(target.address, msg)
+                self._info = self._learn(target, ServiceInfo.from_pb(target.address, msg))
                 break
         if self._info is not None and self._info.max_faces_per_request > 0:
             return self._info.max_faces_per_request
         return RequestLimits().max_faces_per_request
+
+    async def _check_model(self, target: Target, deadline: float) -> None:
+        """Raise WrongModel when `target` serves another model than expect_model (asked once,
+        then again after a while for a wrong one); StreamBroken when it cannot be asked."""
+        if self.expect_model is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if target.info is None or (target.model_problem and now >= target.info_expires):
+            try:
+                msg = await target.stub.GetInfo(pb.GetInfoRequest(),
+                                                timeout=max(deadline - now, 0.001) / 2)
+            except grpc.aio.AioRpcError as error:
+                raise StreamBroken(reason_for_code(error.code()),
+                                   f"GetInfo: {error.details()}") from None
+            self._learn(target, ServiceInfo.from_pb(target.address, msg))
+        if target.model_problem:
+            raise WrongModel(f"{target.address}: {target.model_problem}")
+
+    def _learn(self, target: Target, info: ServiceInfo) -> ServiceInfo:
+        """Keep what `target` said it serves (and, with expect_model, how that differs)."""
+        target.info = info
+        if self.expect_model is not None:
+            target.model_problem = "; ".join(self.expect_model.mismatches(info)) or None
+            target.info_expires = asyncio.get_running_loop().time() + _WRONG_MODEL_RECHECK_S
+        return info
 
     def _check_open(self) -> None:
         if self._closed:

@@ -211,6 +211,11 @@ class Target:
         self.breaker = CircuitBreaker(breaker)
         self.requests_sent = 0
         self.failures = 0
+        #: What it serves, once asked (only when the client expects a model), and how that
+        #: differs from the expected one (None: it is the one).
+        self.info = None
+        self.model_problem: str | None = None
+        self.info_expires = 0.0
         self._stream_count = streams
         self._max_in_flight = max_in_flight
         self._limits = limits

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,3 +90,74 @@ class RequestLimits:
     def max_response_bytes(self) -> int:
         """Largest valid EnhanceResponse on the wire."""
         return self.max_faces_per_request * max(OUTPUT_SIZES) ** 2 * 3 + 64 * 1024
+
+
+#: GFPGANer's names for its architectures (its `arch` argument), the words callers configure.
+ARCHS = ("clean", "original", "bilinear", "RestoreFormer")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model a caller asks for, in the words of GFPGANer and of the integration plan
+    (`model_path`, `arch`, `channel_multiplier`); None asks nothing. Checked against what a
+    service reports (GetInfo): the caller's file is named, not sent, so only its file name
+    counts, plus its SHA-256 where the caller has the file."""
+
+    model_path: str | None = None
+    arch: str | None = None
+    channel_multiplier: int | None = None
+    sha256: str | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.model_path, self.arch, self.channel_multiplier,
+                                            self.sha256))
+
+    @property
+    def file_name(self) -> str | None:
+        """"GFPGANv1.4.pth" from a POSIX or a Windows path alike."""
+        if self.model_path is None:
+            return None
+        return re.split(r"[\\/]", str(self.model_path).strip())[-1]
+
+    def validate(self) -> "ModelSpec":
+        if self.arch is not None and self.arch.lower() not in {a.lower() for a in ARCHS}:
+            raise InvalidRequest(f"arch must be one of {', '.join(ARCHS)} (GFPGANer's names); "
+                                 f"got {self.arch!r}")
+        if self.channel_multiplier is not None and (
+                isinstance(self.channel_multiplier, bool) or not isinstance(self.channel_multiplier, int)
+                or self.channel_multiplier < 1):
+            raise InvalidRequest(f"channel_multiplier must be a whole number of 1 or more; "
+                                 f"got {self.channel_multiplier!r}")
+        if self.model_path is not None and not self.file_name:
+            raise InvalidRequest(f"model_path must name a file; got {self.model_path!r}")
+        return self
+
+    def mismatches(self, info) -> list[str]:
+        """What in `info` (a client.ServiceInfo) differs from this spec; [] when it is served.
+        A value the service does not report counts as a difference: nothing is assumed."""
+        served = describe_model(info)
+        problems = []
+        name = self.file_name
+        if name is not None:
+            stem = name.rsplit(".", 1)[0] if "." in name else name
+            known = {info.model_file.lower(), info.model_name.lower()} - {""}
+            if name.lower() not in known and stem.lower() not in known:
+                problems.append(f"model_path names {name}, but the service serves {served}")
+        if self.sha256 is not None and self.sha256.lower() != info.weights_sha256.lower():
+            problems.append(f"the local {name or 'model file'} has SHA-256 {self.sha256[:12]}..., "
+                            f"the service's checkpoint {info.weights_sha256[:12] or 'none'}...: "
+                            f"they are different files")
+        if self.arch is not None and self.arch.lower() != info.arch.lower():
+            problems.append(f"arch is {self.arch!r}, but the service serves {served}")
+        if self.channel_multiplier is not None and self.channel_multiplier != info.channel_multiplier:
+            problems.append(f"channel_multiplier is {self.channel_multiplier}, but the service "
+                            f"serves {served}")
+        return problems
+
+
+def describe_model(info) -> str:
+    """'GFPGANv1.4 (GFPGANv1.4.pth, arch clean, channel_multiplier 2)' from a ServiceInfo."""
+    arch = info.arch or "not reported"
+    multiplier = info.channel_multiplier or "not reported"
+    return (f"{info.model_name or '?'} ({info.model_file or 'file not reported'}, arch {arch}, "
+            f"channel_multiplier {multiplier})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import runpy
 import sys
 import tempfile
@@ -52,14 +53,50 @@ def _pop_gfpgan_flags(script_args: list[str]) -> tuple[argparse.Namespace, list[
     return ours, rest
 
 
+#: MuseTalk's scripts that read --inference_config, and the file each reads when it is not
+#: given (scripts/inference.py:259, scripts/realtime_inference.py:324 at 0a89dec).
+DEFAULT_CONFIGS = {
+    "scripts.inference": "configs/inference/test_img.yaml",
+    "scripts.realtime_inference": "configs/inference/realtime.yaml",
+}
+CONFIG_FLAG = "--inference_config"
+#: MuseTalk's parsers allow abbreviations, and no other option of theirs starts with "--i":
+#: every prefix from "--i" up names --inference_config there, so it does here.
+_SHORTEST_CONFIG_PREFIX = 3
+
+
+def _module_name(head: list[str]) -> str:
+    """"scripts.inference" from ["-m", "scripts.inference"], "scripts/inference.py" or
+    "scripts\\inference.py"."""
+    if head[0] == "-m":
+        return head[1]
+    parts = [p for p in re.split(r"[\\/]", head[0]) if p not in ("", ".")]
+    parts[-1] = parts[-1].removesuffix(".py")
+    return ".".join(parts[-2:])
+
+
+def _is_config_flag(arg: str) -> bool:
+    name = arg.split("=", 1)[0]
+    return len(name) >= _SHORTEST_CONFIG_PREFIX and CONFIG_FLAG.startswith(name)
+
+
 def _config_path(script_args: list[str]) -> tuple[int | None, str | None]:
-    """Where --inference_config's value is in MuseTalk's arguments, and the value."""
-    for i, arg in enumerate(script_args):
-        if arg == "--inference_config" and i + 1 < len(script_args):
-            return i + 1, script_args[i + 1]
-        if arg.startswith("--inference_config="):
-            return i, arg.split("=", 1)[1]
-    return None, None
+    """Where --inference_config's value is in MuseTalk's arguments (also abbreviated, as
+    MuseTalk's argparse accepts it; the last one given wins, as there), and the value."""
+    found: tuple[int | None, str | None] = (None, None)
+    i = 0
+    while i < len(script_args):
+        arg = script_args[i]
+        if arg == "--":
+            break
+        if _is_config_flag(arg):
+            if "=" in arg:
+                found = (i, arg.split("=", 1)[1])
+            elif i + 1 < len(script_args):
+                found = (i + 1, script_args[i + 1])
+                i += 1
+        i += 1
+    return found
 
 
 def prepare(argv: list[str]) -> tuple[GFPGANSettings, list[str], argparse.Namespace, str | None]:
@@ -80,6 +117,11 @@ def prepare(argv: list[str]) -> tuple[GFPGANSettings, list[str], argparse.Namesp
                                 f"{os.getcwd()}; run from MuseTalk's root folder)")
     inline, script_args = _pop_gfpgan_flags(script_args)
     index, path = _config_path(script_args)
+    default = DEFAULT_CONFIGS.get(_module_name(head))
+    if path is None and default is not None and os.path.isfile(default):
+        # MuseTalk reads its default config then: so does the launcher, and strips it too.
+        script_args = [*script_args, CONFIG_FLAG, default]
+        index, path = len(script_args) - 1, default
     document = load_yaml(path) if path else None
     # The launcher is how GFPGAN gets turned on: enabled unless the YAML or a flag says not.
     settings = from_args(inline, from_args(launcher, resolve(document, base=GFPGANSettings(enabled=True))))
@@ -88,8 +130,8 @@ def prepare(argv: list[str]) -> tuple[GFPGANSettings, list[str], argparse.Namesp
     if isinstance(document, dict) and YAML_SECTION in document:
         stripped = _without_section(document)
         script_args = list(script_args)
-        script_args[index] = (stripped if script_args[index] == path
-                              else f"--inference_config={stripped}")
+        flag, sep, _ = script_args[index].partition("=")
+        script_args[index] = f"{flag}={stripped}" if sep and _is_config_flag(flag) else stripped
     return settings, head + script_args, launcher, stripped
 
 
@@ -130,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # MuseTalk imports `musetalk.*` from its root folder
-    enhancer = GFPGANEnhancer(settings)
+    try:
+        enhancer = GFPGANEnhancer(settings)
+    except SettingsError as error:  # the service serves another model than the settings name
+        print(f"musetalk_adapter: error: {error}", file=sys.stderr)
+        return 2
+    for note in enhancer.notes:
+        print(f"musetalk_adapter: GFPGAN: {note}", file=sys.stderr)
     try:
         uninstall = install(enhancer) if settings.enabled else None
     except ImportError as error:

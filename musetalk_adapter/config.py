@@ -7,7 +7,7 @@ import argparse
 import math
 from dataclasses import dataclass, fields, replace
 
-from client.types import Alignment, EnhanceOptions
+from client.types import ARCHS, Alignment, EnhanceOptions, InvalidRequest, ModelSpec
 
 #: --gfpgan_upscale -> the side of the faces that come back (MuseTalk decodes 256x256 faces).
 OUTPUT_SIZE_BY_UPSCALE = {1: 256, 2: 512, 4: 1024}
@@ -37,10 +37,28 @@ class GFPGANSettings:
     #: Port of this worker's Prometheus page (faces enhanced/fell back, waiting); 0 = off.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # The integration plan's (and GFPGANer's) model keys. The service runs the model; these name
+    # the one the run expects, and the run stops at start when the service serves another:
+    #: the checkpoint's path as the plan writes it; its file name is what is checked (and its
+    #: SHA-256 too, when the file is on this machine).
+    model_path: str | None = None
+    #: GFPGANer's architecture name: clean, original, bilinear or RestoreFormer.
+    arch: str | None = None
+    #: The StyleGAN2 decoder's channel multiplier (2 for GFPGAN v1.3/v1.4).
+    channel_multiplier: int | None = None
+    #: Accepted and reported: the device is the service's business (GetInfo says which).
+    device: str | None = None
+    #: Accepted and reported: MuseTalk pastes the face only, so no background is upsampled.
+    bg_upsampler: str | None = None
 
     @property
     def output_size(self) -> int:
         return OUTPUT_SIZE_BY_UPSCALE[self.upscale]
+
+    def model_spec(self) -> ModelSpec:
+        """The model the run expects (empty when none of the model keys is set)."""
+        return ModelSpec(model_path=self.model_path, arch=self.arch,
+                         channel_multiplier=self.channel_multiplier)
 
     def enhance_options(self) -> EnhanceOptions:
         return EnhanceOptions(output_size=self.output_size, alignment=ALIGNMENTS[self.alignment],
@@ -77,9 +95,31 @@ class GFPGANSettings:
         port = _number(self.metrics_port, "metrics_port", int)
         if not 0 <= port <= 65535:
             raise SettingsError(f"{where} 'metrics_port' must be 0 (off) to 65535; got {port}")
+        model_path = None if self.model_path is None else str(self.model_path).strip()
+        if model_path == "":
+            raise SettingsError(f"{where} 'model_path' must name the checkpoint file, e.g. "
+                                f"models/gfpgan/GFPGANv1.4.pth; got an empty value")
+        arch = self.arch
+        if arch is not None:
+            by_lower = {name.lower(): name for name in ARCHS}
+            arch = by_lower.get(str(arch).strip().lower())
+            if arch is None:
+                raise SettingsError(f"{where} 'arch' must be one of {', '.join(ARCHS)} (GFPGANer's "
+                                    f"names); got {self.arch!r}")
+        multiplier = self.channel_multiplier
+        if multiplier is not None:
+            multiplier = _number(multiplier, "channel_multiplier", int)
+            if multiplier < 1:
+                raise SettingsError(f"{where} 'channel_multiplier' must be 1 or more; got {multiplier}")
+        try:
+            ModelSpec(model_path, arch, multiplier).validate()
+        except InvalidRequest as error:
+            raise SettingsError(f"{where}: {error}") from None
         return replace(self, address=address, upscale=upscale, timeout_ms=timeout_ms,
                        fidelity=fidelity, alignment=alignment, max_pending_batches=pending,
-                       metrics_port=port, metrics_host=str(self.metrics_host))
+                       metrics_port=port, metrics_host=str(self.metrics_host),
+                       model_path=model_path, arch=arch, channel_multiplier=multiplier,
+                       device=_named(self.device), bg_upsampler=_named(self.bg_upsampler))
 
 
 def _number(value, name: str, kind: type):
@@ -97,6 +137,17 @@ def _number(value, name: str, kind: type):
             raise SettingsError(f"gfpgan setting {name!r} must be a whole number; got {value!r}")
         return int(number)
     return number
+
+
+def _named(value) -> str | None:
+    """device / bg_upsampler as a name to report: a string, a torch.device, an object."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(value, str):
+        return value.strip()
+    if type(value).__name__ == "device":  # torch.device, without importing torch
+        return str(value)
+    return type(value).__name__
 
 
 _KEYS = tuple(f.name for f in fields(GFPGANSettings))
@@ -132,10 +183,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         ("max_pending_batches", int, "decoded batches in flight before decoding waits"),
         ("metrics_port", int, "Prometheus page of this worker on this port (0 = off)"),
         ("metrics_host", str, "address the Prometheus page listens on"),
+        ("arch", str, "the architecture the run expects (GFPGANer's names: clean, original, "
+                      "bilinear, RestoreFormer); checked against the service at start"),
+        ("channel_multiplier", int, "the channel multiplier the run expects (2 for v1.3/v1.4); "
+                                    "checked against the service at start"),
     )
     for name, kind, text in flags:
         group.add_argument(f"--gfpgan_{name}", f"--gfpgan-{name.replace('_', '-')}",
                            dest=f"gfpgan_{name}", type=kind, default=None, help=text)
+    group.add_argument("--gfpgan_model", "--gfpgan-model", "--gfpgan_model_path",
+                       "--gfpgan-model-path", dest="gfpgan_model_path", default=None,
+                       help="the checkpoint the run expects, e.g. models/gfpgan/GFPGANv1.4.pth; "
+                            "its file name (and SHA-256, where the file is here) is checked "
+                            "against the service's at start")
     return parser
 
 

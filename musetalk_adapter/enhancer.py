@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import logging
+import os
 import threading
 import time
 
 import cv2
 import numpy as np
 
-from musetalk_adapter.config import GFPGANSettings
+from musetalk_adapter.config import GFPGANSettings, SettingsError
 from musetalk_adapter.summary import RunSummary
 
 log = logging.getLogger("musetalk_adapter")
@@ -152,6 +154,14 @@ class LazyFace:
         return self._batch.fell_back
 
 
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def resize_faces(faces: np.ndarray, size: int) -> np.ndarray:
     """The local answer: (B, H, W, 3) in any strides -> (B, size, size, 3) C-contiguous."""
     out = np.empty((faces.shape[0], size, size, 3), dtype=np.uint8)
@@ -162,31 +172,103 @@ def resize_faces(faces: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-class GFPGANEnhancer:
-    """GFPGAN through the service for MuseTalk. The sketch's interface (enhance_face,
-    enhance_batch, resize_to_original) blocks; submit_batch is the overlapped path the hook uses.
-    A disabled enhancer (settings.enabled False) hands faces back untouched."""
+class ModelMismatch(SettingsError):
+    """The service serves another model than the settings name; raised at start."""
 
-    def __init__(self, settings: GFPGANSettings | None = None, *, client=None, **overrides):
+
+class GFPGANEnhancer:
+    """GFPGAN through the service for MuseTalk. The plan's interface (enhance_face,
+    enhance_batch, enhance_batch_optimized, resize_to_original) blocks; submit_batch is the
+    overlapped path the hook uses. A disabled enhancer (settings.enabled False) hands faces
+    back untouched.
+
+    Made as the plan makes it, `GFPGANEnhancer(model_path=..., upscale=2, arch="clean",
+    channel_multiplier=2, bg_upsampler=None, device=None)`, or from GFPGANSettings. Where the
+    model keys are set, the service is asked at once what it serves, and ModelMismatch (a
+    SettingsError) names both models when it is another; a service that cannot be asked yet
+    is asked again before its first batch, and gets no faces if it serves another model.
+    """
+
+    def __init__(self, settings: GFPGANSettings | str | None = None, *, client=None, **overrides):
         from dataclasses import replace
 
+        if isinstance(settings, (str, os.PathLike)):  # GFPGANEnhancer("models/gfpgan/...pth")
+            overrides.setdefault("model_path", os.fspath(settings))
+            settings = None
         settings = replace(settings or GFPGANSettings(enabled=True), **overrides).check()
         self.settings = settings
         self.summary = RunSummary()
+        self.service_info = None
+        #: What the start found worth saying (model checked or not, device, bg_upsampler).
+        self.notes: list[str] = []
         self._pending: collections.deque[PendingBatch] = collections.deque()
         self._logged_reasons: set[str] = set()
         self._metrics_server = None
         self._registry = None
+        self._client = client
+        if not self.enabled:
+            return
+        spec = settings.model_spec()
+        if spec.model_path is not None and os.path.isfile(spec.model_path):
+            from dataclasses import replace as replace_spec
+
+            spec = replace_spec(spec, sha256=_sha256_file(spec.model_path))
         if settings.metrics_port:
             self._start_metrics()
-        self._client = client
-        if self.enabled and client is None:
+        if client is None:
             from client import FaceEnhanceClient
 
             self._client = FaceEnhanceClient(
                 settings.address, options=settings.enhance_options(),
                 timeout_ms=settings.timeout_ms, max_in_flight=settings.max_pending_batches,
-                registry=self._registry)
+                registry=self._registry, expect_model=spec or None)
+        try:
+            self._check_service(spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_service(self, spec) -> None:
+        """Ask the service what it serves; stop on another model; note what is not ours."""
+        from client import ServiceUnreachable
+        from client.types import describe_model
+
+        s = self.settings
+        try:
+            info = self._client.info(timeout_ms=s.timeout_ms)
+        except ServiceUnreachable as error:
+            info = None
+            self.notes.append(f"no service answered at start ({error}); batches are resized "
+                              f"locally until one does")
+            if spec:
+                self.notes.append("the model could not be checked at start; each service is "
+                                  "checked before its first batch instead, and gets no faces "
+                                  "if it serves another model")
+        if info is not None:
+            self.service_info = info
+            problems = spec.mismatches(info) if spec else []
+            if problems:
+                raise ModelMismatch(
+                    f"the service at {info.target} serves another model than this run expects: "
+                    + "; ".join(problems) + ". Point 'address' at a service that serves it, or "
+                    "change the model settings (model_path / --gfpgan_model, arch, "
+                    "channel_multiplier) to the served model")
+            checked = " (checked: " + ", ".join(
+                key for key, value in (("model_path", spec.model_path), ("sha256", spec.sha256),
+                                       ("arch", spec.arch),
+                                       ("channel_multiplier", spec.channel_multiplier))
+                if value is not None) + ")" if spec else ""
+            self.notes.append(f"service at {info.target}: {describe_model(info)} on {info.device}, "
+                              f"{info.dtype}{checked}")
+        if s.device is not None:
+            where = info.device if info is not None else "the service's device"
+            self.notes.append(f"device {s.device!r} is not used here: the service runs the model "
+                              f"(on {where})")
+        if s.bg_upsampler is not None:
+            self.notes.append(f"bg_upsampler {s.bg_upsampler!r} is not used: MuseTalk pastes only "
+                              f"the face, so there is no background to upsample")
+        for note in self.notes:
+            log.info("GFPGAN: %s", note)
 
     @property
     def enabled(self) -> bool:
@@ -238,13 +320,34 @@ class GFPGANEnhancer:
         """(H, W, 3) uint8 BGR -> (out, out, 3) uint8 BGR."""
         return self.enhance_batch(np.asarray(face)[None])[0]
 
+    def enhance_batch_optimized(self, faces, batch_size: int = 4) -> np.ndarray:
+        """The plan's batched call: faces ((N, H, W, 3) uint8 BGR, or a list of (H, W, 3)) go
+        out `batch_size` at a time, up to max_pending_batches in flight together, and come back
+        as one (N, out, out, 3) array in order; never raises for service trouble."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of 1 or more; got {batch_size!r}")
+        faces = faces if isinstance(faces, np.ndarray) else (
+            np.stack([np.asarray(f) for f in faces]) if len(faces) else np.empty((0, 256, 256, 3), np.uint8))
+        if faces.ndim != 4:
+            raise ValueError(f"faces must be (N, H, W, 3) or a list of (H, W, 3); got shape {faces.shape}")
+        size = self.settings.output_size if self.enabled else faces.shape[1]
+        batches = [self.submit_batch(faces[i:i + batch_size])
+                   for i in range(0, faces.shape[0], int(batch_size))]
+        if not batches:
+            return np.empty((0, size, size, 3), np.uint8)
+        return np.concatenate([batch.faces() for batch in batches])
+
     @staticmethod
-    def resize_to_original(face, box) -> np.ndarray:
-        """Resize an (enhanced) face to its box in the video frame, as MuseTalk does before
-        blending; `box` is MuseTalk's (x1, y1, x2, y2) or a (width, height) pair."""
+    def resize_to_original(face, box=(256, 256)) -> np.ndarray:
+        """Resize an (enhanced) face, or a batch of them, to the original size: MuseTalk's box
+        (x1, y1, x2, y2) in the video frame, or a (width, height) pair (default 256x256, the
+        crop MuseTalk decoded), as MuseTalk does before blending (bilinear)."""
         width, height = (box[2] - box[0], box[3] - box[1]) if len(box) == 4 else box
-        return cv2.resize(np.ascontiguousarray(np.asarray(face), dtype=np.uint8),
-                          (int(width), int(height)))
+        face = np.asarray(face)
+        if face.ndim == 4:
+            return np.stack([GFPGANEnhancer.resize_to_original(f, (width, height)) for f in face])
+        return cv2.resize(np.ascontiguousarray(face, dtype=np.uint8), (int(width), int(height)))
 
     # --- the end of the run -----------------------------------------------------------------
     def log_fallback(self, reason: str, detail: str) -> None:

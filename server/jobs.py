@@ -36,6 +36,11 @@ class ModelInfo:
     weights_sha256: str
     device: str
     dtype: str
+    #: The checkpoint's file name ("GFPGANv1.4.pth"), GFPGANer's name for the architecture
+    #: ("clean") and the decoder's channel multiplier: what a caller's model settings name.
+    model_file: str = ""
+    arch: str = ""
+    channel_multiplier: int = 0
 
 
 class Pipeline(Protocol):

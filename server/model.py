@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 #: The only face size the service runs: GFPGAN v1.3/v1.4 restore 512x512 template-aligned faces.
 FACE_SIZE = 512
 ARCHITECTURE = "GFPGANv1Clean"
+#: The same architecture in GFPGANer's words (its `arch` argument), as callers configure it.
+GFPGANER_ARCH = "clean"
 _EXPECTED_GFPGAN = "a GFPGAN v1.3/v1.4 checkpoint (GFPGANv1Clean, e.g. GFPGANv1.4.pth)"
 _EXPECTED_DETECTION = "facexlib's RetinaFace resnet50 weights (detection_Resnet50_Final.pth)"
 _EXPECTED_PARSING = "facexlib's ParseNet weights (parsing_parsenet.pth)"
@@ -79,7 +81,9 @@ class GFPGANModel:
         """What GetInfo and the model_info metric report, for the dtype the pipeline runs in."""
         dtype_name = str(dtype).removeprefix("torch.")
         return ModelInfo(model_name=self.name, model_version=self.version,
-                         weights_sha256=self.sha256, device=str(self.device), dtype=dtype_name)
+                         weights_sha256=self.sha256, device=str(self.device), dtype=dtype_name,
+                         model_file=self.path.name, arch=GFPGANER_ARCH,
+                         channel_multiplier=int(self.config["channel_multiplier"]))
 
 
 @dataclass

@@ -122,7 +122,8 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             weights_sha256=info.weights_sha256, device=info.device, dtype=info.dtype,
             max_faces_per_request=s.max_faces_per_request, min_face_size=s.min_face_size,
             max_face_size=s.max_face_size, output_sizes=list(OUTPUT_SIZES),
-            max_batch_faces=s.max_batch_faces, server_version=server_version())
+            max_batch_faces=s.max_batch_faces, server_version=server_version(),
+            model_file=info.model_file, arch=info.arch, channel_multiplier=info.channel_multiplier)
 
     # --- shutdown ----------------------------------------------------------------------------
 

@@ -11,10 +11,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def small_weights(tmp_path_factory) -> Path:
-    """A weights dir: narrow GFPGANv1.4.pth, detection_Resnet50_Final.pth, parsing_parsenet.pth."""
-    from tests.checkpoints import SMALL_NARROW, make_weights_dir
+    """A weights dir: narrow GFPGANv1.4.pth, detection_Resnet50_Final.pth, parsing_parsenet.pth
+    (made by the service's Python where that is another one: see tests/service_process.py)."""
+    from tests.service_process import make_small_weights
 
-    return make_weights_dir(tmp_path_factory.mktemp("small_weights"), narrow=SMALL_NARROW)
+    return make_small_weights(tmp_path_factory.mktemp("small_weights"))
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +24,11 @@ def full_gfpgan(tmp_path_factory) -> Path:
     from tests.checkpoints import GFPGAN_FILE, make_gfpgan_checkpoint
 
     return make_gfpgan_checkpoint(tmp_path_factory.mktemp("full_gfpgan") / GFPGAN_FILE, narrow=1.0)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A MuseTalk project for the stand-in: video frames, "audio" lengths, inference YAMLs."""
+    from tests.musetalk_project import make_project
+
+    return make_project(tmp_path)

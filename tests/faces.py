@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
 
-import server.compat  # noqa: F401
+# No torch at import: the client's and adapter's tests use make_faces in environments without it.
 
 # facexlib's FFHQ template for 512x512 (left eye, right eye, nose, mouth corners).
 TEMPLATE_512 = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
@@ -72,6 +71,9 @@ def calibrated_retinaface(samples: np.ndarray, seed: int = 0, class_gain: float 
     the class head is scaled so that a handful of anchors per image pass GFPGANer's 0.97
     threshold, with distinct scores (so NMS order is not decided by ties).
     """
+    import torch
+
+    import server.compat  # noqa: F401  (must precede facexlib)
     from facexlib.detection.retinaface import RetinaFace
 
     with torch.random.fork_rng(devices=[]):
@@ -107,6 +109,8 @@ def weights_with_detector(directory, small_weights, samples_seed: int = 1):
     """A weights dir like `small_weights` whose detector is calibrated on make_faces images."""
     import os
     from pathlib import Path
+
+    import torch
 
     from tests.checkpoints import DETECTION_FILE, GFPGAN_FILE, PARSING_FILE
 

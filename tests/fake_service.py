@@ -45,6 +45,8 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         #: Answer nothing on a stream until this many requests have arrived on it.
         self.hold_until = 0
         self.limits = RequestLimits(max_faces_per_request=32, min_face_size=64, max_face_size=512)
+        #: What GetInfo says it serves: (model_file, arch, channel_multiplier).
+        self.model = ("GFPGANv1.4.pth", "clean", 2)
         # --- what happened ---------------------------------------------------------------
         self.requests = 0
         self.faces = 0
@@ -121,10 +123,11 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
     async def GetInfo(self, request, context):
         self.info_calls += 1
         return pb.ServiceInfo(
-            model_name="fake", model_version="fake 1", weights_sha256="0" * 64, device="cpu",
+            model_name=self.model[0].rsplit(".", 1)[0], model_version="fake 1", weights_sha256="0" * 64, device="cpu",
             dtype="float32", max_faces_per_request=self.limits.max_faces_per_request,
             min_face_size=self.limits.min_face_size, max_face_size=self.limits.max_face_size,
-            output_sizes=[256, 512, 1024], max_batch_faces=8, server_version="fake")
+            output_sizes=[256, 512, 1024], max_batch_faces=8, server_version="fake",
+            model_file=self.model[0], arch=self.model[1], channel_multiplier=self.model[2])
 
 
 class FakeService:

@@ -42,7 +42,8 @@ class FakePipeline:
     """
 
     info = ModelInfo(model_name="FakeGFPGAN", model_version="fake (numpy)",
-                     weights_sha256="0" * 64, device="cpu", dtype="float32")
+                     weights_sha256="0" * 64, device="cpu", dtype="float32",
+                     model_file="FakeGFPGAN.pth", arch="clean", channel_multiplier=2)
 
     def __init__(self, delay_s: float = 0.0, fail_if: Callable[[Sequence[Job]], bool] | None = None,
                  warmup_gate: threading.Event | None = None, hold: threading.Event | None = None):

@@ -25,6 +25,7 @@ from client import (
     FaceEnhanceClient,
     FaceStatus,
     InvalidRequest,
+    ModelSpec,
     RequestLimits,
     ServiceUnreachable,
 )
@@ -162,8 +163,52 @@ def test_info_reports_what_the_service_serves(fake, nowhere):
     with FaceEnhanceClient([nowhere, fake.address]) as client:
         info = client.info()
     assert info.target == fake.address
-    assert (info.model_name, info.max_faces_per_request, info.output_sizes) == ("fake", 32, (256, 512, 1024))
+    assert (info.model_name, info.max_faces_per_request, info.output_sizes) == ("GFPGANv1.4", 32, (256, 512, 1024))
+    assert (info.model_file, info.arch, info.channel_multiplier) == ("GFPGANv1.4.pth", "clean", 2)
     assert info.limits.max_face_size == 512
+
+
+def test_expect_model_sends_faces_only_to_a_target_that_serves_it(fake, second_fake):
+    """Two replicas, one redeployed with another model: each is asked once what it serves, and
+    every face goes to the one that serves the expected model."""
+    second_fake.model = ("GFPGANv1.3.pth", "clean", 2)
+    expect = ModelSpec(model_path=r"C:\models\GFPGANv1.4.pth", arch="clean", channel_multiplier=2)
+    faces = random_faces(3)
+    with FaceEnhanceClient([second_fake.address, fake.address], expect_model=expect) as client:
+        results = [client.enhance(faces) for _ in range(4)]
+    for result in results:
+        assert_enhanced(result, faces)
+    assert (fake.faces, second_fake.faces) == (12, 0)
+    assert (fake.info_calls, second_fake.info_calls) == (1, 1)
+
+
+def test_expect_model_falls_back_when_no_target_serves_it(fake):
+    fake.model = ("GFPGANv1.4.pth", "clean", 1)
+    faces = random_faces(2)
+    with FaceEnhanceClient(fake.address, expect_model=ModelSpec(channel_multiplier=2)) as client:
+        result = client.enhance(faces)
+    assert_fell_back(result, faces, "wrong_model")
+    assert "channel_multiplier is 2, but the service serves GFPGANv1.4 (GFPGANv1.4.pth, arch " \
+           "clean, channel_multiplier 1)" in result.extra["fallback_detail"]
+    assert fake.faces == 0
+
+
+def test_model_spec_matches_by_file_name_or_served_name_and_names_what_is_missing():
+    from client.aio import ServiceInfo
+
+    info = ServiceInfo(target="t", model_name="GFPGANv1.4", model_version="1.4", weights_sha256="ab" * 32,
+                       device="cuda:0", dtype="bfloat16", max_faces_per_request=32, min_face_size=64,
+                       max_face_size=512, output_sizes=(256,), max_batch_faces=32, server_version="1",
+                       model_file="gfpgan.pth", arch="clean", channel_multiplier=2)
+    # the service knows its file as GFPGANv1.4 by its published hash though the file was renamed
+    assert ModelSpec(model_path="models/gfpgan/GFPGANv1.4.pth").mismatches(info) == []
+    assert ModelSpec(model_path="/srv/gfpgan.pth", sha256="AB" * 32).mismatches(info) == []
+    assert ModelSpec(model_path="GFPGANv1.3.pth").mismatches(info)
+    old = ServiceInfo(**{**info.__dict__, "arch": "", "channel_multiplier": 0})
+    problems = ModelSpec(arch="clean", channel_multiplier=2).mismatches(old)
+    assert len(problems) == 2 and "arch not reported" in problems[0]
+    with pytest.raises(InvalidRequest, match="arch must be one of"):
+        ModelSpec(arch="gfpgan").validate()
 
 
 def test_info_with_no_service_raises_a_clear_error(nowhere):
@@ -503,7 +548,7 @@ async def test_the_asyncio_client_enhances_concurrent_batches_and_falls_back(fak
         fake.delay_s = 2.0
         slow = await client.enhance(batches[0], timeout_ms=100)
         assert_fell_back(slow, batches[0], "timeout")
-        assert (await client.info()).model_name == "fake"
+        assert (await client.info()).model_name == "GFPGANv1.4"
         assert client.stats()["batches_by_outcome"] == {"enhanced": 6, "fallback": 1, "invalid": 0}
 
 

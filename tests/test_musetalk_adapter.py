@@ -3,14 +3,11 @@ the real gfpgan-serve (random-valued weights) on loopback, or a fake for timeout
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import glob
 import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,51 +20,24 @@ from musetalk_adapter import (
     GFPGANEnhancer,
     GFPGANSettings,
     SettingsError,
-    add_arguments,
     enhancer_from_musetalk,
     resolve,
 )
 from musetalk_adapter import bench_overhead
 from musetalk_adapter.__main__ import main as launcher_main
-from tests.checkpoints import GFPGAN_FILE
-from tests.helpers import free_port, serving
 from tests.faces import make_faces
 from tests.fake_service import FakeService, dead_address
+from tests.helpers import free_port
+from tests.musetalk_project import STANDIN, musetalk_args, written_frames
+from tests.service_process import gfpgan_serve
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDIN = Path(__file__).resolve().parent / "musetalk_standin"
-VIDEO_FRAMES = 5
 # fidelity 1.0 keeps MuseTalk's own face: the service's answer is then the decoded face again
 # (up to interpolation), whatever the random weights do, so pixels can be compared.
 KEEP_FACE = ["--gfpgan_alignment", "aligned", "--gfpgan_fidelity", "1.0"]
 
 
 # --- the service ------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def gfpgan_serve(weights: Path, *extra: str):
-    """`gfpgan-serve` as its own process on loopback; yields (address, metrics_url, process)."""
-    port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from server.app import main; main()", "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", str(metrics_port), "--model",
-         str(weights / GFPGAN_FILE), "--weights-dir", str(weights), "--device", "cpu",
-         "--no-download", "--no-warmup", "--max-batch-faces", "8", *extra],
-        cwd=ROOT, env={**os.environ, "GRPC_VERBOSITY": "ERROR"}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not serving(address):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "gfpgan-serve did not become SERVING"
-            time.sleep(0.3)
-        yield address, f"http://127.0.0.1:{metrics_port}/metrics", proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
 
 @pytest.fixture(scope="module")
 def service(small_weights):
@@ -80,50 +50,6 @@ def scrape(url: str, name: str) -> float:
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name) and not line.startswith("#"))
-
-
-# --- a MuseTalk project for the stand-in ------------------------------------------------------
-
-@pytest.fixture
-def project(tmp_path):
-    """Video frames with a face and hard blue/red regions, "audio" lengths, inference YAMLs."""
-    frames = tmp_path / "video"
-    frames.mkdir()
-    faces = make_faces(VIDEO_FRAMES, seed=3)
-    for k in range(VIDEO_FRAMES):
-        frame = np.full((340, 330, 3), 90, np.uint8)
-        frame[:, :110] = (220, 40, 40)   # blue in BGR: a red/blue swap anywhere shows
-        frame[:, 220:] = (30, 40, 230)   # red
-        frame[40:296, 40:296] = faces[k]
-        frame[60:120, 50:100] = (255, 0, 0)
-        frame[60:120, 230:280] = (0, 0, 255)
-        cv2.imwrite(str(frames / f"{k:08d}.png"), frame)
-
-    def audio(name: str, frames_count: int) -> str:
-        path = tmp_path / f"{name}.txt"
-        path.write_text(str(frames_count))
-        return str(path)
-
-    def offline_yaml(frames_count: int, gfpgan: str = "") -> str:
-        path = tmp_path / f"test_{frames_count}.yaml"
-        path.write_text(f"task_0:\n  video_path: {frames}\n  audio_path: {audio('speech', frames_count)}\n"
-                        + gfpgan)
-        return str(path)
-
-    def realtime_yaml(frames_count: int) -> str:
-        path = tmp_path / "realtime.yaml"
-        path.write_text(f"avator_1:\n  preparation: true\n  bbox_shift: 5\n  video_path: {frames}\n"
-                        f"  audio_clips:\n    clip_0: {audio('clip', frames_count)}\n")
-        return str(path)
-
-    return argparse.Namespace(dir=tmp_path, offline_yaml=offline_yaml, realtime_yaml=realtime_yaml)
-
-
-def written_frames(folder: Path) -> list[np.ndarray]:
-    paths = sorted(glob.glob(str(folder / "**" / "*.png"), recursive=True))
-    names = [int(Path(p).stem) for p in paths]
-    assert names == list(range(len(paths))), f"frames missing or repeated: {names}"
-    return [cv2.imread(p) for p in paths]
 
 
 def in_standin():
@@ -344,12 +270,6 @@ def test_a_full_pending_window_waits_for_the_oldest_batch_instead_of_dropping_on
 
 # --- settings ------------------------------------------------------------------------------------
 
-def musetalk_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--inference_config")
-    return add_arguments(parser).parse_args(list(argv))
-
-
 def test_flags_override_the_yaml_section_which_overrides_the_defaults():
     document = {"task_0": {"video_path": "v"}, "gfpgan": {"enabled": True, "address": "yaml:1",
                                                           "upscale": 2, "fidelity": 0.3}}
@@ -410,9 +330,14 @@ def test_settings_refuse_bad_values_with_the_setting_named():
 
 # --- editing MuseTalk instead --------------------------------------------------------------------
 
-def test_the_patch_for_musetalk_inference_has_consistent_hunks_and_only_adds_lines():
-    text = (ROOT / "musetalk_adapter" / "inference.py.diff").read_text()
-    body = text[text.index("--- a/scripts/inference.py"):].splitlines()[2:]
+@pytest.mark.parametrize("script, submit", [
+    ("inference.py", "recon = gfpgan.submit_batch(recon)  # answered while the next UNet batch runs"),
+    ("realtime_inference.py",
+     "recon = gfpgan.submit_batch(recon)  # answered in process_frames, while the next UNet batch runs"),
+])
+def test_the_patches_for_musetalk_have_consistent_hunks_and_only_add_lines(script, submit):
+    text = (ROOT / "musetalk_adapter" / f"{script}.diff").read_text()
+    body = text[text.index(f"--- a/scripts/{script}"):].splitlines()[2:]
     hunks, added = 0, []
     i = 0
     while i < len(body):
@@ -429,21 +354,22 @@ def test_the_patch_for_musetalk_inference_has_consistent_hunks_and_only_adds_lin
         hunks += 1
         i += 1 + len(lines)
     assert hunks == 5
-    assert "recon = gfpgan.submit_batch(recon)  # answered while the next UNet batch runs" in added
+    assert submit in added
+    assert "gfpgan = enhancer_from_musetalk(args, inference_config)" in added
+    assert not any("gfpgan" in line and "continue" in line for line in added)  # nothing to skip
     exec(added[0], {})  # the import line names the adapter's public API
 
 
 def test_the_documented_edit_works_in_a_musetalk_shaped_script(project, tmp_path):
-    """The README's lines, added to a copy of the stand-in's inference.py: GFPGAN is turned on
-    by a flag, the 'gfpgan:' YAML section is skipped as a task, every frame comes back."""
+    """The patch's lines, added to a copy of the stand-in's inference.py: GFPGAN is turned on
+    by a flag, the 'gfpgan:' YAML section is taken out before MuseTalk's task loop (no task
+    fails on it), every frame comes back."""
     script = (STANDIN / "scripts" / "inference.py").read_text()
     edits = [
         ("from musetalk.utils.utils import datagen, load_all_model\n",
          "from musetalk_adapter import add_arguments as add_gfpgan_arguments, enhancer_from_musetalk\n"),
-        ('    print("Loaded inference config:", inference_config)\n',
+        ("    inference_config = OmegaConf.load(args.inference_config)\n",
          "    gfpgan = enhancer_from_musetalk(args, inference_config)\n"),
-        ("    for task_id in inference_config:\n",
-         '        if task_id == "gfpgan":\n            continue\n'),
         ("                recon = vae.decode_latents(pred_latents)\n",
          "                recon = gfpgan.submit_batch(recon)\n"),
         ('            print("Error occurred during processing:", e)\n', "    print(gfpgan.close())\n"),

@@ -101,7 +101,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("model_name", "model_version", "weights_sha256", "device", "dtype", "max_faces_per_request", "min_face_size", "max_face_size", "output_sizes", "max_batch_faces", "server_version")
+    __slots__ = ("model_name", "model_version", "weights_sha256", "device", "dtype", "max_faces_per_request", "min_face_size", "max_face_size", "output_sizes", "max_batch_faces", "server_version", "model_file", "arch", "channel_multiplier")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,9 @@ class ServiceInfo(_message.Message):
     OUTPUT_SIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FACES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILE_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     weights_sha256: str
@@ -124,4 +127,7 @@ class ServiceInfo(_message.Message):
     output_sizes: _containers.RepeatedScalarFieldContainer[int]
     max_batch_faces: int
     server_version: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_faces_per_request: _Optional[int] = ..., min_face_size: _Optional[int] = ..., max_face_size: _Optional[int] = ..., output_sizes: _Optional[_Iterable[int]] = ..., max_batch_faces: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    model_file: str
+    arch: str
+    channel_multiplier: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_faces_per_request: _Optional[int] = ..., min_face_size: _Optional[int] = ..., max_face_size: _Optional[int] = ..., output_sizes: _Optional[_Iterable[int]] = ..., max_batch_faces: _Optional[int] = ..., server_version: _Optional[str] = ..., model_file: _Optional[str] = ..., arch: _Optional[str] = ..., channel_multiplier: _Optional[int] = ...) -> None: ...

@@ -12,7 +12,7 @@ import os
 
 import cv2
 import numpy as np
-import yaml
+from omegaconf import OmegaConf
 
 from musetalk.utils.blending import get_image
 from musetalk.utils.preprocessing import get_landmark_and_bbox
@@ -23,8 +23,7 @@ def main(args):
     vae, unet, pe = load_all_model(unet_model_path=args.unet_model_path, vae_type=args.vae_type,
                                    unet_config=args.unet_config)
     timesteps = np.zeros(1)
-    with open(args.inference_config, encoding="utf-8") as handle:
-        inference_config = yaml.safe_load(handle)  # MuseTalk: OmegaConf.load
+    inference_config = OmegaConf.load(args.inference_config)
     print("Loaded inference config:", inference_config)
 
     for task_id in inference_config:

@@ -13,7 +13,7 @@ import threading
 
 import cv2
 import numpy as np
-import yaml
+from omegaconf import OmegaConf
 
 from musetalk.utils.blending import get_image_blending
 from musetalk.utils.preprocessing import get_landmark_and_bbox
@@ -91,11 +91,11 @@ if __name__ == "__main__":
     parser.add_argument("--skip_save_images", action="store_true")
     args = parser.parse_args()
 
-    with open(args.inference_config, encoding="utf-8") as handle:
-        inference_config = yaml.safe_load(handle)  # MuseTalk: OmegaConf.load
+    inference_config = OmegaConf.load(args.inference_config)
     for avatar_id in inference_config:
         video_path = inference_config[avatar_id]["video_path"]
-        bbox_shift = inference_config[avatar_id].get("bbox_shift", 0)
+        data_preparation = inference_config[avatar_id]["preparation"]  # noqa: F841 (as MuseTalk)
+        bbox_shift = inference_config[avatar_id]["bbox_shift"]
         avatar = Avatar(avatar_id, video_path, bbox_shift, args.batch_size, args.result_dir)
         for audio_num, audio_path in inference_config[avatar_id]["audio_clips"].items():
             avatar.inference(audio_path, audio_num, args.fps, args.skip_save_images)
