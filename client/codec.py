@@ -28,6 +28,9 @@ _ALIGNMENT_TO_PB = {
 _ALIGNMENT_FROM_PB = {v: k for k, v in _ALIGNMENT_TO_PB.items()}
 
 
+#: The smallest eye-to-eye and eyes-to-mouth distance of caller-given landmarks, in pixels.
+MIN_LANDMARK_SPAN_PX = 4
+
 def as_face_array(faces) -> np.ndarray:
     """Check a caller's faces: (N, H, W, 3) uint8, any strides (MuseTalk's are negative)."""
     faces = np.asarray(faces)
@@ -117,12 +120,21 @@ def decode_landmarks(values, count: int, alignment: Alignment, image_size: int) 
     points = np.asarray(values, dtype=np.float32).reshape(count, NUM_LANDMARKS, 2)
     if not np.isfinite(points).all():
         raise InvalidRequest("landmarks contain NaN or infinity")
-    if np.abs(points).max() >= 16 * image_size:
-        raise InvalidRequest("landmarks lie far outside the image; they are in input pixel coordinates")
+    outside = ((points < 0) | (points > image_size)).any(axis=(1, 2))
+    if outside.any():
+        bad = int(np.argmax(outside))
+        raise InvalidRequest(f"landmarks of face {bad} lie outside its {image_size}x{image_size} "
+                             f"image; they are in input pixel coordinates, (x, y) from the top left")
+    # A face needs a width (eye to eye) and a height (eyes to mouth) to be aligned: points that
+    # coincide or lie on one line have no similarity transform to the template.
     eye_dist = np.linalg.norm(points[:, 1] - points[:, 0], axis=-1)
-    if (eye_dist < 1.0).any():
-        bad = int(np.argmax(eye_dist < 1.0))
-        raise InvalidRequest(f"landmarks of face {bad}: the two eyes are less than 1 pixel apart")
+    height = np.linalg.norm(points[:, 3:].mean(axis=1) - points[:, :2].mean(axis=1), axis=-1)
+    small = (eye_dist < MIN_LANDMARK_SPAN_PX) | (height < MIN_LANDMARK_SPAN_PX)
+    if small.any():
+        bad = int(np.argmax(small))
+        raise InvalidRequest(
+            f"landmarks of face {bad} span {eye_dist[bad]:.1f} px eye to eye and {height[bad]:.1f} px "
+            f"eyes to mouth; each must be at least {MIN_LANDMARK_SPAN_PX} px for the face to be aligned")
     return points
 
 

@@ -16,12 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
 from server.batcher import Batcher
 from server.jobs import ModelInfo, Pipeline
 from server.metrics import Metrics
-from server.service import SERVICE_NAME, FaceEnhancerServicer
+from server.service import SERVICE_NAME, FaceEnhancerServicer, add_to_server
 from server.settings import Settings
 
 log = logging.getLogger("gfpgan-serve")
@@ -122,7 +120,7 @@ class FaceEnhanceServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _NOT_SERVING)
         self.server = grpc.aio.server(options=grpc_options(s))
-        pb_grpc.add_FaceEnhancerServicer_to_server(self.servicer, self.server)
+        add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

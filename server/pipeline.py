@@ -47,6 +47,10 @@ MAX_NETWORK_FACES = 32
 # A hard cap on restored faces per image when only_center_face is off, so that one
 # crowded (or adversarial) image cannot blow up a device batch.
 MAX_FACES_PER_IMAGE = 8
+#: The scales an image -> template alignment may have (the template's eyes are 126 px apart):
+#: eyes 4 px to about 1000 px apart. A fit outside, or not finite (landmarks that coincide or
+#: lie on one line), cannot be a face: it is neither restored into the image nor ENHANCED.
+ALIGN_SCALE_RANGE = (1 / 8, 32.0)
 
 
 def _to_network(images_bgr: torch.Tensor) -> torch.Tensor:
@@ -74,6 +78,7 @@ class _Group:
     options: list[EnhanceOptions]  # per image
     faces: Faces                   # faces to restore and paste (DETECT and LANDMARKS images)
     affines: torch.Tensor          # (faces, 2, 3) image -> 512 template
+    aligns: torch.Tensor           # (faces,) bool: the fit is a usable alignment
     aligned_index: torch.Tensor    # images given as already aligned (ALIGNED)
     aligned_host: list[int]        # the same, on the host
     warped: torch.Tensor           # (faces, 3, 512, 512) template crops
@@ -265,13 +270,15 @@ class FacePipeline:
         faces = self._locate(images, detect_index, given_index, points, centre_only,
                              all_centre=all(options[i].only_center_face for i in detect_host))
         with self._stage("align"):
-            affines = imageops.robust_similarity_transform(faces.landmarks, self._template)
+            affines, aligns = _usable_alignments(
+                imageops.robust_similarity_transform(faces.landmarks, self._template), size=images.shape[-1])
         with self._stage("warp"):
             warped = imageops.warp_affine(images[faces.image], affines, FACE_SIZE, self._border)
             resized = imageops.resize(images[aligned_index], FACE_SIZE, "linear")
             # facexlib and cv2 hand GFPGAN uint8 crops: round like they do.
             warped, resized = warped.round().clamp(0, 255), resized.round().clamp(0, 255)
-        return _Group(key=key, indices=indices, images=images, options=options, faces=faces, affines=affines,
+        return _Group(key=key, indices=indices, images=images, options=options, faces=faces,
+                      affines=affines, aligns=aligns,
                       aligned_index=aligned_index, aligned_host=aligned_host, warped=warped,
                       aligned_inputs=resized, fidelity=fidelity,
                       noise=torch.cat([random_noise[faces.image], random_noise[aligned_index]]))
@@ -382,8 +389,9 @@ class FacePipeline:
         if num_faces:
             with self._stage("parse"):
                 plan.masks = self._face_masks(plan.pasted_faces)
-        status = torch.full((plan.n,), int(FaceStatus.NO_FACE), dtype=torch.uint8, device=self.device)
-        status[faces.image] = int(FaceStatus.ENHANCED)
+        # ENHANCED: an image with at least one face aligned and pasted (or given as aligned).
+        pasted = torch.zeros(plan.n, device=self.device).index_add_(0, faces.image, plan.aligns.float())
+        status = torch.where(pasted > 0, int(FaceStatus.ENHANCED), int(FaceStatus.NO_FACE)).to(torch.uint8)
         status[plan.aligned_index] = int(FaceStatus.ENHANCED)
         outputs = {size: _to_uint8_nhwc(self._compose(plan, size))
                    for size in sorted({o.output_size for o in plan.options})}
@@ -416,7 +424,7 @@ class FacePipeline:
                 face_px = imageops.warp_affine(plan.pasted_faces, to_canvas, out_size, 0.0).round()
                 face_alpha = imageops.warp_affine(plan.masks, to_canvas, out_size, 0.0)
                 target = row_of[faces.image]  # -1: this face's image wants another size
-                face_alpha = face_alpha * (target >= 0).view(-1, 1, 1, 1)
+                face_alpha = face_alpha * ((target >= 0) & plan.aligns).view(-1, 1, 1, 1)
                 target = target.clamp_min(0)
                 rank = _rank_within_image(faces.image, plan.n)
                 all_centre = all(o.only_center_face or o.alignment is not Alignment.DETECT
@@ -485,6 +493,18 @@ def _rank_within_image(image: torch.Tensor, n_images: int, among: torch.Tensor |
 def _to_uint8_nhwc(canvas: torch.Tensor) -> torch.Tensor:
     """(N, 3, S, S) float 0..255 -> (N, S, S, 3) uint8, still on the device."""
     return canvas.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _usable_alignments(affines: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(affines, usable): each fit checked (finite, scale in ALIGN_SCALE_RANGE) on the device,
+    without a wait; an unusable one is replaced by the plain resize to the template, so that
+    the batch's warps stay finite, and is left out of the paste and the status."""
+    scale = affines[:, :, 0].norm(dim=1)
+    usable = torch.isfinite(affines).all(dim=2).all(dim=1) & (scale >= ALIGN_SCALE_RANGE[0]) \
+        & (scale <= ALIGN_SCALE_RANGE[1])
+    resize = torch.tensor([[FACE_SIZE / size, 0.0, 0.0], [0.0, FACE_SIZE / size, 0.0]],
+                          dtype=affines.dtype, device=affines.device)
+    return torch.where(usable.view(-1, 1, 1), affines, resize), usable
 
 
 def _download(parts, device: torch.device):

@@ -5,8 +5,10 @@ Errors become status codes in one place, `error_status`; the model and batching 
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.metadata
 import logging
+import time
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -29,6 +31,67 @@ MAX_IN_FLIGHT_PER_STREAM = 16
 _ENCODE_OFF_LOOP_BYTES = 8 << 20
 
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+#: At most one log line per this many seconds about messages that do not parse; the rest are
+#: counted (faceenhance_requests_total{outcome="invalid_argument"}) and summed in the next line.
+MALFORMED_LOG_INTERVAL_S = 10.0
+
+
+class Malformed:
+    """A message that is not the protobuf it should be. gRPC would log each one with a
+    traceback and answer UNKNOWN; the servicer answers INVALID_ARGUMENT instead."""
+
+    request_id = 0
+
+    def __init__(self, size: int, error: Exception):
+        self.size = size
+        self.error = error
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - protobuf's spelling
+        return False
+
+
+def _tolerant(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as error:  # noqa: BLE001 - DecodeError, and whatever else bad bytes raise
+            return Malformed(len(data), error)
+    return deserialize
+
+
+def add_to_server(servicer: "FaceEnhancerServicer", server) -> None:
+    """Register the servicer like pb_grpc.add_FaceEnhancerServicer_to_server, with request
+    parsing that hands malformed bytes to the servicer instead of failing inside gRPC."""
+    handlers = {
+        "EnhanceBatch": grpc.stream_stream_rpc_method_handler(
+            servicer.EnhanceBatch, request_deserializer=_tolerant(pb.EnhanceRequest.FromString),
+            response_serializer=pb.EnhanceResponse.SerializeToString),
+        "Enhance": grpc.unary_unary_rpc_method_handler(
+            servicer.Enhance, request_deserializer=_tolerant(pb.EnhanceRequest.FromString),
+            response_serializer=pb.EnhanceResponse.SerializeToString),
+        "GetInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetInfo, request_deserializer=_tolerant(pb.GetInfoRequest.FromString),
+            response_serializer=pb.ServiceInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+class _RateLimitedLog:
+    """One warning per interval; what was left out is counted into the next one."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        more = f" (and {self._suppressed} more since the last such line)" if self._suppressed else ""
+        log.warning(message + more, *args)
+        self._next, self._suppressed = now + self.interval_s, 0
 
 
 def server_version() -> str:
@@ -69,28 +132,56 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
         self._max_in_flight = max_in_flight_per_stream
         self._stream_readers: set[asyncio.Task] = set()
         self._closing = False
+        self._malformed_log = _RateLimitedLog(MALFORMED_LOG_INTERVAL_S)
 
     # --- RPCs ------------------------------------------------------------------------------
 
     async def EnhanceBatch(self, request_iterator, context) -> AsyncIterator[pb.EnhanceResponse]:
-        # The reader decodes and queues requests as they come while this coroutine writes the
-        # answers in request order; `slots` bounds how far the reader may run ahead.
+        # The reader decodes and queues requests as they come; answers are written in request
+        # order, but a refusal or error is written as soon as it is known, ahead of answers
+        # still being computed (the contract: match responses by request_id). A caller whose
+        # request is refused for a full queue hears so at once, not after the work ahead of it.
+        # `slots` bounds how far the reader may run ahead of the writer.
         slots = asyncio.Semaphore(self._max_in_flight)
-        answers: asyncio.Queue = asyncio.Queue()
+        writable: asyncio.Queue = asyncio.Queue()  # responses to write, in writing order
+        # [task, written] per request, in request order, until its answer is written
+        ordered: collections.deque[list] = collections.deque()
+        state = {"reading": True}
+
+        def write(entry: list) -> None:
+            task, done = entry
+            if not done and not task.cancelled():
+                entry[1] = True
+                writable.put_nowait(task.result())
+
+        def settle(entry: list) -> None:
+            task = entry[0]
+            if not task.cancelled() and task.result().HasField("error"):
+                write(entry)  # errors overtake
+            while ordered and ordered[0][0].done():
+                write(ordered.popleft())
+            _maybe_end()
+
+        def _maybe_end() -> None:
+            if not state["reading"] and not ordered:
+                writable.put_nowait(None)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     await slots.acquire()
-                    answers.put_nowait(asyncio.ensure_future(self._answer(request, "EnhanceBatch")))
+                    entry = [asyncio.ensure_future(self._answer(request, "EnhanceBatch")), False]
+                    ordered.append(entry)
+                    entry[0].add_done_callback(lambda _, entry=entry: settle(entry))
             finally:
-                answers.put_nowait(None)
+                state["reading"] = False
+                _maybe_end()
 
         reader = asyncio.ensure_future(read())
         self._stream_readers.add(reader)
         try:
-            while (answer := await answers.get()) is not None:
-                yield await answer
+            while (response := await writable.get()) is not None:
+                yield response
                 slots.release()
             if reader.cancelled():  # close_streams(): the service is going away
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -100,10 +191,8 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             self._stream_readers.discard(reader)
             reader.cancel()
             # The caller went away (or the call failed): drop its queued work.
-            while not answers.empty():
-                pending = answers.get_nowait()
-                if pending is not None:
-                    pending.cancel()
+            for task, _ in ordered:
+                task.cancel()
 
     async def Enhance(self, request: pb.EnhanceRequest, context) -> pb.EnhanceResponse:
         response = await self._answer(request, "Enhance")
@@ -112,6 +201,9 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
         return response
 
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.ServiceInfo:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"not a faceenhance.v1.GetInfoRequest ({request.size} bytes)")
         info = self._info_provider()
         if info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -146,6 +238,11 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             if batcher is None or self._closing:
                 raise NotAccepting("the service is starting up (loading the model) or shutting "
                                    "down; retry shortly or on another replica")
+            if isinstance(request, Malformed):
+                self._malformed_log.warning("%s: a message of %d bytes is not a faceenhance.v1."
+                                            "EnhanceRequest: %s", rpc, request.size, request.error)
+                raise InvalidRequest(f"not a faceenhance.v1.EnhanceRequest ({request.size} bytes "
+                                     f"that do not parse: {request.error})")
             faces, options, landmarks = codec.decode_request(request, self._limits)
             result = await batcher.submit(faces, options, landmarks)
             if result.faces.nbytes > _ENCODE_OFF_LOOP_BYTES:

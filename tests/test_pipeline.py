@@ -251,6 +251,27 @@ def test_no_face_found_returns_the_input_resized(pipeline):
     assert np.abs(result.faces[0].astype(int) - expected).max() <= 1
 
 
+@pytest.mark.parametrize("points", [
+    # the issue's request: eyes 1 px apart, the other three points on the left eye (NaN fit)
+    [[100, 100], [101, 100], [100, 100], [100, 100], [100, 100]],
+    [[128, 128]] * 5,                                                    # one pixel
+    [[100, 100], [100.01, 100], [100, 100.01], [100, 100.02], [100.01, 100.02]],  # a 1000x zoom
+])
+def test_an_alignment_that_cannot_be_a_face_is_not_pasted_and_not_enhanced(pipeline, points):
+    """Degenerate landmarks reach the device only past the codec's checks (a caller of the
+    pipeline, or a detector): such a face is NO_FACE and its image comes back resized, never a
+    black or smeared frame marked ENHANCED; the good face beside it in the batch is unharmed."""
+    faces = make_faces(2, seed=4)
+    good = template_landmarks(1, seed=4)
+    given = np.concatenate([np.asarray([points], np.float32), good])
+    [alone] = pipeline.enhance([Job(faces[1:], EnhanceOptions(alignment=Alignment.LANDMARKS), good)])
+    [result] = pipeline.enhance([Job(faces, EnhanceOptions(alignment=Alignment.LANDMARKS), given)])
+    assert result.status == [FaceStatus.NO_FACE, FaceStatus.ENHANCED]
+    expected = cv2.resize(faces[0], (256, 256), interpolation=cv2.INTER_LANCZOS4)
+    assert np.abs(result.faces[0].astype(int) - expected).max() <= 1
+    assert np.abs(result.faces[1].astype(int) - alone.faces[0]).max() <= 1
+
+
 def test_all_faces_mode_restores_every_face_like_gfpganer(pipeline, weights, monkeypatch):
     """only_center_face=False: every detected face is restored and pasted, in GFPGANer's order.
 

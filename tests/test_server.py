@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import time
 import os
 import re
 import shutil
@@ -185,6 +187,16 @@ BAD_REQUESTS = {
         _with_landmarks(_raw(alignment=pb.ALIGNMENT_LANDMARKS), [math.nan] * 10), "NaN"),
     "landmarks without ALIGNMENT_LANDMARKS": (
         _with_landmarks(_raw(), FIVE_POINTS), "only accepted with ALIGNMENT_LANDMARKS"),
+    # issue 9: these came back as a black face, or unchanged, marked ENHANCED
+    "landmarks that coincide": (
+        _with_landmarks(_raw(alignment=pb.ALIGNMENT_LANDMARKS), [40, 40, 41, 40] + [40] * 6),
+        "each must be at least 4 px"),
+    "landmarks on one line": (
+        _with_landmarks(_raw(alignment=pb.ALIGNMENT_LANDMARKS), [10, 30, 50, 30, 30, 30, 20, 30, 40, 30]),
+        "0.0 px eyes to mouth"),
+    "landmarks outside the image": (
+        _with_landmarks(_raw(alignment=pb.ALIGNMENT_LANDMARKS), [v + 300 for v in FIVE_POINTS]),
+        "lie outside its 64x64 image"),
 }
 
 
@@ -216,8 +228,13 @@ async def test_bad_requests_get_in_band_invalid_argument_and_the_stream_goes_on(
         (responses, code), neighbour_responses = await asyncio.gather(offender(), neighbour())
 
     assert code == grpc.StatusCode.OK
-    assert [r.request_id for r in responses] == [rid for rid, _, _, _ in plan]
-    for response, (request_id, _, faces, text) in zip(responses, plan):
+    # every request answered once; the answers in request order (refusals may come earlier)
+    assert sorted(r.request_id for r in responses) == [rid for rid, _, _, _ in plan]
+    good_ids = [rid for rid, _, faces, _ in plan if faces is not None]
+    assert [r.request_id for r in responses if not r.HasField("error")] == good_ids
+    by_id = {r.request_id: r for r in responses}
+    for request_id, _, faces, text in plan:
+        response = by_id[request_id]
         if text is None:
             assert_answers(response, request_id, faces)
         else:
@@ -238,6 +255,37 @@ async def test_a_bad_unary_request_is_invalid_argument_with_a_message(case):
             await pb_grpc.FaceEnhancerStub(ch).Enhance(bad)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert text in refused.value.details()
+
+
+async def test_malformed_messages_are_invalid_argument_counted_and_logged_at_a_bounded_rate(
+        rng, caplog):
+    """Issue 9: 1,000 garbage messages made 7,000 log lines and UNKNOWN. Now each is answered
+    INVALID_ARGUMENT (in band on a stream, which goes on), counted, and logged at most once
+    per interval; a good request after them is answered."""
+    garbage = [bytes(rng.integers(0, 256, int(n), dtype=np.uint8)) + b"\xff\xff\xff\xff"
+               for n in rng.integers(1, 64, 1000)]
+    good = random_faces(rng, 2)
+    caplog.set_level(logging.WARNING)
+    async with running(FakePipeline()) as app, channel(app) as ch:
+        stream = ch.stream_stream("/faceenhance.v1.FaceEnhancer/EnhanceBatch")(
+            iter([*garbage, request(7, good).SerializeToString()]))
+        responses = [pb.EnhanceResponse.FromString(r) async for r in stream]
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await ch.unary_unary("/faceenhance.v1.FaceEnhancer/Enhance")(b"\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/faceenhance.v1.FaceEnhancer/GetInfo")(b"\xff\xff\xff")
+        invalid = app.metrics.registry.get_sample_value(
+            "faceenhance_requests_total", {"rpc": "EnhanceBatch", "outcome": "invalid_argument"})
+    assert len(responses) == 1001
+    assert all(r.error.code == INVALID_ARGUMENT for r in responses[:1000])
+    # (a few random byte strings happen to parse, as an empty request: refused as such)
+    assert sum("not a faceenhance.v1.EnhanceRequest" in r.error.message for r in responses[:1000]) > 990
+    assert_answers(responses[1000], 7, good)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert invalid == 1000
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert 1 <= len(lines) <= 3, [r.getMessage() for r in lines]
 
 
 async def test_an_oversized_message_is_refused_by_grpc_with_resource_exhausted(rng):
@@ -302,6 +350,37 @@ async def test_a_full_queue_gives_resource_exhausted_then_recovers(rng):
     assert in_band[0].error.code == RESOURCE_EXHAUSTED
     assert "queue is full" in in_band[0].error.message
     assert_answers(recovered, 5, again)
+
+
+async def test_a_refusal_on_a_stream_overtakes_the_answers_still_being_computed(rng):
+    """Issue 9: a RESOURCE_EXHAUSTED waited for the answers ahead of it on the stream (10 to
+    54 s). Refusals and errors now go out at once, answers keep request order, and every
+    response carries its request_id (the client matches by it)."""
+    hold = threading.Event()
+    pipeline = FakePipeline(hold=hold)
+    async with running(pipeline, max_queue_faces=8) as app, channel(app) as ch:
+        call = pb_grpc.FaceEnhancerStub(ch).EnhanceBatch()
+        first, second = random_faces(rng, 4), random_faces(rng, 8)
+        await call.write(request(1, first))                  # on the device, held there
+        await until(pipeline.started.is_set)
+        await call.write(request(2, second))                 # fills the queue
+        await until(lambda: app.batcher.queued_faces == 8)
+        sent = time.perf_counter()
+        await call.write(request(3, random_faces(rng, 1)))   # refused: the queue is full
+        await call.write(_with_landmarks(_raw(alignment=pb.ALIGNMENT_LANDMARKS), [math.nan] * 10))
+        refused = await asyncio.wait_for(call.read(), 5)
+        invalid = await asyncio.wait_for(call.read(), 5)
+        waited = time.perf_counter() - sent
+        assert not hold.is_set()  # both arrived while request 1 was still on the device
+        hold.set()
+        answers = [await call.read(), await call.read()]
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+    assert (refused.request_id, refused.error.code) == (3, RESOURCE_EXHAUSTED)
+    assert (invalid.request_id, invalid.error.code) == (0, INVALID_ARGUMENT)
+    assert waited < 1.0, f"the refusals took {waited:.2f} s"
+    assert_answers(answers[0], 1, first)
+    assert_answers(answers[1], 2, second)
 
 
 async def test_a_cancelled_stream_has_its_queued_work_dropped(rng):
@@ -582,9 +661,12 @@ async def test_sigterm_finishes_work_in_flight_refuses_new_work_and_exits_zero(r
             process.wait()
 
     assert exit_code == 0, "".join(lines)
-    for response, (i, faces) in zip([first, *rest[:2]], enumerate(frames)):
+    # the refusal may overtake the answers still computing; the answers keep their order
+    refusals = [r for r in rest if r.HasField("error")]
+    answers = [first, *(r for r in rest if not r.HasField("error"))]
+    for response, (i, faces) in zip(answers, enumerate(frames)):
         assert_answers(response, i, faces)
-    assert rest[2].request_id == 3 and rest[2].error.code == UNAVAILABLE
+    assert [(r.request_id, r.error.code) for r in refusals] == [(3, UNAVAILABLE)]
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -38,9 +38,10 @@ class FaceEnhancerServicer(object):
 
     def EnhanceBatch(self, request_iterator, context):
         """The main call: a long-lived stream. Send requests as fast as you like (several in flight
-        is the point); responses come back on the same stream in request order, each carrying
-        its request's request_id. A bad or refused request gets a response with `error` set and
-        the stream carries on; only transport failures end the stream.
+        is the point); answers come back on the same stream in request order, each carrying its
+        request's request_id. A bad or refused request gets a response with `error` set as soon
+        as that is known, ahead of answers to earlier requests still being computed: match
+        responses by request_id. The stream carries on; only transport failures end it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
