@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--side-by-side", action="store_true",
                         help="also write NAME_compare.png: input resized | enhanced")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-none-enhanced", action="store_true",
+                        help="exit 0 even when no face was enhanced (every face fell back or "
+                             "had no face found); by default that exits 1")
     return parser
 
 
@@ -122,8 +125,10 @@ def _batches(images: Iterator[_Image], batch_size: int) -> Iterator[list[_Image]
 
 
 # An enhancer takes (faces, options) and returns a callable that waits for
-# (enhanced faces, statuses): lets the service mode keep batches in flight.
-Enhancer = Callable[[np.ndarray, EnhanceOptions], Callable[[], tuple[np.ndarray, list[FaceStatus]]]]
+# (enhanced faces, statuses, why it fell back or None): lets the service mode keep batches in
+# flight.
+Enhancer = Callable[[np.ndarray, EnhanceOptions],
+                    Callable[[], tuple[np.ndarray, list[FaceStatus], "tuple[str, str] | None"]]]
 
 
 def _service_enhancer(args) -> tuple[Enhancer, Callable[[], None]]:
@@ -137,7 +142,9 @@ def _service_enhancer(args) -> tuple[Enhancer, Callable[[], None]]:
 
         def wait():
             result = future.result()
-            return result.faces, list(result.status)
+            why = ((result.fallback_reason, result.extra.get("fallback_detail", ""))
+                   if result.fell_back else None)
+            return result.faces, list(result.status), why
         return wait
     return submit, client.close
 
@@ -168,7 +175,7 @@ def _in_process_enhancer(args) -> tuple[Enhancer, Callable[[], None]]:
             raise InvalidRequest(f"faces of {size}x{size} are outside the accepted "
                                  f"{limits.min_face_size}..{limits.max_face_size} pixels; resize them first")
         result = pipeline.enhance([Job(faces, options)])[0]
-        return lambda: (result.faces, list(result.status))
+        return lambda: (result.faces, list(result.status), None)
     return submit, lambda: None
 
 
@@ -195,10 +202,15 @@ def run(args, log=print) -> int:
     submit, close = (_service_enhancer if args.address else _in_process_enhancer)(args)
     progress = tqdm(total=len(found), unit="face", file=sys.stderr, disable=args.quiet)
     pending: deque = deque()
+    fallbacks: Counter = Counter()  # reason -> faces
+    details: dict[str, str] = {}
 
     def finish_oldest() -> None:
         batch, wait = pending.popleft()
-        faces, status = wait()
+        faces, status, why = wait()
+        if why is not None:
+            fallbacks[why[0]] += len(batch)
+            details.setdefault(why[0], why[1])
         for image, enhanced, state in zip(batch, faces, status):
             write_image(image.output, enhanced)
             if args.side_by_side:
@@ -229,8 +241,17 @@ def run(args, log=print) -> int:
     log(f"enhanced {counts[FaceStatus.ENHANCED]}, no face {counts[FaceStatus.NO_FACE]}, "
         f"fell back {counts[FaceStatus.FALLBACK]}, unreadable {len(problems)} "
         f"(of {len(found)} images) -> {output_dir}", file=sys.stderr)
+    for reason, faces in fallbacks.most_common():
+        first_line = details[reason].strip().splitlines()[0][:300] if details[reason].strip() else ""
+        detail = f": {first_line}" if first_line else ""
+        log(f"fell back ({reason}) for {faces} faces, written resized, not enhanced{detail}",
+            file=sys.stderr)
     if not found:
         log("error: no png/jpg/webp images in the given inputs", file=sys.stderr)
+        return 1
+    if found and not counts[FaceStatus.ENHANCED] and not args.allow_none_enhanced:
+        log("error: no face was enhanced (the outputs are resized copies); pass "
+            "--allow-none-enhanced to accept that", file=sys.stderr)
         return 1
     return 1 if problems else 0
 

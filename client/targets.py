@@ -175,9 +175,11 @@ class BatchStream:
                     current.close()
                     raise
                 except Exception as error:  # noqa: BLE001 - the stream failed under us
-                    reason = (reason_for_code(error.code()) if isinstance(error, grpc.aio.AioRpcError)
-                              else "transport")
-                    current.fail_pending(StreamBroken(reason, repr(error)))
+                    if isinstance(error, grpc.aio.AioRpcError):
+                        reason, detail = reason_for_code(error.code()), error.details() or ""
+                    else:
+                        reason, detail = "transport", repr(error)
+                    current.fail_pending(StreamBroken(reason, detail))
                     current.call.cancel()
                 answer = await waiter
             finally:

@@ -57,16 +57,24 @@ def test_in_process_folder_gives_one_output_per_face_at_the_output_size_and_wide
     assert "enhanced 3, no face 0, fell back 0" in capsys.readouterr().err
 
 
-def test_dead_service_gives_the_lanczos_resize_and_the_summary_says_fell_back(tmp_path, capsys):
+def test_dead_service_gives_the_lanczos_resize_says_why_and_exits_non_zero(tmp_path, capsys):
+    """Issue 9: every face fell back and the CLI said nothing of why and exited 0. It names the
+    reason, and exits 1 unless --allow-none-enhanced accepts resized copies."""
     faces = write_faces(tmp_path / "in", 3)
     out = tmp_path / "out"
-    code = run_cli(["--address", dead_address(), "--timeout-ms", 2000, "--output-size", 256,
+    address = dead_address()
+    code = run_cli(["--address", address, "--timeout-ms", 2000, "--output-size", 256,
                     "--quiet", "-o", out, tmp_path / "in"])
-    assert code == 0
+    err = capsys.readouterr().err
+    assert code == 1
     for index, face in enumerate(faces):
         expected = cv2.resize(face, (256, 256), interpolation=cv2.INTER_LANCZOS4)
         assert np.array_equal(cv2.imread(str(out / f"face_{index}.png")), expected)
-    assert "fell back 3" in capsys.readouterr().err
+    assert "fell back 3" in err
+    assert "fell back (unavailable) for 3 faces" in err and address in err
+    assert "error: no face was enhanced" in err
+    assert run_cli(["--address", address, "--timeout-ms", 2000, "--quiet", "--allow-none-enhanced",
+                    "-o", out, tmp_path / "in"]) == 0
 
 
 def test_unreadable_or_non_square_input_is_named_and_the_exit_status_is_non_zero(tmp_path, capsys):
@@ -103,7 +111,7 @@ def test_service_mode_does_not_import_torch(tmp_path):
     write_faces(tmp_path / "in", 1)
     script = ("import sys, client.cli as c\n"
               "try:\n"
-              f"    c.main(['--address', {dead_address()!r}, '--timeout-ms', '2000', '--quiet',"
+              f"    c.main(['--address', {dead_address()!r}, '--timeout-ms', '2000', '--quiet', '--allow-none-enhanced',"
               f" '-o', {str(tmp_path / 'out')!r}, {str(tmp_path / 'in')!r}])\n"
               "except SystemExit as e:\n"
               "    print('torch' in sys.modules, e.code)\n")
