@@ -273,6 +273,7 @@ class AsyncFaceEnhanceClient:
     def _record(self, target: Target, outcome: str) -> None:
         if outcome == "success":
             target.breaker.record_success()
+            target.stop_health_watch()
         elif outcome == "failure":
             target.failures += 1
             if target.breaker.record_failure():
@@ -280,6 +281,7 @@ class AsyncFaceEnhanceClient:
                 # what it serves, which a restart may have changed.
                 target.reset_streams()
                 target.info = None
+                target.watch_health()
         else:
             target.breaker.release()
 

@@ -97,6 +97,11 @@ class CircuitBreaker:
             return True
         return False
 
+    def serving_again(self) -> None:
+        """The target says it is SERVING (its health service): close the circuit now instead of
+        waiting out the cooldown; failures will open it again if it is not so."""
+        self.record_success()
+
     def release(self) -> None:
         """The admitted batch ended with no verdict (cancelled): free the probe slot."""
         self._probe_in_flight = False

@@ -25,6 +25,22 @@ BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 
+#: The standard health service's Watch, called with bytes: the client needs no
+#: grpcio-health-checking for two tiny messages.
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+_SERVICE = pb.DESCRIPTOR.services_by_name["FaceEnhancer"].full_name.encode()
+#: HealthCheckRequest(service="faceenhance.v1.FaceEnhancer") on the wire.
+HEALTH_REQUEST = b"\x0a" + bytes([len(_SERVICE)]) + _SERVICE
+#: HealthCheckResponse.ServingStatus.SERVING
+SERVING = 1
+#: While a circuit is open, a Watch that fails is opened again after this long (doubling).
+_WATCH_RETRY_S = (0.1, 2.0)
+
+
+def health_status(reply: bytes) -> int:
+    """HealthCheckResponse bytes -> its status number (0, UNKNOWN, when absent)."""
+    return reply[1] if len(reply) >= 2 and reply[0] == 0x08 else 0
+
 
 def channel_options(limits: RequestLimits = RequestLimits()) -> list[tuple[str, object]]:
     """Channel arguments: messages up to the largest valid response, keepalive, fast reconnect."""
@@ -226,6 +242,7 @@ class Target:
         self._streams: list[BatchStream] = []
         self._next_stream = itertools.count()
         self._closed = False
+        self._watcher: asyncio.Task | None = None
 
     @property
     def stub(self) -> pb_grpc.FaceEnhancerStub:
@@ -252,6 +269,43 @@ class Target:
         self.requests_sent += 1
         return await self.pick_stream().request(request)
 
+    def watch_health(self) -> None:
+        """While the circuit is open, follow the target's Health/Watch and close the circuit the
+        moment it comes back: SERVING after being unreachable or not serving. A restarted
+        replica is used again at once, not after the breaker's cooldown (up to max_cooldown_s).
+        A target that stays SERVING throughout (up, but too slow) is left to the breaker."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_health())
+
+    def stop_health_watch(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    async def _watch_health(self) -> None:
+        delay, was_down = _WATCH_RETRY_S[0], False
+        while not self._closed and self.breaker.state != "closed":
+            try:
+                watch = self.channel.unary_stream(HEALTH_WATCH)(HEALTH_REQUEST)
+                async for reply in watch:
+                    delay = _WATCH_RETRY_S[0]
+                    if health_status(reply) != SERVING:
+                        was_down = True
+                    elif was_down:
+                        self.breaker.serving_again()
+                        return
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return  # no health service there: the breaker's probes decide
+            was_down = True  # the watch ended or could not start: the target went away
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _WATCH_RETRY_S[1])
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        self.stub  # noqa: B018 - creates the channel on first use
+        return self._channel
+
     def reset_streams(self) -> None:
         """Close this target's streams so the next batch opens fresh ones (maybe on another replica)."""
         for stream in self._streams:
@@ -263,6 +317,9 @@ class Target:
 
     async def close(self) -> None:
         self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         readers = [reader for reader in (stream.reset() for stream in self._streams) if reader]
         # let the cancelled readers finish, so none is left pending when the loop closes
         await asyncio.gather(*readers, return_exceptions=True)

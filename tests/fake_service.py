@@ -51,6 +51,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.requests = 0
         self.faces = 0
         self.info_calls = 0
+        self.health_watches = 0
         self.streams_opened = 0
         self.answered_ids: list[int] = []
         self.face_counts: list[int] = []  # faces per request, in arrival order
@@ -119,6 +120,12 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         if response.HasField("error"):
             await context.abort(_CODES[response.error.code], response.error.message)
         return response
+
+    async def HealthWatch(self, request: bytes, context):
+        """grpc.health.v1.Health/Watch in bytes: SERVING (b"\\x08\\x01"), then nothing more."""
+        self.health_watches += 1
+        yield b"\x08\x01"
+        await asyncio.Event().wait()  # until the caller goes away or the server stops
 
     async def GetInfo(self, request, context):
         self.info_calls += 1
@@ -190,6 +197,9 @@ class FakeService:
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ])
         pb_grpc.add_FaceEnhancerServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "grpc.health.v1.Health",
+            {"Watch": grpc.unary_stream_rpc_method_handler(self.servicer.HealthWatch)}),))
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
         self._server = server

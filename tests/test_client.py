@@ -152,7 +152,9 @@ def test_submit_takes_a_copy_so_the_caller_may_reuse_its_buffer(fake):
 def test_landmarks_are_sent_per_face_and_split_with_their_faces(fake):
     fake.limits = RequestLimits(max_faces_per_request=2)
     faces = random_faces(3)
-    landmarks = np.arange(3 * 5 * 2, dtype=np.float32).reshape(3, 5, 2) + 10
+    # a face's five points (eyes, nose, mouth corners) inside the 64 px image, one per face
+    layout = np.array([[20, 24], [44, 24], [32, 34], [24, 46], [40, 46]], np.float32)
+    landmarks = np.stack([layout + k for k in range(3)])
     with FaceEnhanceClient(fake.address, options=EnhanceOptions(alignment=Alignment.LANDMARKS)) as client:
         result = client.enhance(faces, landmarks=landmarks)
     assert_enhanced(result, faces)
@@ -166,6 +168,28 @@ def test_info_reports_what_the_service_serves(fake, nowhere):
     assert (info.model_name, info.max_faces_per_request, info.output_sizes) == ("GFPGANv1.4", 32, (256, 512, 1024))
     assert (info.model_file, info.arch, info.channel_multiplier) == ("GFPGANv1.4.pth", "clean", 2)
     assert info.limits.max_face_size == 512
+
+
+def test_a_restarted_service_is_used_again_as_soon_as_its_health_says_serving(fake):
+    """Issue 9: the breaker backed off to 30 s, so a worker kept falling back for up to 30 s
+    after the service was SERVING again. While the circuit is open the client follows the
+    target's Health/Watch and closes the circuit the moment it says SERVING."""
+    faces = random_faces(2)
+    breaker = BreakerConfig(failure_threshold=2, cooldown_s=30.0, max_cooldown_s=30.0)
+    with FaceEnhanceClient(fake.address, timeout_ms=1000, breaker=breaker) as client:
+        assert_enhanced(client.enhance(faces), faces)
+        fake.stop()
+        for _ in range(3):
+            result = client.enhance(faces)
+        assert_fell_back(result, faces, "circuit_open")
+        fake.start()  # the same port, SERVING
+        restarted = time.monotonic()
+        while (result := client.enhance(faces)).fell_back and time.monotonic() - restarted < 10:
+            time.sleep(0.05)
+        recovered_s = time.monotonic() - restarted
+    assert_enhanced(result, faces)
+    assert recovered_s < 5.0, f"took {recovered_s:.1f} s with a 30 s breaker cooldown"
+    assert fake.health_watches >= 1
 
 
 def test_expect_model_sends_faces_only_to_a_target_that_serves_it(fake, second_fake):
