@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -234,6 +235,8 @@ class AsyncFaceEnhanceClient:
             outcome = "abandoned"
             try:
                 await _until(deadline, self._check_model(target, deadline))
+                # the service drops the work if it cannot start it before we stop waiting
+                request.timeout_ms = max(1, math.ceil((deadline - loop.time()) * 1000))
                 response = await _until(deadline, target.request(request))
                 if response.HasField("error"):
                     if response.error.code == _INVALID_ARGUMENT:

@@ -6,6 +6,8 @@ what was wrong, so the service can send it back as is.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from client.pb import face_enhance_pb2 as pb
@@ -139,9 +141,10 @@ def decode_landmarks(values, count: int, alignment: Alignment, image_size: int) 
 
 
 def encode_request(request_id: int, faces: np.ndarray, options: EnhanceOptions,
-                   landmarks: np.ndarray | None = None) -> pb.EnhanceRequest:
+                   landmarks: np.ndarray | None = None, timeout_ms: float = 0) -> pb.EnhanceRequest:
     req = pb.EnhanceRequest(request_id=request_id, faces=encode_faces(faces),
-                            options=encode_options(options))
+                            options=encode_options(options),
+                            timeout_ms=max(1, math.ceil(timeout_ms)) if timeout_ms > 0 else 0)
     if landmarks is not None:
         req.landmarks.extend(np.asarray(landmarks, dtype=np.float32).reshape(-1).tolist())
     return req

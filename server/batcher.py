@@ -32,6 +32,10 @@ class PipelineFailed(Exception):
     """The device batch carrying this request failed (INTERNAL)."""
 
 
+class DeadlineExceeded(Exception):
+    """The caller's deadline passed before its faces reached the device (DEADLINE_EXCEEDED)."""
+
+
 @dataclass(eq=False)
 class _Request:
     """One submitted request while it is queued, split and computed."""
@@ -41,6 +45,7 @@ class _Request:
     landmarks: np.ndarray | None
     arrival: float
     future: asyncio.Future
+    deadline: float | None = None  # time.monotonic() after which nobody waits for the answer
     handed_out: int = 0  # faces already given to batches (the rest are queued)
     finished: int = 0  # faces with results
     parts: list[tuple[int, JobResult]] = field(default_factory=list)
@@ -96,12 +101,13 @@ class Batcher:
             self._former.add_done_callback(self._former_ended)
 
     async def submit(self, faces: np.ndarray, options: EnhanceOptions,
-                     landmarks: np.ndarray | None = None) -> EnhanceResult:
+                     landmarks: np.ndarray | None = None, deadline: float | None = None) -> EnhanceResult:
         """Queue faces (N, H, W, 3) uint8 and wait for their results, in order.
 
         Raises QueueFull at once when they do not fit, NotAccepting when draining,
-        PipelineFailed when the device failed on them. Cancelling the caller drops the
-        faces that have not reached the device yet.
+        PipelineFailed when the device failed on them, DeadlineExceeded when `deadline`
+        (time.monotonic()) passed before they reached the device. Cancelling the caller drops
+        the faces that have not reached the device yet.
         """
         if not self._accepting:
             raise NotAccepting("the service is shutting down and takes no new work; "
@@ -110,12 +116,15 @@ class Batcher:
         if count == 0:
             raise ValueError("submit needs at least one face")
         if self._queued_faces + count > self.max_queue_faces:
+            self._expire()  # work nobody waits for any more gives its room back first
+        if self._queued_faces + count > self.max_queue_faces:
             raise QueueFull(
                 f"the queue is full: {self._queued_faces} faces are waiting (limit "
                 f"{self.max_queue_faces}) and this request has {count}; retry later, send "
                 "smaller requests, or add replicas")
         loop = asyncio.get_running_loop()
-        request = _Request(faces, options, landmarks, time.monotonic(), loop.create_future())
+        request = _Request(faces, options, landmarks, time.monotonic(), loop.create_future(),
+                           deadline=deadline)
         self._queue.append(request)
         self._change_queued(count)
         self._wakeup.set()
@@ -217,7 +226,8 @@ class Batcher:
             if not self._queue:
                 continue  # everything waiting was cancelled
             jobs, owners = self._take_batch()
-            await self._run_batch(jobs, owners)
+            if jobs:  # (empty when everything waiting had expired)
+                await self._run_batch(jobs, owners)
 
     async def _wait_for_company(self) -> None:
         """Until the queue holds a full batch or its oldest request has waited max_delay_ms."""
@@ -231,8 +241,23 @@ class Batcher:
             except asyncio.TimeoutError:
                 return
 
+    def _expire(self) -> int:
+        """Fail every queued request whose caller's deadline has passed; the faces it frees."""
+        now, freed = time.monotonic(), 0
+        for request in [r for r in self._queue if r.deadline is not None and r.deadline <= now]:
+            before = self._queued_faces
+            self._fail(request, DeadlineExceeded(
+                f"the caller's deadline passed after {now - request.arrival:.3f} s in the queue, "
+                f"before its faces reached the device; they were not computed"))
+            freed += before - self._queued_faces
+            if self.metrics is not None:
+                self.metrics.expired_faces.inc(request.count)
+        return freed
+
     def _take_batch(self) -> tuple[list[Job], list[tuple[_Request, int, int]]]:
-        """Up to max_batch_faces faces from the head of the queue, splitting the last request."""
+        """Up to max_batch_faces faces from the head of the queue, splitting the last request;
+        requests whose deadline passed are dropped first, never computed."""
+        self._expire()
         jobs: list[Job] = []
         owners: list[tuple[_Request, int, int]] = []
         room = self.max_batch_faces
@@ -262,6 +287,8 @@ class Batcher:
         batch_faces = sum(take for _, _, take in owners)
         self._computing = True
         self._on_device = [request for request, _, _ in owners]
+        if self.metrics is not None:
+            self.metrics.device_batch_faces.set(batch_faces)
         try:
             results, started, seconds = await loop.run_in_executor(
                 self._device, self._enhance_timed, jobs)
@@ -276,6 +303,8 @@ class Batcher:
         finally:
             self._computing = False
             self._on_device = []
+            if self.metrics is not None:
+                self.metrics.device_batch_faces.set(0)
             if not self._queue:
                 self._idle.set()
         if self.metrics is not None:

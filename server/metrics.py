@@ -16,7 +16,8 @@ from server.jobs import ModelInfo
 log = logging.getLogger(__name__)
 
 #: Request outcomes, one per status code the service answers with.
-OUTCOMES = ("ok", "invalid_argument", "resource_exhausted", "unavailable", "internal", "cancelled")
+OUTCOMES = ("ok", "invalid_argument", "resource_exhausted", "unavailable", "internal", "cancelled",
+            "deadline_exceeded")
 RPCS = ("EnhanceBatch", "Enhance")
 
 _BATCH_FACES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -54,6 +55,13 @@ class Metrics:
         self.in_flight = Gauge(
             "faceenhance_in_flight_requests",
             "Requests accepted and not yet answered (queued or computing).", registry=r)
+        self.device_batch_faces = Gauge(
+            "faceenhance_device_batch_faces",
+            "Faces in the batch the device is computing now (0: the device is idle).", registry=r)
+        self.expired_faces = Counter(
+            "faceenhance_expired_faces",
+            "Faces dropped from the queue, not computed, because their caller's deadline passed.",
+            registry=r)
         self.model = Info(
             "faceenhance_model", "The loaded model: name, version, weights SHA-256, device, dtype.",
             registry=r)

@@ -17,7 +17,7 @@ from client import codec
 from client.pb import face_enhance_pb2 as pb
 from client.pb import face_enhance_pb2_grpc as pb_grpc
 from client.types import OUTPUT_SIZES, InvalidRequest
-from server.batcher import Batcher, NotAccepting, PipelineFailed, QueueFull
+from server.batcher import Batcher, DeadlineExceeded, NotAccepting, PipelineFailed, QueueFull
 from server.jobs import ModelInfo
 from server.settings import Settings
 
@@ -101,6 +101,18 @@ def server_version() -> str:
         return "0.1.0+source"
 
 
+def _deadline(request: pb.EnhanceRequest, context) -> float | None:
+    """When (time.monotonic()) the caller stops waiting: the request's timeout_ms, and a unary
+    call's gRPC deadline, whichever comes first; None for neither."""
+    limits = []
+    if request.timeout_ms:
+        limits.append(request.timeout_ms / 1000.0)
+    remaining = context.time_remaining() if context is not None else None
+    if remaining is not None:
+        limits.append(remaining)
+    return time.monotonic() + min(limits) if limits else None
+
+
 def error_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """The one mapping from what went wrong to (status code, message, metrics outcome)."""
     if isinstance(exc, InvalidRequest):
@@ -109,6 +121,8 @@ def error_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "resource_exhausted"
     if isinstance(exc, NotAccepting):
         return grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable"
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline_exceeded"
     if isinstance(exc, PipelineFailed):
         return grpc.StatusCode.INTERNAL, str(exc), "internal"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", "internal"
@@ -195,7 +209,7 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
                 task.cancel()
 
     async def Enhance(self, request: pb.EnhanceRequest, context) -> pb.EnhanceResponse:
-        response = await self._answer(request, "Enhance")
+        response = await self._answer(request, "Enhance", context)
         if response.HasField("error"):
             await context.abort(_CODES_BY_NUMBER[response.error.code], response.error.message)
         return response
@@ -227,7 +241,7 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
 
     # --- one request -------------------------------------------------------------------------
 
-    async def _answer(self, request: pb.EnhanceRequest, rpc: str) -> pb.EnhanceResponse:
+    async def _answer(self, request: pb.EnhanceRequest, rpc: str, context=None) -> pb.EnhanceResponse:
         """Decode, enhance and encode one request; every failure becomes an in-band error."""
         request_id = request.request_id
         if self._metrics is not None:
@@ -244,7 +258,8 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
                 raise InvalidRequest(f"not a faceenhance.v1.EnhanceRequest ({request.size} bytes "
                                      f"that do not parse: {request.error})")
             faces, options, landmarks = codec.decode_request(request, self._limits)
-            result = await batcher.submit(faces, options, landmarks)
+            result = await batcher.submit(faces, options, landmarks,
+                                          deadline=_deadline(request, context))
             if result.faces.nbytes > _ENCODE_OFF_LOOP_BYTES:
                 response = await asyncio.to_thread(codec.encode_response, request_id, result)
             else:

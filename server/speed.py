@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 

@@ -56,6 +56,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.answered_ids: list[int] = []
         self.face_counts: list[int] = []  # faces per request, in arrival order
         self.landmarks: list[list[float]] = []
+        self.timeouts_ms: list[int] = []  # each request's timeout_ms, in arrival order
 
     def _answer(self, request: pb.EnhanceRequest) -> pb.EnhanceResponse:
         if self.error is not None:
@@ -77,6 +78,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.faces += request.faces.count
         self.face_counts.append(request.faces.count)
         self.landmarks.append(list(request.landmarks))
+        self.timeouts_ms.append(request.timeout_ms)
 
     async def EnhanceBatch(self, request_iterator, context):
         self.streams_opened += 1

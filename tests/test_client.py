@@ -161,6 +161,15 @@ def test_landmarks_are_sent_per_face_and_split_with_their_faces(fake):
     assert fake.landmarks == [landmarks[:2].ravel().tolist(), landmarks[2:].ravel().tolist()]
 
 
+def test_each_request_carries_the_time_left_before_the_client_stops_waiting(fake):
+    faces = random_faces(2)
+    with FaceEnhanceClient(fake.address, timeout_ms=1500) as client:
+        client.enhance(faces)
+        client.enhance(faces, timeout_ms=400)
+    first, second = fake.timeouts_ms
+    assert 1000 < first <= 1500 and 0 < second <= 400
+
+
 def test_info_reports_what_the_service_serves(fake, nowhere):
     with FaceEnhanceClient([nowhere, fake.address]) as client:
         info = client.info()

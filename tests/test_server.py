@@ -383,6 +383,46 @@ async def test_a_refusal_on_a_stream_overtakes_the_answers_still_being_computed(
     assert_answers(answers[1], 2, second)
 
 
+async def test_work_whose_caller_stopped_waiting_is_never_computed_and_the_device_is_visible(rng):
+    """Issue 9: requests whose deadline had passed were still computed, invisibly (the queue
+    and in-flight gauges read 0 while the device was busy). The client's remaining time
+    travels with each request (timeout_ms), a unary call's gRPC deadline counts too; queued
+    work past it is dropped before the device, answered DEADLINE_EXCEEDED, and counted; the
+    device's current batch is a gauge."""
+    hold = threading.Event()
+    pipeline = FakePipeline(hold=hold)
+    async with running(pipeline) as app, channel(app) as ch:
+        stub = pb_grpc.FaceEnhancerStub(ch)
+        mine = random_faces(rng, 4)
+        on_device = asyncio.ensure_future(stub.Enhance(request(1, mine)))
+        await until(pipeline.started.is_set)
+        gauge = app.metrics.registry.get_sample_value("faceenhance_device_batch_faces")
+        late = np.full((3, 64, 64, 3), 77, np.uint8)
+        stream = stub.EnhanceBatch()
+        expiring = request(2, late)
+        expiring.timeout_ms = 200
+        await stream.write(expiring)
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await stub.Enhance(request(3, late), timeout=0.2)
+        await asyncio.sleep(0.1)
+        hold.set()
+        expired = await asyncio.wait_for(stream.read(), 5)
+        await stream.done_writing()
+        assert_answers(await on_device, 1, mine)
+        await until(lambda: app.metrics.registry.get_sample_value("faceenhance_device_batch_faces") == 0)
+        counted = app.metrics.registry.get_sample_value("faceenhance_expired_faces_total")
+        outcomes = app.metrics.registry.get_sample_value(
+            "faceenhance_requests_total", {"rpc": "EnhanceBatch", "outcome": "deadline_exceeded"})
+    assert gauge == 4
+    assert (expired.request_id, expired.error.code) == (2, grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+    assert "not computed" in expired.error.message
+    assert unary.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert pipeline.batch_sizes == [4]  # neither late request reached the device
+    assert not any((face == 77).all() for face in pipeline.faces_seen)
+    # the stream's request expired in the queue; the unary one was cancelled by its gRPC deadline
+    assert counted == 3 and outcomes == 1
+
+
 async def test_a_cancelled_stream_has_its_queued_work_dropped(rng):
     hold = threading.Event()
     pipeline = FakePipeline(hold=hold)

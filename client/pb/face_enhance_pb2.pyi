@@ -55,16 +55,18 @@ class EnhanceOptions(_message.Message):
     def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ...) -> None: ...
 
 class EnhanceRequest(_message.Message):
-    __slots__ = ("request_id", "faces", "options", "landmarks")
+    __slots__ = ("request_id", "faces", "options", "landmarks", "timeout_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FACES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     faces: FaceBatch
     options: EnhanceOptions
     landmarks: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, request_id: _Optional[int] = ..., faces: _Optional[_Union[FaceBatch, _Mapping]] = ..., options: _Optional[_Union[EnhanceOptions, _Mapping]] = ..., landmarks: _Optional[_Iterable[float]] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, request_id: _Optional[int] = ..., faces: _Optional[_Union[FaceBatch, _Mapping]] = ..., options: _Optional[_Union[EnhanceOptions, _Mapping]] = ..., landmarks: _Optional[_Iterable[float]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "compute_ms")
