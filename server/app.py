@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.batcher import Batcher
+from server.batcher import DEVICE_THREAD_PREFIX, Batcher
 from server.jobs import ModelInfo, Pipeline
 from server.metrics import Metrics
 from server.service import SERVICE_NAME, FaceEnhancerServicer, add_to_server
@@ -214,7 +215,12 @@ class FaceEnhanceServer:
             except asyncio.CancelledError:
                 finished = False
             if not finished:
-                log.warning("drain grace of %.1f s ran out with work still queued", grace)
+                log.warning("drain grace of %.1f s ran out with work still queued or on the "
+                            "device: those callers are answered UNAVAILABLE", grace)
+        if self.batcher is not None:
+            # Whatever did not finish is answered now, while the streams can still carry it.
+            self.batcher.abandon()
+            await asyncio.sleep(0)
         # Streams write their last answers and end; then gRPC refuses anything new. The extra
         # half second lets answers computed just in time reach the wire.
         self.servicer.close_streams()
@@ -247,10 +253,27 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def run_process(settings: Settings, pipeline_factory: PipelineFactory | None = None) -> NoReturn:
+    """serve() as the whole process, ending within the drain grace: a batch still on the
+    device (its callers already answered UNAVAILABLE) does not hold the exit, as the device
+    thread would if Python joined it at exit."""
+    code = asyncio.run(serve(settings, pipeline_factory))
+    busy = [t for t in threading.enumerate() if t.name.startswith(DEVICE_THREAD_PREFIX)]
+    for thread in busy:
+        thread.join(timeout=0.2)  # an idle device thread ends at once
+    if any(thread.is_alive() for thread in busy):
+        log.warning("exiting with a device batch still computing (nobody waits for it)")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     configure_logging(settings.log_level)
-    sys.exit(asyncio.run(serve(settings)))
+    run_process(settings)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from server.jobs import Job, JobResult, Pipeline
 
 log = logging.getLogger(__name__)
 
+#: The name of the one thread that runs device batches.
+DEVICE_THREAD_PREFIX = "faceenhance-device"
+
 
 class QueueFull(Exception):
     """The shared queue has no room for this request now (RESOURCE_EXHAUSTED)."""
@@ -83,7 +86,7 @@ class Batcher:
         self._idle.set()
         self._former: asyncio.Task | None = None
         self._device = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="faceenhance-device")
+            max_workers=1, thread_name_prefix=DEVICE_THREAD_PREFIX)
 
     @property
     def queued_faces(self) -> int:
@@ -158,13 +161,20 @@ class Batcher:
                                            "the device; retry on another replica"))
         return finished
 
-    async def close(self) -> None:
-        """Stop at once: queued requests fail with NotAccepting; the device thread is released."""
+    def abandon(self) -> None:
+        """Give up on everything accepted: queued requests and the batch on the device fail
+        with NotAccepting now (their callers fall back at once); the device may still finish
+        that batch, unseen."""
         self._accepting = False
-        stopping = NotAccepting("the service is shutting down; retry on another replica")
+        stopping = NotAccepting("the service is shutting down before this request could be "
+                                "finished; retry on another replica")
         self._fail_queued(stopping)
         for request in self._on_device:
             self._fail(request, stopping)
+
+    async def close(self) -> None:
+        """Stop at once: queued requests fail with NotAccepting; the device thread is released."""
+        self.abandon()
         if self._former is not None:
             self._former.cancel()
             try:

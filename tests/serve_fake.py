@@ -5,7 +5,6 @@ FAKE_LOAD_ERROR: the pipeline fails to load with this message.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.app import configure_logging, serve  # noqa: E402
+from server.app import configure_logging, run_process  # noqa: E402
 from server.settings import Settings  # noqa: E402
 from tests.fakes import FakePipeline  # noqa: E402
 
@@ -35,4 +34,4 @@ def fake_factory(settings: Settings) -> FakePipeline:
 if __name__ == "__main__":
     settings = Settings.from_args()
     configure_logging(settings.log_level)
-    sys.exit(asyncio.run(serve(settings, fake_factory)))
+    run_process(settings, fake_factory)

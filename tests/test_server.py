@@ -710,6 +710,36 @@ async def test_sigterm_finishes_work_in_flight_refuses_new_work_and_exits_zero(r
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+async def test_sigterm_exits_within_the_drain_grace_and_answers_the_batch_left_on_the_device(rng):
+    """Issue 9: with a 3 s grace the process exited after 10.4 s and the caller whose batch
+    was on the device got no answer. A batch of 8 s is on the device, one request is queued,
+    the grace is 1 s: both callers are answered UNAVAILABLE (their clients fall back at once)
+    and the process is gone well before the batch would have finished."""
+    process = _start_fake_server("--max-batch-faces", "2", "--max-delay-ms", "1",
+                                 "--drain-grace-s", "1", FAKE_DELAY_S="8")
+    try:
+        port, lines = _wait_for_port(process)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = pb_grpc.FaceEnhancerStub(ch).EnhanceBatch()
+            await call.write(request(1, random_faces(rng, 2)))   # on the device for 8 s
+            await call.write(request(2, random_faces(rng, 2)))   # queued behind it
+            await asyncio.sleep(0.5)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            answers = [await asyncio.wait_for(call.read(), 5) for _ in range(2)]
+            answered_s = time.monotonic() - signalled
+        exit_code = await asyncio.to_thread(process.wait, 15)
+        exited_s = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert exit_code == 0, "".join(lines)
+    assert sorted((a.request_id, a.error.code) for a in answers) == [(1, UNAVAILABLE), (2, UNAVAILABLE)]
+    assert answered_s < 2.5, f"answered {answered_s:.1f} s after SIGTERM with a 1 s grace"
+    assert exited_s < 4.0, f"exited {exited_s:.1f} s after SIGTERM with a 1 s grace"
+
+
 async def test_sigterm_during_a_slow_start_up_exits_zero_without_waiting_for_the_model():
     process = _start_fake_server(FAKE_WARMUP_S="60")
     try:
