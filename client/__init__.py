@@ -23,6 +23,8 @@ _LAZY = {
     "ServiceInfo": "client.aio",
     "ServiceUnreachable": "client.aio",
     "WrongModel": "client.aio",
+    "AccessDenied": "client.aio",
+    "Security": "client.security",
     "FaceEnhanceClient": "client.sync",
     "BreakerConfig": "client.breaker",
     "FALLBACK_REASONS": "client.fallback",

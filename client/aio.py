@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -28,6 +29,9 @@ from client.types import (
     ModelSpec,
     RequestLimits,
 )
+from client.security import Security
+
+log = logging.getLogger(__name__)
 
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -78,6 +82,11 @@ class ServiceUnreachable(ConnectionError):
     """No target answered a call that has no local fallback (info())."""
 
 
+class AccessDenied(ServiceUnreachable):
+    """A service answered UNAUTHENTICATED or PERMISSION_DENIED: the token (or certificate) is
+    missing or not one it accepts. Not a transient fault: fix the credentials."""
+
+
 class WrongModel(Exception):
     """A target serves another model than the client's expect_model; it gets no faces."""
 
@@ -97,15 +106,20 @@ class AsyncFaceEnhanceClient:
     def __init__(self, targets: str | Sequence[str], *, options: EnhanceOptions = EnhanceOptions(),
                  timeout_ms: float = 1000, streams_per_target: int = 1, max_in_flight: int = 4,
                  breaker: BreakerConfig = BreakerConfig(), registry=None,
-                 expect_model: ModelSpec | None = None):
+                 expect_model: ModelSpec | None = None, security: Security | None = None):
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be > 0; got {timeout_ms}")
         self.options = options.validate()
         self.expect_model = expect_model.validate() if expect_model else None
         self.timeout_ms = timeout_ms
+        self.security = (security or Security()).validate()
         self.targets = [Target(address, streams=streams_per_target, max_in_flight=max_in_flight,
-                               breaker=breaker)
+                               breaker=breaker, security=self.security)
                         for address in parse_targets(targets)]
+        for target in self.targets:
+            if self.security.plaintext_token_to(target.address):
+                log.warning("the token goes to %s without TLS: anyone on the way can read it; "
+                            "set a CA (GFPGAN_TLS_CA) or GFPGAN_TLS=1", target.address)
         self.metrics = ClientMetrics(registry)
         self._request_ids = itertools.count(1)
         self._next_target = 0
@@ -132,15 +146,22 @@ class AsyncFaceEnhanceClient:
         """Ask the first target that answers what it serves; raises ServiceUnreachable."""
         self._check_open()
         timeout = (timeout_ms or self.timeout_ms) / 1000
-        errors = []
+        errors, denied = [], False
         for target in self.targets:
             try:
-                msg = await target.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+                msg = await target.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout,
+                                                metadata=target.metadata or None)
             except grpc.aio.AioRpcError as error:
                 errors.append(f"{target.address}: {error.code().name} {error.details()}")
+                denied |= error.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                           grpc.StatusCode.PERMISSION_DENIED)
                 continue
             self._info = self._learn(target, ServiceInfo.from_pb(target.address, msg))
             return self._info
+        if denied:
+            raise AccessDenied("the face-enhance service refused this client's credentials (set "
+                               "the token: GFPGAN_TOKEN or GFPGAN_TOKEN_FILE; or the client "
+                               "certificate): " + "; ".join(errors))
         raise ServiceUnreachable("no face-enhance service answered GetInfo; is it running? "
                                  + "; ".join(errors))
 
@@ -299,7 +320,8 @@ class AsyncFaceEnhanceClient:
             for target in healthy:
                 try:
                     msg = await target.stub.GetInfo(pb.GetInfoRequest(),
-                                                    timeout=max(deadline - loop.time(), 0) / 2)
+                                                    timeout=max(deadline - loop.time(), 0) / 2,
+                                                    metadata=target.metadata or None)
                 except grpc.aio.AioRpcError:
                     continue  # the batch itself will find out, and fall back, if all are down
                 self._info = self._learn(target, ServiceInfo.from_pb(target.address, msg))
@@ -318,7 +340,8 @@ class AsyncFaceEnhanceClient:
         if target.info is None or (target.model_problem and now >= target.info_expires):
             try:
                 msg = await target.stub.GetInfo(pb.GetInfoRequest(),
-                                                timeout=max(deadline - now, 0.001) / 2)
+                                                timeout=max(deadline - now, 0.001) / 2,
+                                                metadata=target.metadata or None)
             except grpc.aio.AioRpcError as error:
                 raise StreamBroken(reason_for_code(error.code()),
                                    f"GetInfo: {error.details()}") from None

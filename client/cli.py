@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--side-by-side", action="store_true",
                         help="also write NAME_compare.png: input resized | enhanced")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    secure = parser.add_argument_group(
+        "security (the token comes from GFPGAN_TOKEN or --token-file, never the command line)")
+    secure.add_argument("--tls-ca", help="PEM CA of the service's certificate: talk TLS [env GFPGAN_TLS_CA]")
+    secure.add_argument("--client-cert", help="PEM client certificate, for mutual TLS [env GFPGAN_CLIENT_CERT]")
+    secure.add_argument("--client-key", help="its PEM key [env GFPGAN_CLIENT_KEY]")
+    secure.add_argument("--tls-server-name", help="the name in the service's certificate, if not the address's")
+    secure.add_argument("--token-file", help="file holding the bearer token [env GFPGAN_TOKEN_FILE]")
     parser.add_argument("--allow-none-enhanced", action="store_true",
                         help="exit 0 even when no face was enhanced (every face fell back or "
                              "had no face found); by default that exits 1")
@@ -134,8 +141,16 @@ Enhancer = Callable[[np.ndarray, EnhanceOptions],
 def _service_enhancer(args) -> tuple[Enhancer, Callable[[], None]]:
     from client.sync import FaceEnhanceClient
 
+    from client.security import Security, SecurityConfigError
+
+    try:
+        security = Security.from_env(ca_file=args.tls_ca, cert_file=args.client_cert,
+                                     key_file=args.client_key, server_name=args.tls_server_name,
+                                     token_file=args.token_file)
+    except SecurityConfigError as error:
+        raise SystemExit(f"error: {error}") from None
     client = FaceEnhanceClient(args.address, timeout_ms=args.timeout_ms,
-                               max_in_flight=_IN_FLIGHT_BATCHES)
+                               max_in_flight=_IN_FLIGHT_BATCHES, security=security)
 
     def submit(faces, options):
         future = client.submit(faces, options)

@@ -14,7 +14,7 @@ from client.types import EnhanceResult, FaceStatus
 
 #: Why a batch fell back; the values of EnhanceResult.fallback_reason and of the metrics label.
 FALLBACK_REASONS = ("timeout", "unavailable", "resource_exhausted", "internal", "transport",
-                    "circuit_open", "wrong_model")
+                    "circuit_open", "wrong_model", "unauthenticated")
 
 
 def resize_faces(faces: np.ndarray, output_size: int) -> np.ndarray:

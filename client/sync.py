@@ -13,6 +13,7 @@ import numpy as np
 
 from client.aio import AsyncFaceEnhanceClient, ServiceInfo
 from client.breaker import BreakerConfig
+from client.security import Security
 from client.types import EnhanceOptions, EnhanceResult, InvalidRequest, ModelSpec
 
 _CLOSE_TIMEOUT_S = 10.0
@@ -24,11 +25,11 @@ class FaceEnhanceClient:
     def __init__(self, targets: str | Sequence[str], *, options: EnhanceOptions = EnhanceOptions(),
                  timeout_ms: float = 1000, streams_per_target: int = 1, max_in_flight: int = 4,
                  breaker: BreakerConfig = BreakerConfig(), registry=None,
-                 expect_model: ModelSpec | None = None):
+                 expect_model: ModelSpec | None = None, security: Security | None = None):
         self._client = AsyncFaceEnhanceClient(
             targets, options=options, timeout_ms=timeout_ms, streams_per_target=streams_per_target,
             max_in_flight=max_in_flight, breaker=breaker, registry=registry,
-            expect_model=expect_model)
+            expect_model=expect_model, security=security)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="faceenhance-client", daemon=True)

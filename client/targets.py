@@ -13,6 +13,7 @@ import grpc
 from client.breaker import BreakerConfig, CircuitBreaker
 from client.pb import face_enhance_pb2 as pb
 from client.pb import face_enhance_pb2_grpc as pb_grpc
+from client.security import Security
 from client.types import RequestLimits
 
 #: Target schemes that can name several backends (resolved by gRPC, spread by round_robin).
@@ -99,6 +100,8 @@ def reason_for_code(code: grpc.StatusCode | None, *, in_band: bool = False) -> s
         grpc.StatusCode.UNAVAILABLE: "unavailable",
         grpc.StatusCode.RESOURCE_EXHAUSTED: "resource_exhausted",
         grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
+        grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+        grpc.StatusCode.PERMISSION_DENIED: "unauthenticated",
     }
     return reasons.get(code, "internal" if in_band else "transport")
 
@@ -154,8 +157,9 @@ class BatchStream:
     """A long-lived EnhanceBatch stream, opened lazily and again after it breaks, carrying
     up to `max_in_flight` requests at once."""
 
-    def __init__(self, stub: pb_grpc.FaceEnhancerStub, max_in_flight: int):
+    def __init__(self, stub: pb_grpc.FaceEnhancerStub, max_in_flight: int, metadata=()):
         self._stub = stub
+        self._metadata = metadata
         self._slots = asyncio.Semaphore(max_in_flight)
         self._open: _OpenCall | None = None
         self.opened = 0  # how many calls this stream has opened (1 + reconnects)
@@ -168,7 +172,7 @@ class BatchStream:
         if self._open is None or self._open.broken is not None or self._open.call.done():
             if self._open is not None:
                 self._open.close()
-            self._open = _OpenCall(self._stub.EnhanceBatch())
+            self._open = _OpenCall(self._stub.EnhanceBatch(metadata=self._metadata or None))
             self.opened += 1
         return self._open
 
@@ -221,11 +225,15 @@ class Target:
     """One channel target ("host:port" or "dns:///name:port"), its streams and its breaker."""
 
     def __init__(self, address: str, *, streams: int, max_in_flight: int,
-                 breaker: BreakerConfig, limits: RequestLimits = RequestLimits()):
+                 breaker: BreakerConfig, limits: RequestLimits = RequestLimits(),
+                 security: Security = Security()):
         if streams < 1 or max_in_flight < 1:
             raise ValueError(f"streams_per_target and max_in_flight must be >= 1; "
                              f"got {streams} and {max_in_flight}")
         self.address = address
+        self.security = security
+        #: Sent with every call (the bearer token, when there is one).
+        self.metadata = security.call_metadata()
         self.breaker = CircuitBreaker(breaker)
         self.requests_sent = 0
         self.failures = 0
@@ -248,11 +256,15 @@ class Target:
     def stub(self) -> pb_grpc.FaceEnhancerStub:
         """The channel, created on first use inside the event loop that will drive it."""
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=channel_options(self._limits))
+            options = channel_options(self._limits) + self.security.channel_options()
+            credentials = self.security.channel_credentials()
+            self._channel = (grpc.aio.secure_channel(self.address, credentials, options=options)
+                             if credentials is not None
+                             else grpc.aio.insecure_channel(self.address, options=options))
             self._stub = pb_grpc.FaceEnhancerStub(self._channel)
             # All streams are created together so that round_robin puts them on different
             # replicas (a stream stays on the replica it was opened on).
-            self._streams = [BatchStream(self._stub, self._max_in_flight)
+            self._streams = [BatchStream(self._stub, self._max_in_flight, self.metadata)
                              for _ in range(self._stream_count)]
         return self._stub
 
@@ -286,7 +298,8 @@ class Target:
         delay, was_down = _WATCH_RETRY_S[0], False
         while not self._closed and self.breaker.state != "closed":
             try:
-                watch = self.channel.unary_stream(HEALTH_WATCH)(HEALTH_REQUEST)
+                watch = self.channel.unary_stream(HEALTH_WATCH)(HEALTH_REQUEST,
+                                                                metadata=self.metadata or None)
                 async for reply in watch:
                     delay = _WATCH_RETRY_S[0]
                     if health_status(reply) != SERVING:

@@ -50,6 +50,17 @@ class GFPGANSettings:
     device: str | None = None
     #: Accepted and reported: MuseTalk pastes the face only, so no background is upsampled.
     bg_upsampler: str | None = None
+    # Reaching a service that checks who calls (README, "Security"). The token itself comes
+    # from GFPGAN_TOKEN or a file, never from this YAML or the command line.
+    #: PEM CA the service's certificate must chain to: turns TLS on (GFPGAN_TLS_CA).
+    tls_ca: str | None = None
+    #: PEM client certificate and key, for mutual TLS (GFPGAN_CLIENT_CERT / GFPGAN_CLIENT_KEY).
+    client_cert: str | None = None
+    client_key: str | None = None
+    #: The name in the service's certificate, when the address does not say it.
+    tls_server_name: str | None = None
+    #: A file holding the bearer token (GFPGAN_TOKEN_FILE; or GFPGAN_TOKEN itself).
+    token_file: str | None = None
 
     @property
     def output_size(self) -> int:
@@ -59,6 +70,17 @@ class GFPGANSettings:
         """The model the run expects (empty when none of the model keys is set)."""
         return ModelSpec(model_path=self.model_path, arch=self.arch,
                          channel_multiplier=self.channel_multiplier)
+
+    def security(self):
+        """The client's credentials: these settings over the GFPGAN_TLS_* / GFPGAN_TOKEN variables."""
+        from client.security import Security, SecurityConfigError
+
+        try:
+            return Security.from_env(ca_file=self.tls_ca, cert_file=self.client_cert,
+                                     key_file=self.client_key, server_name=self.tls_server_name,
+                                     token_file=self.token_file)
+        except SecurityConfigError as error:
+            raise SettingsError(f"gfpgan security setting: {error}") from None
 
     def enhance_options(self) -> EnhanceOptions:
         return EnhanceOptions(output_size=self.output_size, alignment=ALIGNMENTS[self.alignment],
@@ -187,6 +209,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       "bilinear, RestoreFormer); checked against the service at start"),
         ("channel_multiplier", int, "the channel multiplier the run expects (2 for v1.3/v1.4); "
                                     "checked against the service at start"),
+        ("tls_ca", str, "PEM CA of the service's certificate: talk TLS (env GFPGAN_TLS_CA)"),
+        ("client_cert", str, "PEM client certificate for mutual TLS (env GFPGAN_CLIENT_CERT)"),
+        ("client_key", str, "its PEM key (env GFPGAN_CLIENT_KEY)"),
+        ("tls_server_name", str, "the name in the service's certificate, if not the address's"),
+        ("token_file", str, "file with the bearer token (env GFPGAN_TOKEN_FILE, or GFPGAN_TOKEN)"),
     )
     for name, kind, text in flags:
         group.add_argument(f"--gfpgan_{name}", f"--gfpgan-{name.replace('_', '-')}",

@@ -221,7 +221,7 @@ class GFPGANEnhancer:
             self._client = FaceEnhanceClient(
                 settings.address, options=settings.enhance_options(),
                 timeout_ms=settings.timeout_ms, max_in_flight=settings.max_pending_batches,
-                registry=self._registry, expect_model=spec or None)
+                registry=self._registry, expect_model=spec or None, security=settings.security())
         try:
             self._check_service(spec)
         except BaseException:
@@ -230,12 +230,14 @@ class GFPGANEnhancer:
 
     def _check_service(self, spec) -> None:
         """Ask the service what it serves; stop on another model; note what is not ours."""
-        from client import ServiceUnreachable
+        from client import AccessDenied, ServiceUnreachable
         from client.types import describe_model
 
         s = self.settings
         try:
             info = self._client.info(timeout_ms=s.timeout_ms)
+        except AccessDenied as error:  # not a passing fault: every batch would fall back
+            raise SettingsError(str(error)) from None
         except ServiceUnreachable as error:
             info = None
             self.notes.append(f"no service answered at start ({error}); batches are resized "

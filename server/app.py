@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from server.batcher import DEVICE_THREAD_PREFIX, Batcher
 from server.jobs import ModelInfo, Pipeline
 from server.metrics import Metrics
+from server.security import SecurityError, TokenAuth, is_loopback, read_tokens, server_credentials
 from server.service import SERVICE_NAME, FaceEnhancerServicer, add_to_server
 from server.settings import Settings
 
@@ -120,7 +121,12 @@ class FaceEnhanceServer:
         s = self.settings
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _NOT_SERVING)
-        self.server = grpc.aio.server(options=grpc_options(s))
+        interceptors = []
+        if s.auth_tokens_file:
+            interceptors.append(TokenAuth(read_tokens(s.auth_tokens_file),
+                                          on_denied=lambda method: self.metrics.unauthenticated.inc()))
+        credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+        self.server = grpc.aio.server(interceptors=interceptors, options=grpc_options(s))
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -128,7 +134,8 @@ class FaceEnhanceServer:
              reflection.SERVICE_NAME), self.server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            self.port = (self.server.add_secure_port(address, credentials) if credentials
+                         else self.server.add_insecure_port(address))
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -142,8 +149,14 @@ class FaceEnhanceServer:
                 raise OSError(f"could not serve metrics on {s.host}:{s.metrics_port}: {exc}; "
                               "choose another --metrics-port (0 turns metrics off)") from None
         await self.server.start()
-        log.info("listening on %s:%d (gRPC)%s; loading the model", s.host, self.port,
+        security = ("mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext") + (
+            ", bearer tokens" if s.auth_tokens_file else ", no token")
+        log.info("listening on %s:%d (gRPC, %s)%s; loading the model", s.host, self.port, security,
                  f", metrics on :{self.metrics_port}/metrics" if s.metrics_enabled else "")
+        if not is_loopback(s.host) and not (s.auth_tokens_file or s.tls_client_ca):
+            log.warning("listening on %s with no token and no client certificates: anyone who can "
+                        "reach port %d can use this service; set --auth-tokens-file and "
+                        "--tls-cert/--tls-key (README: Security)", s.host, self.port)
         self._loading = asyncio.ensure_future(self._load())
 
     async def _load(self) -> None:
@@ -242,7 +255,7 @@ async def serve(settings: Settings, pipeline_factory: PipelineFactory | None = N
         loop.add_signal_handler(signum, app.request_stop)
     try:
         await app.start()
-    except OSError as exc:
+    except (OSError, SecurityError) as exc:
         log.error("could not start: %s", exc)
         return 1
     return await app.run()

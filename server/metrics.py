@@ -58,6 +58,10 @@ class Metrics:
         self.device_batch_faces = Gauge(
             "faceenhance_device_batch_faces",
             "Faces in the batch the device is computing now (0: the device is idle).", registry=r)
+        self.unauthenticated = Counter(
+            "faceenhance_unauthenticated_requests",
+            "Calls refused UNAUTHENTICATED: no bearer token, or one the service was not given.",
+            registry=r)
         self.expired_faces = Counter(
             "faceenhance_expired_faces",
             "Faces dropped from the queue, not computed, because their caller's deadline passed.",

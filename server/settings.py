@@ -29,7 +29,7 @@ def default_weights_dir() -> str:
 class Settings:
     """Everything an operator can set. Build with `Settings.from_args()`; every field is final."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090
     model: str = ""  # "" until from_args fills in <weights_dir>/GFPGANv1.4.pth
@@ -52,6 +52,10 @@ class Settings:
     paste_mask: str = "parse"
     resample: str = "torch"
     activations: str = "promote"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_tokens_file: str = ""
 
     def __post_init__(self):
         # Direct construction (tests, embedding) gets the same defaults, checks and spellings
@@ -218,6 +222,10 @@ def _cross_check(s: Settings) -> str | None:
                 "channels with a view that a channels-last tensor cannot take")
     if s.metrics_port != 0 and s.metrics_port == s.port:
         return f"--metrics-port and --port are both {s.port}; give them different ports"
+    if bool(s.tls_cert) != bool(s.tls_key):
+        return "--tls-cert and --tls-key go together: give both (PEM files) or neither"
+    if s.tls_client_ca and not s.tls_cert:
+        return "--tls-client-ca (mutual TLS) needs the server's own --tls-cert and --tls-key"
     return None
 
 
@@ -242,7 +250,9 @@ class _Spec:
 
 
 SPECS: tuple[_Spec, ...] = (
-    _Spec("host", str, "Address the gRPC and metrics servers listen on.", "0.0.0.0"),
+    _Spec("host", str, "Address the gRPC and metrics servers listen on. The default reaches this "
+          "machine only; 0.0.0.0 (the container image's setting) reaches every interface: "
+          "turn on --auth-tokens-file and TLS first (README: Security).", "127.0.0.1"),
     _Spec("port", _int_in(0, 65535), "gRPC port (0 picks a free one and logs it).", "50051",
           check=_int_in(0, 65535)),
     _Spec("metrics_port", _int_in(0, 65535),
@@ -299,6 +309,14 @@ SPECS: tuple[_Spec, ...] = (
           "convolutions with --dtype bfloat16: promote (float32, as GFPGAN's float32 noise and bias "
           "make them) or compute (kept in bfloat16; not yet measured on a GPU).", "promote",
           check=_choice("promote", "compute")),
+    _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
+          "plaintext)"),
+    _Spec("tls_key", str, "PEM private key of --tls-cert.", "(none)"),
+    _Spec("tls_client_ca", str, "PEM CA certificate(s): mutual TLS, every client must present a "
+          "certificate signed by one of them.", "(none)"),
+    _Spec("auth_tokens_file", str, "File of bearer tokens, one per line (16+ characters): every "
+          "call but health must carry 'authorization: Bearer <token>' with one of them.",
+          "(none: no token needed)"),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 assert set(SPEC_BY_NAME) == {f.name for f in dataclasses.fields(Settings)}, "a setting lacks a spec"
