@@ -62,7 +62,12 @@ compose_facts() {
     compose -f docker-compose.yml -f docker-compose.cpu.yml "${COMPOSE_PROFILES_ALL[@]}" config --format json > "$WORK/compose-cpu.json" &&
     "$BIN/python" deploy/ci/check_deploy.py compose "$WORK/compose-gpu.json" "$WORK/compose-cpu.json"
 }
-step "compose: one GPU reserved (none on CPU), gRPC health check, /weights volume, stop grace > drain" compose_facts
+step "compose: one GPU reserved (none on CPU), gRPC health check, /weights volume, stop grace > drain, ports on 127.0.0.1" compose_facts
+secure_facts() {
+    compose -f docker-compose.yml -f deploy/compose/secure.yml "${COMPOSE_PROFILES_ALL[@]}" config --format json > "$WORK/compose-secure.json" &&
+    "$BIN/python" deploy/ci/check_deploy.py compose-secure "$WORK/compose-secure.json"
+}
+step "compose: + deploy/compose/secure.yml: tokens and TLS from secrets, for the service and the worker" secure_facts
 
 # Prometheus: the shipped config (and the rule file it loads), then the alerts' unit tests.
 step "promtool check config" promtool check config deploy/prometheus/prometheus.yml

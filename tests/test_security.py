@@ -223,9 +223,10 @@ async def test_the_container_health_check_speaks_tls_and_mutual_tls_when_the_ser
 
     script = Path(__file__).resolve().parent.parent / "deploy" / "docker" / "healthcheck.py"
 
-    def check(port: int, **env) -> subprocess.CompletedProcess:
+    def check(port: int, *args: str, **env) -> subprocess.CompletedProcess:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("GFPGAN_")}
-        return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30,
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                              timeout=30,
                               env={**clean, "GFPGAN_PORT": str(port), "PYTHONPATH": str(script.parents[2]),
                                    **env})
 
@@ -238,7 +239,9 @@ async def test_the_container_health_check_speaks_tls_and_mutual_tls_when_the_ser
         no_tls = await asyncio.to_thread(check, app.port)
     async with running(FakePipeline()) as app:
         plain = await asyncio.to_thread(check, app.port)
+        whole = await asyncio.to_thread(check, app.port, "--service", "")
     assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
+    assert whole.returncode == 0 and "'': SERVING" in whole.stdout
     assert no_client_cert.returncode == 1 and no_tls.returncode == 1
     assert plain.returncode == 0 and "SERVING" in plain.stdout
 

@@ -107,6 +107,29 @@ def check_compose(gpu_json: str, cpu_json: str) -> None:
         worker = services.get("musetalk-worker")
         if worker is not None and "gfpgan:50051" not in worker.get("command", []):
             problem(where, "the example MuseTalk worker must point at gfpgan:50051")
+        for name, service in services.items():
+            for port in service.get("ports", []):
+                if port.get("host_ip") != "127.0.0.1":
+                    problem(where, f"{name} publishes {port.get('target')} on "
+                                   f"{port.get('host_ip') or 'every interface'}: publish on "
+                                   f"127.0.0.1 unless GFPGAN_PUBLISH_ADDRESS is set")
+
+
+def check_compose_secure(secure_json: str) -> None:
+    """deploy/compose/secure.yml: tokens and TLS from compose secrets, for the service, its
+    health check and the worker."""
+    where = "compose (secure)"
+    services = json.loads(Path(secure_json).read_text())["services"]
+    gfpgan, worker = services["gfpgan"], services.get("musetalk-worker", {})
+    env = gfpgan.get("environment", {})
+    mounted = {(s.get("target") or s.get("source")).rsplit("/", 1)[-1] for s in gfpgan.get("secrets", [])}
+    for variable in ("GFPGAN_AUTH_TOKENS_FILE", "GFPGAN_TLS_CERT", "GFPGAN_TLS_KEY", "GFPGAN_TLS_CA"):
+        path = env.get(variable, "")
+        if not path.startswith("/run/secrets/") or path.rsplit("/", 1)[-1] not in mounted:
+            problem(where, f"gfpgan's {variable} must name a mounted secret, is {path!r}")
+    worker_env = worker.get("environment", {})
+    if not (worker_env.get("GFPGAN_TLS_CA") and worker_env.get("GFPGAN_TOKEN_FILE")):
+        problem(where, "the worker needs GFPGAN_TLS_CA and GFPGAN_TOKEN_FILE to reach the service")
 
 
 def check_kubernetes(overlay: str, rendered: str) -> None:
@@ -133,19 +156,33 @@ def check_kubernetes(overlay: str, rendered: str) -> None:
 
     if service["spec"].get("clusterIP") != "None":
         problem(where, "the Service must be headless (clusterIP: None) for dns:/// round-robin")
+    tls = "GFPGAN_TLS_CERT" in env
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc = container.get(probe, {}).get("grpc")
-        if not grpc or grpc.get("port") != 50051:
+        command = container.get(probe, {}).get("exec", {}).get("command", [])
+        if tls:  # the kubelet's gRPC probe cannot speak TLS: the image's health check can
+            if grpc or command[:1] != ["gfpgan-healthcheck"]:
+                problem(where, f"with TLS, {probe} must exec gfpgan-healthcheck, not a grpc probe")
+        elif not grpc or grpc.get("port") != 50051:
             problem(where, f"{probe} must be a native grpc probe on port 50051")
-    if container.get("readinessProbe", {}).get("grpc", {}).get("service") != HEALTH_SERVICE:
+    readiness = container.get("readinessProbe", {})
+    if not tls and readiness.get("grpc", {}).get("service") != HEALTH_SERVICE:
         problem(where, f"readiness must ask for {HEALTH_SERVICE} (SERVING only once the model is up)")
+    if tls and "--service" in readiness.get("exec", {}).get("command", []):
+        problem(where, f"readiness must ask for {HEALTH_SERVICE} (gfpgan-healthcheck's default)")
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    for variable in ("GFPGAN_AUTH_TOKENS_FILE", "GFPGAN_TLS_CERT", "GFPGAN_TLS_KEY"):
+        path = env.get(variable)
+        if path is not None and not any(path.startswith(m + "/") and mounts[m].get("readOnly")
+                                        for m in mounts):
+            problem(where, f"{variable} {path} must be on a read-only mounted volume")
     drain = float(env.get("GFPGAN_DRAIN_GRACE_S") or DRAIN_GRACE_S)
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
     if grace <= drain + pre_stop:
         problem(where, f"terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop}s + drain {drain}s")
     gpu_request = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
-    if overlay == "gpu" and str(gpu_request) != "1":
+    if overlay in ("gpu", "secure") and str(gpu_request) != "1":
         problem(where, f"each replica must ask for nvidia.com/gpu: 1, asks {gpu_request}")
     if overlay == "cpu" and gpu_request is not None:
         problem(where, "the CPU overlay must not ask for a GPU")
@@ -210,12 +247,15 @@ def check_metric_names() -> None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["compose"] and len(argv) == 3:
         check_compose(argv[1], argv[2])
+    elif argv[:1] == ["compose-secure"] and len(argv) == 2:
+        check_compose_secure(argv[1])
     elif argv[:1] == ["kubernetes"] and len(argv) == 3:
         check_kubernetes(argv[1], argv[2])
     elif argv == ["metrics"]:
         check_metric_names()
     else:
-        print("usage: check_deploy.py compose GPU.json CPU.json | kubernetes OVERLAY RENDERED.yaml | metrics",
+        print("usage: check_deploy.py compose GPU.json CPU.json | compose-secure SECURE.json | "
+              "kubernetes OVERLAY RENDERED.yaml | metrics",
               file=sys.stderr)
         return 2
     for line in problems:

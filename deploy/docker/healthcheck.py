@@ -29,7 +29,14 @@ def channel() -> grpc.Channel:
     return grpc.secure_channel(ADDRESS, security.channel_credentials(), options=options)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="gfpgan-healthcheck")
+    parser.add_argument("--service", default=SERVICE,
+                        help='health service name to ask for ("" is the whole server; default '
+                             f'{SERVICE}, SERVING only with the model up)')
+    service = parser.parse_args(argv).service
     try:
         opened = channel()
     except SecurityConfigError as error:
@@ -38,12 +45,12 @@ def main() -> int:
     with opened:
         try:
             answer = health_pb2_grpc.HealthStub(opened).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE), timeout=4.0)
+                health_pb2.HealthCheckRequest(service=service), timeout=4.0)
         except grpc.RpcError as error:
-            print(f"{ADDRESS} {SERVICE!r}: {error.code().name}: {error.details()}", file=sys.stderr)
+            print(f"{ADDRESS} {service!r}: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
-    print(f"{ADDRESS} {SERVICE!r}: {status}")
+    print(f"{ADDRESS} {service!r}: {status}")
     return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
