@@ -38,7 +38,8 @@ class FakePipeline:
 
     delay_s: seconds per batch (the "device" time). hold: when given, every batch waits for
     it to be set (a test decides when the device finishes). fail_if(jobs): raise for the
-    batches it picks. warmup_gate: warmup() blocks until it is set.
+    batches it picks. warmup_gate: warmup() blocks until it is set. record_faces: keep a copy
+    of every face seen (tests look at them; a long soak must not).
     """
 
     info = ModelInfo(model_name="FakeGFPGAN", model_version="fake (numpy)",
@@ -46,8 +47,10 @@ class FakePipeline:
                      model_file="FakeGFPGAN.pth", arch="clean", channel_multiplier=2)
 
     def __init__(self, delay_s: float = 0.0, fail_if: Callable[[Sequence[Job]], bool] | None = None,
-                 warmup_gate: threading.Event | None = None, hold: threading.Event | None = None):
+                 warmup_gate: threading.Event | None = None, hold: threading.Event | None = None,
+                 record_faces: bool = True):
         self.delay_s = delay_s
+        self.record_faces = record_faces
         self.hold = hold
         self.fail_if = fail_if
         self.warmup_gate = warmup_gate
@@ -61,7 +64,8 @@ class FakePipeline:
     def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
         with self._lock:
             self.batches.append([(job.faces.shape[0], job.options) for job in jobs])
-            self.faces_seen.extend(np.array(face) for job in jobs for face in job.faces)
+            if self.record_faces:
+                self.faces_seen.extend(np.array(face) for job in jobs for face in job.faces)
             self.threads.add(threading.current_thread().name)
         self.started.set()
         if self.hold is not None:
