@@ -502,8 +502,8 @@ def _usable_alignments(affines: torch.Tensor, size: int) -> tuple[torch.Tensor, 
     scale = affines[:, :, 0].norm(dim=1)
     usable = torch.isfinite(affines).all(dim=2).all(dim=1) & (scale >= ALIGN_SCALE_RANGE[0]) \
         & (scale <= ALIGN_SCALE_RANGE[1])
-    resize = torch.tensor([[FACE_SIZE / size, 0.0, 0.0], [0.0, FACE_SIZE / size, 0.0]],
-                          dtype=affines.dtype, device=affines.device)
+    # made on the device (torch.tensor from a list would be a blocking upload)
+    resize = torch.eye(2, 3, dtype=affines.dtype, device=affines.device) * (FACE_SIZE / size)
     return torch.where(usable.view(-1, 1, 1), affines, resize), usable
 
 
