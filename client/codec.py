@@ -90,6 +90,7 @@ def encode_options(options: EnhanceOptions) -> pb.EnhanceOptions:
         fidelity=options.fidelity,
         only_center_face=options.only_center_face,
         random_noise=options.random_noise,
+        steady_video=options.steady_video,
     )
 
 
@@ -105,6 +106,7 @@ def decode_options(msg: pb.EnhanceOptions) -> EnhanceOptions:
         fidelity=float(msg.fidelity),
         only_center_face=msg.only_center_face if msg.HasField("only_center_face") else True,
         random_noise=msg.random_noise,
+        steady_video=msg.steady_video,
     ).validate()
 
 

@@ -297,9 +297,15 @@ class Target:
     async def _watch_health(self) -> None:
         delay, was_down = _WATCH_RETRY_S[0], False
         while not self._closed and self.breaker.state != "closed":
+            # a channel that is not connected means the target went away (a slow but living
+            # target keeps its connection, and is left to the breaker)
+            was_down |= self.channel.get_state() != grpc.ChannelConnectivity.READY
             try:
-                watch = self.channel.unary_stream(HEALTH_WATCH)(HEALTH_REQUEST,
-                                                                metadata=self.metadata or None)
+                # wait_for_ready: while the target is down the call waits for the channel to
+                # connect (gRPC's reconnect backoff is capped at 2 s: channel_options) rather
+                # than failing at once and leaving the retry to a sleep of ours
+                watch = self.channel.unary_stream(HEALTH_WATCH)(
+                    HEALTH_REQUEST, metadata=self.metadata or None, wait_for_ready=True)
                 async for reply in watch:
                     delay = _WATCH_RETRY_S[0]
                     if health_status(reply) != SERVING:

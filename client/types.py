@@ -47,6 +47,8 @@ class EnhanceOptions:
     fidelity: float = 0.0
     only_center_face: bool = True
     random_noise: bool = False
+    #: Consecutive frames of one video: alignment smoothed over time, per stream (see the proto).
+    steady_video: bool = False
 
     def validate(self) -> "EnhanceOptions":
         if self.output_size not in OUTPUT_SIZES:

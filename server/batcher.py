@@ -49,6 +49,7 @@ class _Request:
     arrival: float
     future: asyncio.Future
     deadline: float | None = None  # time.monotonic() after which nobody waits for the answer
+    video: object | None = None  # steady_video: the stream's alignment filter
     handed_out: int = 0  # faces already given to batches (the rest are queued)
     finished: int = 0  # faces with results
     parts: list[tuple[int, JobResult]] = field(default_factory=list)
@@ -104,7 +105,8 @@ class Batcher:
             self._former.add_done_callback(self._former_ended)
 
     async def submit(self, faces: np.ndarray, options: EnhanceOptions,
-                     landmarks: np.ndarray | None = None, deadline: float | None = None) -> EnhanceResult:
+                     landmarks: np.ndarray | None = None, deadline: float | None = None,
+                     video=None) -> EnhanceResult:
         """Queue faces (N, H, W, 3) uint8 and wait for their results, in order.
 
         Raises QueueFull at once when they do not fit, NotAccepting when draining,
@@ -127,7 +129,7 @@ class Batcher:
                 "smaller requests, or add replicas")
         loop = asyncio.get_running_loop()
         request = _Request(faces, options, landmarks, time.monotonic(), loop.create_future(),
-                           deadline=deadline)
+                           deadline=deadline, video=video)
         self._queue.append(request)
         self._change_queued(count)
         self._wakeup.set()
@@ -277,7 +279,7 @@ class Batcher:
             take = min(room, request.count - start)
             stop = start + take
             landmarks = None if request.landmarks is None else request.landmarks[start:stop]
-            jobs.append(Job(request.faces[start:stop], request.options, landmarks))
+            jobs.append(Job(request.faces[start:stop], request.options, landmarks, video=request.video))
             owners.append((request, start, take))
             request.handed_out = stop
             room -= take

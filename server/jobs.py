@@ -19,6 +19,9 @@ class Job:
     faces: np.ndarray  # (n, H, W, 3) uint8 BGR, any strides; H == W
     options: EnhanceOptions
     landmarks: np.ndarray | None = None  # (n, 5, 2) float32, input pixels; LANDMARKS only
+    #: steady_video: the stream's alignment filter (server.steady.VideoState); its frames
+    #: reach the pipeline in frame order, one device thread updates it.
+    video: object | None = None
 
 
 @dataclass

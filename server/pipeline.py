@@ -269,6 +269,8 @@ class FacePipeline:
 
         faces = self._locate(images, detect_index, given_index, points, centre_only,
                              all_centre=all(options[i].only_center_face for i in detect_host))
+        if any(jobs[i].video is not None for i in indices):
+            faces = self._steady(jobs, indices, faces)
         with self._stage("align"):
             affines, aligns = _usable_alignments(
                 imageops.robust_similarity_transform(faces.landmarks, self._template), size=images.shape[-1])
@@ -308,6 +310,26 @@ class FacePipeline:
         merged = Faces(*(torch.cat(t) for t in zip(*((p.image, p.boxes, p.scores, p.landmarks) for p in parts))))
         # paste order: image by image, each image's faces in detection (score) order
         return merged.take(torch.sort(merged.image, stable=True).indices)
+
+    def _steady(self, jobs: Sequence[Job], indices: list[int], faces: Faces) -> Faces:
+        """steady_video jobs: each frame's landmarks through its stream's filter, in frame order
+        (server/steady.py). The points make one trip to the host and back: the one wait for the
+        device this mode adds; batches without it are untouched."""
+        with self._stage("steady"):
+            image = faces.image.cpu().numpy()
+            points = faces.landmarks.float().cpu().numpy().copy()
+            for start, i in zip(_starts(jobs, indices), indices):
+                job = jobs[i]
+                if job.video is None or job.options.alignment is Alignment.ALIGNED:
+                    continue
+                for frame in range(start, start + job.faces.shape[0]):
+                    rows = np.flatnonzero(image == frame)
+                    if len(rows) == 1 and job.options.only_center_face:
+                        points[rows[0]] = job.video.smooth(points[rows[0]])
+                    else:  # no face, or several: left as they are
+                        job.video.skip()
+            faces.landmarks = torch.from_numpy(points).to(self.device)
+        return faces
 
     @contextlib.contextmanager
     def _autocast(self):

@@ -20,6 +20,7 @@ from client.types import OUTPUT_SIZES, InvalidRequest
 from server.batcher import Batcher, DeadlineExceeded, NotAccepting, PipelineFailed, QueueFull
 from server.jobs import ModelInfo
 from server.settings import Settings
+from server.steady import VideoState
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
         # [task, written] per request, in request order, until its answer is written
         ordered: collections.deque[list] = collections.deque()
         state = {"reading": True}
+        video = VideoState()  # this stream's steady_video alignment filter
 
         def write(entry: list) -> None:
             task, done = entry
@@ -184,7 +186,8 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             try:
                 async for request in request_iterator:
                     await slots.acquire()
-                    entry = [asyncio.ensure_future(self._answer(request, "EnhanceBatch")), False]
+                    entry = [asyncio.ensure_future(self._answer(request, "EnhanceBatch", video=video)),
+                             False]
                     ordered.append(entry)
                     entry[0].add_done_callback(lambda _, entry=entry: settle(entry))
             finally:
@@ -241,7 +244,8 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
 
     # --- one request -------------------------------------------------------------------------
 
-    async def _answer(self, request: pb.EnhanceRequest, rpc: str, context=None) -> pb.EnhanceResponse:
+    async def _answer(self, request: pb.EnhanceRequest, rpc: str, context=None,
+                      video: VideoState | None = None) -> pb.EnhanceResponse:
         """Decode, enhance and encode one request; every failure becomes an in-band error."""
         request_id = request.request_id
         if self._metrics is not None:
@@ -258,8 +262,9 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
                 raise InvalidRequest(f"not a faceenhance.v1.EnhanceRequest ({request.size} bytes "
                                      f"that do not parse: {request.error})")
             faces, options, landmarks = codec.decode_request(request, self._limits)
+            steady = (video or VideoState()) if options.steady_video else None
             result = await batcher.submit(faces, options, landmarks,
-                                          deadline=_deadline(request, context))
+                                          deadline=_deadline(request, context), video=steady)
             if result.faces.nbytes > _ENCODE_OFF_LOOP_BYTES:
                 response = await asyncio.to_thread(codec.encode_response, request_id, result)
             else:

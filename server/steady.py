@@ -1,0 +1,93 @@
+"""Steady video: one stream's face alignment smoothed over time, before the warp.
+
+Every frame is detected on its own, so the 5 landmarks wander by a pixel or two on a face that
+hardly moves, and the crop GFPGAN sees jumps with them: lips and teeth shimmer. A stream of
+`steady_video` requests is one video in frame order, so its landmarks are filtered here.
+
+The filter is a One-Euro filter (Casiez, Roussel and Vogel, CHI 2012), chosen because it is
+built for exactly this trade: a low cutoff while the face is still (the jitter is removed) and
+a cutoff that rises with the face's speed (a moving face is followed without visible lag). An
+average over a window (Wav2Lip's 5 boxes) lags a moving face by half its window at every speed;
+an exponential filter has one fixed trade-off. The whole face shares one cutoff, set by the
+speed of the face as a whole, so the 5 points move together and the face keeps its shape.
+Positions are in units of the face's eye distance, so one set of parameters fits every size.
+
+- A cut (the face jumps by more than CUT_EYE_DISTANCES since the last frame) or a face lost for
+  more than MAX_GAP_FRAMES frames starts the filter afresh from the new face.
+- Raw landmarks within DEADBAND_EYE_DISTANCES (mean over the 5 points) of the current output
+  leave it where it is: a still face whose detections wobble by a fraction of a pixel gets
+  exactly the same alignment frame after frame (at most that far from where it would settle).
+- Only frames with exactly one face are smoothed (`only_center_face` on, the default); with
+  several faces per frame they are left as detected and the state is left alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Frames per second the cutoffs are stated for (MuseTalk's default).
+RATE_HZ = 25.0
+#: The cutoff of a still face, and how fast it rises with the face's speed (eye distances/s).
+MIN_CUTOFF_HZ = 0.8
+BETA = 12.0
+#: The cutoff of the speed estimate itself.
+SPEED_CUTOFF_HZ = 1.0
+#: A jump of more than this (mean over the 5 points, in eye distances) is a cut.
+CUT_EYE_DISTANCES = 0.35
+#: A face missing for more than this many frames is a new face when it comes back.
+MAX_GAP_FRAMES = 5
+#: Raw landmarks this close to the output (mean, eye distances; 0.6 px at 60 px) do not move it.
+DEADBAND_EYE_DISTANCES = 0.01
+
+
+def _alpha(cutoff_hz: float) -> float:
+    tau = 1.0 / (2.0 * math.pi * cutoff_hz)
+    return 1.0 / (1.0 + tau * RATE_HZ)
+
+
+@dataclass
+class VideoState:
+    """One video's alignment filter: the service keeps one per EnhanceBatch stream (and one per
+    unary request), frees it with the stream, and it holds a few numbers only."""
+
+    frame: int = 0              # frames seen so far (with a face or not)
+    last_face_frame: int = -10**9
+    points: np.ndarray | None = None      # (5, 2) the last output, in pixels
+    speed: float = 0.0          # smoothed speed of the face, eye distances per second
+    resets: int = 0             # cuts and returns after a gap (for tests and metrics)
+
+    def skip(self) -> None:
+        """A frame with no face (or several): counted, nothing smoothed."""
+        self.frame += 1
+
+    def smooth(self, raw: np.ndarray) -> np.ndarray:
+        """The filtered (5, 2) landmarks for this frame's raw ones (pixels)."""
+        raw = np.asarray(raw, dtype=np.float64).reshape(5, 2)
+        frame, self.frame = self.frame, self.frame + 1
+        eye = float(np.linalg.norm(raw[1] - raw[0]))
+        if eye <= 0 or not np.isfinite(raw).all():
+            return raw.astype(np.float32)
+        if self.points is not None:
+            jump = float(np.linalg.norm(raw - self.points, axis=1).mean()) / eye
+            gap = frame - self.last_face_frame
+            if jump > CUT_EYE_DISTANCES or gap > MAX_GAP_FRAMES + 1:
+                self.points = None
+                self.resets += 1
+        self.last_face_frame = frame
+        if self.points is None:
+            self.points, self.speed = raw.copy(), 0.0
+            return raw.astype(np.float32)
+        previous = self.points
+        a_speed = _alpha(SPEED_CUTOFF_HZ)
+        if float(np.linalg.norm(raw - previous, axis=1).mean()) / eye < DEADBAND_EYE_DISTANCES:
+            self.speed *= 1 - a_speed  # still: the speed estimate decays
+            return previous.astype(np.float32)
+        # speed of the face as a whole (mean point velocity), eye distances per second
+        velocity = (raw - previous).mean(axis=0) * RATE_HZ / eye
+        self.speed = a_speed * float(np.linalg.norm(velocity)) + (1 - a_speed) * self.speed
+        a = _alpha(MIN_CUTOFF_HZ + BETA * self.speed)
+        filtered = a * raw + (1 - a) * previous
+        self.points = filtered
+        return filtered.astype(np.float32)

@@ -1,0 +1,186 @@
+"""Steady video (issue 11): one stream's alignment smoothed over time, before the warp.
+
+The filter itself (server/steady.py) on synthetic landmark tracks; the pipeline (a static face
+whose landmarks jitter gives identical output frames once settled; two videos in one device
+batch keep their own state); the service (one state per EnhanceBatch stream, frames in order,
+over real loopback gRPC).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client import codec
+from client.pb import face_enhance_pb2_grpc as pb_grpc
+from client.types import Alignment, EnhanceOptions
+from server.jobs import Job
+from server.pipeline import FacePipeline
+from server.speed import SpeedOptions
+from server.steady import CUT_EYE_DISTANCES, MAX_GAP_FRAMES, VideoState
+from tests.device import TEST_DEVICE
+from tests.faces import make_faces, template_landmarks
+from tests.fakes import FakePipeline
+from tests.test_pipeline import load_nets
+from tests.test_server import channel, running
+
+#: A frontal face's 5 points, eyes 60 px apart, in a 256 px crop.
+FACE = np.array([[100, 100], [160, 100], [130, 130], [108, 160], [152, 160]], np.float64)
+
+
+def track(points: list[np.ndarray]) -> np.ndarray:
+    video = VideoState()
+    return np.array([video.smooth(p) for p in points])
+
+
+# --- the filter ----------------------------------------------------------------------------------
+
+def test_a_static_face_settles_to_exactly_the_same_alignment():
+    rng = np.random.default_rng(0)
+    start = FACE + rng.normal(0, 2, FACE.shape)  # the first detection is off by a little
+    out = track([start] + [FACE] * 40)
+    settled = out[15:]
+    assert (settled == settled[0]).all()  # identical frame after frame
+    assert np.linalg.norm(settled[0] - FACE, axis=1).mean() <= 0.01 * 60  # within the dead zone
+
+
+def test_jitter_on_a_static_face_is_at_least_halved():
+    rng = np.random.default_rng(1)
+    raw = np.array([FACE + rng.normal(0, 1.0, FACE.shape) for _ in range(200)])
+    out = track(list(raw))
+    change = lambda a: np.abs(np.diff(a[20:], axis=0)).mean()  # noqa: E731
+    assert change(out) < change(raw) / 2, (change(out), change(raw))
+
+
+@pytest.mark.parametrize("px_per_frame", [1.0, 3.0])
+def test_a_moving_face_is_followed_within_a_frame(px_per_frame):
+    moving = [FACE + [px_per_frame * t, 0.3 * px_per_frame * t] for t in range(60)]
+    out = track(moving)
+    lag_frames = (np.array(moving)[30:, 0, 0] - out[30:, 0, 0]).mean() / px_per_frame
+    assert 0 <= lag_frames <= 1.0, lag_frames
+
+
+def test_a_cut_starts_afresh_at_once():
+    other = FACE * 0.8 + [90, 40]  # another face, elsewhere
+    video = VideoState()
+    for _ in range(20):
+        video.smooth(FACE)
+    first_after = video.smooth(other)
+    assert video.resets == 1
+    assert np.allclose(first_after, other)  # no blend of the two faces
+    assert np.linalg.norm(FACE - other, axis=1).mean() / 48 > CUT_EYE_DISTANCES
+
+
+def test_a_face_lost_for_longer_than_the_gap_starts_afresh_and_a_short_gap_does_not():
+    video = VideoState()
+    for _ in range(10):
+        video.smooth(FACE)
+    for _ in range(MAX_GAP_FRAMES):
+        video.skip()
+    video.smooth(FACE + 2)
+    assert video.resets == 0
+    for _ in range(MAX_GAP_FRAMES + 1):
+        video.skip()
+    back = video.smooth(FACE + 4)
+    assert video.resets == 1 and np.allclose(back, FACE + 4)
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline(small_weights):
+    """The box paste mask: no ParseNet pass (seconds per face on these CPUs); the alignment,
+    which is what steady video changes, is the same."""
+    gfpgan, detector, parser = load_nets(small_weights)
+    return FacePipeline(gfpgan, detector, parser, device=TEST_DEVICE, dtype=torch.float32,
+                        speed=SpeedOptions(paste_mask="box"))
+
+
+def jittered_video(frames: int, seed: int, jitter_px: float = 0.4):
+    """The same face in every frame, its given landmarks jittering like a detector's."""
+    face = make_faces(1, seed=seed)
+    points = template_landmarks(1, seed=seed)[0]
+    rng = np.random.default_rng(seed)
+    return (np.repeat(face, frames, axis=0),
+            np.stack([points + rng.normal(0, jitter_px, points.shape) for _ in range(frames)]).astype(np.float32))
+
+
+def test_a_static_face_gives_identical_output_frames_once_settled_and_stays_jittery_without(pipeline):
+    faces, points = jittered_video(12, seed=2, jitter_px=0.25)
+    options = EnhanceOptions(alignment=Alignment.LANDMARKS)
+    steady = EnhanceOptions(alignment=Alignment.LANDMARKS, steady_video=True)
+    video = VideoState()
+    # one frame per request, as a video arrives; the state carries across requests
+    out = np.concatenate([pipeline.enhance([Job(faces[t:t + 1], steady, points[t:t + 1], video=video)])[0].faces
+                          for t in range(12)])
+    plain = pipeline.enhance([Job(faces, options, points)])[0].faces
+    diff = lambda a: np.abs(np.diff(a.astype(int), axis=0)).max(axis=(1, 2, 3))  # noqa: E731
+    assert (diff(out)[6:] == 0).all(), diff(out)
+    assert (diff(plain) > 0).all()  # the jitter reaches the output when nothing smooths it
+
+
+def test_two_videos_in_one_device_batch_keep_their_own_state(pipeline):
+    """Frames of two streams interleaved in one batch give what each gives alone."""
+    a_faces, a_points = jittered_video(6, seed=3)
+    b_faces, b_points = jittered_video(6, seed=4)
+    steady = EnhanceOptions(alignment=Alignment.LANDMARKS, steady_video=True)
+    alone_a = pipeline.enhance([Job(a_faces, steady, a_points, video=VideoState())])[0].faces
+    alone_b = pipeline.enhance([Job(b_faces, steady, b_points, video=VideoState())])[0].faces
+    va, vb = VideoState(), VideoState()
+    together = []
+    for t in range(0, 6, 2):  # each batch: 2 frames of A, then 2 of B
+        a, b = pipeline.enhance([Job(a_faces[t:t + 2], steady, a_points[t:t + 2], video=va),
+                                 Job(b_faces[t:t + 2], steady, b_points[t:t + 2], video=vb)])
+        together.append((a.faces, b.faces))
+    assert np.array_equal(np.concatenate([a for a, _ in together]), alone_a)
+    assert np.array_equal(np.concatenate([b for _, b in together]), alone_b)
+    assert va.frame == vb.frame == 6
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+class _Recording(FakePipeline):
+    """Records which video state each job carried, and each face's frame number."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[object, int]] = []  # (the state itself: kept alive, ids stay unique)
+
+    def enhance(self, jobs):
+        for job in jobs:
+            for face in job.faces:
+                self.seen.append((job.video, int(face[0, 0, 0])))
+        return super().enhance(jobs)
+
+
+def frames(first: int, count: int) -> np.ndarray:
+    out = np.zeros((count, 64, 64, 3), np.uint8)
+    for k in range(count):
+        out[k] = first + k  # the frame number, in every pixel
+    return out
+
+
+async def test_each_stream_has_its_own_state_and_its_frames_reach_it_in_order():
+    pipeline = _Recording()
+    steady = EnhanceOptions(output_size=256, steady_video=True)
+    async with running(pipeline) as app, channel(app) as ch_a, channel(app) as ch_b:
+        stub_a, stub_b = pb_grpc.FaceEnhancerStub(ch_a), pb_grpc.FaceEnhancerStub(ch_b)
+        call_a, call_b = stub_a.EnhanceBatch(), stub_b.EnhanceBatch()
+        for k in range(6):  # interleaved: A's frames 0.., B's frames 100..
+            await call_a.write(codec.encode_request(k, frames(3 * k, 3), steady))
+            await call_b.write(codec.encode_request(k, frames(100 + 2 * k, 2), steady))
+        await call_a.write(codec.encode_request(9, frames(200, 1), EnhanceOptions(output_size=256)))
+        for call in (call_a, call_b):
+            await call.done_writing()
+        answers = [r async for r in call_a] + [r async for r in call_b]
+        unary = [await stub_a.Enhance(codec.encode_request(50 + k, frames(210 + k, 1), steady))
+                 for k in range(2)]
+    assert not any(r.HasField("error") for r in answers + unary)
+    by_video: dict = {}
+    for video, frame in pipeline.seen:
+        by_video.setdefault(None if video is None else id(video), []).append(frame)
+    plain = by_video.pop(None)
+    assert plain == [200]  # a request without steady_video carries no state
+    orders = sorted(by_video.values())
+    # one state per stream, each stream's frames in order, and one per unary request
+    assert orders == [list(range(0, 18)), list(range(100, 112)), [210], [211]]
