@@ -125,6 +125,8 @@ class AsyncFaceEnhanceClient:
         self._next_target = 0
         self._info: ServiceInfo | None = None
         self._info_retry_at = 0.0
+        self._info_asking: asyncio.Future | None = None
+        self._steady_target: Target | None = None  # where this client's steady video goes
         self._closed = False
 
     # --- public API -------------------------------------------------------------------
@@ -248,7 +250,9 @@ class AsyncFaceEnhanceClient:
             if self._closed:
                 reason, detail = reason or "unavailable", detail or "the client was closed"
                 break
-            target = self._pick_target(exclude=tried)
+            # steady video: one video stays on one target (and one stream), where its state is
+            target = self._pick_target(exclude=tried,
+                                       prefer=self._steady_target if options.steady_video else None)
             if target is None:
                 reason = reason or "circuit_open"
                 break
@@ -258,7 +262,7 @@ class AsyncFaceEnhanceClient:
                 await _until(deadline, self._check_model(target, deadline))
                 # the service drops the work if it cannot start it before we stop waiting
                 request.timeout_ms = max(1, math.ceil((deadline - loop.time()) * 1000))
-                response = await _until(deadline, target.request(request))
+                response = await _until(deadline, target.request(request, sticky=options.steady_video))
                 if response.HasField("error"):
                     if response.error.code == _INVALID_ARGUMENT:
                         outcome = "success"  # the service is healthy; the request is wrong
@@ -268,6 +272,8 @@ class AsyncFaceEnhanceClient:
                                        response.error.message)
                 result = _decode(response, faces.shape[0], options.output_size)
                 outcome = "success"
+                if options.steady_video:
+                    self._steady_target = target
                 return result
             except TimeoutError:
                 outcome, reason = "failure", "timeout"
@@ -282,8 +288,11 @@ class AsyncFaceEnhanceClient:
                 self._record(target, outcome)
         return await asyncio.to_thread(fallback_result, faces, options.output_size, reason, detail)
 
-    def _pick_target(self, exclude: list[Target]) -> Target | None:
-        """Next target round-robin whose breaker lets a batch through."""
+    def _pick_target(self, exclude: list[Target], prefer: Target | None = None) -> Target | None:
+        """`prefer` when its breaker lets a batch through, else the next target round-robin
+        whose breaker does."""
+        if prefer is not None and prefer not in exclude and prefer.breaker.allow():
+            return prefer
         n = len(self.targets)
         for i in range(n):
             index = (self._next_target + i) % n
@@ -310,25 +319,38 @@ class AsyncFaceEnhanceClient:
             target.breaker.release()
 
     async def _max_faces_per_request(self, deadline: float) -> int:
-        """The service's limit, learned once from GetInfo (the contract's default until then)."""
+        """The service's limit, learned once from GetInfo (the contract's default until then).
+        Batches that start while it is being asked wait for that answer (within their budget)
+        rather than overtake the first batch: a stream's batches go out in the order given,
+        which steady video relies on."""
         loop = asyncio.get_running_loop()
-        healthy = [t for t in self.targets if t.breaker.state == "closed"]
         # Leave at least half the batch's time for the batch itself.
         budget = (deadline - loop.time()) / 2
-        if self._info is None and budget > 0 and loop.time() >= self._info_retry_at:
-            self._info_retry_at = loop.time() + _INFO_RETRY_S
-            for target in healthy:
+        if self._info is None and budget > 0:
+            if self._info_asking is None and loop.time() >= self._info_retry_at:
+                self._info_retry_at = loop.time() + _INFO_RETRY_S
+                self._info_asking = asyncio.ensure_future(self._ask_info(deadline))
+                self._info_asking.add_done_callback(lambda _: setattr(self, "_info_asking", None))
+            if self._info_asking is not None:
                 try:
-                    msg = await target.stub.GetInfo(pb.GetInfoRequest(),
-                                                    timeout=max(deadline - loop.time(), 0) / 2,
-                                                    metadata=target.metadata or None)
-                except grpc.aio.AioRpcError:
-                    continue  # the batch itself will find out, and fall back, if all are down
-                self._info = self._learn(target, ServiceInfo.from_pb(target.address, msg))
-                break
+                    await _until(loop.time() + budget, asyncio.shield(self._info_asking))
+                except TimeoutError:
+                    pass
         if self._info is not None and self._info.max_faces_per_request > 0:
             return self._info.max_faces_per_request
         return RequestLimits().max_faces_per_request
+
+    async def _ask_info(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        for target in [t for t in self.targets if t.breaker.state == "closed"]:
+            try:
+                msg = await target.stub.GetInfo(pb.GetInfoRequest(),
+                                                timeout=max(deadline - loop.time(), 0) / 2,
+                                                metadata=target.metadata or None)
+            except grpc.aio.AioRpcError:
+                continue  # the batch itself will find out, and fall back, if all are down
+            self._info = self._learn(target, ServiceInfo.from_pb(target.address, msg))
+            return
 
     async def _check_model(self, target: Target, deadline: float) -> None:
         """Raise WrongModel when `target` serves another model than expect_model (asked once,

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="0 = fully restored .. 1 = the input (blend), default 0")
     parser.add_argument("--all-faces", action="store_true",
                         help="restore every face found, not only the one nearest the centre")
+    parser.add_argument("--steady-video", action="store_true",
+                        help="the images are the frames of one video (in file-name order): "
+                             "smooth the face alignment over time (detect/landmarks)")
     parser.add_argument("--random-noise", action="store_true",
                         help="GFPGAN's random StyleGAN noise (outputs then differ run to run)")
     parser.add_argument("--batch-size", type=int, default=8, help="faces per request, default 8")
@@ -183,13 +186,16 @@ def _in_process_enhancer(args) -> tuple[Enhancer, Callable[[], None]]:
         # Missing weights, a bad file or device: one line saying what to do, not a traceback.
         raise SystemExit(f"error: {exc}") from None
     limits = settings.limits()
+    from server.steady import VideoState
+
+    video = VideoState()  # --steady-video: the folder is one video
 
     def submit(faces, options):
         size = faces.shape[1]
         if not limits.min_face_size <= size <= limits.max_face_size:
             raise InvalidRequest(f"faces of {size}x{size} are outside the accepted "
                                  f"{limits.min_face_size}..{limits.max_face_size} pixels; resize them first")
-        result = pipeline.enhance([Job(faces, options)])[0]
+        result = pipeline.enhance([Job(faces, options, video=video if options.steady_video else None)])[0]
         return lambda: (result.faces, list(result.status), None)
     return submit, lambda: None
 
@@ -198,7 +204,8 @@ def run(args, log=print) -> int:
     """Enhance everything named in args; returns the process exit status."""
     options = EnhanceOptions(output_size=args.output_size, alignment=Alignment(args.alignment),
                              fidelity=args.fidelity, only_center_face=not args.all_faces,
-                             random_noise=args.random_noise).validate()
+                             random_noise=args.random_noise,
+                             steady_video=args.steady_video).validate()
     output_dir = Path(args.output)
     found = list(find_images(args.inputs))
     counts: Counter = Counter()

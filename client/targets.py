@@ -275,11 +275,18 @@ class Target:
         order = self._streams[start:] + self._streams[:start]
         return min(order, key=lambda stream: stream.in_flight)
 
-    async def request(self, request: pb.EnhanceRequest) -> pb.EnhanceResponse:
+    async def request(self, request: pb.EnhanceRequest, sticky: bool = False) -> pb.EnhanceResponse:
+        """Send on the least busy stream, or with `sticky` always on the first one (steady
+        video: the service keeps a video's state per stream)."""
         if self._closed:
             raise StreamBroken("unavailable", "the client was closed")
         self.requests_sent += 1
-        return await self.pick_stream().request(request)
+        if sticky:
+            self.stub  # noqa: B018 - creates the channel and its streams on first use
+            stream = self._streams[0]
+        else:
+            stream = self.pick_stream()
+        return await stream.request(request)
 
     def watch_health(self) -> None:
         """While the circuit is open, follow the target's Health/Watch and close the circuit the

@@ -37,6 +37,9 @@ class GFPGANSettings:
     #: Port of this worker's Prometheus page (faces enhanced/fell back, waiting); 0 = off.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    #: Steady video: a run is one video, so the service smooths its faces' alignment over time
+    #: (less lip and teeth shimmer). On by default; `steady: false` / --no-gfpgan_steady.
+    steady: bool = True
     # The integration plan's (and GFPGANer's) model keys. The service runs the model; these name
     # the one the run expects, and the run stops at start when the service serves another:
     #: the checkpoint's path as the plan writes it; its file name is what is checked (and its
@@ -84,13 +87,15 @@ class GFPGANSettings:
 
     def enhance_options(self) -> EnhanceOptions:
         return EnhanceOptions(output_size=self.output_size, alignment=ALIGNMENTS[self.alignment],
-                              fidelity=float(self.fidelity))
+                              fidelity=float(self.fidelity), steady_video=self.steady)
 
     def check(self) -> "GFPGANSettings":
         """Return the settings with values normalised; raise SettingsError for a bad one."""
         where = "gfpgan setting"
         if not isinstance(self.enabled, bool):
             raise SettingsError(f"{where} 'enabled' must be true or false; got {self.enabled!r}")
+        if not isinstance(self.steady, bool):
+            raise SettingsError(f"{where} 'steady' must be true or false; got {self.steady!r}")
         address = str(self.address).strip()
         if not address or any(c.isspace() for c in address):
             raise SettingsError(f"{where} 'address' must be HOST:PORT (or several, comma-separated, "
@@ -196,6 +201,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--enable_gfpgan", "--enable-gfpgan", dest="gfpgan_enabled",
                        action=argparse.BooleanOptionalAction, default=None,
                        help="enhance every decoded face through the service")
+    group.add_argument("--gfpgan_steady", "--gfpgan-steady", dest="gfpgan_steady",
+                       action=argparse.BooleanOptionalAction, default=None,
+                       help="smooth the faces' alignment over the video (default on)")
     flags = (
         ("address", str, "service address HOST:PORT, several comma-separated, or dns:///name:port"),
         ("upscale", int, "1, 2 or 4: faces come back 256, 512 or 1024 pixels wide"),

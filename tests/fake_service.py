@@ -57,6 +57,10 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.face_counts: list[int] = []  # faces per request, in arrival order
         self.landmarks: list[list[float]] = []
         self.timeouts_ms: list[int] = []  # each request's timeout_ms, in arrival order
+        self.first_bytes: list[int | None] = []  # each request's first pixel byte, in arrival order
+        self.steady: list[bool] = []  # each request's steady_video option, in arrival order
+        #: Seconds GetInfo takes to answer.
+        self.info_delay_s = 0.0
 
     def _answer(self, request: pb.EnhanceRequest) -> pb.EnhanceResponse:
         if self.error is not None:
@@ -79,6 +83,8 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.face_counts.append(request.faces.count)
         self.landmarks.append(list(request.landmarks))
         self.timeouts_ms.append(request.timeout_ms)
+        self.first_bytes.append(request.faces.data[0] if request.faces.data else None)
+        self.steady.append(request.options.steady_video)
 
     async def EnhanceBatch(self, request_iterator, context):
         self.streams_opened += 1
@@ -131,6 +137,8 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
 
     async def GetInfo(self, request, context):
         self.info_calls += 1
+        if self.info_delay_s:
+            await asyncio.sleep(self.info_delay_s)
         return pb.ServiceInfo(
             model_name=self.model[0].rsplit(".", 1)[0], model_version="fake 1", weights_sha256="0" * 64, device="cpu",
             dtype="float32", max_faces_per_request=self.limits.max_faces_per_request,

@@ -161,6 +161,34 @@ def test_landmarks_are_sent_per_face_and_split_with_their_faces(fake):
     assert fake.landmarks == [landmarks[:2].ravel().tolist(), landmarks[2:].ravel().tolist()]
 
 
+def test_batches_submitted_together_at_start_reach_the_service_in_the_order_given(fake):
+    """The first batch asks GetInfo for the service's limits; the batches submitted meanwhile
+    wait for that answer instead of overtaking it, so a video's frames arrive in frame order
+    (steady video smooths them in arrival order)."""
+    fake.info_delay_s = 0.2
+    with FaceEnhanceClient(fake.address, timeout_ms=3000, max_in_flight=8) as client:
+        futures = [client.submit(np.full((2, SIDE, SIDE, 3), k, np.uint8)) for k in range(6)]
+        results = [f.result() for f in futures]
+    assert not any(r.fell_back for r in results)
+    assert fake.first_bytes == list(range(6))
+
+
+def test_a_steady_video_stays_on_one_target_and_one_stream(fake, second_fake):
+    """The service keeps a video's alignment state per stream: with two targets and two
+    streams each, steady batches all go down one stream of one target; others spread."""
+    steady = EnhanceOptions(output_size=OUT, steady_video=True)
+    with FaceEnhanceClient([fake.address, second_fake.address], streams_per_target=2) as client:
+        for k in range(8):
+            assert not client.enhance(random_faces(1, seed=k), options=steady).fell_back
+        steady_counts = (fake.requests, second_fake.requests)
+        steady_streams = (fake.streams_opened, second_fake.streams_opened)
+        for k in range(8):
+            client.enhance(random_faces(1, seed=k))
+    assert sorted(steady_counts) == [0, 8]
+    assert sorted(steady_streams) == [0, 1]
+    assert min(fake.requests, second_fake.requests) >= 4  # plain batches went round-robin
+
+
 def test_each_request_carries_the_time_left_before_the_client_stops_waiting(fake):
     faces = random_faces(2)
     with FaceEnhanceClient(fake.address, timeout_ms=1500) as client:

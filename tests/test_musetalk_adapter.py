@@ -227,6 +227,19 @@ def test_service_trouble_falls_back_without_an_exception_and_the_run_completes(
         assert np.array_equal(frame, expected)
 
 
+@pytest.mark.parametrize("flags, steady", [([], True), (["--no-gfpgan_steady"], False)])
+def test_a_run_is_one_steady_video_on_one_stream_unless_turned_off(flags, steady, project):
+    """Issue 11: the launcher asks the service to smooth the alignment over the run (one
+    video), on one stream, in frame order; --no-gfpgan_steady (or steady: false) turns it off."""
+    config = project.offline_yaml(19)  # batches of 8: 8, 8, 3
+    with FakeService() as fake:
+        assert run_launcher("run", "--gfpgan-address", fake.address, *flags, "--",
+                            "scripts/inference.py", "--inference_config", config,
+                            "--result_dir", str(project.dir / "out")) == 0
+    assert fake.steady == [steady] * 3
+    assert fake.face_counts == [8, 8, 3] and fake.streams_opened == 1
+
+
 def test_upscale_2_returns_512_faces_that_musetalk_resizes_to_their_boxes(project):
     holder, address = dead_address()
     with holder, GFPGANEnhancer(address=address, upscale=2, timeout_ms=200) as enhancer:
