@@ -12,8 +12,10 @@ an exponential filter has one fixed trade-off. The whole face shares one cutoff,
 speed of the face as a whole, so the 5 points move together and the face keeps its shape.
 Positions are in units of the face's eye distance, so one set of parameters fits every size.
 
-- A cut (the face jumps by more than CUT_EYE_DISTANCES since the last frame) or a face lost for
-  more than MAX_GAP_FRAMES frames starts the filter afresh from the new face.
+- A cut (since the last frame the face jumps by more than CUT_EYE_DISTANCES, changes size by
+  more than CUT_SCALE or turns by more than CUT_DEGREES: more than a face moves between two
+  frames, as when another face takes its place) or a face lost for more than MAX_GAP_FRAMES
+  frames starts the filter afresh from the new face.
 - Raw landmarks within DEADBAND_EYE_DISTANCES (mean over the 5 points) of the current output
   leave it where it is: a still face whose detections wobble by a fraction of a pixel gets
   exactly the same alignment frame after frame (at most that far from where it would settle).
@@ -36,6 +38,10 @@ BETA = 12.0
 SPEED_CUTOFF_HZ = 1.0
 #: A jump of more than this (mean over the 5 points, in eye distances) is a cut.
 CUT_EYE_DISTANCES = 0.35
+#: ... or a change of size (eye distance) by more than this fraction, or of roll by more than
+#: this many degrees, between two frames.
+CUT_SCALE = 0.08
+CUT_DEGREES = 6.0
 #: A face missing for more than this many frames is a new face when it comes back.
 MAX_GAP_FRAMES = 5
 #: Raw landmarks this close to the output (mean, eye distances; 0.6 px at 60 px) do not move it.
@@ -71,8 +77,17 @@ class VideoState:
             return raw.astype(np.float32)
         if self.points is not None:
             jump = float(np.linalg.norm(raw - self.points, axis=1).mean()) / eye
+            # size and roll change from all 5 points (a least-squares similarity), steadier
+            # than from the two eyes alone
+            then, now = self.points - self.points.mean(0), raw - raw.mean(0)
+            norm = float((then * then).sum()) or 1e-9
+            a = float((then * now).sum()) / norm
+            b = float((then[:, 0] * now[:, 1] - then[:, 1] * now[:, 0]).sum()) / norm
+            scale = abs(math.log(max(math.hypot(a, b), 1e-9)))
+            turn = abs(math.degrees(math.atan2(b, a)))
             gap = frame - self.last_face_frame
-            if jump > CUT_EYE_DISTANCES or gap > MAX_GAP_FRAMES + 1:
+            if (jump > CUT_EYE_DISTANCES or scale > math.log1p(CUT_SCALE) or turn > CUT_DEGREES
+                    or gap > MAX_GAP_FRAMES + 1):
                 self.points = None
                 self.resets += 1
         self.last_face_frame = frame

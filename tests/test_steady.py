@@ -71,6 +71,18 @@ def test_a_cut_starts_afresh_at_once():
     assert np.linalg.norm(FACE - other, axis=1).mean() / 48 > CUT_EYE_DISTANCES
 
 
+@pytest.mark.parametrize("other", [
+    FACE * 1.11 - 13,                                    # another face in place, 11% larger
+    (FACE - FACE.mean(0)) @ np.array([[np.cos(0.14), -np.sin(0.14)], [np.sin(0.14), np.cos(0.14)]])
+    + FACE.mean(0),                                      # turned by 8 degrees in one frame
+])
+def test_another_face_in_the_same_place_is_a_cut_too(other):
+    video = VideoState()
+    for _ in range(10):
+        video.smooth(FACE)
+    assert np.allclose(video.smooth(other), other) and video.resets == 1
+
+
 def test_a_face_lost_for_longer_than_the_gap_starts_afresh_and_a_short_gap_does_not():
     video = VideoState()
     for _ in range(10):
