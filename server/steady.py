@@ -33,7 +33,7 @@ import numpy as np
 RATE_HZ = 25.0
 #: The cutoff of a still face, and how fast it rises with the face's speed (eye distances/s).
 MIN_CUTOFF_HZ = 0.8
-BETA = 12.0
+BETA = 8.0
 #: The cutoff of the speed estimate itself.
 SPEED_CUTOFF_HZ = 1.0
 #: A jump of more than this (mean over the 5 points, in eye distances) is a cut.
