@@ -151,8 +151,7 @@ class AsyncFaceEnhanceClient:
         errors, denied = [], False
         for target in self.targets:
             try:
-                msg = await target.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout,
-                                                metadata=target.metadata or None)
+                msg = await target.get_info(timeout)
             except grpc.aio.AioRpcError as error:
                 errors.append(f"{target.address}: {error.code().name} {error.details()}")
                 denied |= error.code() in (grpc.StatusCode.UNAUTHENTICATED,
@@ -344,9 +343,7 @@ class AsyncFaceEnhanceClient:
         loop = asyncio.get_running_loop()
         for target in [t for t in self.targets if t.breaker.state == "closed"]:
             try:
-                msg = await target.stub.GetInfo(pb.GetInfoRequest(),
-                                                timeout=max(deadline - loop.time(), 0) / 2,
-                                                metadata=target.metadata or None)
+                msg = await target.get_info(max(deadline - loop.time(), 0) / 2)
             except grpc.aio.AioRpcError:
                 continue  # the batch itself will find out, and fall back, if all are down
             self._info = self._learn(target, ServiceInfo.from_pb(target.address, msg))
@@ -361,9 +358,7 @@ class AsyncFaceEnhanceClient:
         now = loop.time()
         if target.info is None or (target.model_problem and now >= target.info_expires):
             try:
-                msg = await target.stub.GetInfo(pb.GetInfoRequest(),
-                                                timeout=max(deadline - now, 0.001) / 2,
-                                                metadata=target.metadata or None)
+                msg = await target.get_info(max(deadline - now, 0.001) / 2)
             except grpc.aio.AioRpcError as error:
                 raise StreamBroken(reason_for_code(error.code()),
                                    f"GetInfo: {error.details()}") from None

@@ -268,6 +268,11 @@ class Target:
                              for _ in range(self._stream_count)]
         return self._stub
 
+    async def get_info(self, timeout: float) -> pb.ServiceInfo:
+        """GetInfo on this target, with its credentials; raises grpc.aio.AioRpcError."""
+        return await self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout,
+                                       metadata=self.metadata or None)
+
     def pick_stream(self) -> BatchStream:
         """The stream with the fewest requests in flight, round-robin among equals."""
         self.stub  # noqa: B018 - creates the channel and streams on first use

@@ -73,6 +73,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class RateLimitedLog:
+    """One warning per interval; what was left out is counted into the next one."""
+
+    def __init__(self, interval_s: float, logger: logging.Logger):
+        self.interval_s = interval_s
+        self._log = logger
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        more = f" (and {self._suppressed} more since the last such line)" if self._suppressed else ""
+        self._log.warning(message + more, *args)
+        self._next, self._suppressed = now + self.interval_s, 0
+
+
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Refuses (UNAUTHENTICATED) every call without a valid `authorization: Bearer` token,
     except the health service. `on_denied(method)` counts a refusal (metrics)."""
@@ -82,8 +101,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             raise ValueError("TokenAuth needs at least one token")
         self._tokens = [token.encode() for token in tokens]
         self._on_denied = on_denied
-        self._next_log = 0.0
-        self._suppressed = 0
+        self._denied_log = RateLimitedLog(_DENIED_LOG_INTERVAL_S, log)
 
     def valid(self, header: str) -> bool:
         scheme, _, supplied = header.partition(" ")
@@ -115,13 +133,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     def _denied(self, method: str, what: str) -> None:
         if self._on_denied is not None:
             self._on_denied(method)
-        now = time.monotonic()
-        if now < self._next_log:
-            self._suppressed += 1
-            return
-        more = f" (and {self._suppressed} more since the last such line)" if self._suppressed else ""
-        log.warning("refused %s: %s%s", method, what, more)
-        self._next_log, self._suppressed = now + _DENIED_LOG_INTERVAL_S, 0
+        self._denied_log.warning("refused %s: %s", method, what)
 
 
 def _denying(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

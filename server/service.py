@@ -19,6 +19,7 @@ from client.pb import face_enhance_pb2_grpc as pb_grpc
 from client.types import OUTPUT_SIZES, InvalidRequest
 from server.batcher import Batcher, DeadlineExceeded, NotAccepting, PipelineFailed, QueueFull
 from server.jobs import ModelInfo
+from server.security import RateLimitedLog
 from server.settings import Settings
 from server.steady import VideoState
 
@@ -77,24 +78,6 @@ def add_to_server(servicer: "FaceEnhancerServicer", server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
-class _RateLimitedLog:
-    """One warning per interval; what was left out is counted into the next one."""
-
-    def __init__(self, interval_s: float):
-        self.interval_s = interval_s
-        self._next = 0.0
-        self._suppressed = 0
-
-    def warning(self, message: str, *args) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        more = f" (and {self._suppressed} more since the last such line)" if self._suppressed else ""
-        log.warning(message + more, *args)
-        self._next, self._suppressed = now + self.interval_s, 0
-
-
 def server_version() -> str:
     try:
         return importlib.metadata.version("gfpgan-service")
@@ -147,7 +130,7 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
         self._max_in_flight = max_in_flight_per_stream
         self._stream_readers: set[asyncio.Task] = set()
         self._closing = False
-        self._malformed_log = _RateLimitedLog(MALFORMED_LOG_INTERVAL_S)
+        self._malformed_log = RateLimitedLog(MALFORMED_LOG_INTERVAL_S, log)
 
     # --- RPCs ------------------------------------------------------------------------------
 
