@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steady-video", action="store_true",
                         help="the images are the frames of one video (in file-name order): "
                              "smooth the face alignment over time (detect/landmarks)")
+    parser.add_argument("--detect-every", type=int, default=1, metavar="N",
+                        help="--steady-video with detect: find the face on every N-th frame only "
+                             "and reuse the smoothed alignment between (default 1)")
     parser.add_argument("--random-noise", action="store_true",
                         help="GFPGAN's random StyleGAN noise (outputs then differ run to run)")
     parser.add_argument("--batch-size", type=int, default=8, help="faces per request, default 8")
@@ -205,7 +208,8 @@ def run(args, log=print) -> int:
     options = EnhanceOptions(output_size=args.output_size, alignment=Alignment(args.alignment),
                              fidelity=args.fidelity, only_center_face=not args.all_faces,
                              random_noise=args.random_noise,
-                             steady_video=args.steady_video).validate()
+                             steady_video=args.steady_video,
+                             detect_every=args.detect_every).validate()
     output_dir = Path(args.output)
     found = list(find_images(args.inputs))
     counts: Counter = Counter()

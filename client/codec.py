@@ -91,6 +91,7 @@ def encode_options(options: EnhanceOptions) -> pb.EnhanceOptions:
         only_center_face=options.only_center_face,
         random_noise=options.random_noise,
         steady_video=options.steady_video,
+        detect_every=options.detect_every if options.detect_every > 1 else 0,
     )
 
 
@@ -107,6 +108,7 @@ def decode_options(msg: pb.EnhanceOptions) -> EnhanceOptions:
         only_center_face=msg.only_center_face if msg.HasField("only_center_face") else True,
         random_noise=msg.random_noise,
         steady_video=msg.steady_video,
+        detect_every=msg.detect_every or 1,
     ).validate()
 
 

@@ -14,6 +14,8 @@ import numpy as np
 
 OUTPUT_SIZES = (256, 512, 1024)
 DEFAULT_OUTPUT_SIZE = 256
+#: Steady video's skip detection: detect at most every this many frames.
+MAX_DETECT_EVERY = 100
 #: 5-point landmarks per face: left eye, right eye, nose, left mouth corner, right mouth corner.
 NUM_LANDMARKS = 5
 
@@ -49,6 +51,8 @@ class EnhanceOptions:
     random_noise: bool = False
     #: Consecutive frames of one video: alignment smoothed over time, per stream (see the proto).
     steady_video: bool = False
+    #: Steady video, DETECT: detect every N-th frame, reuse the smoothed alignment between.
+    detect_every: int = 1
 
     def validate(self) -> "EnhanceOptions":
         if self.output_size not in OUTPUT_SIZES:
@@ -59,6 +63,14 @@ class EnhanceOptions:
         if not (isinstance(self.fidelity, (int, float)) and math.isfinite(self.fidelity)
                 and 0.0 <= self.fidelity <= 1.0):
             raise InvalidRequest(f"fidelity must be a number in [0, 1]; got {self.fidelity!r}")
+        if (isinstance(self.detect_every, bool) or not isinstance(self.detect_every, int)
+                or not 1 <= self.detect_every <= MAX_DETECT_EVERY):
+            raise InvalidRequest(f"detect_every must be a whole number in 1..{MAX_DETECT_EVERY} "
+                                 f"(1: every frame); got {self.detect_every!r}")
+        if self.detect_every > 1 and not (self.steady_video and self.alignment is Alignment.DETECT):
+            raise InvalidRequest(
+                f"detect_every={self.detect_every} reuses a video's smoothed alignment between "
+                "detections: it needs steady_video and alignment DETECT")
         return self
 
 

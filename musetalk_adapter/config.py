@@ -7,7 +7,7 @@ import argparse
 import math
 from dataclasses import dataclass, fields, replace
 
-from client.types import ARCHS, Alignment, EnhanceOptions, InvalidRequest, ModelSpec
+from client.types import ARCHS, MAX_DETECT_EVERY, Alignment, EnhanceOptions, InvalidRequest, ModelSpec
 
 #: --gfpgan_upscale -> the side of the faces that come back (MuseTalk decodes 256x256 faces).
 OUTPUT_SIZE_BY_UPSCALE = {1: 256, 2: 512, 4: 1024}
@@ -40,6 +40,9 @@ class GFPGANSettings:
     #: Steady video: a run is one video, so the service smooths its faces' alignment over time
     #: (less lip and teeth shimmer). On by default; `steady: false` / --no-gfpgan_steady.
     steady: bool = True
+    #: Steady video: detect the face on every N-th frame only and reuse the smoothed alignment
+    #: between (MuseTalk's crops come from one box per video); 1 = every frame (default).
+    detect_every: int = 1
     # The integration plan's (and GFPGANer's) model keys. The service runs the model; these name
     # the one the run expects, and the run stops at start when the service serves another:
     #: the checkpoint's path as the plan writes it; its file name is what is checked (and its
@@ -87,7 +90,8 @@ class GFPGANSettings:
 
     def enhance_options(self) -> EnhanceOptions:
         return EnhanceOptions(output_size=self.output_size, alignment=ALIGNMENTS[self.alignment],
-                              fidelity=float(self.fidelity), steady_video=self.steady)
+                              fidelity=float(self.fidelity), steady_video=self.steady,
+                              detect_every=int(self.detect_every))
 
     def check(self) -> "GFPGANSettings":
         """Return the settings with values normalised; raise SettingsError for a bad one."""
@@ -116,6 +120,14 @@ class GFPGANSettings:
         if alignment not in ALIGNMENTS:
             raise SettingsError(f"{where} 'alignment' must be one of {', '.join(ALIGNMENTS)}; got "
                                 f"{self.alignment!r} (MuseTalk has no 5-point landmarks to send)")
+        every = _number(self.detect_every, "detect_every", int)
+        if not 1 <= every <= MAX_DETECT_EVERY:
+            raise SettingsError(f"{where} 'detect_every' must be 1 (every frame) to "
+                                f"{MAX_DETECT_EVERY}; got {self.detect_every!r}")
+        if every > 1 and not (self.steady and alignment == "detect"):
+            raise SettingsError(f"{where} 'detect_every: {every}' reuses the steady video "
+                                f"alignment between detections: it needs 'steady: true' and "
+                                f"'alignment: detect'")
         pending = _number(self.max_pending_batches, "max_pending_batches", int)
         if pending < 1:
             raise SettingsError(f"{where} 'max_pending_batches' must be 1 or more; got {pending}")
@@ -144,6 +156,7 @@ class GFPGANSettings:
             raise SettingsError(f"{where}: {error}") from None
         return replace(self, address=address, upscale=upscale, timeout_ms=timeout_ms,
                        fidelity=fidelity, alignment=alignment, max_pending_batches=pending,
+                       detect_every=every,
                        metrics_port=port, metrics_host=str(self.metrics_host),
                        model_path=model_path, arch=arch, channel_multiplier=multiplier,
                        device=_named(self.device), bg_upsampler=_named(self.bg_upsampler))
@@ -211,6 +224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         ("fidelity", float, "0..1, how much of MuseTalk's own face is kept (0 = all GFPGAN)"),
         ("alignment", str, "detect (find and align the face, default) or aligned (crop as is)"),
         ("max_pending_batches", int, "decoded batches in flight before decoding waits"),
+        ("detect_every", int, "steady video: detect the face every N-th frame only, reusing the "
+                              "smoothed alignment between (default 1: every frame)"),
         ("metrics_port", int, "Prometheus page of this worker on this port (0 = off)"),
         ("metrics_host", str, "address the Prometheus page listens on"),
         ("arch", str, "the architecture the run expects (GFPGANer's names: clean, original, "

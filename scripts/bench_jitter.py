@@ -12,6 +12,7 @@ landmarks the warp used (px, the sequence's own motion taken out), and faces/s.
 
     python scripts/bench_jitter.py                      # random-valued weights made here (CPU)
     python scripts/bench_jitter.py --weights-dir DIR    # real weights (GFPGANv1.4.pth, ...)
+    python scripts/bench_jitter.py --skip-detection --frames 40   # the detect_every saving
 
 Random-valued networks restore nothing, but they are deterministic with fixed noise, so the
 output's change between frames still shows how much the alignment (and the noise) moved. A
@@ -146,6 +147,52 @@ def run_ours(pipeline: FacePipeline, frames: np.ndarray, steady: bool, given: np
     return np.stack(outputs), points, len(frames) / (time.perf_counter() - started)
 
 
+def run_skip_detection(pipeline: FacePipeline, frames: np.ndarray, every: int, batch: int):
+    """Steady video, DETECT, `batch` frames per request, detecting every `every`-th frame:
+    (faces/s, detector seconds per frame, frames detected)."""
+    options = EnhanceOptions(steady_video=True, detect_every=every)
+    video = VideoState()
+    spent = {"s": 0.0, "images": 0}
+    candidates = pipeline.detector.candidates
+
+    def timed(images):
+        started = time.perf_counter()
+        out = candidates(images)
+        out[0].image.cpu()  # the detector's work done, on any device
+        spent["s"] += time.perf_counter() - started
+        spent["images"] += images.shape[0]
+        return out
+
+    pipeline.detector.candidates = timed
+    started = time.perf_counter()
+    try:
+        for t in range(0, len(frames), batch):
+            pipeline.enhance([Job(frames[t:t + batch], options, video=video)])
+    finally:
+        pipeline.detector.candidates = candidates
+    seconds = time.perf_counter() - started
+    return len(frames) / seconds, spent["s"] / len(frames), spent["images"]
+
+
+def skip_detection_table(pipeline: FacePipeline, frames_count: int, batch: int) -> None:
+    """The saving of detect_every on a still, perturbed face (MuseTalk's stable crops)."""
+    from tests.faces import make_faces
+
+    rng = np.random.default_rng(11)
+    face = make_faces(1, seed=1)[0]
+    frames = np.stack([perturb(face, rng) for _ in range(frames_count)])
+    print(f"\nskip detection: {frames_count} frames of a still face (perturbed per frame), "
+          f"{batch} per request, steady video, DETECT:\n")
+    print("| detect_every | frames detected | detector ms/frame | faces/s | faces/s vs every frame |")
+    print("| --- | --- | --- | --- | --- |")
+    base = None
+    for every in (1, 2, 5, 10):
+        speed, detect_s, detected = run_skip_detection(pipeline, frames, every, batch)
+        base = base or speed
+        print(f"| {every} | {detected}/{frames_count} | {1000 * detect_s:.1f} | {speed:.2f} | "
+              f"{speed / base:.2f}x |")
+
+
 def gfpganer(weights: Path, narrow: float):
     """GFPGAN's own GFPGANer on our files, with its defaults (fresh noise every call)."""
     import gfpgan.utils
@@ -199,6 +246,11 @@ def main(argv=None) -> int:
                              "detect: the detector's (meaningful with real weights)")
     parser.add_argument("--detector-noise-px", type=float, default=1.0,
                         help="--alignment landmarks: per-frame noise on each point, in px")
+    parser.add_argument("--skip-detection", action="store_true",
+                        help="only the detect_every table: faces/s and detector time per frame "
+                             "with detection on every 1st, 2nd, 5th and 10th frame")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="--skip-detection: frames per request (MuseTalk's batch, 8)")
     args = parser.parse_args(argv)
 
     narrow = 1.0
@@ -220,6 +272,12 @@ def main(argv=None) -> int:
                             load_retinaface(weights / "detection_Resnet50_Final.pth", device),
                             load_parsenet(weights / "parsing_parsenet.pth", device), device=device,
                             dtype=torch.float32, speed=SpeedOptions(paste_mask=args.paste_mask))
+    if args.skip_detection:
+        print(f"skip detection: CPU, torch {torch.__version__}, "
+              f"{'random-valued weights' if args.weights_dir is None else weights}, paste mask "
+              f"{args.paste_mask}")
+        skip_detection_table(pipeline, args.frames, args.batch)
+        return 0
     restorer = None if args.no_gfpganer else gfpganer(weights, narrow)
     print(f"jitter: {args.frames} frames per sequence, 256x256, CPU, torch {torch.__version__}, "
           f"{'random-valued weights' if args.weights_dir is None else weights}, paste mask "

@@ -66,6 +66,10 @@ class Metrics:
             "faceenhance_expired_faces",
             "Faces dropped from the queue, not computed, because their caller's deadline passed.",
             registry=r)
+        self.reused_alignments = Counter(
+            "faceenhance_reused_alignments",
+            "Steady video frames not detected (detect_every): warped with their stream's smoothed "
+            "alignment instead.", registry=r)
         self.model = Info(
             "faceenhance_model", "The loaded model: name, version, weights SHA-256, device, dtype.",
             registry=r)

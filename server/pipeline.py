@@ -251,14 +251,19 @@ class FacePipeline:
             flags = np.array([[o.alignment is Alignment.ALIGNED, o.alignment is Alignment.DETECT,
                                o.only_center_face, o.random_noise, o.fidelity] for o in options],
                              dtype=np.float32).reshape(n, 5)
+            # (first image, landmarks): the caller's, and steady video's held alignment for the
+            # frames whose detection is skipped (placeholders until _steady sets them)
             given = [(start, jobs[i].landmarks) for start, i in zip(_starts(jobs, indices), indices)
                      if jobs[i].options.alignment is Alignment.LANDMARKS]
+            held = _skipped_detections(jobs, indices)
+            given += [(frame, video.points[None]) for frame, video in held.items()]
             given_images = np.concatenate([np.arange(s, s + len(p)) for s, p in given]) if given \
                 else np.zeros(0, np.int64)
             given_points = np.concatenate([np.asarray(p, np.float32) for _, p in given]) if given \
                 else np.zeros((0, 5, 2), np.float32)
             aligned_host = [i for i, o in enumerate(options) if o.alignment is Alignment.ALIGNED]
-            detect_host = [i for i, o in enumerate(options) if o.alignment is Alignment.DETECT]
+            detect_host = [i for i, o in enumerate(options)
+                           if o.alignment is Alignment.DETECT and i not in held]
             index_host = np.array(aligned_host + detect_host + given_images.tolist(), dtype=np.int64)
             meta = self._staging.upload(key + "flags", flags)
             index = self._staging.upload(key + "index", index_host)
@@ -270,7 +275,7 @@ class FacePipeline:
         faces = self._locate(images, detect_index, given_index, points, centre_only,
                              all_centre=all(options[i].only_center_face for i in detect_host))
         if any(jobs[i].video is not None for i in indices):
-            faces = self._steady(jobs, indices, faces)
+            faces = self._steady(jobs, indices, faces, set(held))
         with self._stage("align"):
             affines, aligns = _usable_alignments(
                 imageops.robust_similarity_transform(faces.landmarks, self._template), size=images.shape[-1])
@@ -311,24 +316,35 @@ class FacePipeline:
         # paste order: image by image, each image's faces in detection (score) order
         return merged.take(torch.sort(merged.image, stable=True).indices)
 
-    def _steady(self, jobs: Sequence[Job], indices: list[int], faces: Faces) -> Faces:
+    def _steady(self, jobs: Sequence[Job], indices: list[int], faces: Faces, held: set[int]) -> Faces:
         """steady_video jobs: each frame's landmarks through its stream's filter, in frame order
-        (server/steady.py). The points make one trip to the host and back: the one wait for the
-        device this mode adds; batches without it are untouched."""
+        (server/steady.py); the frames in `held` (detection skipped) take the filter's current
+        alignment, or lose their face when a frame detected before them lost it. The points
+        make one trip to the host and back: the one wait for the device this mode adds; batches
+        without it are untouched."""
         with self._stage("steady"):
             image = faces.image.cpu().numpy()
             points = faces.landmarks.float().cpu().numpy().copy()
+            keep = np.ones(len(image), dtype=bool)
             for start, i in zip(_starts(jobs, indices), indices):
                 job = jobs[i]
                 if job.video is None or job.options.alignment is Alignment.ALIGNED:
                     continue
                 for frame in range(start, start + job.faces.shape[0]):
                     rows = np.flatnonzero(image == frame)
-                    if len(rows) == 1 and job.options.only_center_face:
+                    if frame in held:  # one placeholder row
+                        reused = job.video.hold()
+                        if reused is None:
+                            keep[rows] = False
+                        else:
+                            points[rows[0]] = reused
+                    elif len(rows) == 1 and job.options.only_center_face:
                         points[rows[0]] = job.video.smooth(points[rows[0]])
                     else:  # no face, or several: left as they are
                         job.video.skip()
             faces.landmarks = torch.from_numpy(points).to(self.device)
+            if not keep.all():
+                faces = faces.take(torch.from_numpy(keep).to(self.device))
         return faces
 
     @contextlib.contextmanager
@@ -477,6 +493,22 @@ def _in_passes(run, batch: torch.Tensor) -> torch.Tensor:
         return run(batch)
     return torch.cat([run(batch[start:start + MAX_NETWORK_FACES])
                       for start in range(0, batch.shape[0], MAX_NETWORK_FACES)])
+
+
+def _skipped_detections(jobs: Sequence[Job], indices: list[int]) -> dict[int, object]:
+    """Steady video with detect_every > 1: the images of a size group not to detect (image ->
+    the stream's VideoState, whose alignment they take), planned in frame order per stream."""
+    held: dict[int, object] = {}
+    planned: dict[int, int] = defaultdict(int)  # frames of each stream already planned here
+    for start, i in zip(_starts(jobs, indices), indices):
+        job = jobs[i]
+        if job.video is None or job.options.detect_every <= 1:
+            continue
+        count = job.faces.shape[0]
+        plan = job.video.plan(count, job.options.detect_every, planned[id(job.video)])
+        planned[id(job.video)] += count
+        held.update((start + k, job.video) for k, detect in enumerate(plan) if not detect)
+    return held
 
 
 def _starts(jobs: Sequence[Job], indices: list[int]) -> list[int]:

@@ -255,6 +255,9 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             outcome = "ok"
             if self._metrics is not None:
                 self._metrics.faces.inc(len(result.status))
+                if steady is not None and steady.reused > steady.reported:
+                    self._metrics.reused_alignments.inc(steady.reused - steady.reported)
+                    steady.reported = steady.reused
             return response
         except asyncio.CancelledError:
             raise

@@ -21,6 +21,12 @@ Positions are in units of the face's eye distance, so one set of parameters fits
   exactly the same alignment frame after frame (at most that far from where it would settle).
 - Only frames with exactly one face are smoothed (`only_center_face` on, the default); with
   several faces per frame they are left as detected and the state is left alone.
+- Skip detection (`detect_every` N > 1, for crops that are already stable, like MuseTalk's one
+  box per video): while the filter holds a face, only every N-th frame of the stream is
+  detected and the frames between are warped with the filter's current alignment. A detected
+  frame without exactly one face drops the hold, and from then on every frame is detected until
+  one face is found again, so a face that has gone is never restored where it was for longer
+  than the frames already planned in that device batch.
 """
 from __future__ import annotations
 
@@ -63,10 +69,33 @@ class VideoState:
     points: np.ndarray | None = None      # (5, 2) the last output, in pixels
     speed: float = 0.0          # smoothed speed of the face, eye distances per second
     resets: int = 0             # cuts and returns after a gap (for tests and metrics)
+    held: bool = False          # the last detected frame had one face: its alignment may be reused
+    reused: int = 0             # frames warped with the held alignment, not detected
+    reported: int = 0           # of those, counted in the service's metrics so far
 
     def skip(self) -> None:
-        """A frame with no face (or several): counted, nothing smoothed."""
+        """A frame with no face (or several): counted, nothing smoothed, nothing held."""
         self.frame += 1
+        self.held = False
+
+    def plan(self, count: int, every: int, planned: int = 0) -> list[bool]:
+        """Which of the next `count` frames (after `planned` frames already planned in this
+        device batch) to detect: all while no face is held, else every `every`-th frame of the
+        stream. Frames not detected take `hold()`."""
+        if every <= 1 or not self.held:
+            return [True] * count
+        first = self.frame + planned
+        return [(first + k) % every == 0 for k in range(count)]
+
+    def hold(self) -> np.ndarray | None:
+        """A frame whose detection was skipped: the current alignment, or None when the frames
+        detected before it in the batch lost the face (the frame then has no face)."""
+        self.frame += 1
+        if not self.held or self.points is None:
+            return None
+        self.last_face_frame = self.frame - 1
+        self.reused += 1
+        return self.points.astype(np.float32)
 
     def smooth(self, raw: np.ndarray) -> np.ndarray:
         """The filtered (5, 2) landmarks for this frame's raw ones (pixels)."""
@@ -74,6 +103,7 @@ class VideoState:
         frame, self.frame = self.frame, self.frame + 1
         eye = float(np.linalg.norm(raw[1] - raw[0]))
         if eye <= 0 or not np.isfinite(raw).all():
+            self.held = False
             return raw.astype(np.float32)
         if self.points is not None:
             jump = float(np.linalg.norm(raw - self.points, axis=1).mean()) / eye
@@ -91,6 +121,7 @@ class VideoState:
                 self.points = None
                 self.resets += 1
         self.last_face_frame = frame
+        self.held = True
         if self.points is None:
             self.points, self.speed = raw.copy(), 0.0
             return raw.astype(np.float32)

@@ -59,6 +59,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.timeouts_ms: list[int] = []  # each request's timeout_ms, in arrival order
         self.first_bytes: list[int | None] = []  # each request's first pixel byte, in arrival order
         self.steady: list[bool] = []  # each request's steady_video option, in arrival order
+        self.detect_every: list[int] = []  # and its detect_every (0: unset)
         #: Seconds GetInfo takes to answer.
         self.info_delay_s = 0.0
 
@@ -85,6 +86,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.timeouts_ms.append(request.timeout_ms)
         self.first_bytes.append(request.faces.data[0] if request.faces.data else None)
         self.steady.append(request.options.steady_video)
+        self.detect_every.append(request.options.detect_every)
 
     async def EnhanceBatch(self, request_iterator, context):
         self.streams_opened += 1

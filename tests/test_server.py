@@ -181,6 +181,11 @@ BAD_REQUESTS = {
     "fidelity above 1": (_raw(fidelity=1.5), "fidelity"),
     "fidelity NaN": (_raw(fidelity=math.nan), "fidelity"),
     "output size 300": (_raw(output_size=300), "output_size"),
+    "detect_every without steady_video": (_raw(detect_every=5), "needs steady_video"),
+    "detect_every with LANDMARKS": (
+        _with_landmarks(_raw(alignment=pb.ALIGNMENT_LANDMARKS, steady_video=True, detect_every=2),
+                        FIVE_POINTS), "needs steady_video and alignment DETECT"),
+    "detect_every above 100": (_raw(steady_video=True, detect_every=101), "1..100"),
     "landmarks of the wrong length": (
         _with_landmarks(_raw(alignment=pb.ALIGNMENT_LANDMARKS), FIVE_POINTS[:9]), "10 floats"),
     "landmarks that are NaN": (

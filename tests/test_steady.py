@@ -13,7 +13,7 @@ import torch
 
 from client import codec
 from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, EnhanceOptions
+from client.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
 from server.pipeline import FacePipeline
 from server.speed import SpeedOptions
@@ -147,6 +147,81 @@ def test_two_videos_in_one_device_batch_keep_their_own_state(pipeline):
     assert np.array_equal(np.concatenate([a for a, _ in together]), alone_a)
     assert np.array_equal(np.concatenate([b for _, b in together]), alone_b)
     assert va.frame == vb.frame == 6
+
+
+# --- skip detection (detect_every) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def detecting(tmp_path_factory, small_weights):
+    """A pipeline whose random-valued detector is calibrated to find make_faces' faces, its
+    detector wrapped to count the images it is given and to find nothing in a plain grey image
+    (the calibrated detector finds a face in anything)."""
+    from tests.faces import weights_with_detector
+
+    weights = weights_with_detector(tmp_path_factory.mktemp("steady_detect"), small_weights)
+    gfpgan, detector, parser = load_nets(weights)
+    pipe = FacePipeline(gfpgan, detector, parser, device=TEST_DEVICE, dtype=torch.float32,
+                        speed=SpeedOptions(paste_mask="box"))
+    pipe.detected = 0
+    candidates = pipe.detector.candidates
+
+    def counted(images):
+        pipe.detected += images.shape[0]
+        found, usable = candidates(images)
+        blank = images.flatten(1).std(dim=1) == 0
+        return found, usable & ~blank[found.image]
+
+    pipe.detector.candidates = counted
+    return pipe
+
+
+def run_video(pipe, frames: np.ndarray, every: int, per_request: int = 2):
+    """The frames through one stream's state, `per_request` frames per device batch."""
+    options = EnhanceOptions(steady_video=True, detect_every=every)
+    video, faces, status = VideoState(), [], []
+    pipe.detected = 0
+    for t in range(0, len(frames), per_request):
+        [result] = pipe.enhance([Job(frames[t:t + per_request], options, video=video)])
+        faces.append(result.faces)
+        status += result.status
+    return np.concatenate(faces), status, pipe.detected, video
+
+
+def test_skip_detection_detects_every_nth_frame_and_reuses_the_alignment_between(detecting):
+    still = np.repeat(make_faces(1, seed=3), 10, axis=0)
+    every_frame, status_1, detected_1, _ = run_video(detecting, still, every=1)
+    skipping, status_3, detected_3, video = run_video(detecting, still, every=3)
+    assert status_1 == status_3 == [FaceStatus.ENHANCED] * 10
+    assert detected_1 == 10
+    # frames 0 and 1 (no face held yet), then 3, 6 and 9 of the stream
+    assert detected_3 == 5 and video.reused == 5
+    # the same still face detected or held: the same alignment, the same pixels
+    assert np.array_equal(skipping, every_frame)
+
+
+def test_a_face_gone_at_a_detected_frame_is_not_restored_in_the_frames_after_it(detecting):
+    face = make_faces(1, seed=3)
+    blank = np.full_like(face, 128)
+    frames = np.concatenate([np.repeat(face, 4, 0), np.repeat(blank, 4, 0), np.repeat(face, 2, 0)])
+    out, status, detected, video = run_video(detecting, frames, every=2, per_request=4)
+    enhanced, gone = FaceStatus.ENHANCED, FaceStatus.NO_FACE
+    # frames 4..7: 4 detected (nothing), 5 not detected and not held, 6 detected, 7 as 5
+    assert status == [enhanced] * 4 + [gone] * 4 + [enhanced] * 2
+    assert detected == 4 + 2 + 2 and video.reused == 0
+    assert (out[4:8] == 128).all()  # returned as they came, not painted with the old face
+
+
+def test_skip_detection_counts_frames_in_order_across_two_jobs_of_one_stream_in_one_batch(detecting):
+    """Two requests of one stream in one device batch plan their frames one after the other."""
+    still = np.repeat(make_faces(1, seed=3), 6, axis=0)
+    options = EnhanceOptions(steady_video=True, detect_every=2)
+    video = VideoState()
+    detecting.enhance([Job(still[:1], options, video=video)])  # hold the face
+    detecting.detected = 0
+    a, b = detecting.enhance([Job(still[1:3], options, video=video), Job(still[3:6], options, video=video)])
+    assert a.status + b.status == [FaceStatus.ENHANCED] * 5
+    assert detecting.detected == 2 and video.reused == 3  # frames 2 and 4 detected; 1, 3, 5 held
+    assert video.frame == 6
 
 
 # --- the service ---------------------------------------------------------------------------------

@@ -41,20 +41,22 @@ class FaceBatch(_message.Message):
     def __init__(self, count: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EnhanceOptions(_message.Message):
-    __slots__ = ("output_size", "alignment", "fidelity", "only_center_face", "random_noise", "steady_video")
+    __slots__ = ("output_size", "alignment", "fidelity", "only_center_face", "random_noise", "steady_video", "detect_every")
     OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     FIDELITY_FIELD_NUMBER: _ClassVar[int]
     ONLY_CENTER_FACE_FIELD_NUMBER: _ClassVar[int]
     RANDOM_NOISE_FIELD_NUMBER: _ClassVar[int]
     STEADY_VIDEO_FIELD_NUMBER: _ClassVar[int]
+    DETECT_EVERY_FIELD_NUMBER: _ClassVar[int]
     output_size: int
     alignment: Alignment
     fidelity: float
     only_center_face: bool
     random_noise: bool
     steady_video: bool
-    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ..., steady_video: bool = ...) -> None: ...
+    detect_every: int
+    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ..., steady_video: bool = ..., detect_every: _Optional[int] = ...) -> None: ...
 
 class EnhanceRequest(_message.Message):
     __slots__ = ("request_id", "faces", "options", "landmarks", "timeout_ms")
