@@ -1,4 +1,5 @@
-"""Loading the three networks from local files: GFPGAN (recognised from its keys), RetinaFace, ParseNet.
+"""Loading the networks from local files: the face restorer (recognised from its keys: GFPGAN
+v1.2-v1.4 "clean", GFPGAN v1 "original", RestoreFormer), RetinaFace, ParseNet.
 
 Files are read with `torch.load(weights_only=True)` only; every failure is a `ModelLoadError`
 naming the file and what was expected. Nothing here downloads or looks at the working directory.
@@ -30,7 +31,15 @@ FACE_SIZE = 512
 ARCHITECTURE = "GFPGANv1Clean"
 #: The same architecture in GFPGANer's words (its `arch` argument), as callers configure it.
 GFPGANER_ARCH = "clean"
-_EXPECTED_GFPGAN = "a GFPGAN v1.3/v1.4 checkpoint (GFPGANv1Clean, e.g. GFPGANv1.4.pth)"
+_EXPECTED_GFPGAN = ("a face restorer checkpoint: GFPGAN v1.3/v1.4 (GFPGANv1Clean, e.g. GFPGANv1.4.pth), "
+                    "v1.2 (GFPGANCleanv1-NoCE-C2.pth), v1 (GFPGANv1.pth) or RestoreFormer "
+                    "(RestoreFormer.pth)")
+#: Each architecture: (class name, GFPGANer's arch name, licence of the weights and code).
+ARCHITECTURES = {
+    "clean": ("GFPGANv1Clean", "clean", "Apache-2.0"),
+    "original": ("GFPGANv1", "original", "Apache-2.0"),
+    "restoreformer": ("RestoreFormer", "RestoreFormer", "Apache-2.0"),
+}
 _EXPECTED_DETECTION = "facexlib's RetinaFace resnet50 weights (detection_Resnet50_Final.pth)"
 _EXPECTED_PARSING = "facexlib's ParseNet weights (parsing_parsenet.pth)"
 
@@ -72,18 +81,26 @@ class GFPGANModel:
     #: Things the operator should hear about (e.g. a known file name with another hash); the
     #: caller logs them.
     warnings: list[str] = field(default_factory=list)
+    #: GFPGANer's name for the architecture (its `arch` argument): clean, original, RestoreFormer.
+    arch: str = GFPGANER_ARCH
+    licence: str = "Apache-2.0"
 
     @property
     def device(self) -> torch.device:
-        return self.net.stylegan_decoder.constant_input.weight.device
+        return next(self.net.parameters()).device
+
+    @property
+    def has_noise(self) -> bool:
+        """A StyleGAN2 decoder with per-layer noise (GFPGAN): `random_noise` means something."""
+        return hasattr(self.net, "stylegan_decoder")
 
     def model_info(self, dtype: torch.dtype | str) -> ModelInfo:
         """What GetInfo and the model_info metric report, for the dtype the pipeline runs in."""
         dtype_name = str(dtype).removeprefix("torch.")
         return ModelInfo(model_name=self.name, model_version=self.version,
                          weights_sha256=self.sha256, device=str(self.device), dtype=dtype_name,
-                         model_file=self.path.name, arch=GFPGANER_ARCH,
-                         channel_multiplier=int(self.config["channel_multiplier"]))
+                         model_file=self.path.name, arch=self.arch,
+                         channel_multiplier=int(self.config.get("channel_multiplier", 0)))
 
 
 @dataclass
@@ -107,8 +124,11 @@ def load_models(paths: WeightPaths, device: torch.device | str) -> LoadedModels:
 # -- GFPGAN -------------------------------------------------------------------------------------
 
 
-def load_gfpgan(path: str | Path, device: torch.device | str) -> GFPGANModel:
-    """Load a GFPGANv1Clean checkpoint (`params_ema`, else `params`) of any width onto `device`."""
+def load_restorer(path: str | Path, device: torch.device | str) -> GFPGANModel:
+    """Load a face restorer checkpoint (`params_ema`, else `params`) onto `device`, its
+    architecture and sizes recognised from the state dict's keys and shapes: GFPGANv1Clean (v1.2,
+    v1.3, v1.4) of any width, the original GFPGANv1 (StyleGAN2 ops in plain torch,
+    server/stylegan_ops.py) or RestoreFormer. Anything else is refused, naming what it looks like."""
     path = Path(path)
     checkpoint = _read_checkpoint(path, _EXPECTED_GFPGAN)
     if not isinstance(checkpoint, dict):
@@ -119,7 +139,8 @@ def load_gfpgan(path: str | Path, device: torch.device | str) -> GFPGANModel:
     if key is None:
         found = ", ".join(map(repr, list(checkpoint)[:5])) or "none"
         hint = (" (it looks like a bare state dict: save it as {'params_ema': state_dict})"
-                if "stylegan_decoder.constant_input.weight" in checkpoint else "")
+                if "stylegan_decoder.constant_input.weight" in checkpoint
+                or "encoder.conv_in.weight" in checkpoint else "")
         raise ModelLoadError(
             f"{path} has no 'params_ema' or 'params' entry (keys found: {found}){hint}; "
             f"expected {_EXPECTED_GFPGAN}")
@@ -128,24 +149,93 @@ def load_gfpgan(path: str | Path, device: torch.device | str) -> GFPGANModel:
         raise ModelLoadError(f"{path}: '{key}' holds a {type(state_dict).__name__}, not a state "
                              f"dict; expected {_EXPECTED_GFPGAN}")
 
-    _check_gfpgan_keys(path, state_dict)
-    config = gfpgan_config(state_dict, path)
-    if config["out_size"] != FACE_SIZE:
-        raise ModelLoadError(
-            f"{path} is a GFPGANv1Clean for {config['out_size']}x{config['out_size']} faces; this "
-            f"service runs the {FACE_SIZE}x{FACE_SIZE} network only (GFPGAN v1.3/v1.4)")
-
-    net = GFPGANv1Clean(decoder_load_path=None, fix_decoder=False, input_is_latent=True, **config)
-    _load_strict(net, state_dict, path, _EXPECTED_GFPGAN)
+    family = _family(state_dict)
+    if family is None:
+        _check_gfpgan_keys(path, state_dict)  # raises, naming what the file looks like
+    if family == "restoreformer":
+        config = restoreformer_config(state_dict, path)
+        net = _build_restoreformer(config)
+    else:
+        config = gfpgan_config(state_dict, path)
+        if config["out_size"] != FACE_SIZE:
+            raise ModelLoadError(
+                f"{path} is a GFPGAN for {config['out_size']}x{config['out_size']} faces; this "
+                f"service runs the {FACE_SIZE}x{FACE_SIZE} networks only")
+        net = build_gfpgan_net(family, config)
+    architecture, arch, licence = ARCHITECTURES[family]
+    expected = f"{architecture} ({_EXPECTED_GFPGAN})"
+    _load_strict(net, state_dict, path, expected)
     net = _ready(net, device)
 
     sha256 = sha256_file(path)
     name, version = _identify(path, sha256)
     notes = [w for w in [known_hash_warning(path, sha256)] if w]  # the caller logs them
-    log.info("loaded %s (%s, %s, narrow=%g) from %s, sha256 %s, on %s", name, ARCHITECTURE, key,
-             config["narrow"], path, sha256[:12], device)
+    log.info("loaded %s (%s, %s) from %s, sha256 %s, on %s", name, architecture, key, path,
+             sha256[:12], device)
     return GFPGANModel(net=net, name=name, version=version, sha256=sha256, config=config,
-                       path=path.absolute(), warnings=notes)
+                       path=path.absolute(), warnings=notes, architecture=architecture, arch=arch,
+                       licence=licence)
+
+
+#: The name the rest of the service grew up with; every restorer loads through it.
+load_gfpgan = load_restorer
+
+
+def _family(state_dict: dict) -> str | None:
+    """clean, original or restoreformer, from keys only GFPGANv1Clean, GFPGANv1 or RestoreFormer have."""
+    if all(key in state_dict for key in _GFPGAN_SIGNATURE):
+        return "clean"
+    if ("conv_body_first.0.weight" in state_dict and "stylegan_decoder.constant_input.weight" in state_dict
+            and "final_linear.weight" in state_dict):
+        return "original"
+    if all(key in state_dict for key in ("encoder.conv_in.weight", "quantize.embedding.weight",
+                                          "quant_conv.weight", "decoder.conv_out.weight")):
+        return "restoreformer"
+    return None
+
+
+def build_gfpgan_net(family: str, config: dict[str, Any]) -> torch.nn.Module:
+    """GFPGANv1Clean ("clean") or GFPGANv1 ("original", with the plain-torch StyleGAN2 ops)."""
+    if family == "clean":
+        return GFPGANv1Clean(decoder_load_path=None, fix_decoder=False, input_is_latent=True, **config)
+    from server import stylegan_ops
+
+    stylegan_ops.install()
+    from gfpgan.archs.gfpganv1_arch import GFPGANv1
+
+    return GFPGANv1(decoder_load_path=None, fix_decoder=True, input_is_latent=True, **config)
+
+
+def restoreformer_config(state_dict: dict[str, torch.Tensor], path: str | Path = "<state dict>") -> dict[str, Any]:
+    """RestoreFormer's constructor arguments, read off the state dict. The number of attention
+    heads (head_size) leaves no trace in the weights: the published model's 8 is assumed."""
+    try:
+        ch = int(state_dict["encoder.conv_in.weight"].shape[0])
+        levels = _indices(state_dict, "encoder.down.", ".block.0.conv1.weight")
+        widths = [int(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in levels]
+        blocks = _indices(state_dict, "encoder.down.0.block.", ".conv1.weight")
+        n_embed, embed_dim = (int(v) for v in state_dict["quantize.embedding.weight"].shape)
+        z_channels = int(state_dict["quant_conv.weight"].shape[1])
+        z_out = int(state_dict["encoder.conv_out.weight"].shape[0])
+        attn = tuple(512 // 2 ** i for i in levels if f"encoder.down.{i}.attn.0.norm1.weight" in state_dict)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ModelLoadError(f"{path}: cannot read RestoreFormer's layer sizes ({type(error).__name__}: "
+                             f"{error}); expected {_EXPECTED_GFPGAN}") from None
+    return dict(n_embed=n_embed, embed_dim=embed_dim, ch=ch,
+                ch_mult=tuple(w // ch for w in widths), num_res_blocks=len(blocks),
+                attn_resolutions=attn, resolution=FACE_SIZE, z_channels=z_channels,
+                double_z=z_out == 2 * z_channels,
+                enable_mid="encoder.mid.block_1.conv1.weight" in state_dict, head_size=8)
+
+
+def _build_restoreformer(config: dict[str, Any]) -> torch.nn.Module:
+    import contextlib
+    import io
+
+    from gfpgan.archs.restoreformer_arch import RestoreFormer
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Working with z of shape ..."
+        return RestoreFormer(**config)
 
 
 def gfpgan_config(state_dict: dict[str, torch.Tensor], path: str | Path = "<state dict>") -> dict[str, Any]:
@@ -202,10 +292,11 @@ def _check_gfpgan_keys(path: Path, state_dict: dict) -> None:
 def _guess_family(state_dict: dict) -> str:
     keys = list(state_dict)
     if any(k.startswith("conv_body_first.0.") or ".activate.bias" in k for k in keys):
-        return (" (it looks like the original GFPGAN v1, GFPGANv1.pth, whose StyleGAN2 layers need "
-                "compiled CUDA ops; use GFPGANv1.3.pth or GFPGANv1.4.pth)")
+        return " (it looks like the original GFPGAN v1, GFPGANv1.pth, with layers missing)"
+    if "position_emb" in state_dict or any(k.startswith("ft_layers.") for k in keys):
+        return " (it looks like CodeFormer, which this service does not load yet)"
     if any(k.startswith(("quantize.", "encoder.conv_in.")) for k in keys):
-        return " (it looks like a VQ-based restorer such as RestoreFormer or CodeFormer)"
+        return " (it looks like a VQ-based restorer such as RestoreFormer, with layers missing)"
     return ""
 
 
@@ -224,15 +315,28 @@ def _indices(state_dict: dict, prefix: str, suffix: str) -> list[int]:
     return sorted(int(m.group(1)) for key in state_dict if (m := regex.fullmatch(key)))
 
 
+#: Published file names that do not say their version the GFPGANv<version> way.
+_NAMES_BY_STEM = {"GFPGANCleanv1-NoCE-C2": ("GFPGANv1.2", "1.2"), "RestoreFormer": ("RestoreFormer", "1.0")}
+
+
 def _identify(path: Path, sha256: str) -> tuple[str, str]:
     """(name, version): from the published hash when it matches, else from the file name."""
+    stem = path.stem
     for entry in KNOWN_WEIGHTS.values():
         if entry.sha256 == sha256:
             stem = Path(entry.name).stem
-            return stem, stem.removeprefix("GFPGANv")
-    stem = path.stem
+            break
+    if stem in _NAMES_BY_STEM:
+        return _NAMES_BY_STEM[stem]
     match = re.fullmatch(r"GFPGANv(\d+(?:\.\d+)*)", stem)
     return stem, match.group(1) if match else "custom"
+
+
+def model_id(name: str) -> str:
+    """The id requests name a model by: "gfpgan-1.4", "gfpgan-1", "restoreformer", or the
+    file's stem in lower case for a file of unknown origin."""
+    match = re.fullmatch(r"GFPGANv(\d+(?:\.\d+)*)", name)
+    return f"gfpgan-{match.group(1)}" if match else name.lower()
 
 
 # -- facexlib's detector and parser -------------------------------------------------------------

@@ -60,18 +60,36 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {
             "c953a88f2727c85c3d9ae72e2bd4846bbaf59fe6972ad94130e23e7017524a70",
             "GFPGAN v1.3 face restoration network",
         ),
-        # No published hashes for facexlib's files; the hash of a download is logged so that an
-        # operator can record it.
+        KnownWeights(
+            "GFPGANCleanv1-NoCE-C2.pth",
+            "https://github.com/TencentARC/GFPGAN/releases/download/v0.2.0/GFPGANCleanv1-NoCE-C2.pth",
+            None,
+            "GFPGAN v1.2 face restoration network (clean architecture)",
+        ),
+        KnownWeights(
+            "GFPGANv1.pth",
+            "https://github.com/TencentARC/GFPGAN/releases/download/v0.1.0/GFPGANv1.pth",
+            None,
+            "GFPGAN v1 face restoration network (original architecture, StyleGAN2 ops)",
+        ),
+        KnownWeights(
+            "RestoreFormer.pth",
+            "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.4/RestoreFormer.pth",
+            None,
+            "RestoreFormer face restoration network",
+        ),
+        # facexlib publishes no hashes; these two were computed from the release assets and
+        # agree across independent published manifests (sizes 109497761 and 85331193 bytes).
         KnownWeights(
             DETECTION_FILE,
             "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth",
-            None,
+            "6d1de9c2944f2ccddca5f5e010ea5ae64a39845a86311af6fdf30841b0a5a16d",
             "RetinaFace (resnet50) face detector",
         ),
         KnownWeights(
             PARSING_FILE,
             "https://github.com/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth",
-            None,
+            "3d558d8d0e42c20224f13cf5a29c79eba2d59913419f945545d8cf7b72920de2",
             "ParseNet face parsing, for the paste-back mask",
         ),
     )

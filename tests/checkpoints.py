@@ -187,3 +187,47 @@ def make_weights_dir(directory: str | Path, narrow: float = SMALL_NARROW, seed: 
     make_retinaface_checkpoint(directory / DETECTION_FILE, seed=seed)
     make_parsenet_checkpoint(directory / PARSING_FILE, seed=seed)
     return directory
+
+
+#: The original GFPGAN (v1, GFPGANv1.pth): GFPGANer's arch='original' configuration.
+GFPGANER_ORIGINAL_CONFIG = dict(GFPGANER_CLEAN_CONFIG, fix_decoder=True)
+#: The narrowest RestoreFormer that builds: its GroupNorms take 32 groups, so ch >= 32 (the
+#: published model has ch=64, a 1024 x 256 codebook and z_channels=256).
+SMALL_RESTOREFORMER_CONFIG = dict(ch=32, n_embed=64, embed_dim=32, z_channels=32)
+
+
+def build_gfpgan_v1(narrow: float = SMALL_NARROW, seed: int = 0, noise_strength: float = 0.1):
+    """A random GFPGANv1 (the original architecture, basicsr's StyleGAN2 layers) with non-zero
+    noise strengths and biases, as in a trained file. Built with the plain-torch StyleGAN2 ops
+    installed (server/stylegan_ops.py): basicsr's compiled ones are absent here."""
+    from server import stylegan_ops
+
+    stylegan_ops.install()
+    from gfpgan.archs.gfpganv1_arch import GFPGANv1
+
+    with _seeded(seed):
+        net = GFPGANv1(narrow=narrow, **GFPGANER_ORIGINAL_CONFIG).eval()
+        with torch.no_grad():
+            for name, param in net.named_parameters():
+                if name.endswith("noise.weight"):
+                    param.fill_(noise_strength)
+                elif name.endswith("activate.bias"):
+                    param.normal_(0.0, 0.05)
+    return net
+
+
+def build_restoreformer(seed: int = 0, **config):
+    """A random RestoreFormer of SMALL_RESTOREFORMER_CONFIG (or `config`)."""
+    import contextlib
+    import io
+
+    from gfpgan.archs.restoreformer_arch import RestoreFormer
+
+    with _seeded(seed), contextlib.redirect_stdout(io.StringIO()):
+        return RestoreFormer(**{**SMALL_RESTOREFORMER_CONFIG, **config}).eval()
+
+
+def make_checkpoint(path: str | Path, net: torch.nn.Module, key: str = "params_ema") -> Path:
+    path = Path(path)
+    torch.save({key: net.state_dict()}, path)
+    return path

@@ -178,10 +178,10 @@ BAD_GFPGAN_FILES = {
     "tensor_not_dict": (torch.zeros(3), ["holds a Tensor, not a dict", "'params_ema' or 'params'"]),
     "no_params_key": ({"net_g": {}}, ["no 'params_ema' or 'params'", "'net_g'"]),
     "original_gfpgan_v1": ({"params_ema": _v1_original_keys()},
-                           ["not a GFPGAN v1.3/v1.4 checkpoint", "original GFPGAN v1",
+                           ["not a face restorer checkpoint", "original GFPGAN v1", "layers missing",
                             "conv_body_first.weight", "conv_body_first.0.weight"]),
     "restoreformer": ({"params_ema": _restoreformer_keys()},
-                      ["not a GFPGAN v1.3/v1.4 checkpoint", "RestoreFormer", "quantize.embedding.weight"]),
+                      ["not a face restorer checkpoint", "RestoreFormer", "quantize.embedding.weight"]),
 }
 
 
@@ -201,7 +201,7 @@ def test_a_missing_gfpgan_file_is_an_error_naming_the_path(tmp_path):
     path = tmp_path / "nowhere" / GFPGAN_FILE
     with pytest.raises(ModelLoadError, match="does not exist") as caught:
         load_gfpgan(path, CPU)
-    assert str(path) in str(caught.value) and "GFPGAN v1.3/v1.4" in str(caught.value)
+    assert str(path) in str(caught.value) and "GFPGAN v1.3/v1.4" in str(caught.value) and "RestoreFormer" in str(caught.value)
 
 
 def test_a_truncated_gfpgan_file_is_an_error_saying_so(tmp_path, small_weights):
@@ -231,7 +231,7 @@ def test_a_gfpgan_for_another_face_size_is_refused_saying_only_512_is_served(tmp
     config = dict(GFPGANER_CLEAN_CONFIG, out_size=256)
     path = _write(tmp_path / "GFPGAN256.pth",
                   {"params_ema": GFPGANv1Clean(narrow=SMALL_NARROW, **config).state_dict()})
-    with pytest.raises(ModelLoadError, match="256x256 faces.*512x512 network only") as caught:
+    with pytest.raises(ModelLoadError, match="256x256 faces.*512x512 networks only") as caught:
         load_gfpgan(path, CPU)
     assert str(path) in str(caught.value)
 
