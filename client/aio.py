@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -61,6 +61,9 @@ class ServiceInfo:
     model_file: str = ""
     arch: str = ""
     channel_multiplier: int = 0
+    #: Every restorer it has loaded (the default first), and the default's id.
+    models: tuple[RestorerInfo, ...] = ()
+    default_model: str = ""
 
     @property
     def limits(self) -> RequestLimits:
@@ -75,7 +78,9 @@ class ServiceInfo:
                    min_face_size=msg.min_face_size, max_face_size=msg.max_face_size,
                    output_sizes=tuple(msg.output_sizes), max_batch_faces=msg.max_batch_faces,
                    server_version=msg.server_version, model_file=msg.model_file, arch=msg.arch,
-                   channel_multiplier=msg.channel_multiplier)
+                   channel_multiplier=msg.channel_multiplier,
+                   models=tuple(codec.decode_restorer(m) for m in msg.models),
+                   default_model=msg.default_model)
 
 
 class ServiceUnreachable(ConnectionError):
@@ -259,6 +264,8 @@ class AsyncFaceEnhanceClient:
             outcome = "abandoned"
             try:
                 await _until(deadline, self._check_model(target, deadline))
+                if not request.options.model and self.expect_model is not None and self.expect_model.model:
+                    request.options.model = self.expect_model.model  # chosen by the spec
                 # the service drops the work if it cannot start it before we stop waiting
                 request.timeout_ms = max(1, math.ceil((deadline - loop.time()) * 1000))
                 response = await _until(deadline, target.request(request, sticky=options.steady_video))
@@ -370,6 +377,12 @@ class AsyncFaceEnhanceClient:
         """Keep what `target` said it serves (and, with expect_model, how that differs)."""
         target.info = info
         if self.expect_model is not None:
+            chosen = self.expect_model.choose(info)
+            if chosen and self.expect_model.model is None and not self.options.model:
+                # The spec named a file or an arch: the first service that has it says which id
+                # it is; from then on the client asks for that id and checks every target for it.
+                self.expect_model = replace(self.expect_model, model=chosen)
+                self.options = replace(self.options, model=chosen)
             target.model_problem = "; ".join(self.expect_model.mismatches(info)) or None
             target.info_expires = asyncio.get_running_loop().time() + _WRONG_MODEL_RECHECK_S
         return info

@@ -16,6 +16,7 @@ from client.types import (
     Alignment,
     EnhanceOptions,
     EnhanceResult,
+    RestorerInfo,
     FaceStatus,
     InvalidRequest,
     RequestLimits,
@@ -92,6 +93,7 @@ def encode_options(options: EnhanceOptions) -> pb.EnhanceOptions:
         random_noise=options.random_noise,
         steady_video=options.steady_video,
         detect_every=options.detect_every if options.detect_every > 1 else 0,
+        model=options.model,
     )
 
 
@@ -109,7 +111,24 @@ def decode_options(msg: pb.EnhanceOptions) -> EnhanceOptions:
         random_noise=msg.random_noise,
         steady_video=msg.steady_video,
         detect_every=msg.detect_every or 1,
+        model=msg.model,
     ).validate()
+
+
+def encode_restorer(info: RestorerInfo) -> pb.Restorer:
+    return pb.Restorer(id=info.id, name=info.name, version=info.version, arch=info.arch,
+                       weights_sha256=info.weights_sha256, model_file=info.model_file,
+                       channel_multiplier=info.channel_multiplier, licence=info.licence,
+                       native_size=info.native_size, random_noise=info.random_noise,
+                       fidelity_weight=info.fidelity_weight)
+
+
+def decode_restorer(msg: pb.Restorer) -> RestorerInfo:
+    return RestorerInfo(id=msg.id, name=msg.name, version=msg.version, arch=msg.arch,
+                        weights_sha256=msg.weights_sha256, model_file=msg.model_file,
+                        channel_multiplier=msg.channel_multiplier, licence=msg.licence,
+                        native_size=msg.native_size, random_noise=msg.random_noise,
+                        fidelity_weight=msg.fidelity_weight)
 
 
 def decode_landmarks(values, count: int, alignment: Alignment, image_size: int) -> np.ndarray | None:

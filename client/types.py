@@ -53,6 +53,8 @@ class EnhanceOptions:
     steady_video: bool = False
     #: Steady video, DETECT: detect every N-th frame, reuse the smoothed alignment between.
     detect_every: int = 1
+    #: Which loaded restorer (ServiceInfo.models' ids); "" is the service's default.
+    model: str = ""
 
     def validate(self) -> "EnhanceOptions":
         if self.output_size not in OUTPUT_SIZES:
@@ -67,6 +69,10 @@ class EnhanceOptions:
                 or not 1 <= self.detect_every <= MAX_DETECT_EVERY):
             raise InvalidRequest(f"detect_every must be a whole number in 1..{MAX_DETECT_EVERY} "
                                  f"(1: every frame); got {self.detect_every!r}")
+        if not isinstance(self.model, str) or not _MODEL_ID.fullmatch(self.model):
+            raise InvalidRequest(f"model must be a restorer id like 'gfpgan-1.4' or 'restoreformer' "
+                                 f"(letters, digits, '.', '_', '-'; at most 64), or empty for the "
+                                 f"service's default; got {self.model!r}")
         if self.detect_every > 1 and not (self.steady_video and self.alignment is Alignment.DETECT):
             raise InvalidRequest(
                 f"detect_every={self.detect_every} reuses a video's smoothed alignment between "
@@ -106,6 +112,33 @@ class RequestLimits:
         return self.max_faces_per_request * max(OUTPUT_SIZES) ** 2 * 3 + 64 * 1024
 
 
+#: What a restorer id may look like ("" is the default model).
+_MODEL_ID = re.compile(r"[A-Za-z0-9._-]{0,64}")
+
+
+@dataclass(frozen=True)
+class RestorerInfo:
+    """One restorer a service has loaded (GetInfo's `models`), as a request names it."""
+
+    id: str
+    name: str
+    version: str
+    arch: str
+    weights_sha256: str = ""
+    model_file: str = ""
+    channel_multiplier: int = 0
+    licence: str = ""
+    native_size: int = 512
+    #: EnhanceOptions.random_noise means something (GFPGAN's StyleGAN2 noise).
+    random_noise: bool = True
+    #: The network takes a fidelity weight of its own (CodeFormer's w).
+    fidelity_weight: bool = False
+
+    @property
+    def model_name(self) -> str:  # the ServiceInfo spelling, for ModelSpec and describe_model
+        return self.name
+
+
 #: GFPGANer's names for its architectures (its `arch` argument), the words callers configure.
 ARCHS = ("clean", "original", "bilinear", "RestoreFormer")
 
@@ -121,10 +154,12 @@ class ModelSpec:
     arch: str | None = None
     channel_multiplier: int | None = None
     sha256: str | None = None
+    #: A restorer id ("restoreformer"), as ServiceInfo.models lists them.
+    model: str | None = None
 
     def __bool__(self) -> bool:
         return any(v is not None for v in (self.model_path, self.arch, self.channel_multiplier,
-                                            self.sha256))
+                                            self.sha256, self.model))
 
     @property
     def file_name(self) -> str | None:
@@ -144,11 +179,37 @@ class ModelSpec:
                                  f"got {self.channel_multiplier!r}")
         if self.model_path is not None and not self.file_name:
             raise InvalidRequest(f"model_path must name a file; got {self.model_path!r}")
+        if self.model is not None and not (isinstance(self.model, str) and _MODEL_ID.fullmatch(self.model)):
+            raise InvalidRequest(f"model must be a restorer id like 'gfpgan-1.4'; got {self.model!r}")
         return self
 
+    def choose(self, info) -> str | None:
+        """The id of the first restorer `info` (a client.ServiceInfo) lists that fits this spec,
+        "" for a service that lists none but fits as a whole, None when nothing fits."""
+        models = getattr(info, "models", ())
+        if not models:
+            return "" if not self._differences(info, None) else None
+        return next((m.id for m in models if not self._differences(m, m.id)), None)
+
     def mismatches(self, info) -> list[str]:
-        """What in `info` (a client.ServiceInfo) differs from this spec; [] when it is served.
-        A value the service does not report counts as a difference: nothing is assumed."""
+        """What in `info` (a client.ServiceInfo) differs from this spec; [] when it is served
+        (by any of its restorers). A value the service does not report counts as a difference:
+        nothing is assumed."""
+        models = getattr(info, "models", ())
+        if not models:
+            return self._differences(info, None)
+        if self.choose(info) is not None:
+            return []
+        loaded = "; ".join(f"{m.id}: {describe_model(m)}" for m in models)
+        return [f"no restorer the service has loaded fits {self.describe()} (loaded: {loaded})"]
+
+    def describe(self) -> str:
+        return ", ".join(f"{key} {value}" for key, value in (
+            ("model", self.model), ("model_path", self.file_name), ("arch", self.arch),
+            ("channel_multiplier", self.channel_multiplier),
+            ("sha256", self.sha256 and self.sha256[:12] + "...")) if value is not None)
+
+    def _differences(self, info, model_id: str | None) -> list[str]:
         served = describe_model(info)
         problems = []
         name = self.file_name
@@ -166,12 +227,16 @@ class ModelSpec:
         if self.channel_multiplier is not None and self.channel_multiplier != info.channel_multiplier:
             problems.append(f"channel_multiplier is {self.channel_multiplier}, but the service "
                             f"serves {served}")
+        if self.model is not None and self.model != model_id:
+            problems.append(f"model is {self.model!r}, but the service serves {served}"
+                            + ("" if model_id is not None else " and lists no restorer ids"))
         return problems
 
 
 def describe_model(info) -> str:
-    """'GFPGANv1.4 (GFPGANv1.4.pth, arch clean, channel_multiplier 2)' from a ServiceInfo."""
+    """'GFPGANv1.4 (GFPGANv1.4.pth, arch clean, channel_multiplier 2)' from a ServiceInfo or
+    one of its RestorerInfo."""
     arch = info.arch or "not reported"
-    multiplier = info.channel_multiplier or "not reported"
+    multiplier = info.channel_multiplier or ("none" if arch == "RestoreFormer" else "not reported")
     return (f"{info.model_name or '?'} ({info.model_file or 'file not reported'}, arch {arch}, "
             f"channel_multiplier {multiplier})")

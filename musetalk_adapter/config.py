@@ -52,6 +52,9 @@ class GFPGANSettings:
     arch: str | None = None
     #: The StyleGAN2 decoder's channel multiplier (2 for GFPGAN v1.3/v1.4).
     channel_multiplier: int | None = None
+    #: Which of the service's restorers, by id (gfpgan-1.4, gfpgan-1, restoreformer, ...). Unset:
+    #: the one model_path / arch / channel_multiplier fit, else the service's default.
+    model: str | None = None
     #: Accepted and reported: the device is the service's business (GetInfo says which).
     device: str | None = None
     #: Accepted and reported: MuseTalk pastes the face only, so no background is upsampled.
@@ -75,7 +78,7 @@ class GFPGANSettings:
     def model_spec(self) -> ModelSpec:
         """The model the run expects (empty when none of the model keys is set)."""
         return ModelSpec(model_path=self.model_path, arch=self.arch,
-                         channel_multiplier=self.channel_multiplier)
+                         channel_multiplier=self.channel_multiplier, model=self.model)
 
     def security(self):
         """The client's credentials: these settings over the GFPGAN_TLS_* / GFPGAN_TOKEN variables."""
@@ -91,7 +94,7 @@ class GFPGANSettings:
     def enhance_options(self) -> EnhanceOptions:
         return EnhanceOptions(output_size=self.output_size, alignment=ALIGNMENTS[self.alignment],
                               fidelity=float(self.fidelity), steady_video=self.steady,
-                              detect_every=int(self.detect_every))
+                              detect_every=int(self.detect_every), model=self.model or "")
 
     def check(self) -> "GFPGANSettings":
         """Return the settings with values normalised; raise SettingsError for a bad one."""
@@ -150,15 +153,16 @@ class GFPGANSettings:
             multiplier = _number(multiplier, "channel_multiplier", int)
             if multiplier < 1:
                 raise SettingsError(f"{where} 'channel_multiplier' must be 1 or more; got {multiplier}")
+        model = _named(self.model)
         try:
-            ModelSpec(model_path, arch, multiplier).validate()
+            ModelSpec(model_path, arch, multiplier, model=model).validate()
         except InvalidRequest as error:
             raise SettingsError(f"{where}: {error}") from None
         return replace(self, address=address, upscale=upscale, timeout_ms=timeout_ms,
                        fidelity=fidelity, alignment=alignment, max_pending_batches=pending,
                        detect_every=every,
                        metrics_port=port, metrics_host=str(self.metrics_host),
-                       model_path=model_path, arch=arch, channel_multiplier=multiplier,
+                       model_path=model_path, arch=arch, channel_multiplier=multiplier, model=model,
                        device=_named(self.device), bg_upsampler=_named(self.bg_upsampler))
 
 
@@ -241,6 +245,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for name, kind, text in flags:
         group.add_argument(f"--gfpgan_{name}", f"--gfpgan-{name.replace('_', '-')}",
                            dest=f"gfpgan_{name}", type=kind, default=None, help=text)
+    group.add_argument("--gfpgan_model_id", "--gfpgan-model-id", dest="gfpgan_model", default=None,
+                       help="which of the service's restorers, by id: gfpgan-1.4, gfpgan-1.3, "
+                            "gfpgan-1.2, gfpgan-1, restoreformer (YAML key: model)")
     group.add_argument("--gfpgan_model", "--gfpgan-model", "--gfpgan_model_path",
                        "--gfpgan-model-path", dest="gfpgan_model_path", default=None,
                        help="the checkpoint the run expects, e.g. models/gfpgan/GFPGANv1.4.pth; "

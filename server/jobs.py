@@ -9,7 +9,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from client.types import EnhanceOptions, FaceStatus
+from client.types import EnhanceOptions, FaceStatus, RestorerInfo
 
 
 @dataclass
@@ -44,6 +44,19 @@ class ModelInfo:
     model_file: str = ""
     arch: str = ""
     channel_multiplier: int = 0
+    #: Every restorer loaded, the default first (empty: only the one above, unnamed), and the
+    #: id of the default.
+    models: tuple[RestorerInfo, ...] = ()
+    default_model: str = ""
+
+    def restorer(self, model: str) -> RestorerInfo | None:
+        """The loaded restorer a request's `model` option names ("" is the default); None when
+        there is none by that id. A pipeline that lists no models takes only ""."""
+        if not self.models:
+            return None if model else RestorerInfo(id="", name=self.model_name,
+                                                   version=self.model_version, arch=self.arch)
+        wanted = model or self.default_model
+        return next((m for m in self.models if m.id == wanted), None)
 
 
 class Pipeline(Protocol):

@@ -21,6 +21,7 @@ from facexlib.detection.retinaface import RetinaFace
 from facexlib.parsing.parsenet import ParseNet
 from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
 
+from client.types import RestorerInfo
 from server.jobs import ModelInfo
 from server.weights import KNOWN_WEIGHTS, WeightPaths, known_hash_warning, sha256_file
 
@@ -93,6 +94,18 @@ class GFPGANModel:
     def has_noise(self) -> bool:
         """A StyleGAN2 decoder with per-layer noise (GFPGAN): `random_noise` means something."""
         return hasattr(self.net, "stylegan_decoder")
+
+    @property
+    def id(self) -> str:
+        return model_id(self.name)
+
+    def restorer_info(self) -> RestorerInfo:
+        """This restorer as GetInfo lists it."""
+        return RestorerInfo(id=self.id, name=self.name, version=self.version, arch=self.arch,
+                            weights_sha256=self.sha256, model_file=self.path.name,
+                            channel_multiplier=int(self.config.get("channel_multiplier", 0)),
+                            licence=self.licence, native_size=self.face_size,
+                            random_noise=self.has_noise, fidelity_weight=False)
 
     def model_info(self, dtype: torch.dtype | str) -> ModelInfo:
         """What GetInfo and the model_info metric report, for the dtype the pipeline runs in."""

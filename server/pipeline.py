@@ -8,6 +8,7 @@ calls `enhance(jobs)` from its worker thread (see server/jobs.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -591,19 +592,73 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def build_pipeline(settings) -> FacePipeline:
-    """Fetch missing weights (unless --no-download), load the three networks once, and wrap them."""
-    from server.model import load_models
+class ModelRouter:
+    """Several resident restorers behind the one Pipeline door: each job goes to the pipeline of
+    the model its options name ("" is the default), and every pipeline shares the one detector
+    and parser. A device batch from the batcher (first come, first served across models: the
+    queue is one FIFO whatever the model) is cut into one pass per model, so no network pass
+    mixes models; results come back in job order."""
+
+    def __init__(self, pipelines: dict[str, FacePipeline], info: ModelInfo):
+        self.pipelines = pipelines
+        self.info = info
+        self.default = info.default_model
+
+    def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
+        by_model: dict[str, list[int]] = defaultdict(list)
+        for index, job in enumerate(jobs):
+            by_model[job.options.model or self.default].append(index)
+        results: list[JobResult | None] = [None] * len(jobs)
+        for model, indices in by_model.items():
+            pipeline = self.pipelines.get(model)
+            if pipeline is None:  # the service checks requests first: this is a bug, not input
+                raise KeyError(f"no pipeline for model {model!r}; loaded: {', '.join(self.pipelines)}")
+            for index, result in zip(indices, pipeline.enhance([jobs[i] for i in indices])):
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    def warmup(self, faces: int = 1, size: int = 256) -> None:
+        for pipeline in self.pipelines.values():
+            pipeline.warmup(faces, size)
+
+    @property
+    def profiler(self):
+        return next(iter(self.pipelines.values())).profiler
+
+    @profiler.setter
+    def profiler(self, value) -> None:
+        for pipeline in self.pipelines.values():
+            pipeline.profiler = value
+
+
+def build_pipeline(settings) -> FacePipeline | ModelRouter:
+    """Fetch missing weights (unless --no-download), load every network once, and wrap them:
+    one FacePipeline, or a ModelRouter over one per resident restorer (--models)."""
+    from server.model import load_restorer, load_models
     from server.weights import ensure_weights
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    paths = ensure_weights(settings.model, settings.weights_dir, download=not settings.no_download)
+    extra = [m for m in settings.models.split(",") if m]
+    paths = ensure_weights(settings.model, settings.weights_dir, download=not settings.no_download,
+                           extra_models=extra)
     models = load_models(paths, device)
-    for warning in models.gfpgan.warnings:
-        log.warning("%s", warning)
+    restorers = [models.gfpgan] + [load_restorer(path, device) for path in paths.extra_models]
+    for restorer in restorers:
+        for warning in restorer.warnings:
+            log.warning("%s", warning)
+    ids = [r.id for r in restorers]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"two resident restorers share an id ({', '.join(ids)}): load each model once")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device, dtype=dtype,
-                        info=models.gfpgan.model_info(dtype), speed=settings.speed_options(device.type),
-                        graph_max_batch=settings.max_batch_faces)
+    listed = tuple(r.restorer_info() for r in restorers)
+    pipelines = {}
+    for restorer in restorers:
+        info = dataclasses.replace(restorer.model_info(dtype), models=listed, default_model=ids[0])
+        pipelines[restorer.id] = FacePipeline(
+            restorer.net, models.detector, models.parser, device=device, dtype=dtype, info=info,
+            speed=settings.speed_options(device.type), graph_max_batch=settings.max_batch_faces)
+    if len(pipelines) == 1:
+        return pipelines[ids[0]]
+    return ModelRouter(pipelines, pipelines[ids[0]].info)

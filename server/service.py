@@ -215,7 +215,8 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             max_faces_per_request=s.max_faces_per_request, min_face_size=s.min_face_size,
             max_face_size=s.max_face_size, output_sizes=list(OUTPUT_SIZES),
             max_batch_faces=s.max_batch_faces, server_version=server_version(),
-            model_file=info.model_file, arch=info.arch, channel_multiplier=info.channel_multiplier)
+            model_file=info.model_file, arch=info.arch, channel_multiplier=info.channel_multiplier,
+            models=[codec.encode_restorer(m) for m in info.models], default_model=info.default_model)
 
     # --- shutdown ----------------------------------------------------------------------------
 
@@ -226,6 +227,19 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             reader.cancel()
 
     # --- one request -------------------------------------------------------------------------
+
+    def _check_model(self, options) -> None:
+        """The restorer a request names must be loaded, and take the options it sets."""
+        info = self._info_provider()
+        if info is None:
+            return  # not serving yet: the batcher refuses it anyway
+        restorer = info.restorer(options.model)
+        if restorer is None:
+            loaded = ", ".join(m.id for m in info.models) or "only the default (leave model empty)"
+            raise InvalidRequest(f"model {options.model!r} is not loaded here; loaded: {loaded}")
+        if options.random_noise and not restorer.random_noise:
+            raise InvalidRequest(f"random_noise needs a GFPGAN model (StyleGAN2 noise); "
+                                 f"{restorer.id or restorer.name} has none")
 
     async def _answer(self, request: pb.EnhanceRequest, rpc: str, context=None,
                       video: VideoState | None = None) -> pb.EnhanceResponse:
@@ -245,6 +259,7 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
                 raise InvalidRequest(f"not a faceenhance.v1.EnhanceRequest ({request.size} bytes "
                                      f"that do not parse: {request.error})")
             faces, options, landmarks = codec.decode_request(request, self._limits)
+            self._check_model(options)
             steady = (video or VideoState()) if options.steady_video else None
             result = await batcher.submit(faces, options, landmarks,
                                           deadline=_deadline(request, context), video=steady)

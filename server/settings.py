@@ -33,6 +33,7 @@ class Settings:
     port: int = 50051
     metrics_port: int = 9090
     model: str = ""  # "" until from_args fills in <weights_dir>/GFPGANv1.4.pth
+    models: str = ""  # more resident restorers: ids or files, comma-separated
     weights_dir: str = dataclasses.field(default_factory=default_weights_dir)
     device: str = "auto"
     dtype: str = "auto"
@@ -69,7 +70,9 @@ class Settings:
         weights_dir = _absolute(self.weights_dir)
         object.__setattr__(self, "weights_dir", weights_dir)
         model = self.model or str(Path(weights_dir) / DEFAULT_MODEL_FILE)
-        object.__setattr__(self, "model", _absolute(model))
+        object.__setattr__(self, "model", _model_path(model, weights_dir))
+        extra = [_model_path(m.strip(), weights_dir) for m in str(self.models).split(",") if m.strip()]
+        object.__setattr__(self, "models", ",".join(dict.fromkeys(m for m in extra if m != self.model)))
         problem = _cross_check(self)
         if problem:
             raise ValueError(problem)
@@ -129,6 +132,15 @@ class Settings:
 
 def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
+
+
+def _model_path(value: str, weights_dir: str) -> str:
+    """A restorer id ("restoreformer") -> its file in the weights folder; a path -> absolute."""
+    from server.weights import MODEL_FILES
+
+    if value in MODEL_FILES:
+        return str(Path(weights_dir) / MODEL_FILES[value])
+    return _absolute(value)
 
 
 def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -258,8 +270,13 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("metrics_port", _int_in(0, 65535),
           "Port of the Prometheus text page (/metrics); 0 turns it off.", "9090",
           check=_int_in(0, 65535)),
-    _Spec("model", str, "GFPGAN v1.3/v1.4 checkpoint file (relative paths are taken from the "
-          "current directory at start-up and made absolute).", "<weights-dir>/GFPGANv1.4.pth"),
+    _Spec("model", str, "The default restorer: a checkpoint file (relative paths are taken from "
+          "the current directory at start-up and made absolute) or a known id (gfpgan-1.4, "
+          "gfpgan-1.3, gfpgan-1.2, gfpgan-1, restoreformer: its file in --weights-dir).",
+          "<weights-dir>/GFPGANv1.4.pth"),
+    _Spec("models", str, "More restorers to keep resident beside --model, comma-separated ids "
+          "or files, e.g. restoreformer,gfpgan-1.3; a request picks one with its `model` option.",
+          "none"),
     _Spec("weights_dir", str, "Folder for the detection and face-parsing weights, and for "
           "downloads (made absolute at start-up).", "~/.cache/gfpgan-service/weights"),
     _Spec("device", _device, "Where the pipeline runs: auto (CUDA when present, else CPU), cpu, "

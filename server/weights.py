@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,25 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {
 }
 
 
+#: The restorers the service knows by id (EnhanceOptions.model, --model, --models), by file.
+MODEL_FILES = {
+    "gfpgan-1.4": "GFPGANv1.4.pth",
+    "gfpgan-1.3": "GFPGANv1.3.pth",
+    "gfpgan-1.2": "GFPGANCleanv1-NoCE-C2.pth",
+    "gfpgan-1": "GFPGANv1.pth",
+    "restoreformer": "RestoreFormer.pth",
+}
+
+
 @dataclass(frozen=True)
 class WeightPaths:
-    """Absolute paths of the three files the pipeline loads."""
+    """Absolute paths of the files the pipeline loads: the default restorer, the detector and
+    parser, and the other resident restorers (--models)."""
 
     gfpgan: Path
     detection: Path
     parsing: Path
+    extra_models: tuple[Path, ...] = ()
 
 
 class WeightsError(RuntimeError):
@@ -131,6 +144,7 @@ def ensure_weights(
     weights_dir: str | Path,
     download: bool = True,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    extra_models: Sequence[str | Path] = (),
 ) -> WeightPaths:
     """Make sure the GFPGAN file and the detection/parsing files exist; return their paths.
 
@@ -143,8 +157,10 @@ def ensure_weights(
         gfpgan=Path(model_path).expanduser().absolute(),
         detection=Path(weights_dir).expanduser().absolute() / DETECTION_FILE,
         parsing=Path(weights_dir).expanduser().absolute() / PARSING_FILE,
+        extra_models=tuple(Path(p).expanduser().absolute() for p in extra_models),
     )
-    missing = [path for path in (paths.gfpgan, paths.detection, paths.parsing) if not _present(path)]
+    missing = [path for path in (paths.gfpgan, paths.detection, paths.parsing, *paths.extra_models)
+               if not _present(path)]
     if not missing:
         return paths
 

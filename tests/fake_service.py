@@ -47,6 +47,8 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.limits = RequestLimits(max_faces_per_request=32, min_face_size=64, max_face_size=512)
         #: What GetInfo says it serves: (model_file, arch, channel_multiplier).
         self.model = ("GFPGANv1.4.pth", "clean", 2)
+        #: GetInfo's list of loaded restorers (client.types.RestorerInfo); empty: none listed.
+        self.models: list = []
         # --- what happened ---------------------------------------------------------------
         self.requests = 0
         self.faces = 0
@@ -60,6 +62,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.first_bytes: list[int | None] = []  # each request's first pixel byte, in arrival order
         self.steady: list[bool] = []  # each request's steady_video option, in arrival order
         self.detect_every: list[int] = []  # and its detect_every (0: unset)
+        self.model_ids: list[str] = []  # and the restorer it asked for ("" : the default)
         #: Seconds GetInfo takes to answer.
         self.info_delay_s = 0.0
 
@@ -87,6 +90,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.first_bytes.append(request.faces.data[0] if request.faces.data else None)
         self.steady.append(request.options.steady_video)
         self.detect_every.append(request.options.detect_every)
+        self.model_ids.append(request.options.model)
 
     async def EnhanceBatch(self, request_iterator, context):
         self.streams_opened += 1
@@ -146,7 +150,9 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
             dtype="float32", max_faces_per_request=self.limits.max_faces_per_request,
             min_face_size=self.limits.min_face_size, max_face_size=self.limits.max_face_size,
             output_sizes=[256, 512, 1024], max_batch_faces=8, server_version="fake",
-            model_file=self.model[0], arch=self.model[1], channel_multiplier=self.model[2])
+            model_file=self.model[0], arch=self.model[1], channel_multiplier=self.model[2],
+            models=[codec.encode_restorer(m) for m in self.models],
+            default_model=self.models[0].id if self.models else "")
 
 
 class FakeService:

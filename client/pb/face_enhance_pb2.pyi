@@ -41,7 +41,7 @@ class FaceBatch(_message.Message):
     def __init__(self, count: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EnhanceOptions(_message.Message):
-    __slots__ = ("output_size", "alignment", "fidelity", "only_center_face", "random_noise", "steady_video", "detect_every")
+    __slots__ = ("output_size", "alignment", "fidelity", "only_center_face", "random_noise", "steady_video", "detect_every", "model")
     OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     FIDELITY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class EnhanceOptions(_message.Message):
     RANDOM_NOISE_FIELD_NUMBER: _ClassVar[int]
     STEADY_VIDEO_FIELD_NUMBER: _ClassVar[int]
     DETECT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     output_size: int
     alignment: Alignment
     fidelity: float
@@ -56,7 +57,8 @@ class EnhanceOptions(_message.Message):
     random_noise: bool
     steady_video: bool
     detect_every: int
-    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ..., steady_video: bool = ..., detect_every: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ..., steady_video: bool = ..., detect_every: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EnhanceRequest(_message.Message):
     __slots__ = ("request_id", "faces", "options", "landmarks", "timeout_ms")
@@ -107,7 +109,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("model_name", "model_version", "weights_sha256", "device", "dtype", "max_faces_per_request", "min_face_size", "max_face_size", "output_sizes", "max_batch_faces", "server_version", "model_file", "arch", "channel_multiplier")
+    __slots__ = ("model_name", "model_version", "weights_sha256", "device", "dtype", "max_faces_per_request", "min_face_size", "max_face_size", "output_sizes", "max_batch_faces", "server_version", "model_file", "arch", "channel_multiplier", "models", "default_model")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +124,8 @@ class ServiceInfo(_message.Message):
     MODEL_FILE_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     weights_sha256: str
@@ -136,4 +140,32 @@ class ServiceInfo(_message.Message):
     model_file: str
     arch: str
     channel_multiplier: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_faces_per_request: _Optional[int] = ..., min_face_size: _Optional[int] = ..., max_face_size: _Optional[int] = ..., output_sizes: _Optional[_Iterable[int]] = ..., max_batch_faces: _Optional[int] = ..., server_version: _Optional[str] = ..., model_file: _Optional[str] = ..., arch: _Optional[str] = ..., channel_multiplier: _Optional[int] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[Restorer]
+    default_model: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_faces_per_request: _Optional[int] = ..., min_face_size: _Optional[int] = ..., max_face_size: _Optional[int] = ..., output_sizes: _Optional[_Iterable[int]] = ..., max_batch_faces: _Optional[int] = ..., server_version: _Optional[str] = ..., model_file: _Optional[str] = ..., arch: _Optional[str] = ..., channel_multiplier: _Optional[int] = ..., models: _Optional[_Iterable[_Union[Restorer, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+
+class Restorer(_message.Message):
+    __slots__ = ("id", "name", "version", "arch", "weights_sha256", "model_file", "channel_multiplier", "licence", "native_size", "random_noise", "fidelity_weight")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    LICENCE_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_NOISE_FIELD_NUMBER: _ClassVar[int]
+    FIDELITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    version: str
+    arch: str
+    weights_sha256: str
+    model_file: str
+    channel_multiplier: int
+    licence: str
+    native_size: int
+    random_noise: bool
+    fidelity_weight: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., arch: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., model_file: _Optional[str] = ..., channel_multiplier: _Optional[int] = ..., licence: _Optional[str] = ..., native_size: _Optional[int] = ..., random_noise: bool = ..., fidelity_weight: bool = ...) -> None: ...
