@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--address", help="a running gfpgan-serve, host:port (several: comma-separated)")
     where.add_argument("--in-process", action="store_true",
                        help="load the model in this process instead (needs the server extra)")
-    parser.add_argument("--model", default="", help="--in-process: GFPGAN checkpoint "
-                        "(default <weights-dir>/GFPGANv1.4.pth)")
+    parser.add_argument("--model", default="", help="the restorer: with --address, an id the "
+                        "service has loaded (gfpgan-1.4, restoreformer, ...; default: its own "
+                        "default); in-process, a checkpoint file or a known id (default "
+                        "<weights-dir>/GFPGANv1.4.pth)")
     parser.add_argument("--weights-dir", default=None,
                         help="--in-process: folder of the detection and parsing weights")
     parser.add_argument("--device", default="auto", help="--in-process: auto, cpu, cuda or cuda:N")
@@ -209,7 +211,8 @@ def run(args, log=print) -> int:
                              fidelity=args.fidelity, only_center_face=not args.all_faces,
                              random_noise=args.random_noise,
                              steady_video=args.steady_video,
-                             detect_every=args.detect_every).validate()
+                             detect_every=args.detect_every,
+                             model=args.model if args.address else "").validate()
     output_dir = Path(args.output)
     found = list(find_images(args.inputs))
     counts: Counter = Counter()
@@ -290,8 +293,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "do not carry; use detect or aligned")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1; got {args.batch_size}")
-    if args.address and (args.model or args.weights_dir or args.no_download):
-        parser.error("--model, --weights-dir and --no-download only apply with --in-process")
+    if args.address and (args.weights_dir or args.no_download):
+        parser.error("--weights-dir and --no-download only apply with --in-process")
+    if args.address and args.model:
+        try:
+            EnhanceOptions(model=args.model).validate()
+        except InvalidRequest as exc:
+            parser.error(f"--model with --address names a restorer id the service has loaded: {exc}")
     try:
         EnhanceOptions(fidelity=args.fidelity).validate()
     except InvalidRequest as exc:

@@ -129,3 +129,17 @@ def test_in_process_without_weights_and_no_download_says_which_files_are_missing
     assert message.startswith("error: ") and "GFPGANv1.4.pth" in message
     assert "--no-download" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_model_with_address_asks_the_service_for_that_restorer(tmp_path):
+    """Issue 10: gfpgan-enhance --model restoreformer --address ... names the restorer in every
+    request; the in-process run takes the same word as a known id (tests/test_models.py)."""
+    from tests.fake_service import FakeService
+
+    write_faces(tmp_path / "in", 3)
+    with FakeService() as fake:
+        code = run_cli(["--address", fake.address, "--model", "restoreformer", "--batch-size", 2,
+                        "--quiet", "-o", tmp_path / "out", tmp_path / "in"])
+        asked = list(fake.servicer.model_ids)
+    assert code == 0 and asked == ["restoreformer", "restoreformer"]
+
