@@ -38,8 +38,8 @@ class Metrics:
             "faceenhance_requests", "Enhance requests answered, by RPC and outcome.",
             ["rpc", "outcome"], registry=r)
         self.faces = Counter(
-            "faceenhance_faces", "Faces returned enhanced (or unchanged when no face was found).",
-            registry=r)
+            "faceenhance_faces", "Faces returned enhanced (or unchanged when no face was found), "
+            "by the restorer that ran them (its id).", ["model"], registry=r)
         self.batch_faces = Histogram(
             "faceenhance_batch_faces", "Faces per device batch.",
             buckets=_BATCH_FACES_BUCKETS, registry=r)
@@ -86,6 +86,8 @@ class Metrics:
 
     def set_model(self, info: ModelInfo) -> None:
         self._device = info.device
+        for restorer in info.models or ():  # a series per loaded restorer from the start
+            self.faces.labels(model=restorer.id)
         self.model.info({"model": info.model_name, "version": info.model_version,
                          "sha256": info.weights_sha256, "device": info.device, "dtype": info.dtype})
 

@@ -269,7 +269,9 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
                 response = codec.encode_response(request_id, result)
             outcome = "ok"
             if self._metrics is not None:
-                self._metrics.faces.inc(len(result.status))
+                served = self._info_provider()
+                model = options.model or (served.default_model if served is not None else "")
+                self._metrics.faces.labels(model=model or "default").inc(len(result.status))
                 if steady is not None and steady.reused > steady.reported:
                     self._metrics.reused_alignments.inc(steady.reused - steady.reported)
                     steady.reported = steady.reused

@@ -86,6 +86,9 @@ async def test_a_mixed_stream_comes_back_in_order_each_face_from_its_model(route
         await call.done_writing()
         answers = [r async for r in call]
         info = await pb_grpc.FaceEnhancerStub(ch).GetInfo(pb.GetInfoRequest())
+        counted = {m: app.metrics.registry.get_sample_value("faceenhance_faces_total", {"model": m})
+                   for m in ("gfpgan-1.4", "restoreformer", "gfpgan-1")}
+    assert counted == {"gfpgan-1.4": 2, "restoreformer": 2, "gfpgan-1": 1}  # the metric's model label
     assert [a.request_id for a in answers] == list(range(5))
     for i, (answer, model) in enumerate(zip(answers, plan)):
         assert not answer.HasField("error"), answer.error.message
