@@ -270,8 +270,8 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             outcome = "ok"
             if self._metrics is not None:
                 served = self._info_provider()
-                model = options.model or (served.default_model if served is not None else "")
-                self._metrics.faces.labels(model=model or "default").inc(len(result.status))
+                model = options.model or (served.default_model or served.model_name if served else "")
+                self._metrics.faces.labels(model=model).inc(len(result.status))
                 if steady is not None and steady.reused > steady.reported:
                     self._metrics.reused_alignments.inc(steady.reused - steady.reported)
                     steady.reported = steady.reused

@@ -620,7 +620,7 @@ async def test_metrics_page_counts_requests_and_faces_and_passes_promtool(rng):
     assert _sample(page, "faceenhance_requests_total", outcome="invalid_argument",
                    rpc="EnhanceBatch") == 1
     assert _sample(page, "faceenhance_requests_total", outcome="ok", rpc="Enhance") == 1
-    assert _sample(page, "faceenhance_faces_total") == 10
+    assert _sample(page, "faceenhance_faces_total", model="FakeGFPGAN") == 10
     assert _sample(page, "faceenhance_batch_faces_sum") == 10
     assert _sample(page, "faceenhance_queue_faces") == 0
     assert _sample(page, "faceenhance_in_flight_requests") == 0
