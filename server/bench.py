@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import inspect
 import os
 import platform
 import shlex
@@ -110,17 +111,22 @@ def _time_batches(run_batch: Callable[[np.ndarray], None], faces: np.ndarray, ba
 
 @contextlib.contextmanager
 def _gfpganer(model: str, weights_dir: str, device: torch.device):
-    """GFPGANer as usually integrated, on our files: facexlib reads its weights from
-    ./gfpgan/weights, so it is built in a temporary directory of symlinks; a narrow (test)
-    checkpoint gets its width passed to GFPGAN's own class."""
+    """GFPGANer as usually integrated, on our files, with the checkpoint's own architecture
+    (clean, original or RestoreFormer): facexlib reads its weights from ./gfpgan/weights, so it
+    is built in a temporary directory of symlinks. GFPGANer always builds the published sizes,
+    so a checkpoint of other sizes (the tests' narrow ones) gets its sizes passed to GFPGAN's
+    own class."""
+    import gfpgan.archs.restoreformer_arch as restoreformer_arch
     import gfpgan.utils
-    from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
 
-    from server.model import load_gfpgan
+    from server.model import load_restorer
     from server.weights import DETECTION_FILE, PARSING_FILE
 
-    narrow = load_gfpgan(model, "cpu").config.get("narrow", 1)
-    original_class, original_cwd = gfpgan.utils.GFPGANv1Clean, os.getcwd()
+    loaded = load_restorer(model, "cpu")
+    arch, config = loaded.arch, loaded.config
+    saved = {name: getattr(gfpgan.utils, name) for name in ("GFPGANv1Clean", "GFPGANv1")}
+    init = restoreformer_arch.RestoreFormer.__init__
+    saved_defaults, original_cwd = init.__defaults__, os.getcwd()
     with tempfile.TemporaryDirectory(prefix="gfpgan-bench-") as workdir:
         links = Path(workdir) / "gfpgan" / "weights"
         links.mkdir(parents=True)
@@ -128,12 +134,21 @@ def _gfpganer(model: str, weights_dir: str, device: torch.device):
             os.symlink(Path(weights_dir).resolve() / name, links / name)
         try:
             os.chdir(workdir)
-            if narrow != 1:
-                gfpgan.utils.GFPGANv1Clean = lambda **kw: GFPGANv1Clean(**{**kw, "narrow": narrow})
-            restorer = gfpgan.utils.GFPGANer(model_path=str(Path(model).resolve()), upscale=1,
-                                             arch="clean", channel_multiplier=2, device=device)
+            narrow = config.get("narrow", 1)
+            for name in ("GFPGANv1Clean", "GFPGANv1"):
+                if narrow != 1:
+                    cls = saved[name]
+                    setattr(gfpgan.utils, name, lambda cls=cls, **kw: cls(**{**kw, "narrow": narrow}))
+            if arch == "RestoreFormer":  # GFPGANer calls RestoreFormer() with no arguments
+                names = list(inspect.signature(init).parameters)[1:]
+                init.__defaults__ = tuple(config.get(n, d) for n, d in zip(names, saved_defaults))
+            restorer = gfpgan.utils.GFPGANer(model_path=str(Path(model).resolve()), upscale=1, arch=arch,
+                                             channel_multiplier=config.get("channel_multiplier", 2),
+                                             device=device)
         finally:
-            gfpgan.utils.GFPGANv1Clean = original_class
+            for name, value in saved.items():
+                setattr(gfpgan.utils, name, value)
+            init.__defaults__ = saved_defaults
             os.chdir(original_cwd)
         yield restorer
 
@@ -389,7 +404,9 @@ def header(argv: Sequence[str], device: torch.device, dtype: torch.dtype, model:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gfpgan-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="", help="GFPGAN checkpoint (default <weights-dir>/GFPGANv1.4.pth)")
+    parser.add_argument("--model", default="", help="the restorer: a checkpoint or a known id (gfpgan-1.4, "
+                        "gfpgan-1.3, gfpgan-1.2, gfpgan-1, restoreformer); several, comma-separated, give a "
+                        "report per model (default <weights-dir>/GFPGANv1.4.pth)")
     parser.add_argument("--weights-dir", default=default_weights_dir(),
                         help="folder of the detection and parsing weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -443,8 +460,6 @@ def _batch_sizes(parser, text: str) -> list[int]:
 
 def run(argv: Sequence[str] | None = None) -> str:
     """Run the three benchmarks and print (and return) the Markdown report."""
-    from server.pipeline import build_pipeline
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -463,8 +478,24 @@ def run(argv: Sequence[str] | None = None) -> str:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    models = [m.strip() for m in args.model.split(",") if m.strip()] or [""]
+    sections = []
+    for model in models:
+        sections += _report(args, parser, argv, model, sizes, options, faces, methods, variants,
+                            titled=len(models) > 1)
+    report = "\n\n".join(sections) + "\n"
+    print(report)
+    if args.markdown_out:
+        Path(args.markdown_out).write_text(report)
+    return report
+
+
+def _report(args, parser, argv, model, sizes, options, faces, methods, variants, titled) -> list[str]:
+    """The sections of one model's report."""
+    from server.pipeline import build_pipeline
+
     try:
-        settings = Settings(model=args.model, weights_dir=args.weights_dir, device=args.device,
+        settings = Settings(model=model, weights_dir=args.weights_dir, device=args.device,
                             dtype=args.dtype, no_download=args.no_download, metrics_port=0,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
@@ -492,6 +523,10 @@ def run(argv: Sequence[str] | None = None) -> str:
 
     sections = [header(argv, device, pipeline.dtype, settings.model, faces, options)
                 + f"\n- pipeline speed forms: {pipeline.speed.describe()}"]
+    if titled:
+        info = pipeline.info
+        sections[0] = (f"## {info.models[0].id if info.models else info.model_name}: {info.model_name} "
+                       f"({info.arch})\n\n" + sections[0])
     if measurements:
         sections.append(markdown_table(measurements))
     if args.profile:
@@ -503,11 +538,7 @@ def run(argv: Sequence[str] | None = None) -> str:
             pipeline, faces, sizes, alignments, variants, args.iterations, args.seconds, sync))
     if args.memory:
         sections.append("### Device memory\n\n" + bench_memory(pipeline, faces, sizes, options, args.memory))
-    report = "\n\n".join(sections) + "\n"
-    print(report)
-    if args.markdown_out:
-        Path(args.markdown_out).write_text(report)
-    return report
+    return sections
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,3 +32,24 @@ def test_synthetic_faces_are_distinct_square_crops():
     faces = synthetic_faces(3, 96, seed=1)
     assert faces.shape == (3, 96, 96, 3) and faces.dtype.name == "uint8"
     assert not (faces[0] == faces[1]).all()
+
+
+def test_bench_gives_a_table_per_model_each_against_gfpganer_with_that_arch(small_weights, tmp_path, capsys):
+    """Issue 10: --model a,b gives one report per restorer; GFPGANer is built with each file's
+    own architecture (RestoreFormer here), so the baseline is the same network."""
+    import os
+
+    from tests.checkpoints import DETECTION_FILE, GFPGAN_FILE, PARSING_FILE, build_restoreformer, make_checkpoint
+
+    for name in (GFPGAN_FILE, DETECTION_FILE, PARSING_FILE):
+        os.symlink(small_weights / name, tmp_path / name)
+    make_checkpoint(tmp_path / "RestoreFormer.pth", build_restoreformer(seed=2))
+    main(["--model", "gfpgan-1.4,restoreformer", "--weights-dir", str(tmp_path), "--device", "cpu",
+          "--no-download", "--alignment", "aligned", "--batch-sizes", "1", "--iterations", "1",
+          "--faces", "1", "--face-size", "64", "--methods", "gfpganer,pipeline"])
+    printed = capsys.readouterr().out
+    titles = re.findall(r"^## (\S+): (\S+) \((\w+)\)$", printed, flags=re.M)
+    assert titles == [("gfpgan-1.4", "GFPGANv1.4", "clean"), ("restoreformer", "RestoreFormer", "RestoreFormer")]
+    rows = re.findall(r"^\| (.+?) \| 1 \| ([\d.]+) \|", printed, flags=re.M)
+    assert len(rows) == 4 and all(float(speed) > 0 for _, speed in rows)
+
