@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The same recipe as the Dockerfile's (scripts/install.sh), plus the dev extra, editable.
-$(STAMP): $(BIN)/python pyproject.toml requirements/gfpgan-nodeps.txt scripts/install.sh
+$(STAMP): $(BIN)/python pyproject.toml requirements/gfpgan-nodeps.txt requirements/reference-nodeps.txt scripts/install.sh
 	PIP=$(BIN)/pip scripts/install.sh --dev --editable
 	touch $(STAMP)
 

@@ -14,6 +14,7 @@ from client.pb import face_enhance_pb2 as pb
 from client.types import (
     NUM_LANDMARKS,
     Alignment,
+    Background,
     EnhanceOptions,
     EnhanceResult,
     RestorerInfo,
@@ -29,6 +30,8 @@ _ALIGNMENT_TO_PB = {
     Alignment.LANDMARKS: pb.ALIGNMENT_LANDMARKS,
 }
 _ALIGNMENT_FROM_PB = {v: k for k, v in _ALIGNMENT_TO_PB.items()}
+_BACKGROUND_TO_PB = {Background.LANCZOS: pb.BACKGROUND_LANCZOS, Background.REALESRGAN: pb.BACKGROUND_REALESRGAN}
+_BACKGROUND_FROM_PB = {v: k for k, v in _BACKGROUND_TO_PB.items()}
 
 
 #: The smallest eye-to-eye and eyes-to-mouth distance of caller-given landmarks, in pixels.
@@ -94,6 +97,7 @@ def encode_options(options: EnhanceOptions) -> pb.EnhanceOptions:
         steady_video=options.steady_video,
         detect_every=options.detect_every if options.detect_every > 1 else 0,
         model=options.model,
+        background=_BACKGROUND_TO_PB[options.background],
     )
 
 
@@ -103,6 +107,9 @@ def decode_options(msg: pb.EnhanceOptions) -> EnhanceOptions:
         raise InvalidRequest(
             f"unknown alignment value {msg.alignment}; use ALIGNMENT_DETECT (0), "
             "ALIGNMENT_ALIGNED (1) or ALIGNMENT_LANDMARKS (2)")
+    if msg.background not in _BACKGROUND_FROM_PB:
+        raise InvalidRequest(f"unknown background value {msg.background}; use BACKGROUND_LANCZOS (0) "
+                             "or BACKGROUND_REALESRGAN (1)")
     return EnhanceOptions(
         output_size=msg.output_size or DEFAULT_OUTPUT_SIZE,
         alignment=_ALIGNMENT_FROM_PB[msg.alignment],
@@ -112,6 +119,7 @@ def decode_options(msg: pb.EnhanceOptions) -> EnhanceOptions:
         steady_video=msg.steady_video,
         detect_every=msg.detect_every or 1,
         model=msg.model,
+        background=_BACKGROUND_FROM_PB[msg.background],
     ).validate()
 
 

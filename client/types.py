@@ -28,6 +28,13 @@ class Alignment(enum.Enum):
     LANDMARKS = "landmarks"
 
 
+class Background(enum.Enum):
+    """What fills the output around the pasted face when it is larger than the input."""
+
+    LANCZOS = "lanczos"
+    REALESRGAN = "realesrgan"
+
+
 class FaceStatus(enum.IntEnum):
     """What happened to one face; the numbers are the protobuf enum's."""
 
@@ -55,6 +62,8 @@ class EnhanceOptions:
     detect_every: int = 1
     #: Which loaded restorer (ServiceInfo.models' ids); "" is the service's default.
     model: str = ""
+    #: Lanczos, or Real-ESRGAN where the service has one loaded (DETECT and LANDMARKS).
+    background: Background = Background.LANCZOS
 
     def validate(self) -> "EnhanceOptions":
         if self.output_size not in OUTPUT_SIZES:
@@ -73,6 +82,11 @@ class EnhanceOptions:
             raise InvalidRequest(f"model must be a restorer id like 'gfpgan-1.4' or 'restoreformer' "
                                  f"(letters, digits, '.', '_', '-'; at most 64), or empty for the "
                                  f"service's default; got {self.model!r}")
+        if not isinstance(self.background, Background):
+            raise InvalidRequest(f"background must be a Background; got {self.background!r}")
+        if self.background is Background.REALESRGAN and self.alignment is Alignment.ALIGNED:
+            raise InvalidRequest("background realesrgan upsamples the picture around the face; "
+                                 "ALIGNED returns the face alone: use DETECT or LANDMARKS")
         if self.detect_every > 1 and not (self.steady_video and self.alignment is Alignment.DETECT):
             raise InvalidRequest(
                 f"detect_every={self.detect_every} reuses a video's smoothed alignment between "

@@ -20,3 +20,6 @@ done
 "$PIP" install -q --upgrade pip setuptools wheel cython numpy
 "$PIP" install -q "${editable[@]}" ".[$extras]"
 "$PIP" install -q --no-deps --no-build-isolation -r requirements/gfpgan-nodeps.txt
+if [ "$extras" = server,dev ]; then
+    "$PIP" install -q --no-deps -r requirements/reference-nodeps.txt
+fi

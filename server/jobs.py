@@ -48,6 +48,8 @@ class ModelInfo:
     #: id of the default.
     models: tuple[RestorerInfo, ...] = ()
     default_model: str = ""
+    #: The backgrounds requests may ask for ("lanczos", and "realesrgan" when one is loaded).
+    backgrounds: tuple[str, ...] = ("lanczos",)
 
     def restorer(self, model: str) -> RestorerInfo | None:
         """The loaded restorer a request's `model` option names ("" is the default); None when

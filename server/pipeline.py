@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from client.types import Alignment, EnhanceOptions, FaceStatus
+from client.types import Alignment, Background, EnhanceOptions, FaceStatus
 from server import imageops
 from server.detection import FaceDetector, Faces, centre_mask
 from server.jobs import Job, JobResult, ModelInfo
@@ -135,8 +135,10 @@ class FacePipeline:
 
     def __init__(self, gfpgan: torch.nn.Module, detector: torch.nn.Module, parser: torch.nn.Module,
                  *, device: torch.device, dtype: torch.dtype, info: ModelInfo | None = None,
-                 speed: SpeedOptions | None = None, graph_max_batch: int = 8):
+                 speed: SpeedOptions | None = None, graph_max_batch: int = 8, upsampler=None):
         self.gfpgan = gfpgan
+        #: server.background.BackgroundUpsampler for `background: realesrgan`, or None.
+        self.upsampler = upsampler
         self.detector = FaceDetector(detector)
         self.parser = parser
         self.device = torch.device(device)
@@ -452,6 +454,13 @@ class FacePipeline:
 
         with self._stage("blend"):
             background = imageops.resize_for_output(images[chosen], out_size)
+        upsample = [k for k, i in enumerate(chosen_host) if plan.options[i].background is Background.REALESRGAN]
+        if upsample:
+            if self.upsampler is None:
+                raise ValueError("background realesrgan asked of a pipeline with no upsampler loaded")
+            with self._stage("background"):
+                rows = self._staging.upload(f"{plan.key}bg{out_size}", np.array(upsample, np.int64))
+                background = background.index_copy(0, rows, self.upsampler(images[chosen][rows], out_size))
         canvas = background
         if faces.image.numel():
             with self._stage("paste"):
@@ -640,10 +649,17 @@ def build_pipeline(settings) -> FacePipeline | ModelRouter:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     extra = [m for m in settings.models.split(",") if m]
+    background = [settings.bg_upsampler] if settings.bg_upsampler else []
     paths = ensure_weights(settings.model, settings.weights_dir, download=not settings.no_download,
-                           extra_models=extra)
+                           extra_models=extra + background)
     models = load_models(paths, device)
-    restorers = [models.gfpgan] + [load_restorer(path, device) for path in paths.extra_models]
+    restorer_paths = paths.extra_models[:len(extra)]
+    restorers = [models.gfpgan] + [load_restorer(path, device) for path in restorer_paths]
+    upsampler = None
+    if background:
+        from server.background import load_realesrgan
+
+        upsampler = load_realesrgan(paths.extra_models[-1], device)
     for restorer in restorers:
         for warning in restorer.warnings:
             log.warning("%s", warning)
@@ -655,10 +671,12 @@ def build_pipeline(settings) -> FacePipeline | ModelRouter:
     listed = tuple(r.restorer_info() for r in restorers)
     pipelines = {}
     for restorer in restorers:
-        info = dataclasses.replace(restorer.model_info(dtype), models=listed, default_model=ids[0])
+        info = dataclasses.replace(restorer.model_info(dtype), models=listed, default_model=ids[0],
+                                   backgrounds=("lanczos", "realesrgan") if upsampler else ("lanczos",))
         pipelines[restorer.id] = FacePipeline(
             restorer.net, models.detector, models.parser, device=device, dtype=dtype, info=info,
-            speed=settings.speed_options(device.type), graph_max_batch=settings.max_batch_faces)
+            speed=settings.speed_options(device.type), graph_max_batch=settings.max_batch_faces,
+            upsampler=upsampler)
     if len(pipelines) == 1:
         return pipelines[ids[0]]
     return ModelRouter(pipelines, pipelines[ids[0]].info)

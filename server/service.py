@@ -216,7 +216,8 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             max_face_size=s.max_face_size, output_sizes=list(OUTPUT_SIZES),
             max_batch_faces=s.max_batch_faces, server_version=server_version(),
             model_file=info.model_file, arch=info.arch, channel_multiplier=info.channel_multiplier,
-            models=[codec.encode_restorer(m) for m in info.models], default_model=info.default_model)
+            models=[codec.encode_restorer(m) for m in info.models], default_model=info.default_model,
+            backgrounds=list(info.backgrounds))
 
     # --- shutdown ----------------------------------------------------------------------------
 
@@ -237,6 +238,10 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
         if restorer is None:
             loaded = ", ".join(m.id for m in info.models) or "only the default (leave model empty)"
             raise InvalidRequest(f"model {options.model!r} is not loaded here; loaded: {loaded}")
+        if options.background.value not in info.backgrounds:
+            raise InvalidRequest(f"background {options.background.value!r} is not available here "
+                                 f"(this service has: {', '.join(info.backgrounds)}); start it with "
+                                 f"--bg-upsampler realesrgan-x2 (or -x4) for Real-ESRGAN")
         if options.random_noise and not restorer.random_noise:
             raise InvalidRequest(f"random_noise needs a GFPGAN model (StyleGAN2 noise); "
                                  f"{restorer.id or restorer.name} has none")

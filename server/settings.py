@@ -34,6 +34,7 @@ class Settings:
     metrics_port: int = 9090
     model: str = ""  # "" until from_args fills in <weights_dir>/GFPGANv1.4.pth
     models: str = ""  # more resident restorers: ids or files, comma-separated
+    bg_upsampler: str = ""  # Real-ESRGAN for `background: realesrgan`: an id or a file
     weights_dir: str = dataclasses.field(default_factory=default_weights_dir)
     device: str = "auto"
     dtype: str = "auto"
@@ -73,6 +74,8 @@ class Settings:
         object.__setattr__(self, "model", _model_path(model, weights_dir))
         extra = [_model_path(m.strip(), weights_dir) for m in str(self.models).split(",") if m.strip()]
         object.__setattr__(self, "models", ",".join(dict.fromkeys(m for m in extra if m != self.model)))
+        if str(self.bg_upsampler).strip():
+            object.__setattr__(self, "bg_upsampler", _model_path(str(self.bg_upsampler).strip(), weights_dir))
         problem = _cross_check(self)
         if problem:
             raise ValueError(problem)
@@ -136,10 +139,11 @@ def _absolute(path: str) -> str:
 
 def _model_path(value: str, weights_dir: str) -> str:
     """A restorer id ("restoreformer") -> its file in the weights folder; a path -> absolute."""
-    from server.weights import MODEL_FILES
+    from server.weights import BACKGROUND_FILES, MODEL_FILES
 
-    if value in MODEL_FILES:
-        return str(Path(weights_dir) / MODEL_FILES[value])
+    known = {**MODEL_FILES, **BACKGROUND_FILES}
+    if value in known:
+        return str(Path(weights_dir) / known[value])
     return _absolute(value)
 
 
@@ -276,6 +280,9 @@ SPECS: tuple[_Spec, ...] = (
           "<weights-dir>/GFPGANv1.4.pth"),
     _Spec("models", str, "More restorers to keep resident beside --model, comma-separated ids "
           "or files, e.g. restoreformer,gfpgan-1.3; a request picks one with its `model` option.",
+          "none"),
+    _Spec("bg_upsampler", str, "Real-ESRGAN for requests with background realesrgan: "
+          "realesrgan-x2, realesrgan-x4 (their files in --weights-dir) or a checkpoint file.",
           "none"),
     _Spec("weights_dir", str, "Folder for the detection and face-parsing weights, and for "
           "downloads (made absolute at start-up).", "~/.cache/gfpgan-service/weights"),

@@ -79,6 +79,19 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {
             None,
             "RestoreFormer face restoration network",
         ),
+        # Real-ESRGAN publishes no hashes: each of these is from one published manifest.
+        KnownWeights(
+            "RealESRGAN_x2plus.pth",
+            "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth",
+            "49fafd45f8fd7aa8d31ab2a22d14d91b536c34494a5cfe31eb5d89c2fa266abb",
+            "Real-ESRGAN x2plus background upsampler (RRDBNet)",
+        ),
+        KnownWeights(
+            "RealESRGAN_x4plus.pth",
+            "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth",
+            "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1",
+            "Real-ESRGAN x4plus background upsampler (RRDBNet)",
+        ),
         # facexlib publishes no hashes; these two were computed from the release assets and
         # agree across independent published manifests (sizes 109497761 and 85331193 bytes).
         KnownWeights(
@@ -104,6 +117,11 @@ MODEL_FILES = {
     "gfpgan-1.2": "GFPGANCleanv1-NoCE-C2.pth",
     "gfpgan-1": "GFPGANv1.pth",
     "restoreformer": "RestoreFormer.pth",
+}
+#: The background upsamplers by id (--bg-upsampler).
+BACKGROUND_FILES = {
+    "realesrgan-x2": "RealESRGAN_x2plus.pth",
+    "realesrgan-x4": "RealESRGAN_x4plus.pth",
 }
 
 

@@ -6,6 +6,11 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Background(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKGROUND_LANCZOS: _ClassVar[Background]
+    BACKGROUND_REALESRGAN: _ClassVar[Background]
+
 class Alignment(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ALIGNMENT_DETECT: _ClassVar[Alignment]
@@ -18,6 +23,8 @@ class FaceStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FACE_STATUS_ENHANCED: _ClassVar[FaceStatus]
     FACE_STATUS_NO_FACE: _ClassVar[FaceStatus]
     FACE_STATUS_FALLBACK: _ClassVar[FaceStatus]
+BACKGROUND_LANCZOS: Background
+BACKGROUND_REALESRGAN: Background
 ALIGNMENT_DETECT: Alignment
 ALIGNMENT_ALIGNED: Alignment
 ALIGNMENT_LANDMARKS: Alignment
@@ -41,7 +48,7 @@ class FaceBatch(_message.Message):
     def __init__(self, count: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EnhanceOptions(_message.Message):
-    __slots__ = ("output_size", "alignment", "fidelity", "only_center_face", "random_noise", "steady_video", "detect_every", "model")
+    __slots__ = ("output_size", "alignment", "fidelity", "only_center_face", "random_noise", "steady_video", "detect_every", "model", "background")
     OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     FIDELITY_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +57,7 @@ class EnhanceOptions(_message.Message):
     STEADY_VIDEO_FIELD_NUMBER: _ClassVar[int]
     DETECT_EVERY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     output_size: int
     alignment: Alignment
     fidelity: float
@@ -58,7 +66,8 @@ class EnhanceOptions(_message.Message):
     steady_video: bool
     detect_every: int
     model: str
-    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ..., steady_video: bool = ..., detect_every: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    background: Background
+    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ..., steady_video: bool = ..., detect_every: _Optional[int] = ..., model: _Optional[str] = ..., background: _Optional[_Union[Background, str]] = ...) -> None: ...
 
 class EnhanceRequest(_message.Message):
     __slots__ = ("request_id", "faces", "options", "landmarks", "timeout_ms")
@@ -109,7 +118,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("model_name", "model_version", "weights_sha256", "device", "dtype", "max_faces_per_request", "min_face_size", "max_face_size", "output_sizes", "max_batch_faces", "server_version", "model_file", "arch", "channel_multiplier", "models", "default_model")
+    __slots__ = ("model_name", "model_version", "weights_sha256", "device", "dtype", "max_faces_per_request", "min_face_size", "max_face_size", "output_sizes", "max_batch_faces", "server_version", "model_file", "arch", "channel_multiplier", "models", "default_model", "backgrounds")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +135,7 @@ class ServiceInfo(_message.Message):
     CHANNEL_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUNDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     weights_sha256: str
@@ -142,7 +152,8 @@ class ServiceInfo(_message.Message):
     channel_multiplier: int
     models: _containers.RepeatedCompositeFieldContainer[Restorer]
     default_model: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_faces_per_request: _Optional[int] = ..., min_face_size: _Optional[int] = ..., max_face_size: _Optional[int] = ..., output_sizes: _Optional[_Iterable[int]] = ..., max_batch_faces: _Optional[int] = ..., server_version: _Optional[str] = ..., model_file: _Optional[str] = ..., arch: _Optional[str] = ..., channel_multiplier: _Optional[int] = ..., models: _Optional[_Iterable[_Union[Restorer, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    backgrounds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_faces_per_request: _Optional[int] = ..., min_face_size: _Optional[int] = ..., max_face_size: _Optional[int] = ..., output_sizes: _Optional[_Iterable[int]] = ..., max_batch_faces: _Optional[int] = ..., server_version: _Optional[str] = ..., model_file: _Optional[str] = ..., arch: _Optional[str] = ..., channel_multiplier: _Optional[int] = ..., models: _Optional[_Iterable[_Union[Restorer, _Mapping]]] = ..., default_model: _Optional[str] = ..., backgrounds: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Restorer(_message.Message):
     __slots__ = ("id", "name", "version", "arch", "weights_sha256", "model_file", "channel_multiplier", "licence", "native_size", "random_noise", "fidelity_weight")
