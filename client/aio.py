@@ -64,6 +64,8 @@ class ServiceInfo:
     #: Every restorer it has loaded (the default first), and the default's id.
     models: tuple[RestorerInfo, ...] = ()
     default_model: str = ""
+    #: The backgrounds it offers: "lanczos", and "realesrgan" when it has one loaded.
+    backgrounds: tuple[str, ...] = ()
 
     @property
     def limits(self) -> RequestLimits:
@@ -80,7 +82,7 @@ class ServiceInfo:
                    server_version=msg.server_version, model_file=msg.model_file, arch=msg.arch,
                    channel_multiplier=msg.channel_multiplier,
                    models=tuple(codec.decode_restorer(m) for m in msg.models),
-                   default_model=msg.default_model)
+                   default_model=msg.default_model, backgrounds=tuple(msg.backgrounds))
 
 
 class ServiceUnreachable(ConnectionError):

@@ -7,7 +7,7 @@ import argparse
 import math
 from dataclasses import dataclass, fields, replace
 
-from client.types import ARCHS, MAX_DETECT_EVERY, Alignment, EnhanceOptions, InvalidRequest, ModelSpec
+from client.types import ARCHS, MAX_DETECT_EVERY, Alignment, Background, EnhanceOptions, InvalidRequest, ModelSpec
 
 #: --gfpgan_upscale -> the side of the faces that come back (MuseTalk decodes 256x256 faces).
 OUTPUT_SIZE_BY_UPSCALE = {1: 256, 2: 512, 4: 1024}
@@ -57,7 +57,8 @@ class GFPGANSettings:
     model: str | None = None
     #: Accepted and reported: the device is the service's business (GetInfo says which).
     device: str | None = None
-    #: Accepted and reported: MuseTalk pastes the face only, so no background is upsampled.
+    #: realesrgan (or GFPGANer's RealESRGANer object): the service upsamples the crop around
+    #: the face with Real-ESRGAN (it must have one loaded: --bg-upsampler); none: Lanczos.
     bg_upsampler: str | None = None
     # Reaching a service that checks who calls (README, "Security"). The token itself comes
     # from GFPGAN_TOKEN or a file, never from this YAML or the command line.
@@ -94,7 +95,8 @@ class GFPGANSettings:
     def enhance_options(self) -> EnhanceOptions:
         return EnhanceOptions(output_size=self.output_size, alignment=ALIGNMENTS[self.alignment],
                               fidelity=float(self.fidelity), steady_video=self.steady,
-                              detect_every=int(self.detect_every), model=self.model or "")
+                              detect_every=int(self.detect_every), model=self.model or "",
+                              background=Background.REALESRGAN if self.bg_upsampler else Background.LANCZOS)
 
     def check(self) -> "GFPGANSettings":
         """Return the settings with values normalised; raise SettingsError for a bad one."""
@@ -153,6 +155,15 @@ class GFPGANSettings:
             multiplier = _number(multiplier, "channel_multiplier", int)
             if multiplier < 1:
                 raise SettingsError(f"{where} 'channel_multiplier' must be 1 or more; got {multiplier}")
+        background = _named(self.bg_upsampler)
+        if background is not None:
+            if not background.lower().startswith("realesrgan"):
+                raise SettingsError(f"{where} 'bg_upsampler' must be realesrgan (Real-ESRGAN, run by "
+                                    f"the service) or none (Lanczos); got {self.bg_upsampler!r}")
+            if alignment != "detect":
+                raise SettingsError(f"{where} 'bg_upsampler: realesrgan' upsamples the picture around "
+                                    f"the face: it needs 'alignment: detect'")
+            background = "realesrgan"
         model = _named(self.model)
         try:
             ModelSpec(model_path, arch, multiplier, model=model).validate()
@@ -163,7 +174,7 @@ class GFPGANSettings:
                        detect_every=every,
                        metrics_port=port, metrics_host=str(self.metrics_host),
                        model_path=model_path, arch=arch, channel_multiplier=multiplier, model=model,
-                       device=_named(self.device), bg_upsampler=_named(self.bg_upsampler))
+                       device=_named(self.device), bg_upsampler=background)
 
 
 def _number(value, name: str, kind: type):

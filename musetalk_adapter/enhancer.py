@@ -267,8 +267,15 @@ class GFPGANEnhancer:
             self.notes.append(f"device {s.device!r} is not used here: the service runs the model "
                               f"(on {where})")
         if s.bg_upsampler is not None:
-            self.notes.append(f"bg_upsampler {s.bg_upsampler!r} is not used: MuseTalk pastes only "
-                              f"the face, so there is no background to upsample")
+            if info is not None and "realesrgan" not in info.backgrounds:
+                raise ModelMismatch(
+                    f"bg_upsampler realesrgan: the service at {info.target} has no Real-ESRGAN "
+                    f"loaded (its backgrounds: {', '.join(info.backgrounds) or 'not reported'}); "
+                    f"start it with --bg-upsampler realesrgan-x2, or set bg_upsampler: none")
+            self.notes.append("bg_upsampler realesrgan: the service upsamples each crop around the "
+                              "face with Real-ESRGAN" + (
+                                  "; at upscale 1 it is enlarged and resized back to 256, a network "
+                                  "pass per face for little" if s.upscale == 1 else ""))
         for note in self.notes:
             log.info("GFPGAN: %s", note)
 

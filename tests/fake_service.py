@@ -49,6 +49,8 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.model = ("GFPGANv1.4.pth", "clean", 2)
         #: GetInfo's list of loaded restorers (client.types.RestorerInfo); empty: none listed.
         self.models: list = []
+        #: GetInfo's backgrounds.
+        self.backgrounds = ["lanczos"]
         # --- what happened ---------------------------------------------------------------
         self.requests = 0
         self.faces = 0
@@ -63,6 +65,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.steady: list[bool] = []  # each request's steady_video option, in arrival order
         self.detect_every: list[int] = []  # and its detect_every (0: unset)
         self.model_ids: list[str] = []  # and the restorer it asked for ("" : the default)
+        self.background_kinds: list[int] = []  # and its background (pb.Background)
         #: Seconds GetInfo takes to answer.
         self.info_delay_s = 0.0
 
@@ -91,6 +94,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.steady.append(request.options.steady_video)
         self.detect_every.append(request.options.detect_every)
         self.model_ids.append(request.options.model)
+        self.background_kinds.append(request.options.background)
 
     async def EnhanceBatch(self, request_iterator, context):
         self.streams_opened += 1
@@ -152,7 +156,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
             output_sizes=[256, 512, 1024], max_batch_faces=8, server_version="fake",
             model_file=self.model[0], arch=self.model[1], channel_multiplier=self.model[2],
             models=[codec.encode_restorer(m) for m in self.models],
-            default_model=self.models[0].id if self.models else "")
+            default_model=self.models[0].id if self.models else "", backgrounds=self.backgrounds)
 
 
 class FakeService:

@@ -114,12 +114,24 @@ def test_the_plans_constructor_and_methods_give_enhanced_faces_in_order(service,
     assert (summary.faces_enhanced, summary.faces_fell_back) == (9, 0)
 
 
-def test_device_and_bg_upsampler_are_accepted_and_reported(fake):
-    with GFPGANEnhancer(address=fake.address, device="cuda", bg_upsampler="realesrgan",
+def test_device_is_reported_and_bg_upsampler_realesrgan_asks_the_service_for_it(fake):
+    """Issue 10: the plan's `bg_upsampler: realesrgan` selects the service's Real-ESRGAN
+    background for every batch; a service without one stops the run at start."""
+    from client.pb import face_enhance_pb2 as pb
+
+    fake.servicer.backgrounds = ["lanczos", "realesrgan"]
+    with GFPGANEnhancer(address=fake.address, device="cuda", bg_upsampler="realesrgan", upscale=2,
                         timeout_ms=2000) as enhancer:
         notes = "\n".join(enhancer.notes)
+        enhancer.enhance_batch(make_faces(2))
     assert "device 'cuda' is not used here: the service runs the model (on cpu)" in notes
-    assert "bg_upsampler 'realesrgan' is not used" in notes
+    assert "upsamples each crop around the face with Real-ESRGAN" in notes
+    assert fake.servicer.background_kinds == [pb.BACKGROUND_REALESRGAN]
+    fake.servicer.backgrounds = ["lanczos"]
+    with pytest.raises(ModelMismatch, match="no Real-ESRGAN loaded.*--bg-upsampler realesrgan-x2"):
+        GFPGANEnhancer(address=fake.address, bg_upsampler="realesrgan", timeout_ms=2000)
+    with pytest.raises(SettingsError, match="must be realesrgan .* or none"):
+        GFPGANEnhancer(address=fake.address, bg_upsampler="swinir", timeout_ms=2000)
 
 
 def test_enhance_batch_optimized_refuses_a_bad_batch_size(fake):
