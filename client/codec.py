@@ -98,6 +98,7 @@ def encode_options(options: EnhanceOptions) -> pb.EnhanceOptions:
         detect_every=options.detect_every if options.detect_every > 1 else 0,
         model=options.model,
         background=_BACKGROUND_TO_PB[options.background],
+        fidelity_weight=options.fidelity_weight,
     )
 
 
@@ -120,6 +121,7 @@ def decode_options(msg: pb.EnhanceOptions) -> EnhanceOptions:
         detect_every=msg.detect_every or 1,
         model=msg.model,
         background=_BACKGROUND_FROM_PB[msg.background],
+        fidelity_weight=float(msg.fidelity_weight) if msg.HasField("fidelity_weight") else None,
     ).validate()
 
 

@@ -64,6 +64,8 @@ class EnhanceOptions:
     model: str = ""
     #: Lanczos, or Real-ESRGAN where the service has one loaded (DETECT and LANDMARKS).
     background: Background = Background.LANCZOS
+    #: The restorer's own fidelity weight (CodeFormer's w, 0..1; None: its default, 0.5).
+    fidelity_weight: float | None = None
 
     def validate(self) -> "EnhanceOptions":
         if self.output_size not in OUTPUT_SIZES:
@@ -82,6 +84,11 @@ class EnhanceOptions:
             raise InvalidRequest(f"model must be a restorer id like 'gfpgan-1.4' or 'restoreformer' "
                                  f"(letters, digits, '.', '_', '-'; at most 64), or empty for the "
                                  f"service's default; got {self.model!r}")
+        if self.fidelity_weight is not None and not (
+                isinstance(self.fidelity_weight, (int, float)) and not isinstance(self.fidelity_weight, bool)
+                and math.isfinite(self.fidelity_weight) and 0.0 <= self.fidelity_weight <= 1.0):
+            raise InvalidRequest(f"fidelity_weight must be a number in [0, 1] (CodeFormer's w), or unset; "
+                                 f"got {self.fidelity_weight!r}")
         if not isinstance(self.background, Background):
             raise InvalidRequest(f"background must be a Background; got {self.background!r}")
         if self.background is Background.REALESRGAN and self.alignment is Alignment.ALIGNED:

@@ -21,5 +21,5 @@ done
 "$PIP" install -q "${editable[@]}" ".[$extras]"
 "$PIP" install -q --no-deps --no-build-isolation -r requirements/gfpgan-nodeps.txt
 if [ "$extras" = server,dev ]; then
-    "$PIP" install -q --no-deps -r requirements/reference-nodeps.txt
+    "$PIP" install -q --no-deps --no-build-isolation -r requirements/reference-nodeps.txt
 fi

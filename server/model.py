@@ -35,11 +35,14 @@ GFPGANER_ARCH = "clean"
 _EXPECTED_GFPGAN = ("a face restorer checkpoint: GFPGAN v1.3/v1.4 (GFPGANv1Clean, e.g. GFPGANv1.4.pth), "
                     "v1.2 (GFPGANCleanv1-NoCE-C2.pth), v1 (GFPGANv1.pth) or RestoreFormer "
                     "(RestoreFormer.pth)")
+#: CodeFormer's weights and code: non-commercial use only, so it loads only when enabled.
+CODEFORMER_LICENCE = "S-Lab-1.0 (non-commercial)"
 #: Each architecture: (class name, GFPGANer's arch name, licence of the weights and code).
 ARCHITECTURES = {
     "clean": ("GFPGANv1Clean", "clean", "Apache-2.0"),
     "original": ("GFPGANv1", "original", "Apache-2.0"),
     "restoreformer": ("RestoreFormer", "RestoreFormer", "Apache-2.0"),
+    "codeformer": ("CodeFormer", "CodeFormer", CODEFORMER_LICENCE),
 }
 _EXPECTED_DETECTION = "facexlib's RetinaFace resnet50 weights (detection_Resnet50_Final.pth)"
 _EXPECTED_PARSING = "facexlib's ParseNet weights (parsing_parsenet.pth)"
@@ -105,7 +108,7 @@ class GFPGANModel:
                             weights_sha256=self.sha256, model_file=self.path.name,
                             channel_multiplier=int(self.config.get("channel_multiplier", 0)),
                             licence=self.licence, native_size=self.face_size,
-                            random_noise=self.has_noise, fidelity_weight=False)
+                            random_noise=self.has_noise, fidelity_weight=self.arch == "CodeFormer")
 
     def model_info(self, dtype: torch.dtype | str) -> ModelInfo:
         """What GetInfo and the model_info metric report, for the dtype the pipeline runs in."""
@@ -125,10 +128,11 @@ class LoadedModels:
     parser: ParseNet
 
 
-def load_models(paths: WeightPaths, device: torch.device | str) -> LoadedModels:
-    """Load GFPGAN, RetinaFace and ParseNet from `paths` (see `server.weights.ensure_weights`)."""
+def load_models(paths: WeightPaths, device: torch.device | str, allow_codeformer: bool = False) -> LoadedModels:
+    """Load the default restorer, RetinaFace and ParseNet from `paths` (see
+    `server.weights.ensure_weights`)."""
     return LoadedModels(
-        gfpgan=load_gfpgan(paths.gfpgan, device),
+        gfpgan=load_restorer(paths.gfpgan, device, allow_codeformer=allow_codeformer),
         detector=load_retinaface(paths.detection, device),
         parser=load_parsenet(paths.parsing, device),
     )
@@ -137,7 +141,21 @@ def load_models(paths: WeightPaths, device: torch.device | str) -> LoadedModels:
 # -- GFPGAN -------------------------------------------------------------------------------------
 
 
-def load_restorer(path: str | Path, device: torch.device | str) -> GFPGANModel:
+class CodeFormerNet(torch.nn.Module):
+    """CodeFormer behind the restorers' call, `net(x, **kwargs)[0]`, with its fidelity weight
+    `w` (0: most restored, 1: most faithful) and CodeFormer's own inference settings (adain)."""
+
+    takes_fidelity_weight = True
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.codeformer = net
+
+    def forward(self, x: torch.Tensor, w: float = 0.5, **_ignored) -> tuple[torch.Tensor]:
+        return (self.codeformer(x, weight=float(w))[0],)
+
+
+def load_restorer(path: str | Path, device: torch.device | str, allow_codeformer: bool = False) -> GFPGANModel:
     """Load a face restorer checkpoint (`params_ema`, else `params`) onto `device`, its
     architecture and sizes recognised from the state dict's keys and shapes: GFPGANv1Clean (v1.2,
     v1.3, v1.4) of any width, the original GFPGANv1 (StyleGAN2 ops in plain torch,
@@ -165,7 +183,14 @@ def load_restorer(path: str | Path, device: torch.device | str) -> GFPGANModel:
     family = _family(state_dict)
     if family is None:
         _check_gfpgan_keys(path, state_dict)  # raises, naming what the file looks like
-    if family == "restoreformer":
+    if family == "codeformer":
+        if not allow_codeformer:
+            raise ModelLoadError(
+                f"{path} is CodeFormer, whose weights and code are under the S-Lab License 1.0 "
+                f"(non-commercial use only): the service loads it only when started with "
+                f"--enable-codeformer (and installed with the codeformer extra)")
+        net, config = _build_codeformer(state_dict, path)
+    elif family == "restoreformer":
         config = restoreformer_config(state_dict, path)
         net = _build_restoreformer(config)
     else:
@@ -177,7 +202,7 @@ def load_restorer(path: str | Path, device: torch.device | str) -> GFPGANModel:
         net = build_gfpgan_net(family, config)
     architecture, arch, licence = ARCHITECTURES[family]
     expected = f"{architecture} ({_EXPECTED_GFPGAN})"
-    _load_strict(net, state_dict, path, expected)
+    _load_strict(net.codeformer if family == "codeformer" else net, state_dict, path, expected)
     net = _ready(net, device)
 
     sha256 = sha256_file(path)
@@ -204,7 +229,35 @@ def _family(state_dict: dict) -> str | None:
     if all(key in state_dict for key in ("encoder.conv_in.weight", "quantize.embedding.weight",
                                           "quant_conv.weight", "decoder.conv_out.weight")):
         return "restoreformer"
+    if all(key in state_dict for key in ("position_emb", "idx_pred_layer.1.weight", "quantize.embedding.weight",
+                                          "ft_layers.0.self_attn.in_proj_weight", "encoder.blocks.0.weight")):
+        return "codeformer"
     return None
+
+
+def _build_codeformer(state_dict: dict, path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """CodeFormer through spandrel, which reads its sizes off the state dict (transformer width
+    and depth, codebook size, which levels are fused); the architecture itself comes from
+    spandrel-extra-arches (CodeFormer's own licence). The attention head count leaves no trace
+    in the weights: spandrel assumes the published 8."""
+    try:
+        import spandrel
+        import spandrel_extra_arches
+    except ImportError as error:
+        raise ModelLoadError(f"{path} is CodeFormer, which needs the codeformer extra: pip install "
+                             f"'gfpgan-service[codeformer]' ({error})") from None
+    spandrel_extra_arches.install(ignore_duplicates=True)
+    try:
+        descriptor = spandrel.ModelLoader().load_from_state_dict(state_dict)
+    except Exception as error:  # noqa: BLE001 - spandrel raises several kinds for a bad file
+        raise ModelLoadError(f"{path} looks like CodeFormer but does not load ({type(error).__name__}: "
+                             f"{error})") from None
+    net = descriptor.model
+    config = dict(dim_embd=int(state_dict["position_emb"].shape[1]),
+                  codebook_size=int(state_dict["idx_pred_layer.1.weight"].shape[0]),
+                  n_layers=len(_indices(state_dict, "ft_layers.", ".self_attn.in_proj_weight")),
+                  connect_list=list(net.connect_list), n_head=8)
+    return CodeFormerNet(net), config
 
 
 def build_gfpgan_net(family: str, config: dict[str, Any]) -> torch.nn.Module:
@@ -307,7 +360,7 @@ def _guess_family(state_dict: dict) -> str:
     if any(k.startswith("conv_body_first.0.") or ".activate.bias" in k for k in keys):
         return " (it looks like the original GFPGAN v1, GFPGANv1.pth, with layers missing)"
     if "position_emb" in state_dict or any(k.startswith("ft_layers.") for k in keys):
-        return " (it looks like CodeFormer, which this service does not load yet)"
+        return " (it looks like CodeFormer, with layers missing)"
     if any(k.startswith(("quantize.", "encoder.conv_in.")) for k in keys):
         return " (it looks like a VQ-based restorer such as RestoreFormer, with layers missing)"
     return ""
@@ -329,7 +382,8 @@ def _indices(state_dict: dict, prefix: str, suffix: str) -> list[int]:
 
 
 #: Published file names that do not say their version the GFPGANv<version> way.
-_NAMES_BY_STEM = {"GFPGANCleanv1-NoCE-C2": ("GFPGANv1.2", "1.2"), "RestoreFormer": ("RestoreFormer", "1.0")}
+_NAMES_BY_STEM = {"GFPGANCleanv1-NoCE-C2": ("GFPGANv1.2", "1.2"), "RestoreFormer": ("RestoreFormer", "1.0"),
+                  "codeformer": ("CodeFormer", "0.1.0")}
 
 
 def _identify(path: Path, sha256: str) -> tuple[str, str]:

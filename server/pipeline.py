@@ -86,6 +86,7 @@ class _Group:
     aligned_inputs: torch.Tensor   # (aligned, 3, 512, 512) ALIGNED inputs resized to 512
     noise: torch.Tensor            # per crop (faces then aligned): wants random noise
     fidelity: torch.Tensor         # (n,) per image
+    weights: torch.Tensor          # per crop: the network's own fidelity weight (CodeFormer's w)
     pasted_faces: torch.Tensor | None = None
     aligned_faces: torch.Tensor | None = None
     masks: torch.Tensor | None = None
@@ -206,9 +207,13 @@ class FacePipeline:
         options = [o for plan in plans for o in plan.options]
         crops = torch.cat([c for plan in plans for c in (plan.warped, plan.aligned_inputs)])
         with self._stage("gfpgan"):
-            restored = self._restore(crops, torch.cat([plan.noise for plan in plans]),
-                                     any(o.random_noise for o in options),
-                                     all(o.random_noise for o in options))
+            if getattr(self.gfpgan, "takes_fidelity_weight", False):
+                restored = self._restore_weighted(crops, torch.cat([plan.weights for plan in plans]),
+                                                  sorted({_network_weight(o) for o in options}))
+            else:
+                restored = self._restore(crops, torch.cat([plan.noise for plan in plans]),
+                                         any(o.random_noise for o in options),
+                                         all(o.random_noise for o in options))
         pending = []  # (plan, {size: device uint8 NHWC}, device status)
         offset = 0
         for plan in plans:
@@ -250,10 +255,11 @@ class FacePipeline:
         with self._stage("upload"):
             host = np.concatenate([np.ascontiguousarray(jobs[i].faces) for i in indices])
             images = self._staging.upload(key + "images", host).permute(0, 3, 1, 2).float()
-            # Per image: aligned, detect, centre only, random noise, fidelity (one upload).
+            # Per image: aligned, detect, centre only, random noise, fidelity, the network's own
+            # fidelity weight (one upload).
             flags = np.array([[o.alignment is Alignment.ALIGNED, o.alignment is Alignment.DETECT,
-                               o.only_center_face, o.random_noise, o.fidelity] for o in options],
-                             dtype=np.float32).reshape(n, 5)
+                               o.only_center_face, o.random_noise, o.fidelity, _network_weight(o)]
+                              for o in options], dtype=np.float32).reshape(n, 6)
             # (first image, landmarks): the caller's, and steady video's held alignment for the
             # frames whose detection is skipped (placeholders until _steady sets them)
             given = [(start, jobs[i].landmarks) for start, i in zip(_starts(jobs, indices), indices)
@@ -273,7 +279,7 @@ class FacePipeline:
             points = self._staging.upload(key + "points", given_points.reshape(-1, 5, 2))
         na, nd = len(aligned_host), len(detect_host)
         aligned_index, detect_index, given_index = index[:na], index[na:na + nd], index[na + nd:]
-        centre_only, random_noise, fidelity = meta[:, 2] > 0.5, meta[:, 3] > 0.5, meta[:, 4]
+        centre_only, random_noise, fidelity, weight = meta[:, 2] > 0.5, meta[:, 3] > 0.5, meta[:, 4], meta[:, 5]
 
         faces = self._locate(images, detect_index, given_index, points, centre_only,
                              all_centre=all(options[i].only_center_face for i in detect_host))
@@ -291,7 +297,8 @@ class FacePipeline:
                       affines=affines, aligns=aligns,
                       aligned_index=aligned_index, aligned_host=aligned_host, warped=warped,
                       aligned_inputs=resized, fidelity=fidelity,
-                      noise=torch.cat([random_noise[faces.image], random_noise[aligned_index]]))
+                      noise=torch.cat([random_noise[faces.image], random_noise[aligned_index]]),
+                      weights=torch.cat([weight[faces.image], weight[aligned_index]]))
 
     def _locate(self, images, detect_index, given_index, given_points, centre_only, all_centre) -> Faces:
         """5-point landmarks of every face to restore: detected, or given by the caller."""
@@ -370,6 +377,23 @@ class FacePipeline:
         with self._autocast():
             output = self.gfpgan(self._network_input(crops), return_rgb=False, randomize_noise=False)[0]
         return _from_network(output)
+
+    def _restore_weighted(self, crops: torch.Tensor, weights: torch.Tensor, values: list[float]) -> torch.Tensor:
+        """A restorer with a fidelity weight of its own (CodeFormer): one pass per weight the
+        batch asks for (known on the host), each crop taking the pass of its own weight."""
+        if crops.shape[0] == 0:
+            return crops
+        output = None
+        for value in values:
+            def run(x, value=value):
+                with self._autocast():
+                    return _from_network(self.gfpgan(self._network_input(x), w=value)[0])
+            out = _in_passes(run, crops)
+            if output is None:
+                output = out
+            else:
+                output = torch.where((weights == value).view(-1, 1, 1, 1), out, output)
+        return output
 
     def _restore(self, crops: torch.Tensor, random_noise: torch.Tensor, any_random: bool,
                  all_random: bool) -> torch.Tensor:
@@ -503,6 +527,17 @@ def _in_passes(run, batch: torch.Tensor) -> torch.Tensor:
         return run(batch)
     return torch.cat([run(batch[start:start + MAX_NETWORK_FACES])
                       for start in range(0, batch.shape[0], MAX_NETWORK_FACES)])
+
+
+#: CodeFormer's own default w, for requests that leave fidelity_weight unset.
+DEFAULT_NETWORK_WEIGHT = 0.5
+
+
+def _network_weight(options: EnhanceOptions) -> float:
+    """The request's network fidelity weight as the device sees it (float32, so that host and
+    device compare equal)."""
+    value = DEFAULT_NETWORK_WEIGHT if options.fidelity_weight is None else options.fidelity_weight
+    return float(np.float32(value))
 
 
 def _skipped_detections(jobs: Sequence[Job], indices: list[int]) -> dict[int, object]:
@@ -652,9 +687,10 @@ def build_pipeline(settings) -> FacePipeline | ModelRouter:
     background = [settings.bg_upsampler] if settings.bg_upsampler else []
     paths = ensure_weights(settings.model, settings.weights_dir, download=not settings.no_download,
                            extra_models=extra + background)
-    models = load_models(paths, device)
+    models = load_models(paths, device, allow_codeformer=settings.enable_codeformer)
     restorer_paths = paths.extra_models[:len(extra)]
-    restorers = [models.gfpgan] + [load_restorer(path, device) for path in restorer_paths]
+    restorers = [models.gfpgan] + [load_restorer(path, device, allow_codeformer=settings.enable_codeformer)
+                                   for path in restorer_paths]
     upsampler = None
     if background:
         from server.background import load_realesrgan

@@ -242,6 +242,11 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             raise InvalidRequest(f"background {options.background.value!r} is not available here "
                                  f"(this service has: {', '.join(info.backgrounds)}); start it with "
                                  f"--bg-upsampler realesrgan-x2 (or -x4) for Real-ESRGAN")
+        if options.fidelity_weight is not None and not restorer.fidelity_weight:
+            takes = ", ".join(m.id for m in info.models if m.fidelity_weight) or "none loaded here"
+            raise InvalidRequest(f"fidelity_weight is a restorer's own weight (CodeFormer's w); "
+                                 f"{restorer.id or restorer.name} has none (models with one: {takes}); "
+                                 f"use fidelity, the blend after the network")
         if options.random_noise and not restorer.random_noise:
             raise InvalidRequest(f"random_noise needs a GFPGAN model (StyleGAN2 noise); "
                                  f"{restorer.id or restorer.name} has none")

@@ -44,6 +44,7 @@ class Settings:
     max_faces_per_request: int = 32
     min_face_size: int = 64
     max_face_size: int = 512
+    enable_codeformer: bool = False  # CodeFormer is non-commercial: loaded only when set
     no_download: bool = False
     log_level: str = "INFO"
     drain_grace_s: float = 30.0
@@ -302,6 +303,9 @@ SPECS: tuple[_Spec, ...] = (
           check=_int_in(1, 4096)),
     _Spec("max_face_size", _int_in(1, 4096), "Largest accepted face side, in pixels.", "512",
           check=_int_in(1, 4096)),
+    _Spec("enable_codeformer", _boolean, "Allow loading CodeFormer (--model/--models codeformer): "
+          "its weights and code are under the S-Lab License 1.0, non-commercial use only. Needs "
+          "the codeformer extra.", "false", boolean="flag"),
     _Spec("no_download", _boolean, "Never download missing weights; fail at start-up with what "
           "to fetch and where to put it.", "false", boolean="flag"),
     _Spec("log_level", _log_level, "Logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL.",

@@ -79,6 +79,13 @@ KNOWN_WEIGHTS: dict[str, KnownWeights] = {
             None,
             "RestoreFormer face restoration network",
         ),
+        # CodeFormer: S-Lab License 1.0 (non-commercial); loaded only with --enable-codeformer.
+        KnownWeights(
+            "codeformer.pth",
+            "https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth",
+            "1009e537e0c2a07d4cabce6355f53cb66767cd4b4297ec7a4a64ca4b8a5684b7",
+            "CodeFormer face restoration network (S-Lab License 1.0, non-commercial)",
+        ),
         # Real-ESRGAN publishes no hashes: each of these is from one published manifest.
         KnownWeights(
             "RealESRGAN_x2plus.pth",
@@ -117,6 +124,7 @@ MODEL_FILES = {
     "gfpgan-1.2": "GFPGANCleanv1-NoCE-C2.pth",
     "gfpgan-1": "GFPGANv1.pth",
     "restoreformer": "RestoreFormer.pth",
+    "codeformer": "codeformer.pth",
 }
 #: The background upsamplers by id (--bg-upsampler).
 BACKGROUND_FILES = {
