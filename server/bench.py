@@ -109,6 +109,10 @@ def _time_batches(run_batch: Callable[[np.ndarray], None], faces: np.ndarray, ba
 
 # -- (a) GFPGAN's own integration -----------------------------------------------------------------
 
+#: The architectures GFPGANer itself can build (its `arch` argument).
+GFPGANER_ARCHS = ("clean", "bilinear", "original", "RestoreFormer")
+
+
 @contextlib.contextmanager
 def _gfpganer(model: str, weights_dir: str, device: torch.device):
     """GFPGANer as usually integrated, on our files, with the checkpoint's own architecture
@@ -407,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="", help="the restorer: a checkpoint or a known id (gfpgan-1.4, "
                         "gfpgan-1.3, gfpgan-1.2, gfpgan-1, restoreformer); several, comma-separated, give a "
                         "report per model (default <weights-dir>/GFPGANv1.4.pth)")
+    parser.add_argument("--enable-codeformer", action="store_true",
+                        help="allow --model codeformer (S-Lab licence, non-commercial use only)")
     parser.add_argument("--weights-dir", default=default_weights_dir(),
                         help="folder of the detection and parsing weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -500,7 +506,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                             paste_mask=args.paste_mask, resample=args.resample,
-                            activations=args.activations)
+                            activations=args.activations, enable_codeformer=args.enable_codeformer)
     except ValueError as error:
         parser.error(str(error))
 
@@ -509,7 +515,11 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
     device = pipeline.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     measurements: list[Measurement] = []
-    if "gfpganer" in methods:
+    gfpganer_note = ""
+    if "gfpganer" in methods and pipeline.info.arch not in GFPGANER_ARCHS:
+        gfpganer_note = (f"\n- GFPGANer: not run, it has no arch {pipeline.info.arch!r} (its own are "
+                         f"{', '.join(GFPGANER_ARCHS)})")
+    elif "gfpganer" in methods:
         with _gfpganer(settings.model, settings.weights_dir, device) as restorer:
             measurements += bench_gfpganer(restorer, faces, sizes, options.alignment, args.iterations,
                                            args.seconds, sync)
@@ -522,7 +532,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                                           args.in_flight)
 
     sections = [header(argv, device, pipeline.dtype, settings.model, faces, options)
-                + f"\n- pipeline speed forms: {pipeline.speed.describe()}"]
+                + f"\n- pipeline speed forms: {pipeline.speed.describe()}" + gfpganer_note]
     if titled:
         info = pipeline.info
         sections[0] = (f"## {info.models[0].id if info.models else info.model_name}: {info.model_name} "

@@ -223,3 +223,30 @@ def test_a_codeformer_like_file_is_refused_naming_what_it_looks_like(tmp_path):
     with pytest.raises(ModelLoadError, match="looks like CodeFormer") as caught:
         load_restorer(path, CPU)
     assert str(path) in str(caught.value)
+
+
+# --- the loader evaluated: spandrel against our recognition --------------------------------------
+
+def test_spandrel_reads_restoreformer_as_we_do_but_not_gfpgans_width_or_v1(restoreformer_file, gfpgan_v1_file,
+                                                                          small_weights):
+    """Why the service recognises the GFPGAN family itself and uses spandrel only for CodeFormer:
+    spandrel reads RestoreFormer's sizes as we do, but builds GFPGAN at the published width only
+    (narrow=1, channel_multiplier=2 hard-coded) and takes GFPGAN v1 for the clean architecture."""
+    import spandrel
+
+    from server.model import restoreformer_config
+    from tests.checkpoints import GFPGAN_FILE
+
+    state = torch.load(restoreformer_file, weights_only=True)["params_ema"]
+    theirs = spandrel.ModelLoader().load_from_state_dict(state)
+    assert theirs.architecture.id == "RestoreFormer"
+    ours = restoreformer_config(state)
+    built = theirs.model
+    assert built.encoder.conv_in.out_channels == ours["ch"]
+    assert built.quantize.embedding.weight.shape == (ours["n_embed"], ours["embed_dim"])
+    narrow = torch.load(small_weights / GFPGAN_FILE, weights_only=True)["params_ema"]
+    with pytest.raises(Exception, match="size mismatch"):
+        spandrel.ModelLoader().load_from_state_dict(narrow)
+    v1 = torch.load(gfpgan_v1_file, weights_only=True)["params_ema"]
+    with pytest.raises(Exception, match="Error.s. in loading state_dict for GFPGANv1Clean"):
+        spandrel.ModelLoader().load_from_state_dict(v1)  # taken for the clean architecture
