@@ -19,7 +19,7 @@ import torch
 from client import codec
 from client.pb import face_enhance_pb2 as pb
 from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, EnhanceOptions, ModelSpec, RestorerInfo
+from client.types import Alignment, Background, EnhanceOptions, ModelSpec, RestorerInfo
 from server.pipeline import FacePipeline, ModelRouter, build_pipeline
 from server.settings import Settings
 from server.weights import WeightsMissing
@@ -31,7 +31,7 @@ from tests.checkpoints import (
     build_restoreformer,
     make_checkpoint,
 )
-from tests.faces import make_faces
+from tests.faces import make_faces, template_landmarks
 from tests.test_server import channel, running
 
 ALIGNED = dict(alignment=Alignment.ALIGNED)
@@ -47,13 +47,16 @@ def three_models(tmp_path_factory, small_weights):
         os.symlink(small_weights / name, folder / name)
     make_checkpoint(folder / "RestoreFormer.pth", build_restoreformer(seed=1))
     make_checkpoint(folder / "GFPGANv1.pth", build_gfpgan_v1(seed=2))
+    from tests.test_background import build_rrdbnet
+
+    make_checkpoint(folder / "RealESRGAN_x2plus.pth", build_rrdbnet(2, seed=3))
     return folder
 
 
 @pytest.fixture(scope="module")
 def router(three_models):
     settings = Settings(weights_dir=str(three_models), models="restoreformer,gfpgan-1", no_download=True,
-                        device="cpu", paste_mask="box", warmup=False)
+                        device="cpu", paste_mask="box", warmup=False, bg_upsampler="realesrgan-x2")
     built = build_pipeline(settings)
     assert isinstance(built, ModelRouter)
     return built
@@ -72,24 +75,38 @@ def test_models_load_once_each_and_share_the_detector(router):
 
 
 async def test_a_mixed_stream_comes_back_in_order_each_face_from_its_model(router):
+    from server.jobs import Job
+
     faces = make_faces(5, seed=11, size=128)
     plan = ["", "restoreformer", "gfpgan-1", "gfpgan-1.4", "restoreformer"]  # "" : the default
     alone = {}
     for model in set(plan) | {"gfpgan-1.4"}:
-        [result] = router.pipelines[model or "gfpgan-1.4"].enhance(
-            [__import__("server.jobs", fromlist=["Job"]).Job(faces, EnhanceOptions(**ALIGNED))])
+        [result] = router.pipelines[model or "gfpgan-1.4"].enhance([Job(faces, EnhanceOptions(**ALIGNED))])
         alone[model] = result.faces
-    async with running(types.SimpleNamespace(factory=lambda settings: router)) as app, channel(app) as ch:
+    # and backgrounds interleaved with them: faces pasted back at 512, Lanczos or Real-ESRGAN
+    points = template_landmarks(2, seed=13, size=128)
+    pasted = [EnhanceOptions(alignment=Alignment.LANDMARKS, output_size=512, model=m, background=b)
+              for m, b in (("restoreformer", Background.REALESRGAN), ("gfpgan-1.4", Background.LANCZOS))]
+    pasted_alone = [router.pipelines[o.model].enhance([Job(faces[i:i + 1], o, points[i:i + 1])])[0].faces[0]
+                    for i, o in enumerate(pasted)]
+    async with running(types.SimpleNamespace(factory=lambda settings: router), warmup=False) as app, channel(app) as ch:
         call = pb_grpc.FaceEnhancerStub(ch).EnhanceBatch()
         for i, model in enumerate(plan):
             await call.write(codec.encode_request(i, faces[i:i + 1], EnhanceOptions(model=model, **ALIGNED)))
+            if i < len(pasted):
+                await call.write(codec.encode_request(100 + i, faces[i:i + 1], pasted[i], points[i:i + 1]))
         await call.done_writing()
         answers = [r async for r in call]
         info = await pb_grpc.FaceEnhancerStub(ch).GetInfo(pb.GetInfoRequest())
         counted = {m: app.metrics.registry.get_sample_value("faceenhance_faces_total", {"model": m})
                    for m in ("gfpgan-1.4", "restoreformer", "gfpgan-1")}
-    assert counted == {"gfpgan-1.4": 2, "restoreformer": 2, "gfpgan-1": 1}  # the metric's model label
-    assert [a.request_id for a in answers] == list(range(5))
+    assert counted == {"gfpgan-1.4": 3, "restoreformer": 3, "gfpgan-1": 1}  # the metric's model label
+    assert [a.request_id for a in answers] == [0, 100, 1, 101, 2, 3, 4]
+    by_id = {a.request_id: a for a in answers}
+    for i, expected in enumerate(pasted_alone):
+        got = codec.decode_response(by_id[100 + i]).faces[0].astype(int)
+        assert got.shape == (512, 512, 3) and np.abs(got - expected).max() <= 1, i
+    answers = [by_id[i] for i in range(5)]
     for i, (answer, model) in enumerate(zip(answers, plan)):
         assert not answer.HasField("error"), answer.error.message
         got = codec.decode_response(answer).faces[0].astype(int)
@@ -104,7 +121,7 @@ async def test_a_mixed_stream_comes_back_in_order_each_face_from_its_model(route
 
 async def test_an_unknown_model_or_noise_without_noise_is_invalid_and_the_stream_goes_on(router):
     faces = make_faces(1, seed=12, size=64)
-    async with running(types.SimpleNamespace(factory=lambda settings: router)) as app, channel(app) as ch:
+    async with running(types.SimpleNamespace(factory=lambda settings: router), warmup=False) as app, channel(app) as ch:
         call = pb_grpc.FaceEnhancerStub(ch).EnhanceBatch()
         await call.write(codec.encode_request(1, faces, EnhanceOptions(model="codeformer", **ALIGNED)))
         await call.write(codec.encode_request(2, faces, EnhanceOptions(model="restoreformer", random_noise=True,
