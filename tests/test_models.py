@@ -196,3 +196,25 @@ def test_the_adapter_selects_a_model_by_arch_and_sends_its_id(project):
                             "--result_dir", str(project.dir / "out2"))
     assert chosen == ["restoreformer", "restoreformer"]
     assert code == 2
+
+
+def test_the_adapter_asks_for_the_realesrgan_background_from_its_yaml(project):
+    """The plan's YAML `bg_upsampler: realesrgan` (with upscale 2) makes every batch of the run
+    ask the service for Real-ESRGAN; a service without one stops the run at start (exit 2)."""
+    from client.pb import face_enhance_pb2 as pb
+    from tests.fake_service import FakeService
+    from tests.test_musetalk_adapter import run_launcher
+
+    with FakeService() as fake:
+        section = f"gfpgan:\n  address: {fake.address}\n  upscale: 2\n  bg_upsampler: realesrgan\n"
+        config = project.offline_yaml(9, gfpgan=section)
+        fake.servicer.backgrounds = ["lanczos", "realesrgan"]
+        assert run_launcher("run", "--", "scripts/inference.py", "--inference_config", config,
+                            "--result_dir", str(project.dir / "out")) == 0
+        asked = list(fake.servicer.background_kinds)
+        fake.servicer.backgrounds = ["lanczos"]
+        code = run_launcher("run", "--", "scripts/inference.py", "--inference_config", config,
+                            "--result_dir", str(project.dir / "out2"))
+    assert asked == [pb.BACKGROUND_REALESRGAN] * 2
+    assert code == 2
+

@@ -133,6 +133,41 @@ def test_gfpgan_v1_is_recognised_and_matches_gfpgan_with_only_the_ops_swapped(gf
     assert torch.allclose(ours, reference, rtol=0, atol=2e-5), (ours - reference).abs().max()
 
 
+def test_gfpgan_v1_through_the_pipeline_matches_gfpganer_original(gfpgan_v1_file, small_weights, tmp_path,
+                                                                  monkeypatch):
+    """GFPGANer(arch='original') runs once the ops are plain torch (its only change), on the same
+    file, given the same landmarks: the parity tests' tolerance at 256."""
+    import os
+
+    import gfpgan.utils
+    from gfpgan.archs.gfpganv1_arch import GFPGANv1
+
+    from tests.checkpoints import DETECTION_FILE, PARSING_FILE, SMALL_NARROW
+    from tests.test_pipeline import diff, load_nets, with_landmarks
+
+    _, detector, parser = load_nets(small_weights)
+    loaded = load_restorer(gfpgan_v1_file, TEST_DEVICE)
+    pipeline = FacePipeline(loaded.net, detector, parser, device=TEST_DEVICE, dtype=torch.float32)
+    faces, points = make_faces(1, seed=9), template_landmarks(1, seed=9)
+    [result] = pipeline.enhance([Job(faces, EnhanceOptions(alignment=Alignment.LANDMARKS), points)])
+    assert result.status == [FaceStatus.ENHANCED]
+
+    (tmp_path / "gfpgan" / "weights").mkdir(parents=True)
+    for name in (DETECTION_FILE, PARSING_FILE):
+        os.symlink(small_weights / name, tmp_path / "gfpgan" / "weights" / name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gfpgan.utils, "GFPGANv1", lambda **kw: GFPGANv1(**{**kw, "narrow": SMALL_NARROW}))
+    reference = gfpgan.utils.GFPGANer(model_path=str(gfpgan_v1_file), upscale=1, arch="original",
+                                      channel_multiplier=2, device=TEST_DEVICE)
+    net = reference.gfpgan
+    reference.gfpgan = lambda x, **kw: net(x, **{**kw, "randomize_noise": False})  # stored noise
+    with_landmarks(reference, points[0])
+    expected = reference.enhance(faces[0], has_aligned=False, only_center_face=True, paste_back=True)[2]
+    mean, worst = diff(result.faces[0], expected)
+    print(f"GFPGAN v1 LANDMARKS 256: mean {mean:.3f} max {worst:.0f}")
+    assert mean < 0.7 and worst <= 12, (mean, worst)
+
+
 def test_stock_basicsr_cannot_run_gfpgan_v1_without_the_compiled_ops(gfpgan_v1_file, monkeypatch):
     """Why the plain-torch ops exist: basicsr's own forms need fused_act_ext (not built)."""
     from basicsr.ops.fused_act import fused_act
