@@ -16,7 +16,7 @@ import grpc
 from client import codec
 from client.pb import face_enhance_pb2 as pb
 from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import OUTPUT_SIZES, InvalidRequest
+from client.types import OUTPUT_SIZES, InvalidRequest, RestorerInfo
 from server.batcher import Batcher, DeadlineExceeded, NotAccepting, PipelineFailed, QueueFull
 from server.jobs import ModelInfo
 from server.security import RateLimitedLog
@@ -229,11 +229,13 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
 
     # --- one request -------------------------------------------------------------------------
 
-    def _check_model(self, options) -> None:
-        """The restorer a request names must be loaded, and take the options it sets."""
+    def _check_model(self, options) -> RestorerInfo | None:
+        """The loaded restorer a request names (None before the model is loaded: the batcher
+        refuses the request then anyway); raises InvalidRequest when it is not loaded or does
+        not take the options the request sets."""
         info = self._info_provider()
         if info is None:
-            return  # not serving yet: the batcher refuses it anyway
+            return None
         restorer = info.restorer(options.model)
         if restorer is None:
             loaded = ", ".join(m.id for m in info.models) or "only the default (leave model empty)"
@@ -250,6 +252,7 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
         if options.random_noise and not restorer.random_noise:
             raise InvalidRequest(f"random_noise needs a GFPGAN model (StyleGAN2 noise); "
                                  f"{restorer.id or restorer.name} has none")
+        return restorer
 
     async def _answer(self, request: pb.EnhanceRequest, rpc: str, context=None,
                       video: VideoState | None = None) -> pb.EnhanceResponse:
@@ -269,7 +272,7 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
                 raise InvalidRequest(f"not a faceenhance.v1.EnhanceRequest ({request.size} bytes "
                                      f"that do not parse: {request.error})")
             faces, options, landmarks = codec.decode_request(request, self._limits)
-            self._check_model(options)
+            restorer = self._check_model(options)
             steady = (video or VideoState()) if options.steady_video else None
             result = await batcher.submit(faces, options, landmarks,
                                           deadline=_deadline(request, context), video=steady)
@@ -279,8 +282,7 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
                 response = codec.encode_response(request_id, result)
             outcome = "ok"
             if self._metrics is not None:
-                served = self._info_provider()
-                model = options.model or (served.default_model or served.model_name if served else "")
+                model = restorer.id or restorer.name if restorer is not None else options.model
                 self._metrics.faces.labels(model=model).inc(len(result.status))
                 if steady is not None and steady.reused > steady.reported:
                     self._metrics.reused_alignments.inc(steady.reused - steady.reported)

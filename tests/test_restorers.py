@@ -133,38 +133,52 @@ def test_gfpgan_v1_is_recognised_and_matches_gfpgan_with_only_the_ops_swapped(gf
     assert torch.allclose(ours, reference, rtol=0, atol=2e-5), (ours - reference).abs().max()
 
 
-def test_gfpgan_v1_through_the_pipeline_matches_gfpganer_original(gfpgan_v1_file, small_weights, tmp_path,
-                                                                  monkeypatch):
-    """GFPGANer(arch='original') runs once the ops are plain torch (its only change), on the same
-    file, given the same landmarks: the parity tests' tolerance at 256."""
+def _pipeline_against_gfpganer(path, arch: str, small_weights, tmp_path, monkeypatch, seed: int, label: str,
+                               stored_noise: bool = False) -> tuple[float, float]:
+    """Our pipeline and GFPGANer(arch=arch) on the restorer file `path`, given the same landmarks
+    (GFPGANer's constructor patched to the file's sizes by the caller): (mean, max) difference."""
     import os
 
     import gfpgan.utils
-    from gfpgan.archs.gfpganv1_arch import GFPGANv1
 
-    from tests.checkpoints import DETECTION_FILE, PARSING_FILE, SMALL_NARROW
+    from tests.checkpoints import DETECTION_FILE, PARSING_FILE
     from tests.test_pipeline import diff, load_nets, with_landmarks
 
     _, detector, parser = load_nets(small_weights)
-    loaded = load_restorer(gfpgan_v1_file, TEST_DEVICE)
+    loaded = load_restorer(path, TEST_DEVICE)
     pipeline = FacePipeline(loaded.net, detector, parser, device=TEST_DEVICE, dtype=torch.float32)
-    faces, points = make_faces(1, seed=9), template_landmarks(1, seed=9)
+    faces, points = make_faces(1, seed=seed), template_landmarks(1, seed=seed)
     [result] = pipeline.enhance([Job(faces, EnhanceOptions(alignment=Alignment.LANDMARKS), points)])
     assert result.status == [FaceStatus.ENHANCED]
 
     (tmp_path / "gfpgan" / "weights").mkdir(parents=True)
     for name in (DETECTION_FILE, PARSING_FILE):
         os.symlink(small_weights / name, tmp_path / "gfpgan" / "weights" / name)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(gfpgan.utils, "GFPGANv1", lambda **kw: GFPGANv1(**{**kw, "narrow": SMALL_NARROW}))
-    reference = gfpgan.utils.GFPGANer(model_path=str(gfpgan_v1_file), upscale=1, arch="original",
-                                      channel_multiplier=2, device=TEST_DEVICE)
-    net = reference.gfpgan
-    reference.gfpgan = lambda x, **kw: net(x, **{**kw, "randomize_noise": False})  # stored noise
+    monkeypatch.chdir(tmp_path)  # facexlib reads its weights from ./gfpgan/weights
+    reference = gfpgan.utils.GFPGANer(model_path=str(path), upscale=1, arch=arch, channel_multiplier=2,
+                                      device=TEST_DEVICE)
+    if stored_noise:
+        net = reference.gfpgan
+        reference.gfpgan = lambda x, **kw: net(x, **{**kw, "randomize_noise": False})
     with_landmarks(reference, points[0])
     expected = reference.enhance(faces[0], has_aligned=False, only_center_face=True, paste_back=True)[2]
     mean, worst = diff(result.faces[0], expected)
-    print(f"GFPGAN v1 LANDMARKS 256: mean {mean:.3f} max {worst:.0f}")
+    print(f"{label} LANDMARKS 256: mean {mean:.3f} max {worst:.0f}")
+    return mean, worst
+
+
+def test_gfpgan_v1_through_the_pipeline_matches_gfpganer_original(gfpgan_v1_file, small_weights, tmp_path,
+                                                                  monkeypatch):
+    """GFPGANer(arch='original') runs once the ops are plain torch (its only change), on the same
+    file, given the same landmarks: the parity tests' tolerance at 256."""
+    import gfpgan.utils
+    from gfpgan.archs.gfpganv1_arch import GFPGANv1
+
+    from tests.checkpoints import SMALL_NARROW
+
+    monkeypatch.setattr(gfpgan.utils, "GFPGANv1", lambda **kw: GFPGANv1(**{**kw, "narrow": SMALL_NARROW}))
+    mean, worst = _pipeline_against_gfpganer(gfpgan_v1_file, "original", small_weights, tmp_path, monkeypatch,
+                                             seed=9, label="GFPGAN v1", stored_noise=True)
     assert mean < 0.7 and worst <= 12, (mean, worst)
 
 
@@ -215,36 +229,15 @@ def test_the_published_restoreformer_sizes_are_read_back_from_its_keys():
 def test_restoreformer_through_the_pipeline_matches_gfpganer(restoreformer_file, small_weights, tmp_path, monkeypatch):
     """GFPGANer(arch='RestoreFormer') on the same file (its constructor patched to the small
     sizes), given the same landmarks: the same paste-back within the parity tests' tolerance."""
-    import os
-
     import gfpgan.archs.restoreformer_arch as rf_arch
-    import gfpgan.utils
 
-    from tests.checkpoints import DETECTION_FILE, PARSING_FILE
-    from tests.test_pipeline import diff, load_nets, with_landmarks
-
-    _, detector, parser = load_nets(small_weights)
-    restorer = load_restorer(restoreformer_file, TEST_DEVICE)
-    pipeline = FacePipeline(restorer.net, detector, parser, device=TEST_DEVICE, dtype=torch.float32)
-    faces, points = make_faces(1, seed=7), template_landmarks(1, seed=7)
-    [result] = pipeline.enhance([Job(faces, EnhanceOptions(alignment=Alignment.LANDMARKS), points)])
-    assert result.status == [FaceStatus.ENHANCED]
-
-    (tmp_path / "gfpgan" / "weights").mkdir(parents=True)
-    for name in (DETECTION_FILE, PARSING_FILE):
-        os.symlink(small_weights / name, tmp_path / "gfpgan" / "weights" / name)
-    monkeypatch.chdir(tmp_path)
     # GFPGANer calls RestoreFormer() with no arguments: give its constructor the small defaults
     init = rf_arch.RestoreFormer.__init__
     names = list(inspect.signature(init).parameters)[1:]
     defaults = tuple(SMALL_RESTOREFORMER_CONFIG.get(n, d) for n, d in zip(names, init.__defaults__))
     monkeypatch.setattr(init, "__defaults__", defaults)
-    reference = gfpgan.utils.GFPGANer(model_path=str(restoreformer_file), upscale=1, arch="RestoreFormer",
-                                      device=TEST_DEVICE)
-    with_landmarks(reference, points[0])
-    expected = reference.enhance(faces[0], has_aligned=False, only_center_face=True, paste_back=True)[2]
-    mean, worst = diff(result.faces[0], expected)
-    print(f"RestoreFormer LANDMARKS 256: mean {mean:.3f} max {worst:.0f}")
+    mean, worst = _pipeline_against_gfpganer(restoreformer_file, "RestoreFormer", small_weights, tmp_path,
+                                             monkeypatch, seed=7, label="RestoreFormer")
     assert mean < 0.7 and worst <= 12, (mean, worst)
 
 
