@@ -81,7 +81,7 @@ def main() -> int:
                            "--iterations", str(iters), "--markdown-out", str(out / "bench-aligned.md")], 180),
         ("variants", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", variant_sizes,
                       "--iterations", str(iters), "--variants",
-                      "plain,fast-resample,unfused+channels_last,plain+box" if args.quick else ",".join(VARIANT_FLAGS),
+                      "plain,fast-resample,defaults,plain+box" if args.quick else ",".join(variant_flags()),
                       "--variant-alignments", "aligned,detect", "--markdown-out", str(out / "variants.md")], 240),
         ("profile-plain", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", f"1,{big}",
                            "--iterations", "3", "--profile", "--markdown-out", str(out / "profile-plain.md")], 60),
@@ -124,7 +124,7 @@ def main() -> int:
         if "BEST" in command:
             best = _best_variant(out / "variants.md", args.device)
             at = command.index("BEST")
-            command = command[:at] + VARIANT_FLAGS[best] + command[at + 1:]
+            command = command[:at] + variant_flags()[best] + command[at + 1:]
             print(f"   (fastest variant so far: {best})", flush=True)
         t0 = time.monotonic()
         log = out / f"{name}.log"
@@ -163,26 +163,12 @@ def main() -> int:
 
 
 #: gfpgan-bench's --variants names (server/bench.py VARIANTS) and the flags that choose each.
-VARIANT_FLAGS = {
-    "plain": ["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off"],
-    "fast-resample": ["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
-                      "--resample", "fast"],
-    "unfused+channels_last+graphs+fast-resample": ["--modconv", "unfused", "--cuda-graphs", "on",
-                                                   "--channels-last", "on", "--resample", "fast"],
-    "bf16-activations": ["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
-                         "--activations", "compute"],
-    "all-forms": ["--modconv", "unfused", "--cuda-graphs", "on", "--channels-last", "on",
-                  "--resample", "fast", "--activations", "compute"],
-    "unfused": ["--modconv", "unfused", "--cuda-graphs", "off", "--channels-last", "off"],
-    "unfused+channels_last": ["--modconv", "unfused", "--cuda-graphs", "off", "--channels-last", "on"],
-    "fused+graphs": ["--modconv", "fused", "--cuda-graphs", "on", "--channels-last", "off"],
-    "unfused+graphs": ["--modconv", "unfused", "--cuda-graphs", "on", "--channels-last", "off"],
-    "unfused+channels_last+graphs": ["--modconv", "unfused", "--channels-last", "on", "--cuda-graphs", "on"],
-    "unfused+graphs+box": ["--modconv", "unfused", "--cuda-graphs", "on", "--channels-last", "off",
-                           "--paste-mask", "box"],
-    "plain+box": ["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
-                  "--paste-mask", "box"],
-}
+def variant_flags() -> dict[str, list[str]]:
+    """gfpgan-bench's speed variants (server.bench.VARIANTS), as the flags that choose them."""
+    sys.path.insert(0, str(ROOT))
+    from server.bench import VARIANTS
+
+    return {name: speed.serve_flags() for name, speed in VARIANTS.items()}
 
 
 def _best_variant(variants_md: Path, device: str) -> str:
@@ -190,7 +176,7 @@ def _best_variant(variants_md: Path, device: str) -> str:
     mask (the box mask changes the pixels, so it is not picked as a default); "plain" if none."""
     if not variants_md.exists():
         return "plain"
-    rows = re.findall(r"\| ([\w+]+) \| detect \| (\d+) \| ([\d.e+]+) \|", variants_md.read_text())
+    rows = re.findall(r"\| ([\w+-]+) \| detect \| (\d+) \| ([\d.e+]+) \|", variants_md.read_text())
     rows = [(int(b), float(rate), name) for name, b, rate in rows if "box" not in name]
     if not rows:
         return "plain"

@@ -262,6 +262,11 @@ VARIANTS = {
     "unfused+channels_last+graphs": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True),
     "unfused+graphs+box": SpeedOptions(modconv="unfused", cuda_graphs=True, paste_mask="box"),
     "plain+box": SpeedOptions(paste_mask="box"),
+    "fold-norms": SpeedOptions(fold_norms=True),
+    # the service's CUDA defaults (Settings.speed_options("cuda"))
+    "defaults": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, fold_norms=True),
+    "defaults+fast-resample": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True,
+                                           fold_norms=True, resample="fast"),
 }
 
 
@@ -440,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paste-mask", default="parse", choices=["parse", "box"])
     parser.add_argument("--resample", default="torch", choices=["torch", "fast"])
     parser.add_argument("--activations", default="promote", choices=["promote", "compute"])
+    parser.add_argument("--fold-norms", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
                              "syncs per stage and per batch")
@@ -506,7 +512,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                             paste_mask=args.paste_mask, resample=args.resample,
-                            activations=args.activations, enable_codeformer=args.enable_codeformer)
+                            activations=args.activations, fold_norms=args.fold_norms, enable_codeformer=args.enable_codeformer)
     except ValueError as error:
         parser.error(str(error))
 

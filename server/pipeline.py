@@ -23,7 +23,8 @@ from server.detection import FaceDetector, Faces, centre_mask
 from server.jobs import Job, JobResult, ModelInfo
 from server.speed import (GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
                           check_speed_device, fast_resampling, graph_buckets, prepare_resampling,
-                          set_activation_form, set_memory_format, set_modconv_form)
+                          set_activation_form, set_norm_folding, set_memory_format,
+                          set_modconv_form)
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ class FacePipeline:
             set_activation_form(self.gfpgan, speed.activations)
             _keep_style_input_contiguous(self.gfpgan)
         prepare_resampling(self.parser)
+        set_norm_folding(self.detector.net, speed.fold_norms)
+        set_norm_folding(self.parser, speed.fold_norms)
         self.speed = speed
         for note in check_speed_device(speed, self.device):
             log.warning("%s", note)

@@ -55,6 +55,7 @@ class Settings:
     paste_mask: str = "parse"
     resample: str = "torch"
     activations: str = "promote"
+    fold_norms: str = "auto"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -96,7 +97,7 @@ class Settings:
         return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs),
                             channels_last=on(self.channels_last) and modconv == "unfused",
                             paste_mask=self.paste_mask, resample=self.resample,
-                            activations=self.activations)
+                            activations=self.activations, fold_norms=self.fold_norms != "off")
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -337,6 +338,10 @@ SPECS: tuple[_Spec, ...] = (
           "convolutions with --dtype bfloat16: promote (float32, as GFPGAN's float32 noise and bias "
           "make them) or compute (kept in bfloat16; not yet measured on a GPU).", "promote",
           check=_choice("promote", "compute")),
+    _Spec("fold_norms", _choice("auto", "on", "off"), "Fold RetinaFace's and ParseNet's batch "
+          "norms into the convolutions before them and drop ParseNet's multiplications by one (the "
+          "same sums, fewer passes; faces within rounding). auto: on.", "auto",
+          check=_choice("auto", "on", "off")),
     _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
           "plaintext)"),
     _Spec("tls_key", str, "PEM private key of --tls-cert.", "(none)"),

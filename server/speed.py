@@ -4,6 +4,8 @@
 - `NoisePlan`: one GFPGAN pass for a batch that mixes fixed and fresh noise.
 - `GraphedForward`: a fixed-shape forward captured as CUDA graphs, one per batch-size bucket.
 - `box_paste_mask`: facexlib's non-parsing paste mask (its `use_parse=False`), made once.
+- `NormFolding`: RetinaFace's and ParseNet's batch norms folded into their convolutions, and
+  ParseNet's `x * 1.0` layers dropped.
 - `fast_resampling`: the networks' x2 / x0.5 resampling and reflection padding as plain
   elementwise ops. On an H200, PyTorch's NCHW bilinear upsampling and reflection padding took
   37% of GFPGAN's and 37% of ParseNet's time at batch 16 (BENCHMARKS.md, kernels), far more
@@ -53,6 +55,10 @@ class SpeedOptions:
     #: every StyleConv output back into float32; "compute": they are cast instead, so the
     #: activations stay in the compute dtype (bf16) between convolutions (half the bytes).
     activations: str = "promote"
+    #: Fold RetinaFace's and ParseNet's eval-mode batch norms into the convolutions before them
+    #: and drop ParseNet's `x * 1.0` layers (NormFolding): one operator and one pass over an
+    #: activation map fewer per removed layer.
+    fold_norms: bool = False
 
     def __post_init__(self):
         if self.modconv not in MODCONV_FORMS:
@@ -68,10 +74,20 @@ class SpeedOptions:
             raise ValueError("channels_last needs modconv='unfused' (the fused form views the "
                              "batch as channels, which a channels-last tensor cannot)")
 
+    def serve_flags(self) -> list[str]:
+        """The gfpgan-serve / gfpgan-bench flags that choose exactly these forms."""
+        def on(value: bool) -> str:
+            return "on" if value else "off"
+        return ["--modconv", self.modconv, "--cuda-graphs", on(self.cuda_graphs),
+                "--channels-last", on(self.channels_last), "--paste-mask", self.paste_mask,
+                "--resample", self.resample, "--activations", self.activations,
+                "--fold-norms", on(self.fold_norms)]
+
     def describe(self) -> str:
         return (f"modconv={self.modconv} cuda_graphs={'on' if self.cuda_graphs else 'off'} "
                 f"channels_last={'on' if self.channels_last else 'off'} paste_mask={self.paste_mask} "
-                f"resample={self.resample} activations={self.activations}")
+                f"resample={self.resample} activations={self.activations} "
+                f"fold_norms={'on' if self.fold_norms else 'off'}")
 
 
 # -- modulated convolution ----------------------------------------------------------------------
@@ -439,3 +455,122 @@ def fast_resampling(enabled: bool = True):
         yield
     finally:
         _FAST.reset(token)
+
+
+# -- normalisation layers folded away ------------------------------------------------------------
+
+
+class _Leaves(torch.fx.Tracer):
+    """fx's tracer, keeping our stand-in modules whole (their forward reads a context variable,
+    which tracing would bake in); only the graph's conv -> batch-norm edges are wanted."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, _FastReflectionPad) or super().is_leaf_module(m, qualname)
+
+
+def _same(x):
+    return x
+
+
+def _is_times_one(fn) -> bool:
+    """A one-argument lambda whose whole body multiplies by the constant 1.0 (facexlib's
+    `lambda x: x * 1.0`, ParseNet's stand-in for "no norm" and "no activation")."""
+    code = getattr(fn, "__code__", None)
+    if code is None or getattr(fn, "__name__", "") != "<lambda>" or code.co_argcount != 1 or code.co_names:
+        return False
+    if [c for c in code.co_consts if c is not None] != [1.0]:
+        return False
+    probe = torch.tensor([-2.5, 0.0, 3.0])
+    return torch.equal(fn(probe), probe)
+
+
+class NormFolding:
+    """A network's normalisation layers folded away, switchable on and off in place:
+
+    - every eval-mode BatchNorm2d whose input is a Conv2d's output (used by nothing else) is
+      folded into that convolution. In eval mode batch norm is a per-channel affine map, so
+      conv + BN is one convolution with weight W * g / sqrt(var + eps) and bias
+      (b - mean) * g / sqrt(var + eps) + beta (computed in float64);
+    - every `lambda x: x * 1.0` layer (ParseNet's "none" norm and activation) is dropped.
+
+    Each removed layer was one operator and one full read and write of an activation map:
+    RetinaFace has 73 conv + BN pairs; ParseNet 36 pairs and 40 multiplications by one. The
+    modules keep their names; the removed layers are put back when unfolded.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+        self.folded = False
+        self._pairs: list[tuple[torch.nn.Conv2d, torch.nn.Module, str, torch.nn.BatchNorm2d]] = []
+        self._ones = [(module, name, fn) for module in net.modules()
+                      for name, fn in list(vars(module).items()) if _is_times_one(fn)]
+        try:
+            graph = _Leaves().trace(net)
+        except Exception as error:  # a network fx cannot trace (a test's stand-in): no pairs
+            log.debug("norm folding: %s not traceable (%s)", type(net).__name__, error)
+            graph = torch.fx.Graph()
+        for node in graph.nodes:
+            if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+                continue
+            source = node.args[0]
+            if source.op != "call_module" or len(source.users) != 1:
+                continue
+            bn, conv = net.get_submodule(node.target), net.get_submodule(source.target)
+            if type(bn) is torch.nn.BatchNorm2d and type(conv) is torch.nn.Conv2d and \
+                    bn.track_running_stats and bn.num_features == conv.out_channels:
+                parent, _, name = node.target.rpartition(".")
+                self._pairs.append((conv, net.get_submodule(parent), name, bn))
+        self._originals = [(conv.weight, conv.bias) for conv, *_ in self._pairs]
+
+    @property
+    def pairs(self) -> int:
+        return len(self._pairs)
+
+    @property
+    def times_one(self) -> int:
+        return len(self._ones)
+
+    @classmethod
+    def of(cls, net: torch.nn.Module) -> "NormFolding":
+        """The folding of `net`, made once per network (pipelines that share a network share it)."""
+        folding = net.__dict__.get("_norm_folding")
+        if folding is None:
+            folding = cls(net)
+            net.__dict__["_norm_folding"] = folding
+        return folding
+
+    @torch.no_grad()
+    def set(self, on: bool) -> None:
+        if on == self.folded:
+            return
+        for (conv, parent, name, bn), (weight, bias) in zip(self._pairs, self._originals):
+            if on:
+                scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
+                base = bias.double() if bias is not None else torch.zeros_like(scale)
+                folded_w = weight.double() * scale.view(-1, *[1] * (weight.dim() - 1))
+                folded_b = (base - bn.running_mean.double()) * scale + bn.bias.double()
+                conv.weight = torch.nn.Parameter(folded_w.to(weight.dtype).contiguous(
+                    memory_format=_layout_of(weight)), requires_grad=False)
+                conv.bias = torch.nn.Parameter(folded_b.to(weight.dtype), requires_grad=False)
+                setattr(parent, name, torch.nn.Identity())
+            else:
+                conv.weight, conv.bias = weight, bias
+                setattr(parent, name, bn)
+        for module, name, fn in self._ones:
+            setattr(module, name, _same if on else fn)
+        self.folded = on
+
+
+def _layout_of(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def set_norm_folding(net: torch.nn.Module | None, on: bool) -> NormFolding | None:
+    """Fold (or unfold) `net`'s normalisation layers; returns its NormFolding (None: not a module)."""
+    if not isinstance(net, torch.nn.Module):
+        return None
+    folding = NormFolding.of(net)
+    folding.set(on)
+    return folding

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import re
 
-from server.bench import METHODS, main, synthetic_faces
+from pathlib import Path
+
+from server.bench import METHODS, VARIANTS, main, synthetic_faces
 
 
 def test_bench_prints_a_row_per_method_and_batch_size_with_positive_throughput(small_weights, tmp_path, capsys):
@@ -53,3 +55,31 @@ def test_bench_gives_a_table_per_model_each_against_gfpganer_with_that_arch(smal
     rows = re.findall(r"^\| (.+?) \| 1 \| ([\d.]+) \|", printed, flags=re.M)
     assert len(rows) == 4 and all(float(speed) > 0 for _, speed in rows)
 
+
+
+def test_every_speed_variant_is_chosen_by_its_flags():
+    """The GPU check reruns the fastest variant through gfpgan-bench's flags: each variant's flags
+    must give exactly that variant's forms."""
+    from server.bench import VARIANTS
+    from server.settings import Settings
+
+    for name, speed in VARIANTS.items():
+        assert Settings.from_args(speed.serve_flags(), environ={}).speed_options("cuda") == speed, name
+
+
+def test_the_gpu_check_picks_the_fastest_parse_mask_variant_at_the_largest_batch(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    table = tmp_path / "variants.md"
+    table.write_text("| variant | alignment | batch | faces/s | vs plain | p50 ms |\n|---|---|---:|---:|---:|---:|\n"
+                     "| plain | detect | 8 | 60.0 | 1.00x | 1 |\n| plain | detect | 32 | 70.0 | 1.00x | 1 |\n"
+                     "| defaults+fast-resample | detect | 32 | 95.5 | 1.36x | 1 |\n"
+                     "| defaults | detect | 32 | 90.0 | 1.29x | 1 |\n| defaults | aligned | 32 | 300.0 | 4x | 1 |\n"
+                     "| unfused+graphs+box | detect | 32 | 150.0 | 2.14x | 1 |\n"
+                     "| fold-norms | detect | 8 | 99.0 | 1.65x | 1 |\n")
+    assert gpu_check._best_variant(table, "cuda") == "defaults+fast-resample"
+    assert gpu_check._best_variant(tmp_path / "missing.md", "cuda") == "plain"
+    assert set(VARIANTS) == set(gpu_check.variant_flags())

@@ -111,3 +111,17 @@ def test_help_and_the_readme_table_list_every_setting():
         assert f"`{spec.flag}`" in table and f"`{spec.env}`" in table
     assert "--no-warmup" in help_text.stdout and "--no-download" in help_text.stdout
     assert len(table.strip().splitlines()) == 2 + len(fields)
+
+
+def test_speed_forms_auto_and_overrides():
+    from server.speed import SpeedOptions
+
+    cpu, cuda = Settings().speed_options("cpu"), Settings().speed_options("cuda")
+    # the CPU keeps GFPGAN's own convolution forms; both fold the norm layers
+    assert cpu == SpeedOptions(modconv="fused", fold_norms=True)
+    assert cuda == SpeedOptions(modconv="unfused", cuda_graphs=True, channels_last=True, fold_norms=True)
+    plain = Settings.from_args(["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
+                                "--fold-norms", "off"])
+    assert plain.speed_options("cuda") == SpeedOptions()
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--fold-norms", "maybe"])

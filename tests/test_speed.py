@@ -17,7 +17,7 @@ from server.pipeline import FacePipeline
 from server.profiling import StageProfiler
 import server.speed as speed_module
 from server.speed import (GraphedForward, SpeedOptions, box_paste_mask, downsample2x_bilinear, fast_resampling,
-                          graph_buckets, reflection_pad, set_modconv_form, upsample2x_bilinear, upsample2x_nearest)
+                          graph_buckets, reflection_pad, set_modconv_form, set_norm_folding, upsample2x_bilinear, upsample2x_nearest)
 from tests.device import TEST_DEVICE, needs_cuda
 from tests.faces import make_faces, template_landmarks, weights_with_detector
 from tests.test_pipeline import load_nets, reference, with_landmarks
@@ -65,8 +65,8 @@ def test_unfused_modulated_convolution_equals_gfpgans_own(nets):
 
 @pytest.mark.parametrize("speed", [SpeedOptions(modconv="unfused"),
                                    SpeedOptions(modconv="unfused", channels_last=True),
-                                   SpeedOptions(resample="fast")],
-                         ids=["unfused", "unfused-channels-last", "fast-resample"])
+                                   SpeedOptions(resample="fast"), SpeedOptions(fold_norms=True)],
+                         ids=["unfused", "unfused-channels-last", "fast-resample", "fold-norms"])
 def test_speed_forms_give_the_plain_pipelines_faces(nets, speed):
     faces = make_faces(3, seed=21)
     points = template_landmarks(3, seed=21)
@@ -79,6 +79,32 @@ def test_speed_forms_give_the_plain_pipelines_faces(nets, speed):
         mean, worst = levels(a.faces, b.faces)
         print(f"{speed.describe()}: mean {mean:.4f} max {worst:.0f}")
         assert mean < 0.02 and worst <= 2, (mean, worst)
+
+
+def test_norm_folding_drops_the_layers_and_keeps_the_networks_outputs(nets):
+    _, detector, parser = nets
+    generator = torch.Generator().manual_seed(4)
+    images = (torch.rand(2, 3, 256, 256, generator=generator) * 255 - 110).to(TEST_DEVICE)
+    crops = (torch.rand(2, 3, 512, 512, generator=generator) * 2 - 1).to(TEST_DEVICE)
+    # RetinaFace is 50+ layers deep and its random-valued test weights give large logits, so
+    # float32 rounding reaches 1e-3 of a softmax score; ParseNet's outputs stay within 1e-5.
+    for net, x, pairs, ones, tolerance in ((detector, images, 73, 0, 1e-3), (parser, crops, 36, 40, 1e-5)):
+        with torch.no_grad():
+            plain = net(x)
+            folding = set_norm_folding(net, True)
+            folded = net(x)
+            batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+            set_norm_folding(net, False)
+            again = net(x)
+        assert (folding.pairs, folding.times_one) == (pairs, ones)
+        assert batch_norms == 0  # every batch norm of both networks follows a convolution
+        for a, b, c in zip(plain, folded, again):
+            assert torch.equal(a, c)  # unfolding puts the original layers back
+            # the same sums in another order: float32 rounding, relative to the output's range
+            print(net.__class__.__name__, float((a - b).abs().max()), float(a.abs().max()))
+            assert (a - b).abs().max() <= tolerance * a.abs().max(), (a - b).abs().max()
+        if net is detector:  # and no anchor changes sides of the detection threshold
+            assert torch.equal(plain[1][..., 1] > 0.97, folded[1][..., 1] > 0.97)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 4), (1, 5, 7, 9), (2, 2, 16, 1)])
@@ -265,14 +291,14 @@ def test_graphed_forward_pads_to_the_bucket_and_drops_the_padding():
 def test_profile_counts_launches_and_syncs_per_stage(nets):
     pipeline = make_pipeline(nets)
     pipeline.warmup()  # the resize and blur matrices are made (and uploaded) once, here
-    counts = {}
+    counts, stages = {}, {}
     for n in (1, 4):
         for name, options in (("aligned", ALIGNED), ("detect", EnhanceOptions())):
             pipeline.profiler = StageProfiler(TEST_DEVICE, count=True)
             pipeline.enhance([Job(make_faces(n, seed=26), options)])
             counts[name, n] = pipeline.profiler.totals()
-            stages = pipeline.profiler.per_batch_counts()
-            assert {"upload", "gfpgan", "download"} <= set(stages)
+            stages[name, n] = pipeline.profiler.per_batch_counts()
+            assert {"upload", "gfpgan", "download"} <= set(stages[name, n])
     pipeline.profiler = None
     print(counts)
     # launches do not grow with the number of faces
@@ -282,3 +308,12 @@ def test_profile_counts_launches_and_syncs_per_stage(nets):
     # detections (threshold, NMS, the face selection)
     assert counts["aligned", 4][1] == 1
     assert counts["detect", 4][1] <= 4
+    # folded norms: 73 batch norms fewer in RetinaFace, 36 batch norms and 40 multiplications by one in ParseNet
+    pipeline.set_speed(SpeedOptions(fold_norms=True))
+    pipeline.profiler = StageProfiler(TEST_DEVICE, count=True)
+    pipeline.enhance([Job(make_faces(4, seed=26), EnhanceOptions())])
+    folded = pipeline.profiler.per_batch_counts()
+    pipeline.profiler = None
+    pipeline.set_speed(SpeedOptions())
+    assert folded["detect"][0] == stages["detect", 4]["detect"][0] - 73
+    assert folded["parse"][0] == stages["detect", 4]["parse"][0] - 36 - 40
