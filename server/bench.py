@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import inspect
 import os
@@ -246,27 +247,24 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
 
 # -- (d) where the time goes, speed variants, memory ---------------------------------------------
 
+_CUDA_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, fold_norms=True,
+                              gfpgan_forward="lean")
 #: The speed forms `--variants` compares, each against "plain" (GFPGAN's own forms) in one run.
 VARIANTS = {
     "plain": SpeedOptions(),
+    "fold-norms": SpeedOptions(fold_norms=True),
+    "lean": SpeedOptions(gfpgan_forward="lean"),
     "fast-resample": SpeedOptions(resample="fast"),
     "bf16-activations": SpeedOptions(activations="compute"),
-    "all-forms": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, resample="fast",
-                              activations="compute"),
-    "unfused+channels_last+graphs+fast-resample": SpeedOptions(modconv="unfused", channels_last=True,
-                                                               cuda_graphs=True, resample="fast"),
-    "unfused": SpeedOptions(modconv="unfused"),
-    "unfused+channels_last": SpeedOptions(modconv="unfused", channels_last=True),
-    "fused+graphs": SpeedOptions(cuda_graphs=True),
-    "unfused+graphs": SpeedOptions(modconv="unfused", cuda_graphs=True),
+    # the CUDA defaults the first H200 run chose
     "unfused+channels_last+graphs": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True),
-    "unfused+graphs+box": SpeedOptions(modconv="unfused", cuda_graphs=True, paste_mask="box"),
+    # the service's CUDA defaults now (Settings.speed_options("cuda"))
+    "defaults": _CUDA_DEFAULTS,
+    "defaults+fast-resample": dataclasses.replace(_CUDA_DEFAULTS, resample="fast"),
+    "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
+    "all-forms": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
+    "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
     "plain+box": SpeedOptions(paste_mask="box"),
-    "fold-norms": SpeedOptions(fold_norms=True),
-    # the service's CUDA defaults (Settings.speed_options("cuda"))
-    "defaults": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, fold_norms=True),
-    "defaults+fast-resample": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True,
-                                           fold_norms=True, resample="fast"),
 }
 
 
@@ -446,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resample", default="torch", choices=["torch", "fast"])
     parser.add_argument("--activations", default="promote", choices=["promote", "compute"])
     parser.add_argument("--fold-norms", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
                              "syncs per stage and per batch")
@@ -512,7 +511,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                             paste_mask=args.paste_mask, resample=args.resample,
-                            activations=args.activations, fold_norms=args.fold_norms, enable_codeformer=args.enable_codeformer)
+                            activations=args.activations, fold_norms=args.fold_norms, gfpgan_forward=args.gfpgan_forward, enable_codeformer=args.enable_codeformer)
     except ValueError as error:
         parser.error(str(error))
 

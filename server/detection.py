@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torchvision.ops import nms
@@ -33,11 +34,15 @@ class Faces:
     boxes: torch.Tensor      # (M, 4) x1, y1, x2, y2 in input pixels
     scores: torch.Tensor     # (M,)
     landmarks: torch.Tensor  # (M, 5, 2) x, y in input pixels
+    #: (M,) bool where some rows are placeholders (centre_choice: an image without a face);
+    #: None when every row is a face
+    present: torch.Tensor | None = None
 
     def take(self, index: torch.Tensor) -> "Faces":
         if index.dtype == torch.bool:  # one device round trip for the mask, not one per field
             index = index.nonzero().squeeze(1)
-        return Faces(self.image[index], self.boxes[index], self.scores[index], self.landmarks[index])
+        return Faces(self.image[index], self.boxes[index], self.scores[index], self.landmarks[index],
+                     None if self.present is None else self.present[index])
 
 
 @functools.lru_cache(maxsize=16)
@@ -67,6 +72,15 @@ class FaceDetector:
 
     def __init__(self, net: torch.nn.Module):
         self.net = net
+        #: (height, width) -> a stand-in for `raw` at that size (the pipeline's CUDA graphs)
+        self.graphed: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """RetinaFace's outputs for mean-subtracted images as one (N, anchors, 16) tensor: box
+        offsets (4), class scores (2), landmark offsets (10). One tensor, so that the pass can be
+        replayed from a CUDA graph."""
+        loc, conf, landm = self.net(x)
+        return torch.cat([loc, conf, landm], dim=-1)
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor) -> Faces:
@@ -82,7 +96,13 @@ class FaceDetector:
         own selection and take the faces once (each selection costs a device round trip).
         """
         n, _, height, width = images.shape
-        loc, conf, landm = self.net(images.float() - _bgr_mean(images.device))
+        x = images.float() - _bgr_mean(images.device)
+        graphed = self.graphed.get((height, width))
+        if graphed is None:
+            loc, conf, landm = self.net(x)
+        else:
+            out = graphed(x)
+            loc, conf, landm = out[..., :4], out[..., 4:6], out[..., 6:]
         anchors = priors(height, width, images.device)
         scores = conf[..., 1]
         # The one data-dependent step: which anchors pass the threshold.
@@ -142,16 +162,41 @@ def centre_mask(faces: Faces, height: int, width: int, wanted: torch.Tensor,
     among = torch.ones(count, dtype=torch.bool, device=faces.boxes.device) if among is None else among
     if count == 0:
         return among
+    first = _centre_index(faces, height, width, int(wanted.shape[0]), among)
+    position = torch.arange(count, device=faces.boxes.device)
+    chosen = position == first[faces.image]
+    return among & (chosen | ~wanted[faces.image])
+
+
+def centre_choice(faces: Faces, height: int, width: int, n_images: int,
+                  among: torch.Tensor) -> tuple[Faces, torch.Tensor]:
+    """One face per image, the one `centre_faces` keeps, as fixed-size tensors: (faces of
+    images 0..n-1, found), `found` False where an image has no candidate `among` allows (its
+    row then holds another face's values, or zeros, and must not be used). The shapes are
+    known on the host, so unlike a selection this does not wait for the device."""
+    count, device = faces.image.numel(), faces.boxes.device
+    if count == 0:
+        return Faces(torch.arange(n_images, device=device), torch.zeros(n_images, 4, device=device),
+                     torch.zeros(n_images, device=device), torch.zeros(n_images, 5, 2, device=device)), \
+            torch.zeros(n_images, dtype=torch.bool, device=device)
+    first = _centre_index(faces, height, width, n_images, among)
+    found = first < count
+    picked = faces.take(first.clamp(max=count - 1))
+    picked.image = torch.arange(n_images, device=device)
+    return picked, found
+
+
+def _centre_index(faces: Faces, height: int, width: int, n_images: int, among: torch.Tensor) -> torch.Tensor:
+    """(n_images,): each image's face nearest the image centre among `among` (ties to the
+    higher score, as facexlib's get_center_face: first minimum in score order); the face count
+    where an image has none."""
+    count = faces.image.numel()
     centre = _scale(width, height, faces.boxes.device) / 2
     dist = torch.linalg.vector_norm((faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2 - centre, dim=-1)
     dist = torch.where(among, dist, float("inf"))
-    n = int(wanted.shape[0])
-    best = torch.full((n,), float("inf"), device=dist.device).scatter_reduce(
+    best = torch.full((n_images,), float("inf"), device=dist.device).scatter_reduce(
         0, faces.image, dist, reduce="amin")
-    is_best = among & (dist == best[faces.image])
-    # the first face (highest score) among equally near ones
+    is_best = among & (dist == best[faces.image]) & torch.isfinite(dist)
     position = torch.arange(count, device=dist.device)
-    first = torch.full((n,), count, device=dist.device).scatter_reduce(
+    return torch.full((n_images,), count, device=dist.device).scatter_reduce(
         0, faces.image, torch.where(is_best, position, count), reduce="amin")
-    chosen = position == first[faces.image]
-    return among & (chosen | ~wanted[faces.image])

@@ -220,6 +220,15 @@ def invert_affine(matrices: torch.Tensor) -> torch.Tensor:
     return torch.cat([inv, shift.unsqueeze(-1)], dim=2)
 
 
+@functools.lru_cache(maxsize=64)
+def _normalising(height: int, width: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """((2, 3), (3, 3)) float64 on `device`: source pixels -> grid_sample's normalised
+    coordinates, and normalised -> destination pixels of a size x size output."""
+    to_norm = np.array([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1]])
+    to_px = np.array([[size / 2, 0, (size - 1) / 2], [0, size / 2, (size - 1) / 2], [0, 0, 1]])
+    return torch.from_numpy(to_norm).to(device), torch.from_numpy(to_px).to(device)
+
+
 def warp_affine(images: torch.Tensor, matrices: torch.Tensor, size: int,
                 border_value: torch.Tensor | float = 0.0) -> torch.Tensor:
     """cv2.warpAffine(image, M, (size, size)) with bilinear sampling, for a batch.
@@ -229,15 +238,21 @@ def warp_affine(images: torch.Tensor, matrices: torch.Tensor, size: int,
     read as border_value (a scalar or a (C,) tensor), blended bilinearly at the edge like
     BORDER_CONSTANT.
     """
-    n, _, height, width = images.shape
-    inverse = invert_affine(matrices.double())  # destination -> source, in float64
-    coords = torch.arange(size, device=images.device, dtype=torch.float64)
-    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
-    dst = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, -1, 3)  # (1, S*S, 3)
-    src = torch.einsum("nij,npj->npi", inverse, dst.expand(n, -1, -1))  # (N, S*S, 2)
-    # grid_sample with align_corners=False puts pixel i's centre at (2i + 1) / W - 1.
-    grid = torch.stack([(2 * src[..., 0] + 1) / width - 1, (2 * src[..., 1] + 1) / height - 1], dim=-1)
-    grid = grid.reshape(n, size, size, 2).to(images.dtype)
+    return warp_affine_inverse(images, invert_affine(matrices.double()), size, border_value)
+
+
+def warp_affine_inverse(images: torch.Tensor, inverse: torch.Tensor, size: int,
+                        border_value: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """warp_affine given the inverse map, (N, 2, 3) destination -> source pixels (float64 keeps
+    the sampling positions exact to well under a thousandth of a pixel)."""
+    n, channels, height, width = images.shape
+    if n == 0:  # affine_grid refuses an empty batch
+        return images.new_zeros((0, channels, size, size))
+    inverse = inverse.double()
+    to_norm, to_px = _normalising(height, width, size, images.device)
+    bottom = to_px[2:].expand(n, 1, 3)  # the affine matrices' implicit last row, [0, 0, 1]
+    theta = to_norm @ torch.cat([inverse, bottom], dim=1) @ to_px
+    grid = F.affine_grid(theta, [n, channels, size, size], align_corners=False).to(images.dtype)
     if torch.is_tensor(border_value):
         border = border_value.to(device=images.device, dtype=images.dtype).reshape(1, -1, 1, 1)
     else:

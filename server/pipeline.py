@@ -19,7 +19,7 @@ import torch
 
 from client.types import Alignment, Background, EnhanceOptions, FaceStatus
 from server import imageops
-from server.detection import FaceDetector, Faces, centre_mask
+from server.detection import FaceDetector, Faces, centre_choice, centre_mask
 from server.jobs import Job, JobResult, ModelInfo
 from server.speed import (GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
                           check_speed_device, fast_resampling, graph_buckets, prepare_resampling,
@@ -49,6 +49,8 @@ MAX_NETWORK_FACES = 32
 # A hard cap on restored faces per image when only_center_face is off, so that one
 # crowded (or adversarial) image cannot blow up a device batch.
 MAX_FACES_PER_IMAGE = 8
+#: The image size whose detection is captured as CUDA graphs (MuseTalk's crops).
+GRAPHED_DETECTION_SIZE = 256
 #: The scales an image -> template alignment may have (the template's eyes are 126 px apart):
 #: eyes 4 px to about 1000 px apart. A fit outside, or not finite (landmarks that coincide or
 #: lie on one line), cannot be a face: it is neither restored into the image nor ENHANCED.
@@ -164,12 +166,13 @@ class FacePipeline:
     def set_speed(self, speed: SpeedOptions) -> None:
         """Switch the networks to `speed`'s forms; CUDA graphs are (re)captured by warmup()."""
         self._graphs = {}
+        self.detector.graphed = {}
         # Channels-last for GFPGAN only: ParseNet measured slower in it on an H200 (BENCHMARKS.md).
         if isinstance(self.gfpgan, torch.nn.Module):
             set_memory_format(self.gfpgan, speed.channels_last)
         if isinstance(self.gfpgan, torch.nn.Module) and hasattr(self.gfpgan, "stylegan_decoder"):
             set_modconv_form(self.gfpgan, speed.modconv)
-            set_activation_form(self.gfpgan, speed.activations)
+            set_activation_form(self.gfpgan, speed.activations, speed.gfpgan_forward, speed.modconv)
             _keep_style_input_contiguous(self.gfpgan)
         prepare_resampling(self.parser)
         set_norm_folding(self.detector.net, speed.fold_norms)
@@ -179,16 +182,32 @@ class FacePipeline:
             log.warning("%s", note)
 
     def _capture_graphs(self) -> None:
+        """GFPGAN, ParseNet and RetinaFace (on 256x256 images, the size lip-sync crops come in;
+        other sizes detect eagerly) as CUDA graphs per batch-size bucket. A network whose capture
+        fails is logged and runs eagerly: a slower service, not one that does not start."""
         buckets = graph_buckets(min(self.graph_max_batch, MAX_NETWORK_FACES))
         shape = (3, FACE_SIZE, FACE_SIZE)
         self._graphs = {}
+        self.detector.graphed = {}
         graphs = {"gfpgan": GraphedForward(self._gfpgan_fixed_noise, shape, buckets, self.device)}
         if self.speed.paste_mask == "parse":
             graphs["parse"] = GraphedForward(self._parse_masks, shape, buckets, self.device)
-        for graph in graphs.values():
-            graph.capture()
-        self._graphs = graphs
-        log.info("captured CUDA graphs for batches of %s faces", ", ".join(map(str, buckets)))
+        graphs["detect"] = GraphedForward(self.detector.raw, (3, GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE),
+                                          buckets, self.device)
+        captured = {}
+        for name, graph in graphs.items():
+            try:
+                graph.capture()
+            except Exception as error:  # noqa: BLE001 - that network stays eager
+                log.warning("CUDA graph capture of %s failed, it runs eagerly: %s: %s", name,
+                            type(error).__name__, error)
+                continue
+            captured[name] = graph
+        self._graphs = captured
+        if "detect" in captured:
+            self.detector.graphed = {(GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE): captured["detect"]}
+        log.info("captured CUDA graphs of %s for batches of %s faces", ", ".join(captured),
+                 ", ".join(map(str, buckets)))
 
     # -- the door ---------------------------------------------------------------------------
 
@@ -284,13 +303,17 @@ class FacePipeline:
         aligned_index, detect_index, given_index = index[:na], index[na:na + nd], index[na + nd:]
         centre_only, random_noise, fidelity, weight = meta[:, 2] > 0.5, meta[:, 3] > 0.5, meta[:, 4], meta[:, 5]
 
+        video = any(jobs[i].video is not None for i in indices)
         faces = self._locate(images, detect_index, given_index, points, centre_only,
-                             all_centre=all(options[i].only_center_face for i in detect_host))
-        if any(jobs[i].video is not None for i in indices):
+                             all_centre=all(options[i].only_center_face for i in detect_host),
+                             fixed=not video)
+        if video:
             faces = self._steady(jobs, indices, faces, set(held))
         with self._stage("align"):
             affines, aligns = _usable_alignments(
                 imageops.robust_similarity_transform(faces.landmarks, self._template), size=images.shape[-1])
+            if faces.present is not None:  # an image without a face: its placeholder row is not pasted
+                aligns = aligns & faces.present
         with self._stage("warp"):
             warped = imageops.warp_affine(images[faces.image], affines, FACE_SIZE, self._border)
             resized = imageops.resize(images[aligned_index], FACE_SIZE, "linear")
@@ -303,18 +326,29 @@ class FacePipeline:
                       noise=torch.cat([random_noise[faces.image], random_noise[aligned_index]]),
                       weights=torch.cat([weight[faces.image], weight[aligned_index]]))
 
-    def _locate(self, images, detect_index, given_index, given_points, centre_only, all_centre) -> Faces:
-        """5-point landmarks of every face to restore: detected, or given by the caller."""
+    def _locate(self, images, detect_index, given_index, given_points, centre_only, all_centre,
+                fixed: bool = True) -> Faces:
+        """5-point landmarks of every face to restore: detected, or given by the caller.
+
+        When every detected image wants only its centre face (GFPGANer's only_center_face, the
+        default) and `fixed`, each gets exactly one row, a placeholder (`present` False) where it
+        has no face: the shapes are then known on the host and the selection does not wait for
+        the device. A faceless image costs a restoration that is thrown away, in exchange for one
+        host wait fewer per batch. Otherwise the faces are selected, which waits once."""
         size = images.shape[-1]
         parts = []
         if detect_index.numel():
             with self._stage("detect"):
                 found, usable = self.detector.candidates(images[detect_index])
-                keep = centre_mask(found, size, size, centre_only[detect_index], among=usable)
-                if not all_centre:  # at most MAX_FACES_PER_IMAGE faces of one image
-                    keep = keep & (_rank_within_image(found.image, detect_index.numel(), keep)
-                                   < MAX_FACES_PER_IMAGE)
-                found = found.take(keep)  # the one selection: every filter folded into `keep`
+                if all_centre and fixed:
+                    found, present = centre_choice(found, size, size, detect_index.numel(), usable)
+                    found.present = present
+                else:
+                    keep = centre_mask(found, size, size, centre_only[detect_index], among=usable)
+                    if not all_centre:  # at most MAX_FACES_PER_IMAGE faces of one image
+                        keep = keep & (_rank_within_image(found.image, detect_index.numel(), keep)
+                                       < MAX_FACES_PER_IMAGE)
+                    found = found.take(keep)  # the one selection: every filter folded into `keep`
                 found.image = detect_index[found.image]
                 parts.append(found)
         if given_index.numel():
@@ -325,7 +359,13 @@ class FacePipeline:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             return Faces(empty, torch.zeros(0, 4, device=self.device), torch.zeros(0, device=self.device),
                          torch.zeros(0, 5, 2, device=self.device))
-        merged = Faces(*(torch.cat(t) for t in zip(*((p.image, p.boxes, p.scores, p.landmarks) for p in parts))))
+        present = None
+        if any(p.present is not None for p in parts):
+            present = torch.cat([p.present if p.present is not None
+                                 else torch.ones(p.image.shape[0], dtype=torch.bool, device=self.device)
+                                 for p in parts])
+        merged = Faces(*(torch.cat(t) for t in zip(*((p.image, p.boxes, p.scores, p.landmarks) for p in parts))),
+                       present=present)
         # paste order: image by image, each image's faces in detection (score) order
         return merged.take(torch.sort(merged.image, stable=True).indices)
 
@@ -494,10 +534,15 @@ class FacePipeline:
                 # template -> output canvas: undo the alignment, then map input pixels to output
                 # pixels centre to centre (q = s * p + (s - 1) / 2; facexlib adds s / 2, which
                 # shifts the face half an output pixel right and down when upscaling).
-                to_canvas = imageops.invert_affine(plan.affines) * scale
-                to_canvas[:, :, 2] += (scale - 1.0) / 2.0
-                face_px = imageops.warp_affine(plan.pasted_faces, to_canvas, out_size, 0.0).round()
-                face_alpha = imageops.warp_affine(plan.masks, to_canvas, out_size, 0.0)
+                # The warp needs canvas -> template: p = (q - (s - 1) / 2) / s, then the alignment.
+                linear = plan.affines[:, :, :2].double() / scale
+                offset = plan.affines[:, :, 2].double() - linear.sum(-1) * ((scale - 1.0) / 2.0)
+                from_canvas = torch.cat([linear, offset.unsqueeze(-1)], dim=2)
+                # the face and its mask in one warp (one grid, one sampling pass)
+                both = imageops.warp_affine_inverse(
+                    torch.cat([plan.pasted_faces, plan.masks.to(plan.pasted_faces.dtype)], 1),
+                    from_canvas, out_size, 0.0)
+                face_px, face_alpha = both[:, :3].round(), both[:, 3:]
                 target = row_of[faces.image]  # -1: this face's image wants another size
                 face_alpha = face_alpha * ((target >= 0) & plan.aligns).view(-1, 1, 1, 1)
                 target = target.clamp_min(0)

@@ -56,6 +56,7 @@ class Settings:
     resample: str = "torch"
     activations: str = "promote"
     fold_norms: str = "auto"
+    gfpgan_forward: str = "auto"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -97,7 +98,8 @@ class Settings:
         return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs),
                             channels_last=on(self.channels_last) and modconv == "unfused",
                             paste_mask=self.paste_mask, resample=self.resample,
-                            activations=self.activations, fold_norms=self.fold_norms != "off")
+                            activations=self.activations, fold_norms=self.fold_norms != "off",
+                            gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean")
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -342,6 +344,11 @@ SPECS: tuple[_Spec, ...] = (
           "norms into the convolutions before them and drop ParseNet's multiplications by one (the "
           "same sums, fewer passes; faces within rounding). auto: on.", "auto",
           check=_choice("auto", "on", "off")),
+    _Spec("gfpgan_forward", _choice("auto", "gfpgan", "lean"), "GFPGAN v1.2-v1.4's forward: gfpgan "
+          "(as GFPGAN writes it) or lean (no training-time copies of the SFT conditions, SFT in "
+          "place, each StyleConv's demodulation from precomputed weight energies and its gain, bias "
+          "and noise in two multiply-adds: fewer passes, the same sums within rounding). auto: lean.",
+          "auto", check=_choice("auto", "gfpgan", "lean")),
     _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
           "plaintext)"),
     _Spec("tls_key", str, "PEM private key of --tls-cert.", "(none)"),

@@ -32,6 +32,7 @@ MODCONV_FORMS = ("fused", "unfused")
 PASTE_MASKS = ("parse", "box")
 RESAMPLE_FORMS = ("torch", "fast")
 ACTIVATION_FORMS = ("promote", "compute")
+GFPGAN_FORWARDS = ("gfpgan", "lean")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class SpeedOptions:
     #: and drop ParseNet's `x * 1.0` layers (NormFolding): one operator and one pass over an
     #: activation map fewer per removed layer.
     fold_norms: bool = False
+    #: "gfpgan": GFPGAN v1.2-v1.4 (the clean architecture) as GFPGAN writes it; "lean": without
+    #: its training-time copies, and each StyleConv's elementwise work in two multiply-adds
+    #: (_lean_gfpgan_forward, _lean_decoder_forward, _lean_styleconv_forward).
+    gfpgan_forward: str = "gfpgan"
 
     def __post_init__(self):
         if self.modconv not in MODCONV_FORMS:
@@ -67,6 +72,8 @@ class SpeedOptions:
             raise ValueError(f"paste_mask must be one of {PASTE_MASKS}, got {self.paste_mask!r}")
         if self.activations not in ACTIVATION_FORMS:
             raise ValueError(f"activations must be one of {ACTIVATION_FORMS}, got {self.activations!r}")
+        if self.gfpgan_forward not in GFPGAN_FORWARDS:
+            raise ValueError(f"gfpgan_forward must be one of {GFPGAN_FORWARDS}, got {self.gfpgan_forward!r}")
         if self.resample not in RESAMPLE_FORMS:
             raise ValueError(f"resample must be one of {RESAMPLE_FORMS}, got {self.resample!r}")
         if self.channels_last and self.modconv == "fused":
@@ -81,13 +88,13 @@ class SpeedOptions:
         return ["--modconv", self.modconv, "--cuda-graphs", on(self.cuda_graphs),
                 "--channels-last", on(self.channels_last), "--paste-mask", self.paste_mask,
                 "--resample", self.resample, "--activations", self.activations,
-                "--fold-norms", on(self.fold_norms)]
+                "--fold-norms", on(self.fold_norms), "--gfpgan-forward", self.gfpgan_forward]
 
     def describe(self) -> str:
         return (f"modconv={self.modconv} cuda_graphs={'on' if self.cuda_graphs else 'off'} "
                 f"channels_last={'on' if self.channels_last else 'off'} paste_mask={self.paste_mask} "
                 f"resample={self.resample} activations={self.activations} "
-                f"fold_norms={'on' if self.fold_norms else 'off'}")
+                f"fold_norms={'on' if self.fold_norms else 'off'} gfpgan_forward={self.gfpgan_forward}")
 
 
 # -- modulated convolution ----------------------------------------------------------------------
@@ -156,11 +163,143 @@ def _compute_dtype_styleconv_forward(self, x, style, noise=None):
     return self.activate(out)
 
 
-def set_activation_form(net: torch.nn.Module, form: str) -> int:
-    """Switch every StyleConv in `net` to `form` ("promote" or "compute"); returns how many."""
+def _halved_energy(conv) -> tuple[torch.Tensor, torch.Tensor]:
+    """((c_in, c_out), (1,)) float32: half the sum over the kernel of the squared shared weight,
+    and half of eps, made once per weight on its device (the weights do not change while
+    serving; a reload makes a new tensor)."""
+    weight = conv.weight
+    key = (weight.data_ptr(), weight._version, weight.device)
+    cached = conv.__dict__.get("_halved_energy")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            energy = weight[0].detach().float().pow(2).sum(dim=(2, 3)).t().contiguous() / 2
+            half_eps = torch.full((1,), conv.eps / 2, dtype=torch.float32, device=weight.device)
+        cached = (key, energy, half_eps)
+        conv.__dict__["_halved_energy"] = cached
+    return cached[1], cached[2]
+
+
+def _lean_styleconv_forward(self, x, style, noise=None):
+    """StyleConv.forward (modulated convolution, x sqrt(2), noise, bias, leaky ReLU) with the
+    elementwise work in two multiply-adds.
+
+    Demodulation scales each output channel of each face by 1 / sqrt(s^2 @ E + eps), where E
+    sums the squared weight over the kernel (made once): with E and eps halved, rsqrt gives
+    sqrt(2) times that scale, GFPGAN's "for conversion" gain included. Scaling the output
+    channels after the convolution equals scaling the weight before it, so the convolution
+    runs on the style-modulated weight (fused form) or input (unfused form) alone, and
+    `bias + out * gain` and `+ noise * weight` are one operator each: three passes over the
+    activation map after the convolution instead of four (fused) or five (unfused)."""
+    conv = self.modulated_conv
+    b, c = x.shape[:2]
+    s = conv.modulation(style)  # (b, c_in)
+    energy, half_eps = _halved_energy(conv)
+    gain = torch.rsqrt(torch.addmm(half_eps, s.float().pow(2), energy))  # (b, c_out)
+    if self.__dict__.get("_unfused_conv", False):
+        x = x * s.view(b, c, 1, 1).to(x.dtype)
+        x = _resample(x, conv.sample_mode)
+        out = F.conv2d(x, conv.weight[0].to(x.dtype), padding=conv.padding)
+    else:
+        weight = (conv.weight * s.view(b, 1, c, 1, 1)).view(b * conv.out_channels, c, conv.kernel_size,
+                                                             conv.kernel_size)
+        x = _resample(x, conv.sample_mode)
+        h, w = x.shape[2:]
+        out = F.conv2d(x.reshape(1, b * c, h, w), weight, padding=conv.padding, groups=b)
+        out = out.view(b, conv.out_channels, *out.shape[2:4])
+    gain, bias, strength = gain.view(b, -1, 1, 1), self.bias, self.weight
+    if noise is None:
+        noise = torch.randn((b, 1, *out.shape[2:]), device=out.device, dtype=torch.float32)
+    if self.__dict__.get("_compute_dtype", False):  # activations stay in the compute dtype
+        gain, bias, strength, noise = (t.to(out.dtype) for t in (gain, bias, strength, noise))
+    out = torch.addcmul(bias, out, gain)
+    out = torch.addcmul(out, noise, strength)
+    return F.leaky_relu(out, 0.2, inplace=True)
+
+
+def _resample(x: torch.Tensor, mode) -> torch.Tensor:
+    if mode == "upsample":
+        return _interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    if mode == "downsample":
+        return _interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+    return x
+
+
+def _lean_gfpgan_forward(self, x, return_latents=False, return_rgb=True, randomize_noise=True, **kwargs):
+    """GFPGANv1Clean.forward for inference: the same U-Net, style code and SFT conditions,
+    without the copy GFPGAN makes of every condition (14 full copies of feature maps a pass,
+    there so that training can reuse the tensors). Any other use runs GFPGAN's own forward."""
+    if return_latents or return_rgb or kwargs:
+        return type(self).forward(self, x, return_latents=return_latents, return_rgb=return_rgb,
+                                  randomize_noise=randomize_noise, **kwargs)
+    feat = F.leaky_relu_(self.conv_body_first(x), negative_slope=0.2)
+    skips = []
+    for down in self.conv_body_down:
+        feat = down(feat)
+        skips.append(feat)
+    feat = F.leaky_relu_(self.final_conv(feat), negative_slope=0.2)
+    style = self.final_linear(feat.view(feat.size(0), -1))
+    if self.different_w:
+        style = style.view(style.size(0), -1, self.num_style_feat)
+    conditions = []
+    for up, scale, shift, skip in zip(self.conv_body_up, self.condition_scale, self.condition_shift,
+                                      reversed(skips)):
+        feat = up(feat + skip)
+        conditions += [scale(feat), shift(feat)]
+    image, _ = self.stylegan_decoder([style], conditions, input_is_latent=self.input_is_latent,
+                                     randomize_noise=randomize_noise)
+    return image, []
+
+
+def _lean_decoder_forward(self, styles, conditions, input_is_latent=False, noise=None, randomize_noise=True,
+                          truncation=1, truncation_latent=None, inject_index=None, return_latents=False):
+    """StyleGAN2GeneratorCSFT.forward for one style code, SFT on half the channels (GFPGAN
+    v1.2-v1.4): the SFT modulation is applied in place to the half it changes (two operators),
+    where GFPGAN splits, modulates into new tensors and concatenates (three, and a copy of the
+    whole map). Any other use runs the decoder's own forward."""
+    if len(styles) != 1 or truncation < 1 or return_latents or not self.sft_half:
+        return type(self).forward(self, styles, conditions, input_is_latent, noise, randomize_noise, truncation,
+                                  truncation_latent, inject_index, return_latents)
+    style = styles[0] if input_is_latent else self.style_mlp(styles[0])
+    if noise is None:
+        noise = [None] * self.num_layers if randomize_noise else \
+            [getattr(self.noises, f"noise{i}") for i in range(self.num_layers)]
+    latent = style if style.ndim >= 3 else style.unsqueeze(1).repeat(1, self.num_latent, 1)
+    out = self.style_conv1(self.constant_input(latent.shape[0]), latent[:, 0], noise=noise[0])
+    skip = self.to_rgb1(out, latent[:, 1])
+    i = 1
+    for conv1, conv2, noise1, noise2, to_rgb in zip(self.style_convs[::2], self.style_convs[1::2], noise[1::2],
+                                                    noise[2::2], self.to_rgbs):
+        out = conv1(out, latent[:, i], noise=noise1)
+        if i < len(conditions):  # out is this layer's own new tensor: modulate its half in place
+            out[:, out.size(1) // 2:].mul_(conditions[i - 1]).add_(conditions[i])
+        out = conv2(out, latent[:, i + 1], noise=noise2)
+        skip = to_rgb(out, latent[:, i + 2], skip)
+        i += 2
+    return skip, None
+
+
+def set_activation_form(net: torch.nn.Module, form: str, gfpgan_forward: str = "gfpgan",
+                        modconv: str = "fused") -> int:
+    """Switch every StyleConv in `net` to `form` ("promote" or "compute"), and `net` (GFPGAN v1.2-
+    v1.4) to `gfpgan_forward` ("gfpgan": its own forwards; "lean": _lean_gfpgan_forward,
+    _lean_decoder_forward and _lean_styleconv_forward with the modulated convolution in
+    `modconv`'s form); returns how many StyleConvs."""
     if form not in ACTIVATION_FORMS:
         raise ValueError(f"activations must be one of {ACTIVATION_FORMS}, got {form!r}")
+    if gfpgan_forward not in GFPGAN_FORWARDS:
+        raise ValueError(f"gfpgan_forward must be one of {GFPGAN_FORWARDS}, got {gfpgan_forward!r}")
+    from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean, StyleGAN2GeneratorCSFT
     from gfpgan.archs.stylegan2_clean_arch import StyleConv
+    lean = gfpgan_forward == "lean"
+    _swap_forward(net, GFPGANv1Clean, _lean_gfpgan_forward if lean else None)
+    _swap_forward(net, StyleGAN2GeneratorCSFT, _lean_decoder_forward if lean else None)
+    if lean:
+        for module in net.modules():
+            if isinstance(module, StyleConv):
+                module.__dict__["_unfused_conv"] = modconv == "unfused"
+                module.__dict__["_compute_dtype"] = form == "compute"
+                _halved_energy(module.modulated_conv)  # made now, not on the first request
+        return _swap_forward(net, StyleConv, _lean_styleconv_forward)
     return _swap_forward(net, StyleConv, _compute_dtype_styleconv_forward if form == "compute" else None)
 
 

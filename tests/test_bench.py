@@ -65,6 +65,7 @@ def test_every_speed_variant_is_chosen_by_its_flags():
 
     for name, speed in VARIANTS.items():
         assert Settings.from_args(speed.serve_flags(), environ={}).speed_options("cuda") == speed, name
+    assert VARIANTS["defaults"] == Settings().speed_options("cuda")  # what the service runs on CUDA
 
 
 def test_the_gpu_check_picks_the_fastest_parse_mask_variant_at_the_largest_batch(tmp_path):

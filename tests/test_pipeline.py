@@ -251,6 +251,39 @@ def test_no_face_found_returns_the_input_resized(pipeline):
     assert np.abs(result.faces[0].astype(int) - expected).max() <= 1
 
 
+def test_the_fixed_size_centre_face_selection_gives_what_selecting_the_faces_gives(pipeline, monkeypatch):
+    """A DETECT batch that wants one face per image takes each image's centre face as a fixed-size
+    row (a placeholder where there is none) instead of selecting the faces, one host wait fewer:
+    the faces, statuses and pixels are those of the selecting path, a faceless image included."""
+    faces = make_faces(3, seed=1)
+    jobs = [Job(faces, EnhanceOptions()), Job(faces[:1], EnhanceOptions(output_size=512))]
+    detect = pipeline.detector.candidates
+
+    def without_faces_in_the_second_image(images):
+        found, usable = detect(images)
+        return found, usable & (found.image != 1)
+
+    monkeypatch.setattr(pipeline.detector, "candidates", without_faces_in_the_second_image)
+    chosen = []
+    original = FacePipeline._locate
+
+    def watched(self, *args, **kwargs):
+        found = original(self, *args, **kwargs)
+        chosen.append(found.present is not None)
+        return found
+
+    monkeypatch.setattr(FacePipeline, "_locate", watched)
+    fixed = pipeline.enhance(jobs)
+    monkeypatch.setattr(FacePipeline, "_locate", lambda self, *a, **k: watched(self, *a, **{**k, "fixed": False}))
+    selected = pipeline.enhance(jobs)
+    assert chosen == [True, False]
+    assert fixed[0].status[1] == FaceStatus.NO_FACE  # returned resized, as the selecting path does
+    assert FaceStatus.ENHANCED in fixed[0].status + fixed[1].status
+    for a, b in zip(fixed, selected):
+        assert a.status == b.status
+        assert np.array_equal(a.faces, b.faces)
+
+
 @pytest.mark.parametrize("points", [
     # the issue's request: eyes 1 px apart, the other three points on the left eye (NaN fit)
     [[100, 100], [101, 100], [100, 100], [100, 100], [100, 100]],

@@ -117,11 +117,12 @@ def test_speed_forms_auto_and_overrides():
     from server.speed import SpeedOptions
 
     cpu, cuda = Settings().speed_options("cpu"), Settings().speed_options("cuda")
-    # the CPU keeps GFPGAN's own convolution forms; both fold the norm layers
-    assert cpu == SpeedOptions(modconv="fused", fold_norms=True)
-    assert cuda == SpeedOptions(modconv="unfused", cuda_graphs=True, channels_last=True, fold_norms=True)
+    # the CPU keeps GFPGAN's own convolution forms; both fold the norm layers and run lean GFPGAN
+    assert cpu == SpeedOptions(modconv="fused", fold_norms=True, gfpgan_forward="lean")
+    assert cuda == SpeedOptions(modconv="unfused", cuda_graphs=True, channels_last=True, fold_norms=True,
+                                gfpgan_forward="lean")
     plain = Settings.from_args(["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
-                                "--fold-norms", "off"])
+                                "--fold-norms", "off", "--gfpgan-forward", "gfpgan"])
     assert plain.speed_options("cuda") == SpeedOptions()
     with pytest.raises(SystemExit):
         Settings.from_args(["--fold-norms", "maybe"])

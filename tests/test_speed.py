@@ -17,7 +17,8 @@ from server.pipeline import FacePipeline
 from server.profiling import StageProfiler
 import server.speed as speed_module
 from server.speed import (GraphedForward, SpeedOptions, box_paste_mask, downsample2x_bilinear, fast_resampling,
-                          graph_buckets, reflection_pad, set_modconv_form, set_norm_folding, upsample2x_bilinear, upsample2x_nearest)
+                          graph_buckets, reflection_pad, set_activation_form, set_modconv_form,
+                          set_norm_folding, upsample2x_bilinear, upsample2x_nearest)
 from tests.device import TEST_DEVICE, needs_cuda
 from tests.faces import make_faces, template_landmarks, weights_with_detector
 from tests.test_pipeline import load_nets, reference, with_landmarks
@@ -65,8 +66,9 @@ def test_unfused_modulated_convolution_equals_gfpgans_own(nets):
 
 @pytest.mark.parametrize("speed", [SpeedOptions(modconv="unfused"),
                                    SpeedOptions(modconv="unfused", channels_last=True),
-                                   SpeedOptions(resample="fast"), SpeedOptions(fold_norms=True)],
-                         ids=["unfused", "unfused-channels-last", "fast-resample", "fold-norms"])
+                                   SpeedOptions(resample="fast"),
+                                   SpeedOptions(fold_norms=True, gfpgan_forward="lean")],
+                         ids=["unfused", "unfused-channels-last", "fast-resample", "fold-norms+lean"])
 def test_speed_forms_give_the_plain_pipelines_faces(nets, speed):
     faces = make_faces(3, seed=21)
     points = template_landmarks(3, seed=21)
@@ -81,11 +83,40 @@ def test_speed_forms_give_the_plain_pipelines_faces(nets, speed):
         assert mean < 0.02 and worst <= 2, (mean, worst)
 
 
+@pytest.mark.parametrize("modconv", ["fused", "unfused"])
+def test_lean_gfpgan_forward_equals_gfpgans_own(nets, modconv):
+    gfpgan = nets[0]
+    x = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(3)).to(TEST_DEVICE) * 2 - 1
+    outputs = {}
+    with torch.no_grad():
+        own = gfpgan(x, return_rgb=False, randomize_noise=False)[0]
+        for form in ("gfpgan", "lean"):
+            set_modconv_form(gfpgan, modconv)
+            count = set_activation_form(gfpgan, "promote", form, modconv)
+            outputs[form, "stored"] = gfpgan(x, return_rgb=False, randomize_noise=False)[0]
+            torch.manual_seed(11)  # fresh noise: both forms draw it layer by layer, in the same order
+            if TEST_DEVICE.type == "cuda":
+                torch.cuda.manual_seed(11)
+            outputs[form, "fresh"] = gfpgan(x, return_rgb=False, randomize_noise=True)[0]
+            # a caller that wants GFPGAN's intermediate RGB images gets GFPGAN's own forward
+            outputs[form, "rgbs"] = len(gfpgan(x, return_rgb=True, randomize_noise=False)[1])
+        set_modconv_form(gfpgan, "fused")
+        set_activation_form(gfpgan, "promote")
+        again = gfpgan(x, return_rgb=False, randomize_noise=False)[0]
+    assert count == 15
+    assert outputs["gfpgan", "rgbs"] == outputs["lean", "rgbs"] > 0
+    for noise in ("stored", "fresh"):
+        # float32 rounding only: the same sums in another order ([-1, 1] output units)
+        difference = (outputs["gfpgan", noise] - outputs["lean", noise]).abs().max()
+        assert difference < 1e-4, (noise, difference)
+    assert torch.equal(again, own)  # switching back restores GFPGAN's own
+
+
 def test_norm_folding_drops_the_layers_and_keeps_the_networks_outputs(nets):
     _, detector, parser = nets
     generator = torch.Generator().manual_seed(4)
     images = (torch.rand(2, 3, 256, 256, generator=generator) * 255 - 110).to(TEST_DEVICE)
-    crops = (torch.rand(2, 3, 512, 512, generator=generator) * 2 - 1).to(TEST_DEVICE)
+    crops = (torch.rand(1, 3, 512, 512, generator=generator) * 2 - 1).to(TEST_DEVICE)
     # RetinaFace is 50+ layers deep and its random-valued test weights give large logits, so
     # float32 rounding reaches 1e-3 of a softmax score; ParseNet's outputs stay within 1e-5.
     for net, x, pairs, ones, tolerance in ((detector, images, 73, 0, 1e-3), (parser, crops, 36, 40, 1e-5)):
@@ -262,16 +293,40 @@ def test_cuda_graphs_give_the_eager_faces_at_every_batch_size(nets):
     eager = make_pipeline(nets, SpeedOptions(modconv="unfused"))
     graphed = make_pipeline(nets, SpeedOptions(modconv="unfused", cuda_graphs=True), graph_max_batch=4)
     graphed.warmup()
-    assert set(graphed._graphs) == {"gfpgan", "parse"}
+    assert set(graphed._graphs) == {"gfpgan", "parse", "detect"}
     replays = graphed._graphs["gfpgan"].replays
+    detections = graphed._graphs["detect"].replays
     points = template_landmarks(6, seed=25)
     faces = make_faces(6, seed=25)
     for n in (1, 3, 6):  # exact bucket, padded to 4, larger than every bucket (eager)
         a = eager.enhance([Job(faces[:n], LANDMARKS, points[:n])])[0]
         b = graphed.enhance([Job(faces[:n], LANDMARKS, points[:n])])[0]
         assert levels(a.faces, b.faces)[1] <= 1, n
-    assert graphed._graphs["gfpgan"].replays == replays + 2
+        a = eager.enhance([Job(faces[:n], EnhanceOptions())])[0]
+        b = graphed.enhance([Job(faces[:n], EnhanceOptions())])[0]
+        assert a.status == b.status and levels(a.faces, b.faces)[1] <= 1, n
+    assert graphed._graphs["gfpgan"].replays == replays + 4
     assert graphed._graphs["gfpgan"].eager_calls >= 1
+    assert graphed._graphs["detect"].replays == detections + 2  # 6 images: eager
+
+
+def test_detection_through_a_stand_in_for_its_graph_finds_the_same_faces(nets):
+    """The pipeline replays RetinaFace from a CUDA graph through FaceDetector.raw's one-tensor
+    form; the same form eagerly (any device) gives exactly the same faces and pixels."""
+    pipeline = make_pipeline(nets)
+    faces = make_faces(3, seed=28)
+    [plain] = pipeline.enhance([Job(faces, EnhanceOptions())])
+    calls = []
+
+    def stand_in(x):
+        calls.append(x.shape[0])
+        return pipeline.detector.raw(x)
+
+    pipeline.detector.graphed = {(256, 256): stand_in}
+    [through] = pipeline.enhance([Job(faces, EnhanceOptions())])
+    pipeline.set_speed(SpeedOptions())
+    assert calls == [3] and pipeline.detector.graphed == {}  # set_speed drops the graphs
+    assert through.status == plain.status and np.array_equal(through.faces, plain.faces)
 
 
 @needs_cuda
@@ -305,15 +360,44 @@ def test_profile_counts_launches_and_syncs_per_stage(nets):
     assert abs(counts["aligned", 1][0] - counts["aligned", 4][0]) <= 0.01 * counts["aligned", 1][0]
     assert abs(counts["detect", 1][0] - counts["detect", 4][0]) <= 0.05 * counts["detect", 1][0]
     # an ALIGNED batch waits for the device once, for its results; DETECT also waits on the
-    # detections (threshold, NMS, the face selection)
+    # detections (the threshold's nonzero and the NMS); with one face per image (only the centre
+    # face, the default) the selection has a fixed size and does not wait
     assert counts["aligned", 4][1] == 1
-    assert counts["detect", 4][1] <= 4
-    # folded norms: 73 batch norms fewer in RetinaFace, 36 batch norms and 40 multiplications by one in ParseNet
-    pipeline.set_speed(SpeedOptions(fold_norms=True))
+    assert counts["detect", 1][1] == counts["detect", 4][1] == 3
     pipeline.profiler = StageProfiler(TEST_DEVICE, count=True)
-    pipeline.enhance([Job(make_faces(4, seed=26), EnhanceOptions())])
+    pipeline.enhance([Job(make_faces(1, seed=26), EnhanceOptions(only_center_face=False))])
+    assert pipeline.profiler.totals()[1] == 4  # every face: a selection, one wait more
+    # folded norms: 73 batch norms fewer in RetinaFace, 36 batch norms and 40 multiplications by
+    # one in ParseNet; the lean GFPGAN forward: per StyleConv 9 operators instead of 13 (15 of
+    # them), no copies of the 14 SFT conditions, 2 operators instead of 3 for each of 7 SFTs
+    pipeline.set_speed(SpeedOptions(fold_norms=True, gfpgan_forward="lean"))
+    pipeline.profiler = StageProfiler(TEST_DEVICE, count=True)
+    pipeline.enhance([Job(make_faces(1, seed=26), EnhanceOptions())])
     folded = pipeline.profiler.per_batch_counts()
     pipeline.profiler = None
     pipeline.set_speed(SpeedOptions())
-    assert folded["detect"][0] == stages["detect", 4]["detect"][0] - 73
-    assert folded["parse"][0] == stages["detect", 4]["parse"][0] - 36 - 40
+    assert folded["detect"][0] == stages["detect", 1]["detect"][0] - 73
+    assert folded["gfpgan"][0] == stages["detect", 1]["gfpgan"][0] - 4 * 15 - 14 - 7
+    assert folded["parse"][0] == stages["detect", 1]["parse"][0] - 36 - 40
+
+
+def test_a_detect_batch_meets_the_launch_and_sync_targets_with_the_service_defaults(nets):
+    """Issue 8's CPU targets, with the forms the service picks on this device: a DETECT batch
+    (ParseNet paste mask) runs at most 1,000 operators, flat in the batch size, and waits for
+    the device at most 3 times."""
+    from server.settings import Settings
+
+    pipeline = make_pipeline(nets, Settings().speed_options(TEST_DEVICE.type))
+    pipeline.warmup()
+    totals = {}
+    for n in (1, 3):
+        pipeline.profiler = StageProfiler(TEST_DEVICE, count=True)
+        pipeline.enhance([Job(make_faces(n, seed=27), EnhanceOptions())])
+        totals[n] = pipeline.profiler.totals()
+    pipeline.profiler = None
+    make_pipeline(nets)  # leave the shared networks in their plain form
+    print(totals)
+    if TEST_DEVICE.type == "cpu":  # on CUDA, cuDNN's layout conversions count as operators too
+        assert all(ops <= 1000 for ops, _ in totals.values()), totals
+    assert len({ops for ops, _ in totals.values()}) == 1, totals  # flat in the batch size
+    assert all(syncs <= 3 for _, syncs in totals.values()), totals
