@@ -66,7 +66,8 @@ def main() -> int:
     test_files = ["tests/test_imageops.py", "tests/test_speed.py", "tests/test_pipeline.py",
                   "tests/test_model.py", "tests/test_end_to_end.py"]
     # Steps run in order of value (`order` below): a step not started within the budget can be
-    # run by a second call with --only. "BEST" is replaced by the flags of the fastest variant the variants step found.
+    # run by a second call with --only. "BEST" is replaced by the flags of the fastest variant the
+    # variants step found, "PLAIN" by those of GFPGAN's own forms.
     steps = [
         ("env", [sys.executable, str(ROOT / "scripts" / "gpu_env.py")], 60),
         ("weights", [sys.executable, str(ROOT / "scripts" / "gpu_env.py"), "--make-weights",
@@ -83,7 +84,7 @@ def main() -> int:
                       "--iterations", str(iters), "--variants",
                       "plain,fast-resample,defaults,plain+box" if args.quick else ",".join(variant_flags()),
                       "--variant-alignments", "aligned,detect", "--markdown-out", str(out / "variants.md")], 240),
-        ("profile-plain", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", f"1,{big}",
+        ("profile-plain", [*bench, "PLAIN", "--methods", "", "--alignment", "detect", "--batch-sizes", f"1,{big}",
                            "--iterations", "3", "--profile", "--markdown-out", str(out / "profile-plain.md")], 60),
         ("profile-best", [*bench, "BEST", "--methods", "", "--alignment", "detect",
                           "--batch-sizes", f"1,{big}", "--iterations", "3", "--profile",
@@ -121,6 +122,9 @@ def main() -> int:
         if spent > args.budget_s:
             summary.append({"step": name, "status": "not run (budget spent)", "seconds": 0})
             continue
+        if "PLAIN" in command:  # GFPGAN's own forms, whatever the service's defaults are
+            at = command.index("PLAIN")
+            command = command[:at] + variant_flags()["plain"] + command[at + 1:]
         if "BEST" in command:
             best = _best_variant(out / "variants.md", args.device)
             at = command.index("BEST")
