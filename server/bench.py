@@ -248,7 +248,7 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
 # -- (d) where the time goes, speed variants, memory ---------------------------------------------
 
 _CUDA_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, fold_norms=True,
-                              gfpgan_forward="lean")
+                              gfpgan_forward="lean", fixed_selection=True)
 #: The speed forms `--variants` compares, each against "plain" (GFPGAN's own forms) in one run.
 VARIANTS = {
     "plain": SpeedOptions(),
@@ -445,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--activations", default="promote", choices=["promote", "compute"])
     parser.add_argument("--fold-norms", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
+    parser.add_argument("--fixed-selection", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
                              "syncs per stage and per batch")
@@ -511,7 +512,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                             paste_mask=args.paste_mask, resample=args.resample,
-                            activations=args.activations, fold_norms=args.fold_norms, gfpgan_forward=args.gfpgan_forward, enable_codeformer=args.enable_codeformer)
+                            activations=args.activations, fold_norms=args.fold_norms, gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection, enable_codeformer=args.enable_codeformer)
     except ValueError as error:
         parser.error(str(error))
 

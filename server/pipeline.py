@@ -306,7 +306,7 @@ class FacePipeline:
         video = any(jobs[i].video is not None for i in indices)
         faces = self._locate(images, detect_index, given_index, points, centre_only,
                              all_centre=all(options[i].only_center_face for i in detect_host),
-                             fixed=not video)
+                             fixed=self.speed.fixed_selection and not video)
         if video:
             faces = self._steady(jobs, indices, faces, set(held))
         with self._stage("align"):

@@ -57,6 +57,7 @@ class Settings:
     activations: str = "promote"
     fold_norms: str = "auto"
     gfpgan_forward: str = "auto"
+    fixed_selection: str = "auto"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -99,7 +100,8 @@ class Settings:
                             channels_last=on(self.channels_last) and modconv == "unfused",
                             paste_mask=self.paste_mask, resample=self.resample,
                             activations=self.activations, fold_norms=self.fold_norms != "off",
-                            gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean")
+                            gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean",
+                            fixed_selection=on(self.fixed_selection))
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -349,6 +351,11 @@ SPECS: tuple[_Spec, ...] = (
           "place, each StyleConv's demodulation from precomputed weight energies and its gain, bias "
           "and noise in two multiply-adds: fewer passes, the same sums within rounding). auto: lean.",
           "auto", check=_choice("auto", "gfpgan", "lean")),
+    _Spec("fixed_selection", _choice("auto", "on", "off"), "DETECT batches that want one face per "
+          "image take it as a fixed-size row (a never-pasted placeholder for a faceless image) "
+          "instead of selecting the faces: one wait for the device fewer per batch, a wasted "
+          "restoration per faceless image. auto: on with CUDA, off on the CPU (where a wait costs "
+          "nothing and a restoration seconds).", "auto", check=_choice("auto", "on", "off")),
     _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
           "plaintext)"),
     _Spec("tls_key", str, "PEM private key of --tls-cert.", "(none)"),

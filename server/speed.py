@@ -64,6 +64,10 @@ class SpeedOptions:
     #: its training-time copies, and each StyleConv's elementwise work in two multiply-adds
     #: (_lean_gfpgan_forward, _lean_decoder_forward, _lean_styleconv_forward).
     gfpgan_forward: str = "gfpgan"
+    #: DETECT batches that want one face per image take it as a fixed-size row per image (a
+    #: placeholder, never pasted, where there is none) instead of selecting the faces: one host
+    #: wait fewer per batch, at the price of restoring a placeholder for each faceless image.
+    fixed_selection: bool = False
 
     def __post_init__(self):
         if self.modconv not in MODCONV_FORMS:
@@ -88,13 +92,15 @@ class SpeedOptions:
         return ["--modconv", self.modconv, "--cuda-graphs", on(self.cuda_graphs),
                 "--channels-last", on(self.channels_last), "--paste-mask", self.paste_mask,
                 "--resample", self.resample, "--activations", self.activations,
-                "--fold-norms", on(self.fold_norms), "--gfpgan-forward", self.gfpgan_forward]
+                "--fold-norms", on(self.fold_norms), "--gfpgan-forward", self.gfpgan_forward,
+                "--fixed-selection", on(self.fixed_selection)]
 
     def describe(self) -> str:
         return (f"modconv={self.modconv} cuda_graphs={'on' if self.cuda_graphs else 'off'} "
                 f"channels_last={'on' if self.channels_last else 'off'} paste_mask={self.paste_mask} "
                 f"resample={self.resample} activations={self.activations} "
-                f"fold_norms={'on' if self.fold_norms else 'off'} gfpgan_forward={self.gfpgan_forward}")
+                f"fold_norms={'on' if self.fold_norms else 'off'} gfpgan_forward={self.gfpgan_forward} "
+                f"fixed_selection={'on' if self.fixed_selection else 'off'}")
 
 
 # -- modulated convolution ----------------------------------------------------------------------

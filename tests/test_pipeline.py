@@ -272,7 +272,7 @@ def test_the_fixed_size_centre_face_selection_gives_what_selecting_the_faces_giv
         chosen.append(found.present is not None)
         return found
 
-    monkeypatch.setattr(FacePipeline, "_locate", watched)
+    monkeypatch.setattr(FacePipeline, "_locate", lambda self, *a, **k: watched(self, *a, **{**k, "fixed": True}))
     fixed = pipeline.enhance(jobs)
     monkeypatch.setattr(FacePipeline, "_locate", lambda self, *a, **k: watched(self, *a, **{**k, "fixed": False}))
     selected = pipeline.enhance(jobs)

@@ -120,9 +120,9 @@ def test_speed_forms_auto_and_overrides():
     # the CPU keeps GFPGAN's own convolution forms; both fold the norm layers and run lean GFPGAN
     assert cpu == SpeedOptions(modconv="fused", fold_norms=True, gfpgan_forward="lean")
     assert cuda == SpeedOptions(modconv="unfused", cuda_graphs=True, channels_last=True, fold_norms=True,
-                                gfpgan_forward="lean")
+                                gfpgan_forward="lean", fixed_selection=True)
     plain = Settings.from_args(["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
-                                "--fold-norms", "off", "--gfpgan-forward", "gfpgan"])
+                                "--fold-norms", "off", "--gfpgan-forward", "gfpgan", "--fixed-selection", "off"])
     assert plain.speed_options("cuda") == SpeedOptions()
     with pytest.raises(SystemExit):
         Settings.from_args(["--fold-norms", "maybe"])
