@@ -18,6 +18,9 @@ from torchvision.ops import nms
 # detect_faces(img, 0.97) with facexlib's default NMS threshold of 0.4.
 CONF_THRESHOLD = 0.97
 NMS_THRESHOLD = 0.4
+#: Most boxes one NMS call takes (its mask: n x n/64 64-bit words, 32 MiB at this size); a batch with more
+#: candidates is suppressed in groups of whole images.
+NMS_BOXES_PER_CALL = 16_384
 EYE_DIST_THRESHOLD = 5.0
 # RetinaFace (resnet50) configuration, from facexlib.
 _MIN_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -127,11 +130,45 @@ def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, image: torch.Tensor,
                  threshold: float) -> torch.Tensor:
     """NMS within each image, in one NMS call: each image's boxes are shifted past the previous
     image's, so boxes of different images never overlap (torchvision's batched_nms does this too
-    below a size limit, above which it loops over the images, one round trip each)."""
-    if boxes.numel() == 0:
+    below a size limit, above which it loops over the images, one round trip each).
+
+    `image` must be sorted (the threshold's `nonzero` gives it so). Past NMS_BOXES_PER_CALL boxes
+    the images are split into groups of at most that many boxes, one NMS call each: torchvision's
+    CUDA kernel keeps an n x n/64 bit mask, which grows with the square of the batch's boxes and
+    overflows its int32 size past about 370,000 (a batch of 1,024 images whose every anchor
+    passes the threshold failed so on the H200). Only such batches pay the extra host read.
+    """
+    n = boxes.shape[0]
+    if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    if n <= NMS_BOXES_PER_CALL:
+        return _nms_one_call(boxes, scores, image, threshold)
+    kept, start = [], 0
+    for count in _groups(torch.bincount(image).tolist(), NMS_BOXES_PER_CALL):
+        part = slice(start, start + count)
+        kept.append(_nms_one_call(boxes[part], scores[part], image[part], threshold) + start)
+        start += count
+    return torch.cat(kept)
+
+
+def _nms_one_call(boxes: torch.Tensor, scores: torch.Tensor, image: torch.Tensor,
+                  threshold: float) -> torch.Tensor:
     offsets = image.to(boxes.dtype) * (boxes.max() + 1)
     return nms(boxes + offsets[:, None], scores, threshold)
+
+
+def _groups(counts: list[int], limit: int) -> list[int]:
+    """Consecutive images' box counts joined into groups of at most `limit` boxes (an image
+    with more is a group of its own); the group sizes, in order."""
+    groups: list[int] = []
+    for count in counts:
+        if count == 0:
+            continue
+        if groups and groups[-1] + count <= limit:
+            groups[-1] += count
+        else:
+            groups.append(count)
+    return groups
 
 
 @functools.lru_cache(maxsize=8)
