@@ -206,6 +206,10 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         for method, batch, rate, _ratio, p50, p99 in rows:
             key = {"G": "gfpganer", "F": "pipeline", "g": "service"}[method[0]] + f"@{batch}"
             found[key] = f"{float(rate):.0f}/s" + (f" p99 {p99} ms" if name == "realtime" else "")
+        # the service's batches: is a slow service row the device or the transport?
+        for size, per_batch, ms, busy in re.findall(
+                r"(?m)^\| (\d+) \| \d+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| (\d+%) \|$", text):
+            found[f"service batches@{size}"] = f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}"
     elif name == "memory":
         match = re.search(r"largest batch that ran: (\d+)", text)
         if match:

@@ -207,7 +207,45 @@ def _loopback_service(pipeline, max_batch_faces: int):
         thread.join(10)
 
 
-def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_flight) -> list[Measurement]:
+class _BatchLog:
+    """The pipeline as the loopback service sees it, logging each batch the batcher formed: its
+    faces, its jobs (requests or parts of them) and the seconds enhance() took (the device work
+    and the one download wait). Whether a slow service row is the device or the transport."""
+
+    def __init__(self, pipeline):
+        self._pipeline = pipeline
+        self.batches: list[tuple[int, int, float]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+    def enhance(self, jobs):
+        started = time.perf_counter()
+        results = self._pipeline.enhance(jobs)
+        self.batches.append((sum(job.faces.shape[0] for job in jobs), len(jobs),
+                             time.perf_counter() - started))
+        return results
+
+
+def service_batches_table(rows: list[tuple[int, list[tuple[int, int, float]], float]]) -> str:
+    """rows: (request size, the batches run while it was measured, elapsed seconds)."""
+    lines = ["| request faces | batches | faces per batch | jobs per batch | ms per batch | "
+             "ms per face | pipeline busy |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for size, batches, elapsed in rows:
+        if not batches:
+            continue
+        faces = sum(f for f, _, _ in batches)
+        busy = sum(s for _, _, s in batches)
+        lines.append(f"| {size} | {len(batches)} | {faces / len(batches):.1f} | "
+                     f"{sum(j for _, j, _ in batches) / len(batches):.1f} | "
+                     f"{busy / len(batches) * 1000:.1f} | {busy / faces * 1000:.2f} | "
+                     f"{min(1.0, busy / elapsed):.0%} |")
+    return "\n".join(lines)
+
+
+def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_flight,
+                  log: _BatchLog | None = None, batch_rows: list | None = None) -> list[Measurement]:
+    """`log`, the service's pipeline wrapped: each size's batches go into `batch_rows`."""
     from client.sync import FaceEnhanceClient
 
     results = []
@@ -228,6 +266,7 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
                 window.release()
 
             started, futures = time.perf_counter(), []
+            logged = len(log.batches) if log is not None else 0
             for index in range(iterations):
                 window.acquire()  # keep `in_flight` batches on the wire, no more
                 t0 = time.perf_counter()
@@ -239,6 +278,8 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
             for future in futures:
                 future.result()
             elapsed = time.perf_counter() - started
+            if log is not None and batch_rows is not None:
+                batch_rows.append((b, log.batches[logged:], elapsed))
             if any(fell_back):
                 raise RuntimeError("the loopback service fell back during the run; raise --timeout")
             results.append(Measurement(METHODS[2], b, len(futures) * b / elapsed, list(latencies)))
@@ -521,6 +562,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
     device = pipeline.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     measurements: list[Measurement] = []
+    service_batches: list = []
     gfpganer_note = ""
     if "gfpganer" in methods and pipeline.info.arch not in GFPGANER_ARCHS:
         gfpganer_note = (f"\n- GFPGANer: not run, it has no arch {pipeline.info.arch!r} (its own are "
@@ -533,9 +575,10 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
     if "pipeline" in methods:
         measurements += bench_pipeline(pipeline, faces, sizes, options, args.iterations, args.seconds, sync)
     if "service" in methods:
-        with _loopback_service(pipeline, max(8, max(sizes))) as address:
+        log = _BatchLog(pipeline)
+        with _loopback_service(log, max(8, max(sizes))) as address:
             measurements += bench_service(address, faces, sizes, options, args.iterations, args.seconds,
-                                          args.in_flight)
+                                          args.in_flight, log, service_batches)
 
     sections = [header(argv, device, pipeline.dtype, settings.model, faces, options)
                 + f"\n- pipeline speed forms: {pipeline.speed.describe()}" + gfpganer_note]
@@ -545,6 +588,11 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                        f"({info.arch})\n\n" + sections[0])
     if measurements:
         sections.append(markdown_table(measurements))
+    if service_batches:
+        sections.append("### Service batches\n\nThe batches the loopback service's batcher formed "
+                        "while each request size was measured, and the time enhance() took for "
+                        "them (busy: that time over the measurement's wall time).\n\n"
+                        + service_batches_table(service_batches))
     if args.profile:
         sections.append("### Stages\n\n" + profile_stages(pipeline, faces, sizes, options,
                                                           max(3, args.iterations), sync))

@@ -28,6 +28,14 @@ def test_bench_prints_a_row_per_method_and_batch_size_with_positive_throughput(s
     # GFPGANer is the baseline of the ratio column.
     assert rows[(METHODS[0], 1)][1] == 1.0 and rows[(METHODS[0], 2)][1] == 1.0
     assert "- device: CPU" in printed and "- command: `gfpgan-bench --model" in printed
+    # The service's batches, per request size: every timed face went through them, none twice.
+    batches = {int(m[1]): (int(m[2]), float(m[3]), float(m[4]), int(m[5]))
+               for m in re.finditer(r"^\| (\d+) \| (\d+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| "
+                                    r"([\d.]+) \| (\d+)% \|$", printed, flags=re.M)}
+    assert set(batches) == {1, 2}
+    for size, (count, per_batch, per_face_ms, busy) in batches.items():
+        assert round(count * per_batch) == 2 * size  # 2 iterations of `size` faces
+        assert per_face_ms > 0 and 0 < busy <= 100
 
 
 def test_synthetic_faces_are_distinct_square_crops():
