@@ -289,8 +289,8 @@ def test_the_fixed_size_centre_face_selection_gives_what_selecting_the_faces_giv
 
 
 def test_a_batch_with_many_candidates_is_suppressed_in_groups_and_finds_the_same_faces(pipeline, monkeypatch):
-    """Past NMS_BOXES_PER_CALL candidates the detector runs NMS per group of images (a batch of
-    1,024 random-weight images overflowed torchvision's CUDA NMS in one call): same faces."""
+    """Past NMS_BOXES_PER_CALL candidates the detector runs NMS per group of images (256
+    random-weight images overflowed torchvision's CUDA NMS in one call on the H200): same faces."""
     from server import detection
 
     images = torch.from_numpy(make_faces(4, seed=2)).permute(0, 3, 1, 2).float().to(TEST_DEVICE)
