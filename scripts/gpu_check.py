@@ -219,7 +219,7 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         for (ms, ops, syncs), label in zip(totals, ("first", "second")):
             found[label] = f"{ms} ms, {ops} ops, {syncs} syncs"
     elif name == "kernels":
-        for network, form, tflops in re.findall(r"\| (gfpgan|parse) \| ([\w+]+) \| [\d.]+ \| [\d.]+ \| (\d+) \|", text):
+        for network, form, tflops in re.findall(r"\| (gfpgan|parse) \| ([\w+-]+) \| [\d.]+ \| [\d.]+ \| (\d+) \|", text):
             found[f"{network} {form}"] = f"{tflops} TF/s"
     elif name == "env":
         match = re.search(r"device: ([^\n]+)", text)

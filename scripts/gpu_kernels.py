@@ -3,8 +3,9 @@
 
     python scripts/gpu_kernels.py WEIGHTS_DIR [--batch 16] [--device cuda]
 
-For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in the plain form and in
-the unfused channels-last form, bf16: the time of one pass from CUDA events (median of 5), the
+For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in GFPGAN's own forms,
+the service's CUDA defaults and those with ParseNet channels-last and padding from slices (the
+gfpgan-bench variants of those names), bf16: the time of one pass from CUDA events (median of 5), the
 TFLOP/s that makes, and torch.profiler's kernels by device time. scripts/gpu_check.py runs it.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
-FORMS = {"plain": {}, "unfused+channels_last": {"modconv": "unfused", "channels_last": True}}
+FORMS = ["plain", "defaults", "defaults+parse-channels-last+fast-resample"]
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
 
     from server.model import load_models
     from server.pipeline import FacePipeline
-    from server.speed import SpeedOptions
+    from server.bench import VARIANTS
     from server.weights import WeightPaths
 
     device = torch.device(args.device)
@@ -47,9 +48,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     crops = torch.rand(args.batch, 3, 512, 512, device=device) * 255
     rows = []
-    for form, options in FORMS.items():
+    for form in FORMS:
         pipeline = FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device,
-                                dtype=dtype, speed=SpeedOptions(**options))
+                                dtype=dtype, speed=VARIANTS[form])
         for name, run in (("gfpgan", pipeline._gfpgan_fixed_noise), ("parse", pipeline._parse_masks)):
             with torch.no_grad():
                 for _ in range(2):

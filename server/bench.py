@@ -297,11 +297,12 @@ VARIANTS = {
     "lean": SpeedOptions(gfpgan_forward="lean"),
     "fast-resample": SpeedOptions(resample="fast"),
     "bf16-activations": SpeedOptions(activations="compute"),
-    # the CUDA defaults the first H200 run chose
-    "unfused+channels_last+graphs": SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True),
     # the service's CUDA defaults now (Settings.speed_options("cuda"))
     "defaults": _CUDA_DEFAULTS,
-    "defaults+fast-resample": dataclasses.replace(_CUDA_DEFAULTS, resample="fast"),
+    # ParseNet channels-last, with PyTorch's padding and with padding from slices
+    "defaults+parse-channels-last": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=True),
+    "defaults+parse-channels-last+fast-resample": dataclasses.replace(
+        _CUDA_DEFAULTS, parse_channels_last=True, resample="fast"),
     "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
     "all-forms": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
     "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
@@ -487,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold-norms", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
     parser.add_argument("--fixed-selection", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--parse-channels-last", default="off", choices=["on", "off"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
                              "syncs per stage and per batch")
@@ -553,7 +555,8 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                             paste_mask=args.paste_mask, resample=args.resample,
-                            activations=args.activations, fold_norms=args.fold_norms, gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection, enable_codeformer=args.enable_codeformer)
+                            activations=args.activations, fold_norms=args.fold_norms, gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
+                            parse_channels_last=args.parse_channels_last, enable_codeformer=args.enable_codeformer)
     except ValueError as error:
         parser.error(str(error))
 

@@ -167,9 +167,13 @@ class FacePipeline:
         """Switch the networks to `speed`'s forms; CUDA graphs are (re)captured by warmup()."""
         self._graphs = {}
         self.detector.graphed = {}
-        # Channels-last for GFPGAN only: ParseNet measured slower in it on an H200 (BENCHMARKS.md).
+        # GFPGAN channels-last with the unfused form; ParseNet only when asked (it measured slower
+        # in NHWC on an H200 with PyTorch's padding: BENCHMARKS.md).
         if isinstance(self.gfpgan, torch.nn.Module):
             set_memory_format(self.gfpgan, speed.channels_last)
+        if isinstance(self.parser, torch.nn.Module):
+            set_norm_folding(self.parser, False)  # the layout goes to the unfolded weights too
+            set_memory_format(self.parser, speed.parse_channels_last)
         if isinstance(self.gfpgan, torch.nn.Module) and hasattr(self.gfpgan, "stylegan_decoder"):
             set_modconv_form(self.gfpgan, speed.modconv)
             set_activation_form(self.gfpgan, speed.activations, speed.gfpgan_forward, speed.modconv)
@@ -413,7 +417,10 @@ class FacePipeline:
 
     def _network_input(self, crops: torch.Tensor, gfpgan: bool = True) -> torch.Tensor:
         x = _to_network(crops)
-        return x.contiguous(memory_format=torch.channels_last) if gfpgan and self.speed.channels_last else x
+        # Explicitly one layout: a channels-last input (GFPGAN's output, a permuted upload) would
+        # otherwise pull an NCHW network's first convolution into NHWC.
+        nhwc = self.speed.channels_last if gfpgan else self.speed.parse_channels_last
+        return x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
     def _gfpgan_fixed_noise(self, crops: torch.Tensor) -> torch.Tensor:
         """0..255 BGR template crops -> restored 0..255 BGR, with the stored noise."""

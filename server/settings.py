@@ -58,6 +58,7 @@ class Settings:
     fold_norms: str = "auto"
     gfpgan_forward: str = "auto"
     fixed_selection: str = "auto"
+    parse_channels_last: str = "off"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -101,7 +102,8 @@ class Settings:
                             paste_mask=self.paste_mask, resample=self.resample,
                             activations=self.activations, fold_norms=self.fold_norms != "off",
                             gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean",
-                            fixed_selection=on(self.fixed_selection))
+                            fixed_selection=on(self.fixed_selection),
+                            parse_channels_last=self.parse_channels_last == "on")
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -358,6 +360,9 @@ SPECS: tuple[_Spec, ...] = (
           "instead of selecting the faces: one wait for the device fewer per batch, a wasted "
           "restoration per faceless image. auto: on with CUDA, off on the CPU (where a wait costs "
           "nothing and a restoration seconds).", "auto", check=_choice("auto", "on", "off")),
+    _Spec("parse_channels_last", _choice("on", "off"), "Run ParseNet's convolutions channels-last "
+          "too (NHWC). Off: with PyTorch's padding it measured slower on an H200; with --resample "
+          "fast (padding from slices) it is not yet measured.", "off", check=_choice("on", "off")),
     _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
           "plaintext)"),
     _Spec("tls_key", str, "PEM private key of --tls-cert.", "(none)"),

@@ -68,6 +68,10 @@ class SpeedOptions:
     #: placeholder, never pasted, where there is none) instead of selecting the faces: one host
     #: wait fewer per batch, at the price of restoring a placeholder for each faceless image.
     fixed_selection: bool = False
+    #: Run ParseNet channels-last too. Its reflection padding and layout conversions were over
+    #: half its time on the H200 in NCHW; in NHWC with PyTorch's padding it measured slower,
+    #: and with `resample="fast"` (padding from slices) it is not yet measured.
+    parse_channels_last: bool = False
 
     def __post_init__(self):
         if self.modconv not in MODCONV_FORMS:
@@ -93,14 +97,16 @@ class SpeedOptions:
                 "--channels-last", on(self.channels_last), "--paste-mask", self.paste_mask,
                 "--resample", self.resample, "--activations", self.activations,
                 "--fold-norms", on(self.fold_norms), "--gfpgan-forward", self.gfpgan_forward,
-                "--fixed-selection", on(self.fixed_selection)]
+                "--fixed-selection", on(self.fixed_selection),
+                "--parse-channels-last", on(self.parse_channels_last)]
 
     def describe(self) -> str:
         return (f"modconv={self.modconv} cuda_graphs={'on' if self.cuda_graphs else 'off'} "
                 f"channels_last={'on' if self.channels_last else 'off'} paste_mask={self.paste_mask} "
                 f"resample={self.resample} activations={self.activations} "
                 f"fold_norms={'on' if self.fold_norms else 'off'} gfpgan_forward={self.gfpgan_forward} "
-                f"fixed_selection={'on' if self.fixed_selection else 'off'}")
+                f"fixed_selection={'on' if self.fixed_selection else 'off'} "
+                f"parse_channels_last={'on' if self.parse_channels_last else 'off'}")
 
 
 # -- modulated convolution ----------------------------------------------------------------------

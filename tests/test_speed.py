@@ -85,6 +85,39 @@ def test_speed_forms_give_the_plain_pipelines_faces(nets, speed):
         assert mean < 0.02 and worst <= 2, (mean, worst)
 
 
+def test_parse_channels_last_runs_parsenet_in_nhwc_and_gives_the_same_masks(nets):
+    """--parse-channels-last: ParseNet's weights and its input go channels-last (the setting takes
+    effect), with PyTorch's padding and with padding from slices; the face masks are the NCHW
+    ones within float rounding, and switching back restores NCHW."""
+    parser = nets[2]
+    crops = torch.from_numpy(make_faces(1, seed=31, size=512)).permute(0, 3, 1, 2).float().to(TEST_DEVICE)
+    first_conv = next(m for m in parser.modules() if isinstance(m, torch.nn.Conv2d))
+    layouts = []
+    hook = first_conv.register_forward_pre_hook(
+        lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                       and not args[0].is_contiguous()))
+    masks = {}
+    try:
+        for nhwc, resample in [(False, "torch"), (True, "torch"), (True, "fast")]:
+            pipeline = make_pipeline(nets, SpeedOptions(parse_channels_last=nhwc, resample=resample,
+                                                        fold_norms=True))
+            weight = first_conv.weight
+            assert weight.is_contiguous(memory_format=torch.channels_last) == nhwc
+            with torch.no_grad():
+                masks[nhwc, resample] = pipeline._parse_masks(crops)
+        pipeline = make_pipeline(nets)  # back to the plain forms: NCHW, norms unfolded
+        assert first_conv.weight.is_contiguous()
+    finally:
+        hook.remove()
+    assert layouts == [False, True, True]
+    for key in [(True, "torch"), (True, "fast")]:
+        worst = (masks[key] - masks[False, "torch"]).abs().max().item()
+        # the mask is a blurred argmax of the logits: a near-tie may flip in a few pixels
+        changed = ((masks[key] - masks[False, "torch"]).abs() > 1e-3).float().mean().item()
+        print(f"parse channels-last {key[1]}: max {worst:.4f}, {changed:.5f} of pixels differ")
+        assert changed < 0.002, (key, changed)
+
+
 @pytest.mark.parametrize("modconv", ["fused", "unfused"])
 def test_lean_gfpgan_forward_equals_gfpgans_own(nets, modconv):
     gfpgan = nets[0]
