@@ -66,16 +66,23 @@ def test_unfused_modulated_convolution_equals_gfpgans_own(nets):
     assert torch.equal(fused, again)  # switching back restores GFPGAN's own forward
 
 
+@pytest.fixture(scope="module")
+def plain_forms_results(nets):
+    """One DETECT, one LANDMARKS and one ALIGNED job through GFPGAN's own forms, computed once
+    for every speed form compared with it (ParseNet at 512 costs seconds a face here)."""
+    faces = make_faces(2, seed=21)
+    points = template_landmarks(2, seed=21)
+    jobs = [Job(faces, EnhanceOptions()), Job(faces, LANDMARKS, points), Job(faces, ALIGNED)]
+    return jobs, make_pipeline(nets).enhance(jobs)
+
+
 @pytest.mark.parametrize("speed", [SpeedOptions(modconv="unfused"),
                                    SpeedOptions(modconv="unfused", channels_last=True),
                                    SpeedOptions(resample="fast"),
                                    SpeedOptions(fold_norms=True, gfpgan_forward="lean")],
                          ids=["unfused", "unfused-channels-last", "fast-resample", "fold-norms+lean"])
-def test_speed_forms_give_the_plain_pipelines_faces(nets, speed):
-    faces = make_faces(3, seed=21)
-    points = template_landmarks(3, seed=21)
-    jobs = [Job(faces, EnhanceOptions()), Job(faces, LANDMARKS, points), Job(faces, ALIGNED)]
-    plain = make_pipeline(nets).enhance(jobs)
+def test_speed_forms_give_the_plain_pipelines_faces(nets, plain_forms_results, speed):
+    jobs, plain = plain_forms_results
     fast = make_pipeline(nets, speed).enhance(jobs)
     make_pipeline(nets)  # leave the shared networks in their plain form
     for a, b in zip(plain, fast):
