@@ -214,7 +214,9 @@ class _BatchLog:
 
     def __init__(self, pipeline):
         self._pipeline = pipeline
-        self.batches: list[tuple[int, int, float]] = []
+        self.batches: list[tuple[int, int, float]] = []  # (faces, jobs, seconds)
+        #: per measured request size: (size, its batches, the measurement's wall seconds)
+        self.per_size: list[tuple[int, list[tuple[int, int, float]], float]] = []
 
     def __getattr__(self, name):
         return getattr(self._pipeline, name)
@@ -244,8 +246,8 @@ def service_batches_table(rows: list[tuple[int, list[tuple[int, int, float]], fl
 
 
 def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_flight,
-                  log: _BatchLog | None = None, batch_rows: list | None = None) -> list[Measurement]:
-    """`log`, the service's pipeline wrapped: each size's batches go into `batch_rows`."""
+                  log: _BatchLog | None = None) -> list[Measurement]:
+    """`log`: the service's pipeline, wrapped; each size's batches go into its `per_size`."""
     from client.sync import FaceEnhanceClient
 
     results = []
@@ -278,8 +280,8 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
             for future in futures:
                 future.result()
             elapsed = time.perf_counter() - started
-            if log is not None and batch_rows is not None:
-                batch_rows.append((b, log.batches[logged:], elapsed))
+            if log is not None:
+                log.per_size.append((b, log.batches[logged:], elapsed))
             if any(fell_back):
                 raise RuntimeError("the loopback service fell back during the run; raise --timeout")
             results.append(Measurement(METHODS[2], b, len(futures) * b / elapsed, list(latencies)))
@@ -555,8 +557,10 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                             paste_mask=args.paste_mask, resample=args.resample,
-                            activations=args.activations, fold_norms=args.fold_norms, gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
-                            parse_channels_last=args.parse_channels_last, enable_codeformer=args.enable_codeformer)
+                            activations=args.activations, fold_norms=args.fold_norms,
+                            gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
+                            parse_channels_last=args.parse_channels_last,
+                            enable_codeformer=args.enable_codeformer)
     except ValueError as error:
         parser.error(str(error))
 
@@ -565,7 +569,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
     device = pipeline.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     measurements: list[Measurement] = []
-    service_batches: list = []
+    log = _BatchLog(pipeline)
     gfpganer_note = ""
     if "gfpganer" in methods and pipeline.info.arch not in GFPGANER_ARCHS:
         gfpganer_note = (f"\n- GFPGANer: not run, it has no arch {pipeline.info.arch!r} (its own are "
@@ -578,10 +582,9 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
     if "pipeline" in methods:
         measurements += bench_pipeline(pipeline, faces, sizes, options, args.iterations, args.seconds, sync)
     if "service" in methods:
-        log = _BatchLog(pipeline)
         with _loopback_service(log, max(8, max(sizes))) as address:
             measurements += bench_service(address, faces, sizes, options, args.iterations, args.seconds,
-                                          args.in_flight, log, service_batches)
+                                          args.in_flight, log)
 
     sections = [header(argv, device, pipeline.dtype, settings.model, faces, options)
                 + f"\n- pipeline speed forms: {pipeline.speed.describe()}" + gfpganer_note]
@@ -591,11 +594,11 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                        f"({info.arch})\n\n" + sections[0])
     if measurements:
         sections.append(markdown_table(measurements))
-    if service_batches:
+    if log.per_size:
         sections.append("### Service batches\n\nThe batches the loopback service's batcher formed "
                         "while each request size was measured, and the time enhance() took for "
                         "them (busy: that time over the measurement's wall time).\n\n"
-                        + service_batches_table(service_batches))
+                        + service_batches_table(log.per_size))
     if args.profile:
         sections.append("### Stages\n\n" + profile_stages(pipeline, faces, sizes, options,
                                                           max(3, args.iterations), sync))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -89,24 +90,18 @@ class SpeedOptions:
             raise ValueError("channels_last needs modconv='unfused' (the fused form views the "
                              "batch as channels, which a channels-last tensor cannot)")
 
+    def _settings(self) -> list[tuple[str, str]]:
+        """(name, value) of every field, in order, as the settings spell them (bools on/off)."""
+        return [(f.name, ("on" if value else "off") if isinstance(value, bool) else value)
+                for f in dataclasses.fields(self) for value in [getattr(self, f.name)]]
+
     def serve_flags(self) -> list[str]:
         """The gfpgan-serve / gfpgan-bench flags that choose exactly these forms."""
-        def on(value: bool) -> str:
-            return "on" if value else "off"
-        return ["--modconv", self.modconv, "--cuda-graphs", on(self.cuda_graphs),
-                "--channels-last", on(self.channels_last), "--paste-mask", self.paste_mask,
-                "--resample", self.resample, "--activations", self.activations,
-                "--fold-norms", on(self.fold_norms), "--gfpgan-forward", self.gfpgan_forward,
-                "--fixed-selection", on(self.fixed_selection),
-                "--parse-channels-last", on(self.parse_channels_last)]
+        return [part for name, value in self._settings()
+                for part in ("--" + name.replace("_", "-"), value)]
 
     def describe(self) -> str:
-        return (f"modconv={self.modconv} cuda_graphs={'on' if self.cuda_graphs else 'off'} "
-                f"channels_last={'on' if self.channels_last else 'off'} paste_mask={self.paste_mask} "
-                f"resample={self.resample} activations={self.activations} "
-                f"fold_norms={'on' if self.fold_norms else 'off'} gfpgan_forward={self.gfpgan_forward} "
-                f"fixed_selection={'on' if self.fixed_selection else 'off'} "
-                f"parse_channels_last={'on' if self.parse_channels_last else 'off'}")
+        return " ".join(f"{name}={value}" for name, value in self._settings())
 
 
 # -- modulated convolution ----------------------------------------------------------------------
