@@ -104,6 +104,13 @@ def apply_separable(images: torch.Tensor, factory, rows_args: tuple, cols_args: 
     """
     rows = _device_matrix(factory, rows_args, images.device, images.dtype)
     cols = _device_matrix(factory, cols_args, images.device, images.dtype)
+    return apply_matrices(images, rows, cols)
+
+
+def apply_matrices(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """rows @ image @ cols.T for every image and channel: apply_separable with matrices made
+    beforehand (code compiled by torch.compile must not build them: it would trace the Python
+    loops that do)."""
     return torch.matmul(torch.matmul(rows, images), cols.transpose(0, 1))
 
 
@@ -113,6 +120,13 @@ def resize(images: torch.Tensor, size: int, method: str) -> torch.Tensor:
     if (height, width) == (size, size):
         return images
     return apply_separable(images, resize_matrix, (height, size, method), (width, size, method))
+
+
+def gaussian_blur_matrices(height: int, width: int, ksize: int, sigma: float, times: int,
+                           device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (rows, cols) device matrices gaussian_blur applies to (height, width) images."""
+    return (_device_matrix(gaussian_blur_matrix, (height, ksize, sigma, times), torch.device(device), dtype),
+            _device_matrix(gaussian_blur_matrix, (width, ksize, sigma, times), torch.device(device), dtype))
 
 
 def gaussian_blur(images: torch.Tensor, ksize: int, sigma: float, times: int = 1) -> torch.Tensor:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +23,9 @@ from client.types import Alignment, Background, EnhanceOptions, FaceStatus
 from server import imageops
 from server.detection import FaceDetector, Faces, centre_choice, centre_mask
 from server.jobs import Job, JobResult, ModelInfo
-from server.speed import (GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
+from server.speed import (CompiledForward, GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
                           check_speed_device, fast_resampling, graph_buckets, prepare_resampling,
-                          set_activation_form, set_norm_folding, set_memory_format,
+                          reset_compiled, set_activation_form, set_norm_folding, set_memory_format,
                           set_modconv_form)
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,8 @@ class FacePipeline:
 
     def __init__(self, gfpgan: torch.nn.Module, detector: torch.nn.Module, parser: torch.nn.Module,
                  *, device: torch.device, dtype: torch.dtype, info: ModelInfo | None = None,
-                 speed: SpeedOptions | None = None, graph_max_batch: int = 8, upsampler=None):
+                 speed: SpeedOptions | None = None, graph_max_batch: int = 8, upsampler=None,
+                 compile_backend: str = "inductor"):
         self.gfpgan = gfpgan
         #: server.background.BackgroundUpsampler for `background: realesrgan`, or None.
         self.upsampler = upsampler
@@ -152,10 +155,21 @@ class FacePipeline:
         self._template = FACE_TEMPLATE.to(self.device)
         self._border = torch.tensor(WARP_BORDER_BGR, device=self.device)
         self._box_mask = torch.from_numpy(box_paste_mask(FACE_SIZE)).to(self.device).view(1, 1, FACE_SIZE, FACE_SIZE)
+        #: imageops.gaussian_blur(masks, *_MASK_BLUR) as two matrices, made once
+        self._mask_blur = imageops.gaussian_blur_matrices(FACE_SIZE, FACE_SIZE, *_MASK_BLUR,
+                                                          device=self.device, dtype=torch.float32)
         self._staging = _HostStaging(self.device, self)
         self._noise_plan: NoisePlan | None = None
         self._graphs: dict[str, GraphedForward] = {}
+        #: GFPGAN's fixed-noise pass and ParseNet's masks as the batch runs them: the methods, or
+        #: their CompiledForward with `compile` (the CUDA graphs capture whichever it is)
+        self._fixed: dict[str, Callable] = {}
+        #: speed forms asked for that did not take effect (a failed capture or compile), for
+        #: whoever measures them: the service still runs, on the slower form
+        self.fallbacks: list[str] = []
         self.graph_max_batch = graph_max_batch
+        #: torch.compile's backend for `compile` (CompiledForward): Inductor unless a test asks
+        self.compile_backend = compile_backend
         #: Attach a server.profiling.StageProfiler to time stages and count launches and syncs.
         self.profiler = None
         self.speed = SpeedOptions()
@@ -181,6 +195,18 @@ class FacePipeline:
         prepare_resampling(self.parser)
         set_norm_folding(self.detector.net, speed.fold_norms)
         set_norm_folding(self.parser, speed.fold_norms)
+        if hasattr(self.gfpgan, "stylegan_decoder") and self._noise_plan is None:
+            # its hook exists from the start: one added later would change what compiled code
+            # was made against
+            self._noise_plan = NoisePlan(self.gfpgan)
+        if speed.compile or self.speed.compile:
+            reset_compiled()
+        self._fixed = {"gfpgan": self._gfpgan_fixed_noise, "parse": self._parse_masks}
+        if speed.compile:
+            around = functools.partial(fast_resampling, speed.resample == "fast")
+            self._fixed = {name: CompiledForward(fn, name, around, self.compile_backend)
+                           for name, fn in self._fixed.items()}
+        self.fallbacks = []
         self.speed = speed
         for note in check_speed_device(speed, self.device):
             log.warning("%s", note)
@@ -193,9 +219,9 @@ class FacePipeline:
         shape = (3, FACE_SIZE, FACE_SIZE)
         self._graphs = {}
         self.detector.graphed = {}
-        graphs = {"gfpgan": GraphedForward(self._gfpgan_fixed_noise, shape, buckets, self.device)}
+        graphs = {"gfpgan": GraphedForward(self._fixed["gfpgan"], shape, buckets, self.device)}
         if self.speed.paste_mask == "parse":
-            graphs["parse"] = GraphedForward(self._parse_masks, shape, buckets, self.device)
+            graphs["parse"] = GraphedForward(self._fixed["parse"], shape, buckets, self.device)
         graphs["detect"] = GraphedForward(self.detector.raw, (3, GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE),
                                           buckets, self.device)
         captured = {}
@@ -205,6 +231,8 @@ class FacePipeline:
             except Exception as error:  # noqa: BLE001 - that network stays eager
                 log.warning("CUDA graph capture of %s failed, it runs eagerly: %s: %s", name,
                             type(error).__name__, error)
+                self.fallbacks.append(f"cuda graphs of {name}: {type(error).__name__}: "
+                                      f"{str(error).splitlines()[0][:200] if str(error) else ''}")
                 continue
             captured[name] = graph
         self._graphs = captured
@@ -212,6 +240,32 @@ class FacePipeline:
             self.detector.graphed = {(GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE): captured["detect"]}
         log.info("captured CUDA graphs of %s for batches of %s faces", ", ".join(captured),
                  ", ".join(map(str, buckets)))
+
+    def _compile(self) -> None:
+        """Compile GFPGAN's and ParseNet's passes (CompiledForward) now, not on a request. One
+        that fails to compile is logged and runs eagerly: a slower service, not one that does
+        not start."""
+        sample = torch.full((2, 3, FACE_SIZE, FACE_SIZE), 128.0, device=self.device)
+        names = ["gfpgan"] + (["parse"] if self.speed.paste_mask == "parse" else [])
+        for name in names:
+            forward = self._fixed[name]
+            if not isinstance(forward, CompiledForward) or forward.warmed:
+                continue
+            started = time.monotonic()
+            try:
+                forward.warm(sample)
+            except Exception as error:  # noqa: BLE001 - that network stays eager
+                log.warning("torch.compile of %s failed, it runs eagerly: %s: %s", name,
+                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                self.fallbacks.append(f"compile of {name}: {type(error).__name__}: "
+                                      f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+                self._fixed[name] = forward.fn
+                continue
+            log.info("compiled %s in %.1f s", name, time.monotonic() - started)
+
+    def compiled_eager_calls(self) -> int:
+        """Calls of the compiled passes that ran eagerly instead (CompiledForward.eager_calls)."""
+        return sum(f.eager_calls for f in self._fixed.values() if isinstance(f, CompiledForward))
 
     # -- the door ---------------------------------------------------------------------------
 
@@ -264,6 +318,8 @@ class FacePipeline:
     def warmup(self, faces: int = 1, size: int = 256) -> None:
         """Capture the CUDA graphs (when on), then one DETECT and one ALIGNED pass, so kernels
         and caches exist before real traffic."""
+        if self.speed.compile:
+            self._compile()
         if self.speed.cuda_graphs and self.device.type == "cuda" and not self._graphs:
             self._capture_graphs()
         image = np.full((faces, size, size, 3), 128, dtype=np.uint8)
@@ -451,7 +507,7 @@ class FacePipeline:
         if crops.shape[0] == 0:
             return crops
         if not any_random:
-            return _in_passes(self._graphs.get("gfpgan", self._gfpgan_fixed_noise), crops)
+            return _in_passes(self._graphs.get("gfpgan", self._fixed["gfpgan"]), crops)
         if all_random:
             return _in_passes(self._gfpgan_fresh_noise, crops)
         if not hasattr(self.gfpgan, "stylegan_decoder"):  # a stand-in network: two passes
@@ -461,8 +517,6 @@ class FacePipeline:
                     out = self.gfpgan(self._network_input(crops), return_rgb=False, randomize_noise=fresh)[0]
                 output = torch.where(random_noise.view(-1, 1, 1, 1) == fresh, _from_network(out), output)
             return output
-        if self._noise_plan is None:
-            self._noise_plan = NoisePlan(self.gfpgan)
         outputs = []
         for start in range(0, crops.shape[0], MAX_NETWORK_FACES):
             part = slice(start, start + MAX_NETWORK_FACES)
@@ -482,8 +536,7 @@ class FacePipeline:
         with self._autocast():
             logits = self.parser(self._network_input(restored, gfpgan=False))[0]
         masks = self._face_mask_lut[logits.float().argmax(dim=1)].unsqueeze(1) * 255.0
-        ksize, sigma, times = _MASK_BLUR
-        masks = imageops.gaussian_blur(masks, ksize, sigma, times)
+        masks = imageops.apply_matrices(masks, *self._mask_blur)
         masks[..., :_MASK_FRAME, :] = 0.0
         masks[..., -_MASK_FRAME:, :] = 0.0
         masks[..., :, :_MASK_FRAME] = 0.0
@@ -494,7 +547,7 @@ class FacePipeline:
         """The paste mask of each restored face, in template space: ParseNet's or the box."""
         if self.speed.paste_mask == "box":
             return self._box_mask.expand(restored.shape[0], -1, -1, -1)
-        return _in_passes(self._graphs.get("parse", self._parse_masks), restored)
+        return _in_passes(self._graphs.get("parse", self._fixed["parse"]), restored)
 
     def _finish(self, plan: _Group, restored: torch.Tensor):
         """Paste restored faces back, blend with the original and resize, on the device."""

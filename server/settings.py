@@ -59,6 +59,7 @@ class Settings:
     gfpgan_forward: str = "auto"
     fixed_selection: str = "auto"
     parse_channels_last: str = "off"
+    compile: str = "off"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -96,14 +97,16 @@ class Settings:
         cuda = device_type == "cuda"
         def on(value: str) -> bool:
             return cuda if value == "auto" else value == "on"
-        modconv = ("unfused" if cuda else "fused") if self.modconv == "auto" else self.modconv
+        compiled = self.compile == "on"
+        # the compiled form needs the unfused modulated convolution (one graph for every batch size)
+        modconv = ("unfused" if cuda or compiled else "fused") if self.modconv == "auto" else self.modconv
         return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs),
                             channels_last=on(self.channels_last) and modconv == "unfused",
                             paste_mask=self.paste_mask, resample=self.resample,
                             activations=self.activations, fold_norms=self.fold_norms != "off",
                             gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean",
                             fixed_selection=on(self.fixed_selection),
-                            parse_channels_last=self.parse_channels_last == "on")
+                            parse_channels_last=self.parse_channels_last == "on", compile=compiled)
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -244,6 +247,9 @@ def _cross_check(s: Settings) -> str | None:
     if s.channels_last == "on" and s.modconv == "fused":
         return ("--channels-last needs --modconv unfused: the fused form folds the batch into "
                 "channels with a view that a channels-last tensor cannot take")
+    if s.compile == "on" and s.modconv == "fused":
+        return ("--compile on needs --modconv unfused (or auto): the fused form's grouped "
+                "convolution has a group per face, another compiled graph for every batch size")
     if s.metrics_port != 0 and s.metrics_port == s.port:
         return f"--metrics-port and --port are both {s.port}; give them different ports"
     if bool(s.tls_cert) != bool(s.tls_key):
@@ -363,6 +369,12 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("parse_channels_last", _choice("on", "off"), "Run ParseNet's convolutions channels-last "
           "too (NHWC). Off: with PyTorch's padding it measured slower on an H200; with --resample "
           "fast (padding from slices) it is not yet measured.", "off", check=_choice("on", "off")),
+    _Spec("compile", _choice("on", "off"), "Compile GFPGAN's and ParseNet's passes with "
+          "torch.compile at warm-up (once for every batch size; the CUDA graphs, when on, capture "
+          "the compiled code): the elementwise work, padding, resampling and layout changes "
+          "between convolutions fused into fewer kernels. Warm-up takes minutes longer; a pass "
+          "that fails to compile runs as before and is logged. Not yet measured on a GPU: off.",
+          "off", check=_choice("on", "off")),
     _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
           "plaintext)"),
     _Spec("tls_key", str, "PEM private key of --tls-cert.", "(none)"),

@@ -3,6 +3,7 @@
 - `set_modconv_form`: StyleGAN2's modulated convolution without per-sample weights.
 - `NoisePlan`: one GFPGAN pass for a batch that mixes fixed and fresh noise.
 - `GraphedForward`: a fixed-shape forward captured as CUDA graphs, one per batch-size bucket.
+- `CompiledForward`: a fixed-shape forward compiled by torch.compile, for every batch size.
 - `box_paste_mask`: facexlib's non-parsing paste mask (its `use_parse=False`), made once.
 - `NormFolding`: RetinaFace's and ParseNet's batch norms folded into their convolutions, and
   ParseNet's `x * 1.0` layers dropped.
@@ -73,6 +74,12 @@ class SpeedOptions:
     #: half its time on the H200 in NCHW; in NHWC with PyTorch's padding it measured slower,
     #: and with `resample="fast"` (padding from slices) it is not yet measured.
     parse_channels_last: bool = False
+    #: Compile GFPGAN's and ParseNet's fixed-shape passes with torch.compile (Inductor) at
+    #: warm-up, once for every batch size (CompiledForward): elementwise work, padding,
+    #: resampling and layout changes fused into the kernels around the convolutions. Needs the
+    #: unfused modulated convolution (the fused one's grouped convolution is another graph for
+    #: every batch size).
+    compile: bool = False
 
     def __post_init__(self):
         if self.modconv not in MODCONV_FORMS:
@@ -89,6 +96,9 @@ class SpeedOptions:
             # The fused form folds the batch into channels with a view, which NHWC cannot take.
             raise ValueError("channels_last needs modconv='unfused' (the fused form views the "
                              "batch as channels, which a channels-last tensor cannot)")
+        if self.compile and self.modconv == "fused":
+            raise ValueError("compile needs modconv='unfused' (the fused form's grouped convolution "
+                             "has a group per face: one compiled graph for every batch size)")
 
     def _settings(self) -> list[tuple[str, str]]:
         """(name, value) of every field, in order, as the settings spell them (bools on/off)."""
@@ -175,6 +185,12 @@ def _halved_energy(conv) -> tuple[torch.Tensor, torch.Tensor]:
     and half of eps, made once per weight on its device (the weights do not change while
     serving; a reload makes a new tensor)."""
     weight = conv.weight
+    if torch.compiler.is_compiling():
+        # Traced code cannot read data_ptr() for the cache key: compute it in the graph (one
+        # read of the decoder's weights a pass, well under a percent of it), so a compiled
+        # pass is right whatever happened to the weights since.
+        energy = weight[0].float().pow(2).sum(dim=(2, 3)).t() / 2
+        return energy, torch.full((1,), conv.eps / 2, dtype=torch.float32, device=weight.device)
     key = (weight.data_ptr(), weight._version, weight.device)
     cached = conv.__dict__.get("_halved_energy")
     if cached is None or cached[0] != key:
@@ -427,6 +443,84 @@ class GraphedForward:
         return static_out[:n].clone()
 
 
+# -- torch.compile --------------------------------------------------------------------------------
+
+
+class CompiledForward:
+    """`fn(x)`, a pure function of a batch x on the device, compiled by torch.compile (Inductor)
+    once for every batch size from 1 up: the batch dimension is dynamic, every other one static.
+
+    - PyTorch specialises a dimension of size 1, so a batch of one runs as two rows (the face
+      and a copy of it) and keeps its first output row.
+    - x goes in contiguous (NCHW), whatever layout it comes in: fn sets the layout its network
+      wants, and a graph is only good for the strides it was made for.
+    - The whole function must compile as one graph (fullgraph): a part that cannot would run
+      between compiled pieces, slower, without anyone hearing of it.
+    - After warm() it never compiles again: a call that would need a new graph (something it
+      was compiled against changed) runs `fn` eagerly, counted in `eager_calls` and logged
+      once, instead of stalling a request for the compiler.
+    - Always under no_grad: inference only, and grad mode is part of what a graph is made for.
+
+    Nothing is shared between instances but torch.compile's cache, which keys on the function's
+    code: make instances after `reset_compiled()`.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str,
+                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 backend: str = "inductor"):
+        self.fn = fn
+        self.name = name
+        #: entered around every call: state fn reads but a compiled graph cannot set
+        #: (fast_resampling's context variable)
+        self.context = context
+        #: torch.compile's backend: "inductor" (fused kernels) serves; "aot_eager" traces the
+        #: same graph without generating code (the CPU tests: Inductor's C++ build of GFPGAN
+        #: takes minutes on two cores)
+        self.backend = backend
+        self._compiled = torch.compile(fn, fullgraph=True, dynamic=None, backend=backend)
+        self.warmed = False
+        self.calls = 0
+        self.eager_calls = 0
+
+    def warm(self, sample: torch.Tensor) -> None:
+        """Compile on `sample` (a batch of at least one), now rather than on the first request."""
+        self(sample)
+        self.warmed = True
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n == 0:
+            return self.fn(x)
+        # One layout in: a graph is made for the strides it saw, and ParseNet's input comes
+        # channels-last from a channels-last GFPGAN (a copy of 3 channels, next to nothing).
+        rows = x.contiguous() if n > 1 else torch.cat([x, x])
+        torch._dynamo.mark_dynamic(rows, 0)
+        if not self.warmed:
+            with self.context():
+                out = self._compiled(rows)
+        else:
+            try:
+                with self.context(), torch.compiler.set_stance("fail_on_recompile"):
+                    out = self._compiled(rows)
+            except RuntimeError as error:
+                if "fail_on_recompile" not in str(error):
+                    raise
+                if self.eager_calls == 0:
+                    log.warning("compiled %s would need a new graph; running it eagerly: %s",
+                                self.name, str(error).splitlines()[0][:300])
+                self.eager_calls += 1
+                return self.fn(x)
+        self.calls += 1
+        return out[:n] if n == 1 else out
+
+
+def reset_compiled() -> None:
+    """Forget every torch.compile graph of this process: the speed forms swap module forwards,
+    which a compiled graph may have been specialised to."""
+    torch._dynamo.reset()
+
+
 # -- the box paste mask --------------------------------------------------------------------------
 
 
@@ -595,7 +689,13 @@ def prepare_resampling(parser: torch.nn.Module | None) -> None:
 
 @contextlib.contextmanager
 def fast_resampling(enabled: bool = True):
-    """While inside, the prepared networks resample and pad with the functions above."""
+    """While inside, the prepared networks resample and pad with the functions above.
+
+    Already in that state, it changes nothing: code compiled by torch.compile cannot set a
+    context variable, so CompiledForward sets it around the compiled call instead."""
+    if _FAST.get() == enabled:
+        yield
+        return
     token = _FAST.set(enabled)
     try:
         yield

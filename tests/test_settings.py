@@ -126,3 +126,10 @@ def test_speed_forms_auto_and_overrides():
     assert plain.speed_options("cuda") == SpeedOptions()
     with pytest.raises(SystemExit):
         Settings.from_args(["--fold-norms", "maybe"])
+    # --compile takes the unfused convolution where modconv is auto, and refuses the fused one
+    compiled = Settings.from_args(["--compile", "on"], environ={})
+    assert compiled.speed_options("cpu") == SpeedOptions(modconv="unfused", fold_norms=True,
+                                                         gfpgan_forward="lean", compile=True)
+    assert Settings.from_args([], environ={"GFPGAN_COMPILE": "on"}).speed_options("cuda").compile
+    with pytest.raises(ValueError, match="--compile on needs --modconv unfused"):
+        Settings(compile="on", modconv="fused")

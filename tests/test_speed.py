@@ -7,6 +7,8 @@ Runs on the CPU, or on GFPGAN_TEST_DEVICE (scripts/gpu_check.py runs it on CUDA)
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from server.jobs import Job
 from server.pipeline import FacePipeline
 from server.profiling import StageProfiler
 import server.speed as speed_module
-from server.speed import (GraphedForward, SpeedOptions, box_paste_mask, downsample2x_bilinear, fast_resampling,
+from server.speed import (CompiledForward, GraphedForward, SpeedOptions, box_paste_mask, downsample2x_bilinear, fast_resampling,
                           graph_buckets, reflection_pad, set_activation_form, set_modconv_form,
                           set_norm_folding, upsample2x_bilinear, upsample2x_nearest)
 from tests.device import TEST_DEVICE, needs_cuda
@@ -39,10 +41,19 @@ def nets(weights):
     return load_nets(weights)
 
 
+#: torch.compile's backend in the compiled-form tests: Inductor where the GPU check runs them (its
+#: Triton kernels are what would serve); on the CPU "aot_eager", the same whole-graph trace without
+#: Inductor's C++ build, which takes minutes per network on two cores (compiled on this CPU once
+#: with Inductor: GFPGAN 148 s, ParseNet 42 s, faces within 1 level). GFPGAN_TEST_COMPILE_BACKEND
+#: overrides it.
+COMPILE_BACKEND = os.environ.get("GFPGAN_TEST_COMPILE_BACKEND") or (
+    "inductor" if TEST_DEVICE.type == "cuda" else "aot_eager")
+
+
 def make_pipeline(nets, speed=SpeedOptions(), dtype=torch.float32, graph_max_batch=8):
     gfpgan, detector, parser = nets
     return FacePipeline(gfpgan, detector, parser, device=TEST_DEVICE, dtype=dtype, speed=speed,
-                        graph_max_batch=graph_max_batch)
+                        graph_max_batch=graph_max_batch, compile_backend=COMPILE_BACKEND)
 
 
 def levels(a, b):
@@ -383,6 +394,105 @@ def test_graphed_forward_pads_to_the_bucket_and_drops_the_padding():
     assert torch.equal(graphed(x), x * 2) and graphed.replays == 1
     assert torch.equal(graphed(torch.ones(5, 3, device=TEST_DEVICE)), torch.full((5, 3), 2.0, device=TEST_DEVICE))
     assert graphed.eager_calls == 1
+
+
+def _graphs_made() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_passes_give_the_eager_faces_from_one_graph_each_for_every_batch_size(nets):
+    """--compile: GFPGAN's and ParseNet's passes are compiled at warm-up, each into one whole
+    graph that serves every batch size; no request compiles or falls back to eager, a mixed-noise
+    batch (which runs GFPGAN eagerly through the noise hook) included, and the faces are the
+    eager pipeline's with the same forms within rounding (one level at most, as the CUDA-graph
+    form: the compiled code sums in another order)."""
+    base = dataclasses.replace(SpeedOptions(modconv="unfused", fold_norms=True, gfpgan_forward="lean"),
+                               **({"cuda_graphs": True, "channels_last": True, "fixed_selection": True}
+                                  if TEST_DEVICE.type == "cuda" else {}))
+    eager = make_pipeline(nets, base)
+    faces, points = make_faces(3, seed=41), template_landmarks(3, seed=41)
+    # GFPGAN on 3, 1 and 2 (mixed) faces; ParseNet (seconds a face here) on the 3 pasted ones
+    jobs = [[Job(faces, LANDMARKS, points)], [Job(faces[:1], ALIGNED)],
+            [Job(faces[:1], ALIGNED), Job(faces[1:2], EnhanceOptions(alignment=Alignment.ALIGNED,
+                                                                   random_noise=True))]]
+    if TEST_DEVICE.type == "cuda":  # cheap there: detected faces, one row per image
+        jobs.append([Job(faces, EnhanceOptions())])
+    expected = [eager.enhance(batch) for batch in jobs]
+    compiled = make_pipeline(nets, dataclasses.replace(base, compile=True))
+    before = _graphs_made()
+    compiled.warmup()
+    assert compiled.fallbacks == []
+    forwards = compiled._fixed
+    assert all(isinstance(f, CompiledForward) and f.warmed for f in forwards.values())
+    assert _graphs_made() - before == 2  # GFPGAN and ParseNet, one graph each
+    calls = {name: f.calls for name, f in forwards.items()}
+    got = [compiled.enhance(batch) for batch in jobs]
+    assert _graphs_made() - before == 2  # batches of 3 and 1 faces and a mixed one: no new graph
+    assert [f.eager_calls for f in forwards.values()] == [0, 0]
+    assert all(f.calls > calls[name] for name, f in forwards.items())
+    for batch, want, have in zip(jobs, expected, got):
+        for job, a, b in zip(batch, want, have):
+            assert a.status == b.status
+            if job.options.random_noise:
+                continue  # fresh noise: a different face each time
+            mean, worst = levels(a.faces, b.faces)
+            print(f"compiled ({COMPILE_BACKEND}), {job.options.alignment.value} x{len(job.faces)}: "
+                  f"mean {mean:.4f} max {worst:.0f}")
+            assert mean < 0.02 and worst <= 1, (job.options.alignment, mean, worst)
+    make_pipeline(nets)  # leave the shared networks in their plain forms
+
+
+def test_compiled_forward_is_one_graph_for_every_batch_size_and_never_compiles_after_warm_up(caplog):
+    """CompiledForward on a small function, through Inductor on any device: batches of 0, 1, 2
+    and 5 rows, and a channels-last one, give fn's values from the graph made at warm-up; a call that would need a new
+    graph (here a float64 batch) runs fn eagerly, is counted and logged, and compiles nothing."""
+    def fn(x):
+        return torch.nn.functional.leaky_relu(reflection_pad(x * 2 + 1, 1), 0.2).mean(dim=1)
+
+    def channels_last(x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+    forward = CompiledForward(fn, "small")
+    before = _graphs_made()
+    forward.warm(torch.rand(3, 2, 8, 8, device=TEST_DEVICE))
+    assert _graphs_made() - before == 1
+    for n, layout in [(0, None), (1, None), (2, None), (5, None), (4, channels_last)]:
+        x = torch.rand(n, 2, 8, 8, device=TEST_DEVICE)
+        x = layout(x) if layout else x
+        assert torch.allclose(forward(x), fn(x), atol=1e-6), n
+    assert forward.calls == 5 and forward.eager_calls == 0 and _graphs_made() - before == 1
+    with caplog.at_level(logging.WARNING, logger="server.speed"):
+        x = torch.rand(2, 2, 8, 8, device=TEST_DEVICE, dtype=torch.float64)
+        assert torch.equal(forward(x), fn(x))
+    assert forward.eager_calls == 1 and _graphs_made() - before == 1
+    assert "would need a new graph" in caplog.text
+
+
+def test_a_pass_that_fails_to_compile_runs_eagerly_and_is_reported(nets, monkeypatch):
+    """The service still starts and serves the same faces; `fallbacks` names what did not take
+    effect (gfpgan-bench marks such a variant failed rather than timing the eager form)."""
+    def fail(self, sample):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(CompiledForward, "warm", fail)
+    speed = SpeedOptions(modconv="unfused", paste_mask="box")
+    pipeline = make_pipeline(nets, dataclasses.replace(speed, compile=True))
+    pipeline.warmup()
+    assert pipeline.fallbacks == ["compile of gfpgan: RuntimeError: no compiler here"]
+    assert not isinstance(pipeline._fixed["gfpgan"], CompiledForward)
+    faces = make_faces(2, seed=43)
+    [a] = make_pipeline(nets, speed).enhance([Job(faces, ALIGNED)])
+    [b] = pipeline.enhance([Job(faces, ALIGNED)])
+    assert np.array_equal(a.faces, b.faces)
+    pipeline.set_speed(speed)
+    assert pipeline.fallbacks == []  # a new form starts clean
+
+
+def test_compile_needs_the_unfused_modulated_convolution():
+    with pytest.raises(ValueError, match="compile needs modconv='unfused'"):
+        SpeedOptions(compile=True)
+    assert SpeedOptions(modconv="unfused", compile=True).serve_flags()[-2:] == ["--compile", "on"]
 
 
 def test_profile_counts_launches_and_syncs_per_stage(nets):
