@@ -16,6 +16,7 @@ slow step still leaves the others' results:
              (GFPGAN_TEST_DEVICE), bf16 against fp32 on the same weights included
   bench-*    gfpgan-bench: GFPGANer one face at a time vs our pipeline vs our service over
              loopback, ALIGNED and DETECT, bf16; fp32 at one batch size; the realtime batch
+  compile    torch.compile's forms beside the defaults (gfpgan-bench --variants)
   variants   each speed form on and off, side by side, in one process
   profile-*  time per stage (CUDA events), operators and host syncs per batch
   memory     peak device memory per batch size and the largest batch that fits
@@ -73,16 +74,20 @@ def main() -> int:
         ("weights", [sys.executable, str(ROOT / "scripts" / "gpu_env.py"), "--make-weights",
                      str(weights), "--faces", str(faces), "--narrow", str(args.narrow)], 120),
         ("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=240",
-                   f"--junitxml={out / 'tests.xml'}", "-rfE", *test_files], 180),
+                   f"--junitxml={out / 'tests.xml'}", "-rfE", *test_files], 240),
         ("kernels", [sys.executable, str(ROOT / "scripts" / "gpu_kernels.py"), str(weights),
-                     "--device", args.device, "--batch", big], 90),
+                     "--device", args.device, "--batch", big], 150),
         ("bench-detect", [*bench, "--alignment", "detect", "--batch-sizes", sizes,
                           "--iterations", str(iters), "--markdown-out", str(out / "bench-detect.md")], 240),
         ("bench-aligned", [*bench, "--alignment", "aligned", "--batch-sizes", sizes,
                            "--iterations", str(iters), "--markdown-out", str(out / "bench-aligned.md")], 180),
+        ("compile", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", variant_sizes,
+                     "--iterations", str(iters), "--variants",
+                     ",".join(QUICK_COMPILE_VARIANTS if args.quick else COMPILE_VARIANTS),
+                     "--variant-alignments", "aligned,detect", "--markdown-out", str(out / "compile.md")], 240),
         ("variants", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", variant_sizes,
                       "--iterations", str(iters), "--variants",
-                      "plain,fast-resample,defaults,plain+box" if args.quick else ",".join(variant_flags()),
+                      "plain,fast-resample,defaults,plain+box" if args.quick else ",".join(STEP_VARIANTS),
                       "--variant-alignments", "aligned,detect", "--markdown-out", str(out / "variants.md")], 240),
         ("profile-plain", [*bench, "PLAIN", "--methods", "", "--alignment", "detect", "--batch-sizes", f"1,{big}",
                            "--iterations", "3", "--profile", "--markdown-out", str(out / "profile-plain.md")], 60),
@@ -105,7 +110,7 @@ def main() -> int:
                         "--alignment", "detect", "--batch-sizes", big, "--iterations", str(iters),
                         "--markdown-out", str(out / "bench-fp32.md")], 90),
     ]
-    order = ["env", "weights", "tests", "variants", "kernels", "bench-detect", "profile-plain", "profile-best",
+    order = ["env", "weights", "tests", "compile", "variants", "kernels", "bench-detect", "profile-plain", "profile-best",
              "bench-aligned", "memory", "realtime", "bench-best", "bench-best-aligned", "bench-fp32"]
     steps.sort(key=lambda step: order.index(step[0]))
     if args.quick:  # the CPU rehearsal: same steps, CPU speed (ParseNet alone is ~4 s a face)
@@ -126,7 +131,7 @@ def main() -> int:
             at = command.index("PLAIN")
             command = command[:at] + variant_flags()["plain"] + command[at + 1:]
         if "BEST" in command:
-            best = _best_variant(out / "variants.md", args.device)
+            best = _best_variant([out / "variants.md", out / "compile.md"], args.device)
             at = command.index("BEST")
             command = command[:at] + variant_flags()[best] + command[at + 1:]
             print(f"   (fastest variant so far: {best})", flush=True)
@@ -166,6 +171,17 @@ def main() -> int:
     return 0 if all(e["status"] == "ok" for e in summary) else 1
 
 
+#: The variants step on the GPU: the forms not measured on a GPU yet, and the references they are
+#: compared with (the second H200 run measured the others: BENCHMARKS.md).
+STEP_VARIANTS = ["plain", "defaults", "defaults+parse-channels-last+fast-resample", "all-forms",
+                 "defaults+box"]
+#: The compile step: torch.compile's forms beside the defaults, in a process of their own (the
+#: compiler's time must not cost the variants step its table).
+COMPILE_VARIANTS = ["plain", "defaults", "defaults+compile", "all-forms+compile"]
+#: ... and in the CPU rehearsal, where CUDA graphs cannot run: the compiled form without them.
+QUICK_COMPILE_VARIANTS = ["plain", "lean+compile"]
+
+
 #: gfpgan-bench's --variants names (server/bench.py VARIANTS) and the flags that choose each.
 def variant_flags() -> dict[str, list[str]]:
     """gfpgan-bench's speed variants (server.bench.VARIANTS), as the flags that choose them."""
@@ -175,12 +191,12 @@ def variant_flags() -> dict[str, list[str]]:
     return {name: speed.serve_flags() for name, speed in VARIANTS.items()}
 
 
-def _best_variant(variants_md: Path, device: str) -> str:
-    """The variant with the most DETECT faces/s at the largest batch measured, with the ParseNet
-    mask (the box mask changes the pixels, so it is not picked as a default); "plain" if none."""
-    if not variants_md.exists():
-        return "plain"
-    rows = re.findall(r"\| ([\w+-]+) \| detect \| (\d+) \| ([\d.e+]+) \|", variants_md.read_text())
+def _best_variant(tables: list[Path], device: str) -> str:
+    """The variant with the most DETECT faces/s at the largest batch measured in the variants
+    tables that exist, with the ParseNet mask (the box mask changes the pixels, so it is not
+    picked as a default); "plain" if none."""
+    text = "\n".join(path.read_text() for path in tables if path.exists())
+    rows = re.findall(r"\| ([\w+-]+) \| detect \| (\d+) \| ([\d.e+]+) \|", text)
     rows = [(int(b), float(rate), name) for name, b, rate in rows if "box" not in name]
     if not rows:
         return "plain"

@@ -4,8 +4,8 @@
     python scripts/gpu_kernels.py WEIGHTS_DIR [--batch 16] [--device cuda]
 
 For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in GFPGAN's own forms,
-the service's CUDA defaults and those with ParseNet channels-last and padding from slices (the
-gfpgan-bench variants of those names), bf16: the time of one pass from CUDA events (median of 5), the
+the service's CUDA defaults, those with ParseNet channels-last and padding from slices, and
+those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of one pass from CUDA events (median of 5), the
 TFLOP/s that makes, and torch.profiler's kernels by device time. scripts/gpu_check.py runs it.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
-FORMS = ["plain", "defaults", "defaults+parse-channels-last+fast-resample"]
+FORMS = ["plain", "defaults", "defaults+parse-channels-last+fast-resample", "defaults+compile"]
 
 
 def main() -> None:
@@ -51,7 +51,8 @@ def main() -> None:
     for form in FORMS:
         pipeline = FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device,
                                 dtype=dtype, speed=VARIANTS[form])
-        for name, run in (("gfpgan", pipeline._gfpgan_fixed_noise), ("parse", pipeline._parse_masks)):
+        for name in ("gfpgan", "parse"):
+            run = pipeline._fixed[name]  # the pass as a batch runs it (compiled, with --compile)
             with torch.no_grad():
                 for _ in range(2):
                     run(crops)

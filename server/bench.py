@@ -309,6 +309,12 @@ VARIANTS = {
     "all-forms": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
     "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
     "plain+box": SpeedOptions(paste_mask="box"),
+    # torch.compile (Inductor) of GFPGAN's and ParseNet's passes: alone (any device), and inside
+    # the CUDA graphs
+    "lean+compile": SpeedOptions(modconv="unfused", fold_norms=True, gfpgan_forward="lean", compile=True),
+    "defaults+compile": dataclasses.replace(_CUDA_DEFAULTS, compile=True),
+    "all-forms+compile": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute",
+                                             compile=True),
 }
 
 
@@ -345,12 +351,21 @@ def profile_stages(pipeline, faces, batch_sizes, options, iterations, sync) -> s
         lines.append("")
         lines.append(f"syncs from: {sources or 'none'}"
                      + (f"; CUDA sync debug mode counted {counting.cuda_syncs}" if pipeline.device.type == "cuda" else ""))
+        if getattr(pipeline.speed, "compile", False):
+            lines.append("compiled passes run eagerly while operators are counted (the counting "
+                         "dispatch mode is not what their graphs were made for): the gfpgan and "
+                         "parse operators are the eager form's, the times the compiled form's")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
 
 #: Stage names in pipeline order (server/pipeline.py).
 STAGES = ("upload", "detect", "align", "warp", "gfpgan", "parse", "paste", "blend", "download")
+
+
+def _compiled_eager_calls(pipeline) -> int:
+    count = getattr(pipeline, "compiled_eager_calls", None)
+    return count() if count is not None else 0
 
 
 def bench_variants(pipeline, faces, batch_sizes, alignments, names, iterations, seconds, sync) -> str:
@@ -365,12 +380,19 @@ def bench_variants(pipeline, faces, batch_sizes, alignments, names, iterations, 
             try:
                 pipeline.set_speed(speed)
                 pipeline.warmup()
+                if getattr(pipeline, "fallbacks", None):  # the form asked for is not what would run
+                    raise RuntimeError("; ".join(pipeline.fallbacks))
+                eager_before = _compiled_eager_calls(pipeline)
                 for alignment in alignments:
                     options = EnhanceOptions(alignment=alignment)
                     for b in batch_sizes:
                         rate, latencies = _time_batches(lambda batch: pipeline.enhance([Job(batch, options)]),
                                                         faces, b, iterations, seconds, sync)
                         rows[name, alignment.value, b] = (rate, statistics.median(latencies))
+                        eager = _compiled_eager_calls(pipeline) - eager_before
+                        if eager:
+                            raise RuntimeError(f"compiled passes ran eagerly {eager} times (see the "
+                                               f"log): not the compiled form's speed")
                         print(f"measured: variant {name}, {alignment.value}, batch {b}: {rate:.2f} faces/s",
                               file=sys.stderr, flush=True)
             except Exception as error:  # one broken form must not hide the others' numbers
@@ -491,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
     parser.add_argument("--fixed-selection", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--parse-channels-last", default="off", choices=["on", "off"])
+    parser.add_argument("--compile", default="off", choices=["on", "off"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
                              "syncs per stage and per batch")
@@ -559,7 +582,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             paste_mask=args.paste_mask, resample=args.resample,
                             activations=args.activations, fold_norms=args.fold_norms,
                             gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
-                            parse_channels_last=args.parse_channels_last,
+                            parse_channels_last=args.parse_channels_last, compile=args.compile,
                             enable_codeformer=args.enable_codeformer)
     except ValueError as error:
         parser.error(str(error))

@@ -89,6 +89,57 @@ def test_the_gpu_check_picks_the_fastest_parse_mask_variant_at_the_largest_batch
                      "| defaults | detect | 32 | 90.0 | 1.29x | 1 |\n| defaults | aligned | 32 | 300.0 | 4x | 1 |\n"
                      "| unfused+graphs+box | detect | 32 | 150.0 | 2.14x | 1 |\n"
                      "| fold-norms | detect | 8 | 99.0 | 1.65x | 1 |\n")
-    assert gpu_check._best_variant(table, "cuda") == "defaults+fast-resample"
-    assert gpu_check._best_variant(tmp_path / "missing.md", "cuda") == "plain"
+    assert gpu_check._best_variant([table], "cuda") == "defaults+fast-resample"
+    assert gpu_check._best_variant([tmp_path / "missing.md"], "cuda") == "plain"
+    # the compile step's table counts too, when it ran
+    compiled = tmp_path / "compile.md"
+    compiled.write_text("| defaults+compile | detect | 32 | 180.0 | 2.57x | 1 |\n")
+    assert gpu_check._best_variant([table, compiled], "cuda") == "defaults+compile"
+    assert gpu_check._best_variant([table, tmp_path / "missing.md"], "cuda") == "defaults+fast-resample"
+    names = set(gpu_check.STEP_VARIANTS) | set(gpu_check.COMPILE_VARIANTS) | set(gpu_check.QUICK_COMPILE_VARIANTS)
+    assert names <= set(VARIANTS)
+    assert not any(VARIANTS[name].cuda_graphs for name in gpu_check.QUICK_COMPILE_VARIANTS)  # run on a CPU
     assert set(VARIANTS) == set(gpu_check.variant_flags())
+
+
+def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_not_timed():
+    """gfpgan-bench --variants times what a form runs: a compile that fell back at warm-up, or
+    compiled passes that ran eagerly while being timed, make the row a failure, not a number."""
+    import dataclasses
+
+    import torch
+
+    from client.types import Alignment, FaceStatus
+    from server.bench import bench_variants
+    from server.jobs import JobResult
+
+    class Stub:  # the pipeline's door as bench_variants uses it
+        device = torch.device("cuda")  # the compiled variants also capture CUDA graphs
+
+        def __init__(self):
+            self.speed, self.fallbacks, self.eager = VARIANTS["plain"], [], 0
+
+        def set_speed(self, speed):
+            self.speed = speed
+            self.fallbacks = ["compile of parse: RuntimeError: no compiler"] if speed.resample == "fast" \
+                and speed.compile else []
+
+        def warmup(self):
+            pass
+
+        def compiled_eager_calls(self):
+            return self.eager
+
+        def enhance(self, jobs):
+            self.eager += self.speed.compile  # every compiled pass fell back
+            return [JobResult(job.faces, [FaceStatus.ENHANCED] * len(job.faces)) for job in jobs]
+
+    stub = Stub()
+    faces = synthetic_faces(2, 256)
+    table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["plain", "defaults+compile", "all-forms+compile"],
+                           iterations=1, seconds=None, sync=lambda: None)
+    assert re.search(r"^\| plain \| aligned \| 2 \| [\d.]+ \| 1.00x \|", table, flags=re.M)
+    assert "| defaults+compile | failed: RuntimeError: compiled passes ran eagerly 2 times" in table
+    assert "| all-forms+compile | failed: RuntimeError: compile of parse: RuntimeError: no compiler" in table
+    assert stub.speed == VARIANTS["plain"]  # put back as it was
+    assert dataclasses.replace(VARIANTS["defaults"], compile=True) == VARIANTS["defaults+compile"]
