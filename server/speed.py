@@ -574,6 +574,17 @@ def check_speed_device(speed: SpeedOptions, device: torch.device) -> list[str]:
 # -- resampling and padding -----------------------------------------------------------------------
 
 _FAST = contextvars.ContextVar("fast_resampling", default=False)
+#: The same state as code compiled by torch.compile reads it: dynamo cannot set a context
+#: variable, and the GPU image's (torch 2.11) cannot read one either, so fast_resampling also
+#: keeps this plain flag, which a compiled graph reads as a global and keeps a guard on.
+_fast_traced = False
+
+
+def _fast_on() -> bool:
+    """Whether fast resampling is on here (see fast_resampling)."""
+    if torch.compiler.is_compiling():
+        return _fast_traced
+    return _FAST.get()
 
 
 def upsample2x_bilinear(x: torch.Tensor) -> torch.Tensor:
@@ -622,7 +633,7 @@ def reflection_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
 def _interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=None, **kwargs):
     """F.interpolate, with the x2 / x0.5 cases the networks use routed to the functions above
     while `fast_resampling` is on."""
-    if _FAST.get() and size is None and not kwargs and x.dim() == 4:
+    if _fast_on() and size is None and not kwargs and x.dim() == 4:
         if mode == "bilinear" and align_corners is False:
             if scale_factor == 2:
                 return upsample2x_bilinear(x)
@@ -662,7 +673,7 @@ class _FastReflectionPad(torch.nn.Module):
         self.pad = int(original.padding[0])
 
     def forward(self, x):
-        if _FAST.get() and x.dim() == 4:
+        if _fast_on() and x.dim() == 4:
             return reflection_pad(x, self.pad)
         return self.original(x)
 
@@ -691,16 +702,19 @@ def prepare_resampling(parser: torch.nn.Module | None) -> None:
 def fast_resampling(enabled: bool = True):
     """While inside, the prepared networks resample and pad with the functions above.
 
-    Already in that state, it changes nothing: code compiled by torch.compile cannot set a
-    context variable, so CompiledForward sets it around the compiled call instead."""
-    if _FAST.get() == enabled:
+    Inside code being compiled it changes nothing (the compiler can set neither a context
+    variable nor a global): CompiledForward enters it around the compiled call instead."""
+    global _fast_traced
+    if torch.compiler.is_compiling():
         yield
         return
-    token = _FAST.set(enabled)
+    token, before = _FAST.set(enabled), _fast_traced
+    _fast_traced = enabled
     try:
         yield
     finally:
         _FAST.reset(token)
+        _fast_traced = before
 
 
 # -- normalisation layers folded away ------------------------------------------------------------

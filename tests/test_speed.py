@@ -7,6 +7,7 @@ Runs on the CPU, or on GFPGAN_TEST_DEVICE (scripts/gpu_check.py runs it on CUDA)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -561,3 +562,24 @@ def test_a_detect_batch_meets_the_launch_and_sync_targets_with_the_service_defau
         assert all(ops <= 1000 for ops, _ in totals.values()), totals
     assert len({ops for ops, _ in totals.values()}) == 1, totals  # flat in the batch size
     assert all(syncs <= 3 for _, syncs in totals.values()), totals
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_resampling_form_reaches_the_compiled_graph(monkeypatch, fast):
+    """fast_resampling is read inside a compiled pass (a plain flag there: the GPU image's
+    torch.compile can neither set nor read a context variable); CompiledForward sets it around
+    the call, and the graph runs the form it names."""
+    marked = lambda x: torch.full((x.shape[0], x.shape[1], 2 * x.shape[2], 2 * x.shape[3]), 7.0,  # noqa: E731
+                                  device=x.device)
+    monkeypatch.setattr(speed_module, "upsample2x_bilinear", marked)
+
+    def upsample(x):
+        return speed_module._interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+    forward = CompiledForward(upsample, "upsample", functools.partial(fast_resampling, fast), backend="aot_eager")
+    x = torch.rand(3, 2, 4, 4, device=TEST_DEVICE)
+    forward.warm(x)
+    want = marked(x) if fast else torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear",
+                                                                 align_corners=False)
+    assert torch.allclose(forward(x), want) and forward.eager_calls == 0
+    assert not speed_module._fast_traced  # put back after the call
