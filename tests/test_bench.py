@@ -99,6 +99,9 @@ def test_the_gpu_check_picks_the_fastest_parse_mask_variant_at_the_largest_batch
     names = set(gpu_check.STEP_VARIANTS) | set(gpu_check.COMPILE_VARIANTS) | set(gpu_check.QUICK_COMPILE_VARIANTS)
     assert names <= set(VARIANTS)
     assert not any(VARIANTS[name].cuda_graphs for name in gpu_check.QUICK_COMPILE_VARIANTS)  # run on a CPU
+    # a step running a compiled variant gets time to compile it again
+    flags = gpu_check.variant_flags()
+    assert gpu_check._compiles(flags["defaults+compile"]) and not gpu_check._compiles(flags["defaults"])
     assert set(VARIANTS) == set(gpu_check.variant_flags())
 
 
