@@ -414,6 +414,7 @@ def test_compiled_passes_give_the_eager_faces_from_one_graph_each_for_every_batc
     eager = make_pipeline(nets, base)
     faces, points = make_faces(3, seed=41), template_landmarks(3, seed=41)
     # GFPGAN on 3, 1 and 2 (mixed) faces; ParseNet (seconds a face here) on the 3 pasted ones
+    # (a fresh size: warm-up compiled on 2)
     jobs = [[Job(faces, LANDMARKS, points)], [Job(faces[:1], ALIGNED)],
             [Job(faces[:1], ALIGNED), Job(faces[1:2], EnhanceOptions(alignment=Alignment.ALIGNED,
                                                                    random_noise=True))]]
@@ -445,16 +446,18 @@ def test_compiled_passes_give_the_eager_faces_from_one_graph_each_for_every_batc
 
 
 def test_compiled_forward_is_one_graph_for_every_batch_size_and_never_compiles_after_warm_up(caplog):
-    """CompiledForward on a small function, through Inductor on any device: batches of 0, 1, 2
-    and 5 rows, and a channels-last one, give fn's values from the graph made at warm-up; a call that would need a new
-    graph (here a float64 batch) runs fn eagerly, is counted and logged, and compiles nothing."""
+    """CompiledForward on a small function: batches of 0, 1, 2 and 5 rows, and a channels-last
+    one, give fn's values from the graph made at warm-up; a call that would need a new graph
+    (here a float64 batch) runs fn eagerly, is counted and logged, and compiles nothing.
+    COMPILE_BACKEND: Inductor on CUDA; on the CPU its first build on a cold cache took 56 s in
+    the rehearsal, most of it the compiler's own start-up."""
     def fn(x):
         return torch.nn.functional.leaky_relu(reflection_pad(x * 2 + 1, 1), 0.2).mean(dim=1)
 
     def channels_last(x):
         return x.contiguous(memory_format=torch.channels_last)
 
-    forward = CompiledForward(fn, "small")
+    forward = CompiledForward(fn, "small", backend=COMPILE_BACKEND)
     before = _graphs_made()
     forward.warm(torch.rand(3, 2, 8, 8, device=TEST_DEVICE))
     assert _graphs_made() - before == 1
