@@ -471,7 +471,7 @@ class CompiledForward:
         self.fn = fn
         self.name = name
         #: entered around every call: state fn reads but a compiled graph cannot set
-        #: (fast_resampling's context variable)
+        #: (fast_resampling)
         self.context = context
         #: torch.compile's backend: "inductor" (fused kernels) serves; "aot_eager" traces the
         #: same graph without generating code (the CPU tests: Inductor's C++ build of GFPGAN
@@ -494,7 +494,9 @@ class CompiledForward:
             return self.fn(x)
         # One layout in: a graph is made for the strides it saw, and ParseNet's input comes
         # channels-last from a channels-last GFPGAN (a copy of 3 channels, next to nothing).
-        rows = x.contiguous() if n > 1 else torch.cat([x, x])
+        rows = x.contiguous()
+        if n == 1:
+            rows = torch.cat([rows, rows])
         torch._dynamo.mark_dynamic(rows, 0)
         if not self.warmed:
             with self.context():

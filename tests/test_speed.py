@@ -461,11 +461,11 @@ def test_compiled_forward_is_one_graph_for_every_batch_size_and_never_compiles_a
     before = _graphs_made()
     forward.warm(torch.rand(3, 2, 8, 8, device=TEST_DEVICE))
     assert _graphs_made() - before == 1
-    for n, layout in [(0, None), (1, None), (2, None), (5, None), (4, channels_last)]:
+    for n, layout in [(0, None), (1, None), (2, None), (5, None), (4, channels_last), (1, channels_last)]:
         x = torch.rand(n, 2, 8, 8, device=TEST_DEVICE)
         x = layout(x) if layout else x
         assert torch.allclose(forward(x), fn(x), atol=1e-6), n
-    assert forward.calls == 5 and forward.eager_calls == 0 and _graphs_made() - before == 1
+    assert forward.calls == 6 and forward.eager_calls == 0 and _graphs_made() - before == 1
     with caplog.at_level(logging.WARNING, logger="server.speed"):
         x = torch.rand(2, 2, 8, 8, device=TEST_DEVICE, dtype=torch.float64)
         assert torch.equal(forward(x), fn(x))
