@@ -185,7 +185,6 @@ COMPILE_VARIANTS = ["plain", "defaults", "defaults+compile", "all-forms+compile"
 QUICK_COMPILE_VARIANTS = ["plain", "lean+compile"]
 
 
-#: gfpgan-bench's --variants names (server/bench.py VARIANTS) and the flags that choose each.
 #: Seconds more for a step that runs a compiled variant: its own process compiles again at
 #: warm-up (from Inductor's on-disk cache after the compile step, but the trace is redone).
 COMPILE_ALLOWANCE_S = 90
@@ -195,6 +194,7 @@ def _compiles(flags: list[str]) -> bool:
     return any(a == "--compile" and b == "on" for a, b in zip(flags, flags[1:]))
 
 
+#: gfpgan-bench's --variants names (server/bench.py VARIANTS) and the flags that choose each.
 def variant_flags() -> dict[str, list[str]]:
     """gfpgan-bench's speed variants (server.bench.VARIANTS), as the flags that choose them."""
     sys.path.insert(0, str(ROOT))

@@ -5,8 +5,9 @@
 
 For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in GFPGAN's own forms,
 the service's CUDA defaults, those with ParseNet channels-last and padding from slices, and
-those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of one pass from CUDA events (median of 5), the
-TFLOP/s that makes, and torch.profiler's kernels by device time. scripts/gpu_check.py runs it.
+those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of
+one pass from CUDA events (median of 5), the TFLOP/s that makes, and torch.profiler's kernels by
+device time. scripts/gpu_check.py runs it.
 """
 from __future__ import annotations
 

@@ -132,8 +132,8 @@ def gaussian_blur_matrices(height: int, width: int, ksize: int, sigma: float, ti
 def gaussian_blur(images: torch.Tensor, ksize: int, sigma: float, times: int = 1) -> torch.Tensor:
     """cv2.GaussianBlur(image, (ksize, ksize), sigma) applied `times` times, batched."""
     height, width = images.shape[-2:]
-    return apply_separable(images, gaussian_blur_matrix, (height, ksize, sigma, times),
-                           (width, ksize, sigma, times))
+    return apply_matrices(images, *gaussian_blur_matrices(height, width, ksize, sigma, times,
+                                                          images.device, images.dtype))
 
 
 def resize_for_output(images: torch.Tensor, size: int) -> torch.Tensor:

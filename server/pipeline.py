@@ -231,8 +231,7 @@ class FacePipeline:
             except Exception as error:  # noqa: BLE001 - that network stays eager
                 log.warning("CUDA graph capture of %s failed, it runs eagerly: %s: %s", name,
                             type(error).__name__, error)
-                self.fallbacks.append(f"cuda graphs of {name}: {type(error).__name__}: "
-                                      f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+                self.fallbacks.append(f"cuda graphs of {name}: {_first_line(error)}")
                 continue
             captured[name] = graph
         self._graphs = captured
@@ -255,10 +254,8 @@ class FacePipeline:
             try:
                 forward.warm(sample)
             except Exception as error:  # noqa: BLE001 - that network stays eager
-                log.warning("torch.compile of %s failed, it runs eagerly: %s: %s", name,
-                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-                self.fallbacks.append(f"compile of {name}: {type(error).__name__}: "
-                                      f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+                log.warning("torch.compile of %s failed, it runs eagerly: %s", name, _first_line(error))
+                self.fallbacks.append(f"compile of {name}: {_first_line(error)}")
                 self._fixed[name] = forward.fn
                 continue
             log.info("compiled %s in %.1f s", name, time.monotonic() - started)
@@ -627,6 +624,13 @@ class FacePipeline:
                 blended = (1 - f) * plan.aligned_faces[sel] + f * plan.aligned_inputs[sel]
                 canvas = canvas.index_copy(0, rows, imageops.resize_for_output(blended, out_size))
         return canvas
+
+
+def _first_line(error: Exception) -> str:
+    """The error's type and the first line of its message (200 characters at most), for
+    pipeline.fallbacks."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _in_passes(run, batch: torch.Tensor) -> torch.Tensor:
