@@ -405,6 +405,7 @@ def _graphs_made() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.compiles
 def test_compiled_passes_give_the_eager_faces_from_one_graph_each_for_every_batch_size(nets):
     """--compile: GFPGAN's and ParseNet's passes are compiled at warm-up, each into one whole
     graph that serves every batch size; no request compiles or falls back to eager, a mixed-noise
@@ -448,6 +449,7 @@ def test_compiled_passes_give_the_eager_faces_from_one_graph_each_for_every_batc
     make_pipeline(nets)  # leave the shared networks in their plain forms
 
 
+@pytest.mark.compiles
 def test_compiled_forward_is_one_graph_for_every_batch_size_and_never_compiles_after_warm_up(caplog):
     """CompiledForward on a small function: batches of 0, 1, 2 and 5 rows, and a channels-last
     one, give fn's values from the graph made at warm-up; a call that would need a new graph
@@ -476,6 +478,7 @@ def test_compiled_forward_is_one_graph_for_every_batch_size_and_never_compiles_a
     assert "would need a new graph" in caplog.text
 
 
+@pytest.mark.compiles
 def test_a_pass_that_fails_to_compile_runs_eagerly_and_is_reported(nets, monkeypatch):
     """The service still starts and serves the same faces; `fallbacks` names what did not take
     effect (gfpgan-bench marks such a variant failed rather than timing the eager form)."""
