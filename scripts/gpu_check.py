@@ -68,6 +68,12 @@ def main() -> int:
              "--faces-from", str(faces), "--seconds", str(secs)]
     test_files = ["tests/test_imageops.py", "tests/test_speed.py", "tests/test_pipeline.py",
                   "tests/test_model.py", "tests/test_end_to_end.py"]
+
+    def tests_step(name: str, marker: str):
+        """pytest over test_files with the tests `marker` selects, results in OUT/<name>.xml."""
+        return (name, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=240",
+                       "-m", marker, f"--junitxml={out / (name + '.xml')}", "-rfE", *test_files], 240)
+
     # Steps run in order of value (`order` below): a step not started within the budget can be
     # run by a second call with --only. "BEST" is replaced by the flags of the fastest variant the
     # variants step found, "PLAIN" by those of GFPGAN's own forms.
@@ -77,10 +83,8 @@ def main() -> int:
                      str(weights), "--faces", str(faces), "--narrow", str(args.narrow)], 120),
         # The tests that build networks with Inductor run in a step of their own: a slow build
         # that hits the time limit cannot cost the other tests their results.
-        ("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=240",
-                   "-m", "not compiles", f"--junitxml={out / 'tests.xml'}", "-rfE", *test_files], 240),
-        ("tests-compile", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=240",
-                           "-m", "compiles", f"--junitxml={out / 'tests-compile.xml'}", "-rfE", *test_files], 240),
+        tests_step("tests", "not compiles"),
+        tests_step("tests-compile", "compiles"),
         ("kernels", [sys.executable, str(ROOT / "scripts" / "gpu_kernels.py"), str(weights),
                      "--device", args.device, "--batch", big], 150),
         ("bench-detect", [*bench, "--alignment", "detect", "--batch-sizes", sizes,
@@ -117,7 +121,8 @@ def main() -> int:
                         "--markdown-out", str(out / "bench-fp32.md")], 90),
     ]
     order = ["env", "weights", "tests", "tests-compile", "compile", "variants", "kernels", "bench-detect",
-             "profile-plain", "profile-best", "bench-aligned", "memory", "realtime", "bench-best", "bench-best-aligned", "bench-fp32"]
+             "profile-plain", "profile-best", "bench-aligned", "memory", "realtime", "bench-best",
+             "bench-best-aligned", "bench-fp32"]
     steps.sort(key=lambda step: order.index(step[0]))
     if args.quick:  # the CPU rehearsal: same steps, CPU speed (ParseNet alone is ~4 s a face)
         steps = [(name, command, limit * 10) for name, command, limit in steps]

@@ -48,8 +48,9 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        # Let clients keep long-lived streams alive with pings every 10 s or more. (gRPC core's
-        # name for it; "grpc.http2.min_recv_ping_interval_without_data_ms" is silently ignored.)
+        # Let clients keep long-lived streams alive with pings every 10 s or more. (This is gRPC
+        # core's name for it; the "min_recv_..." spelling some guides give is silently ignored.
+        # tests/test_server.py checks that the setting takes effect.)
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         # A second server on the same port is an operator mistake: fail instead of sharing it.
         ("grpc.so_reuseport", 0),
