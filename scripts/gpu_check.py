@@ -6,8 +6,10 @@
 On a lent GPU machine, after the kit is installed (scripts/gpu_device.sh does both); in the
 CPU rehearsal (`make gpu-rehearsal`) with `--device cpu --narrow 0.0625 --quick`. Writes logs,
 Markdown and a summary JSON into OUT (default: $OUT, else ./gpu-check-out) and prints a short
-table last. Steps, each in its own process with its own time limit, so that one failing or
-slow step still leaves the others' results:
+table last. Each step has its own time limit, so that one failing or slow step still leaves the
+others' results. Steps other than gfpgan-bench's run as processes of their own; gfpgan-bench's
+(compile apart) as sections of one process on networks loaded once (server/bench_plan.py), each
+held to its limit, the rest going on in a fresh process after one that fails the device:
 
   env        the GPU, driver, torch and package versions
   weights    random-valued checkpoints of the real architectures (tests/checkpoints.py), full
@@ -30,6 +32,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -63,7 +66,9 @@ def main() -> int:
         sizes, big, iters, secs, rt, variant_sizes = "1,2", "2", 1, 30, "2", "1,2"
     else:
         sizes, big, iters, secs, rt, variant_sizes = "1,8,16,32,64", "16", 5, 3, "20", "8,32"
-    bench = [sys.executable, "-m", "server.bench", "--model", str(weights / "GFPGANv1.4.pth"),
+    # gfpgan-bench's arguments: the steps that start with BENCH run as sections of one process
+    # (server/bench_plan.py) on networks loaded once, not a process each.
+    bench = [BENCH, "--model", str(weights / "GFPGANv1.4.pth"),
              "--weights-dir", str(weights), "--device", args.device, "--no-download",
              "--faces-from", str(faces), "--seconds", str(secs)]
     test_files = ["tests/test_imageops.py", "tests/test_speed.py", "tests/test_pipeline.py",
@@ -75,8 +80,9 @@ def main() -> int:
                        "-m", marker, f"--junitxml={out / (name + '.xml')}", "-rfE", *test_files], 240)
 
     # Steps run in order of value (`order` below): a step not started within the budget can be
-    # run by a second call with --only. "BEST" is replaced by the flags of the fastest variant the
-    # variants step found, "PLAIN" by those of GFPGAN's own forms.
+    # run by a second call with --only. In a bench step, "BEST" becomes the flags of the fastest
+    # variant the variants and compile steps found, "PLAIN" those of GFPGAN's own forms
+    # (server/bench_plan.py).
     steps = [
         ("env", [sys.executable, str(ROOT / "scripts" / "gpu_env.py")], 60),
         ("weights", [sys.executable, str(ROOT / "scripts" / "gpu_env.py"), "--make-weights",
@@ -120,8 +126,10 @@ def main() -> int:
                         "--alignment", "detect", "--batch-sizes", big, "--iterations", str(iters),
                         "--markdown-out", str(out / "bench-fp32.md")], 90),
     ]
-    order = ["env", "weights", "tests", "tests-compile", "compile", "variants", "kernels", "bench-detect",
-             "profile-plain", "profile-best", "bench-aligned", "memory", "realtime", "bench-best",
+    # kernels (a script of its own) before the bench steps, and the BEST ones together: the bench
+    # steps from variants on are sections of one process, which compiles a compiled BEST once
+    order = ["env", "weights", "tests", "tests-compile", "compile", "kernels", "variants", "bench-detect",
+             "bench-aligned", "profile-plain", "profile-best", "memory", "realtime", "bench-best",
              "bench-best-aligned", "bench-fp32"]
     steps.sort(key=lambda step: order.index(step[0]))
     if args.quick:  # the CPU rehearsal: same steps, CPU speed (ParseNet alone is ~4 s a face)
@@ -130,40 +138,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR",
            "GFPGAN_TEST_DEVICE": args.device, "PYTHONPATH": os.pathsep.join(
                [p for p in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if p])}
-    summary, started = [], time.monotonic()
-    for name, command, limit in steps:
-        if only and name not in only:
-            continue
-        spent = time.monotonic() - started
-        if spent > args.budget_s:
-            summary.append({"step": name, "status": "not run (budget spent)", "seconds": 0})
-            continue
-        if "PLAIN" in command:  # GFPGAN's own forms, whatever the service's defaults are
-            at = command.index("PLAIN")
-            command = command[:at] + variant_flags()["plain"] + command[at + 1:]
-        if "BEST" in command:
-            best = _best_variant([out / "variants.md", out / "compile.md"], args.device)
-            at = command.index("BEST")
-            flags = variant_flags()[best]
-            command = command[:at] + flags + command[at + 1:]
-            if _compiles(flags):  # each step is a process of its own: it compiles again at warm-up
-                limit += COMPILE_ALLOWANCE_S
-            print(f"   (fastest variant so far: {best})", flush=True)
-        t0 = time.monotonic()
-        log = out / f"{name}.log"
-        print(f"== {name}: {shlex.join(command[1:])[:200]}", flush=True)
-        with open(log, "w") as handle:
-            try:
-                code = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                      timeout=limit).returncode
-                status = "ok" if code == 0 else f"exit {code}"
-            except subprocess.TimeoutExpired:
-                status = f"timed out after {limit} s"
-        seconds = time.monotonic() - t0
-        entry = {"step": name, "status": status, "seconds": round(seconds, 1)}
-        entry.update(_highlights(name, out, log))
-        summary.append(entry)
-        print(f"   {status} in {seconds:.0f} s {_brief(entry)}", flush=True)
+    summary = run_steps([step for step in steps if not only or step[0] in only], out, env, args.budget_s)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = [f"## {path.stem}\n\n{path.read_text()}" for path in sorted(out.glob("*.md"))
               if path.name != "report.md"]
@@ -185,6 +160,43 @@ def main() -> int:
     return 0 if all(e["status"] == "ok" for e in summary) else 1
 
 
+def run_steps(todo: list, out: Path, env: dict, budget_s: float,
+              plan_module: str = "server.bench_plan") -> list[dict]:
+    """Run steps (name, command, limit) in order while the budget lasts; their summary entries.
+    A command that starts with BENCH is gfpgan-bench's arguments: a section of a bench process
+    (`plan_module`)."""
+    summary, started = [], time.monotonic()
+    deadline = time.time() + budget_s  # for the bench processes: no section starts after it
+    processes = 0
+    while todo:
+        name, command, limit = todo[0]
+        if time.monotonic() - started > budget_s:
+            summary.append({"step": name, "status": "not run (budget spent)", "seconds": 0})
+            todo.pop(0)
+            continue
+        if command[0] != BENCH:
+            group = [todo.pop(0)]
+            while todo and todo[0][0] == BESIDE.get(group[-1][0]):
+                group.append(todo.pop(0))
+            summary += _run_processes(group, out, env)
+            continue
+        # the bench steps from here up to the next other step (or one that runs alone), in one
+        # process; what it did not finish (a section over its time limit, a crash) goes on in a
+        # fresh one
+        group = [todo[0]]
+        if name not in ALONE:
+            for step in todo[1:]:
+                if step[1][0] != BENCH or step[0] in ALONE:
+                    break
+                group.append(step)
+        processes += 1
+        entries = _run_bench_process(group, processes, out, env, deadline, plan_module)
+        summary += entries
+        done = {entry["step"] for entry in entries}
+        todo = [step for step in todo if step[0] not in done]
+    return summary
+
+
 #: The variants step on the GPU: the forms not measured on a GPU yet, and the references they are
 #: compared with (the second H200 run measured the others: BENCHMARKS.md).
 STEP_VARIANTS = ["plain", "defaults", "defaults+parse-channels-last+fast-resample", "all-forms",
@@ -196,35 +208,122 @@ COMPILE_VARIANTS = ["plain", "defaults", "defaults+compile", "all-forms+compile"
 QUICK_COMPILE_VARIANTS = ["plain", "lean+compile"]
 
 
-#: Seconds more for a step that runs a compiled variant: its own process compiles again at
-#: warm-up (from Inductor's on-disk cache after the compile step, but the trace is redone).
+#: Seconds more for a bench section that runs a compiled variant: it compiles at warm-up (from
+#: Inductor's on-disk cache after the compile step, but the trace is redone).
 COMPILE_ALLOWANCE_S = 90
 
-
-def _compiles(flags: list[str]) -> bool:
-    return any(a == "--compile" and b == "on" for a, b in zip(flags, flags[1:]))
-
-
-#: gfpgan-bench's --variants names (server/bench.py VARIANTS) and the flags that choose each.
-def variant_flags() -> dict[str, list[str]]:
-    """gfpgan-bench's speed variants (server.bench.VARIANTS), as the flags that choose them."""
-    sys.path.insert(0, str(ROOT))
-    from server.bench import VARIANTS
-
-    return {name: speed.serve_flags() for name, speed in VARIANTS.items()}
+#: The first argument of a step that is a gfpgan-bench report (a section of a bench process).
+BENCH = "gfpgan-bench"
+#: A step that runs beside the one before it, started together: tests-compile's build (the
+#: compiler's CPU work) overlaps the tests' (neither times anything).
+BESIDE = {"tests": "tests-compile"}
+#: Bench steps that get a process of their own: the compiler's time and memory stay out of the
+#: other steps' numbers, and a build that hangs costs only its own step.
+ALONE = {"compile"}
 
 
-def _best_variant(tables: list[Path], device: str) -> str:
-    """The variant with the most DETECT faces/s at the largest batch measured in the variants
-    tables that exist, with the ParseNet mask (the box mask changes the pixels, so it is not
-    picked as a default); "plain" if none."""
-    text = "\n".join(path.read_text() for path in tables if path.exists())
-    rows = re.findall(r"\| ([\w+-]+) \| detect \| (\d+) \| ([\d.e+]+) \|", text)
-    rows = [(int(b), float(rate), name) for name, b, rate in rows if "box" not in name]
-    if not rows:
-        return "plain"
-    largest = max(b for b, _, _ in rows)
-    return max((rate, name) for b, rate, name in rows if b == largest)[1]
+def _run_processes(steps: list, out: Path, env: dict) -> list[dict]:
+    """Steps (name, command, limit) as processes of their own, started together, each held to
+    its limit; their summary entries."""
+    running = []
+    for name, command, limit in steps:
+        print(f"== {name}: {shlex.join(command[1:])[:200]}", flush=True)
+        handle = open(out / f"{name}.log", "w")
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # a group: its workers go with it
+        running.append((name, limit, process, handle, time.monotonic()))
+    entries = {}
+    while len(entries) < len(running):
+        for name, limit, process, handle, t0 in running:
+            if name in entries:
+                continue
+            code = process.poll()
+            if code is None and time.monotonic() - t0 <= limit:
+                continue
+            if code is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                status = f"timed out after {limit} s"
+            else:
+                status = "ok" if code == 0 else f"exit {code}"
+            handle.close()
+            entry = {"step": name, "status": status, "seconds": round(time.monotonic() - t0, 1)}
+            entry.update(_highlights(name, out, out / f"{name}.log"))
+            entries[name] = entry
+            print(f"   {name}: {status} in {entry['seconds']:.0f} s {_brief(entry)}", flush=True)
+        time.sleep(0.2)
+    return [entries[name] for name, _, _ in steps]
+
+
+def _run_bench_process(group: list, number: int, out: Path, env: dict, deadline: float,
+                       plan_module: str) -> list[dict]:
+    """Bench steps (name, [BENCH, *gfpgan-bench args], limit) as sections of one process
+    (server/bench_plan.py), each held to its own time limit: the summary entries of the steps it
+    finished or that ended it, then one for the process (its time outside the sections: imports,
+    loading). A step it did not reach has no entry and goes on in the next process."""
+    plan, status = out / f"bench-process-{number}.json", out / f"bench-process-{number}.status.jsonl"
+    current, log = out / f"bench-process-{number}.current.json", out / f"bench-process-{number}.log"
+    plan.write_text(json.dumps({"sections": [{"name": name, "args": command[1:]}
+                                             for name, command, _ in group]}, indent=1))
+    limits = {name: limit for name, _, limit in group}
+    command = [sys.executable, "-m", plan_module, str(plan), str(out), "--deadline", str(deadline),
+               "--status", str(status), "--current", str(current)]
+    print(f"== bench process {number}: {', '.join(limits)}", flush=True)
+    entries: list[dict] = []
+    announced, killed, t0 = None, None, time.monotonic()
+
+    def collect() -> None:
+        lines = status.read_text().splitlines() if status.exists() else []
+        for line in lines[len(entries):]:
+            entry = json.loads(line)
+            entry.update(_highlights(entry["step"], out, out / f"{entry['step']}.log"))
+            entries.append(entry)
+            print(f"   {entry['step']}: {entry['status']} in {entry['seconds']:.0f} s {_brief(entry)}", flush=True)
+
+    def running() -> dict | None:
+        try:
+            section = json.loads(current.read_text())
+        except (OSError, ValueError):
+            return None
+        return None if section["step"] in {e["step"] for e in entries} else section
+
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        while process.poll() is None:
+            collect()
+            section = running()
+            if section is not None:
+                if section["step"] != announced:
+                    announced = section["step"]
+                    print(f"== {announced}" + (f" (fastest variant so far: {section['best']})"
+                                              if section.get("best") else ""), flush=True)
+                allowed = limits[section["step"]] + (COMPILE_ALLOWANCE_S if section["compiles"] else 0)
+                if time.time() - section["started"] > allowed:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                    killed = allowed
+                    break
+            time.sleep(0.5)
+        code = process.wait()
+    collect()
+    section = running()
+    if section is not None:  # the section the process ended in
+        entry = {"step": section["step"], "seconds": round(time.time() - section["started"], 1),
+                 "status": f"timed out after {killed} s" if killed else f"bench process exit {code}"}
+        entry.update(_highlights(section["step"], out, out / f"{section['step']}.log"))
+        entries.append(entry)
+        print(f"   {entry['step']}: {entry['status']} {_brief(entry)}", flush=True)
+    elif not entries:  # it ended before its first section: the next process would too
+        entries = [{"step": name, "status": f"bench process exit {code} before its first section "
+                    f"(see {log.name})", "seconds": 0} for name in limits]
+    wall = time.monotonic() - t0
+    outside = wall - sum(entry["seconds"] for entry in entries)
+    entries.append({"step": f"bench process {number}", "seconds": round(wall, 1),
+                    "status": "ok" if code == 0 else ("killed" if killed else f"exit {code}"),
+                    "sections": sum(1 for e in entries if e["step"] in limits),
+                    "outside sections": f"{outside:.0f} s"})
+    return entries
 
 
 def _brief(entry: dict) -> str:
@@ -233,7 +332,7 @@ def _brief(entry: dict) -> str:
 
 def _highlights(name: str, out: Path, log: Path) -> dict:
     """A few numbers per step for the closing table; the full tables are in OUT."""
-    text = log.read_text(errors="replace")
+    text = log.read_text(errors="replace") if log.exists() else ""  # none for a step not run
     found: dict = {}
     if name.startswith("tests"):
         match = re.search(r"(\d+ (?:passed|failed)[^\n]*) in [\d.]+s", text)

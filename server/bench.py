@@ -92,9 +92,11 @@ def _batch(faces: np.ndarray, start: int, size: int) -> np.ndarray:
 
 
 def _time_batches(run_batch: Callable[[np.ndarray], None], faces: np.ndarray, batch_size: int,
-                  iterations: int, seconds: float | None, sync: Callable[[], None]) -> tuple[float, list[float]]:
-    """Run batches one after the other; (faces/s, per-batch latencies in ms)."""
-    run_batch(_batch(faces, 0, batch_size))  # warm-up: first-call costs are not measured
+                  iterations: int, seconds: float | None, sync: Callable[[], None],
+                  warmup_faces: int | None = None) -> tuple[float, list[float]]:
+    """Run batches one after the other; (faces/s, per-batch latencies in ms). The warm-up batch
+    (first-call costs are not measured) is `warmup_faces` faces, else a whole batch."""
+    run_batch(_batch(faces, 0, warmup_faces or batch_size))
     sync()
     latencies, started = [], time.perf_counter()
     for index in range(iterations):
@@ -165,7 +167,10 @@ def bench_gfpganer(restorer, faces, batch_sizes, alignment, iterations, seconds,
         for face in batch:  # the usual integration: one face per call
             restorer.enhance(face, has_aligned=aligned, only_center_face=True, paste_back=True)
 
-    return [Measurement(METHODS[0], b, *_time_batches(run_batch, faces, b, iterations, seconds, sync))
+    # One face warms it: every call is one face, so a batch's first-call costs are the first
+    # face's (a whole warm-up batch of 64 was 7 s of an H200 run's budget, measuring nothing).
+    return [Measurement(METHODS[0], b, *_time_batches(run_batch, faces, b, iterations, seconds, sync,
+                                                      warmup_faces=1))
             for b in batch_sizes]
 
 
@@ -538,8 +543,60 @@ def _batch_sizes(parser, text: str) -> list[int]:
     return sizes
 
 
-def run(argv: Sequence[str] | None = None) -> str:
-    """Run the three benchmarks and print (and return) the Markdown report."""
+class Loaded:
+    """Networks kept loaded between reports (server/bench_plan.py runs many in one process): a
+    pipeline per model, weights, device and dtype, switched to each report's speed forms, and
+    GFPGANer per model and device. Without one, each report loads its own."""
+
+    def __init__(self):
+        self._pipelines: dict[tuple, object] = {}
+        self._gfpganers: dict[tuple, object] = {}
+        self._stack = contextlib.ExitStack()
+
+    def pipeline(self, settings: Settings):
+        """The pipeline `settings` describe, in their speed forms, its CUDA graphs for batches up
+        to settings.max_batch_faces captured (kept as they are when nothing changed)."""
+        from server.pipeline import build_pipeline
+
+        key = (settings.model, settings.weights_dir, settings.device, settings.dtype,
+               settings.no_download, settings.enable_codeformer)
+        pipeline = self._pipelines.get(key)
+        if pipeline is None:
+            pipeline = self._pipelines[key] = build_pipeline(settings)
+        speed = settings.speed_options(pipeline.device.type)
+        if pipeline.speed != speed:  # a compiled form compiles again at warm-up
+            pipeline.set_speed(speed)
+        pipeline.set_graph_max_batch(settings.max_batch_faces)
+        return pipeline
+
+    @contextlib.contextmanager
+    def gfpganer(self, model: str, weights_dir: str, device: torch.device):
+        key = (model, weights_dir, str(device))
+        if key not in self._gfpganers:
+            self._gfpganers[key] = self._stack.enter_context(_gfpganer(model, weights_dir, device))
+        yield self._gfpganers[key]
+
+    def close(self) -> None:
+        self._stack.close()
+        self._pipelines.clear()
+        self._gfpganers.clear()
+
+
+class _Fresh(Loaded):
+    """Load for one report and let go after it (gfpgan-bench on its own)."""
+
+    def pipeline(self, settings: Settings):
+        from server.pipeline import build_pipeline
+
+        return build_pipeline(settings)
+
+    def gfpganer(self, model: str, weights_dir: str, device: torch.device):
+        return _gfpganer(model, weights_dir, device)
+
+
+def run(argv: Sequence[str] | None = None, loaded: Loaded | None = None) -> str:
+    """Run the three benchmarks and print (and return) the Markdown report. `loaded`: networks
+    kept from an earlier report of the same process (server/bench_plan.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -562,7 +619,7 @@ def run(argv: Sequence[str] | None = None) -> str:
     sections = []
     for model in models:
         sections += _report(args, parser, argv, model, sizes, options, faces, methods, variants,
-                            titled=len(models) > 1)
+                            titled=len(models) > 1, loaded=loaded or _Fresh())
     report = "\n\n".join(sections) + "\n"
     print(report)
     if args.markdown_out:
@@ -570,10 +627,9 @@ def run(argv: Sequence[str] | None = None) -> str:
     return report
 
 
-def _report(args, parser, argv, model, sizes, options, faces, methods, variants, titled) -> list[str]:
+def _report(args, parser, argv, model, sizes, options, faces, methods, variants, titled,
+            loaded: Loaded) -> list[str]:
     """The sections of one model's report."""
-    from server.pipeline import build_pipeline
-
     try:
         settings = Settings(model=model, weights_dir=args.weights_dir, device=args.device,
                             dtype=args.dtype, no_download=args.no_download, metrics_port=0,
@@ -587,7 +643,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
     except ValueError as error:
         parser.error(str(error))
 
-    pipeline = build_pipeline(settings)  # downloads missing weights unless --no-download
+    pipeline = loaded.pipeline(settings)  # downloads missing weights unless --no-download
     pipeline.warmup()
     device = pipeline.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -598,7 +654,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
         gfpganer_note = (f"\n- GFPGANer: not run, it has no arch {pipeline.info.arch!r} (its own are "
                          f"{', '.join(GFPGANER_ARCHS)})")
     elif "gfpganer" in methods:
-        with _gfpganer(settings.model, settings.weights_dir, device) as restorer:
+        with loaded.gfpganer(settings.model, settings.weights_dir, device) as restorer:
             measurements += bench_gfpganer(restorer, faces, sizes, options.alignment, args.iterations,
                                            args.seconds, sync)
         del restorer

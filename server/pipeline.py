@@ -211,6 +211,16 @@ class FacePipeline:
         for note in check_speed_device(speed, self.device):
             log.warning("%s", note)
 
+    def set_graph_max_batch(self, largest: int) -> None:
+        """CUDA graphs for batches of up to `largest` faces from the next warmup(). Graphs already
+        captured are kept when the buckets stay the same, and nothing else is redone: compiled
+        passes stay compiled."""
+        if graph_buckets(min(largest, MAX_NETWORK_FACES)) != \
+                graph_buckets(min(self.graph_max_batch, MAX_NETWORK_FACES)):
+            self._graphs = {}
+            self.detector.graphed = {}
+        self.graph_max_batch = largest
+
     def _capture_graphs(self) -> None:
         """GFPGAN, ParseNet and RetinaFace (on 256x256 images, the size lip-sync crops come in;
         other sizes detect eagerly) as CUDA graphs per batch-size bucket. A network whose capture

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import re
 
-from pathlib import Path
-
 from server.bench import METHODS, VARIANTS, main, synthetic_faces
 
 
@@ -74,35 +72,6 @@ def test_every_speed_variant_is_chosen_by_its_flags():
     for name, speed in VARIANTS.items():
         assert Settings.from_args(speed.serve_flags(), environ={}).speed_options("cuda") == speed, name
     assert VARIANTS["defaults"] == Settings().speed_options("cuda")  # what the service runs on CUDA
-
-
-def test_the_gpu_check_picks_the_fastest_parse_mask_variant_at_the_largest_batch(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent.parent / "scripts" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    table = tmp_path / "variants.md"
-    table.write_text("| variant | alignment | batch | faces/s | vs plain | p50 ms |\n|---|---|---:|---:|---:|---:|\n"
-                     "| plain | detect | 8 | 60.0 | 1.00x | 1 |\n| plain | detect | 32 | 70.0 | 1.00x | 1 |\n"
-                     "| defaults+fast-resample | detect | 32 | 95.5 | 1.36x | 1 |\n"
-                     "| defaults | detect | 32 | 90.0 | 1.29x | 1 |\n| defaults | aligned | 32 | 300.0 | 4x | 1 |\n"
-                     "| unfused+graphs+box | detect | 32 | 150.0 | 2.14x | 1 |\n"
-                     "| fold-norms | detect | 8 | 99.0 | 1.65x | 1 |\n")
-    assert gpu_check._best_variant([table], "cuda") == "defaults+fast-resample"
-    assert gpu_check._best_variant([tmp_path / "missing.md"], "cuda") == "plain"
-    # the compile step's table counts too, when it ran
-    compiled = tmp_path / "compile.md"
-    compiled.write_text("| defaults+compile | detect | 32 | 180.0 | 2.57x | 1 |\n")
-    assert gpu_check._best_variant([table, compiled], "cuda") == "defaults+compile"
-    assert gpu_check._best_variant([table, tmp_path / "missing.md"], "cuda") == "defaults+fast-resample"
-    names = set(gpu_check.STEP_VARIANTS) | set(gpu_check.COMPILE_VARIANTS) | set(gpu_check.QUICK_COMPILE_VARIANTS)
-    assert names <= set(VARIANTS)
-    assert not any(VARIANTS[name].cuda_graphs for name in gpu_check.QUICK_COMPILE_VARIANTS)  # run on a CPU
-    # a step running a compiled variant gets time to compile it again
-    flags = gpu_check.variant_flags()
-    assert gpu_check._compiles(flags["defaults+compile"]) and not gpu_check._compiles(flags["defaults"])
-    assert set(VARIANTS) == set(gpu_check.variant_flags())
 
 
 def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_not_timed():

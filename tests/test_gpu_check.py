@@ -1,0 +1,197 @@
+"""The GPU check's driver (scripts/gpu_check.py) and its bench process (server/bench_plan.py).
+
+The bench steps run as sections of one process on networks loaded once; each section is still
+held to its own time limit, and what a process did not finish goes on in a fresh one. The
+driver's tests use a stand-in report (tests/fake_bench_plan.py) in real processes; the plan's own
+tests run real gfpgan-bench reports on the small CPU weights.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.bench import VARIANTS
+from server.bench_plan import best_variant, compiles, resolve, run_plan, variant_flags
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_bench_steps_share_a_process_each_held_to_its_limit_and_the_rest_go_on_in_a_fresh_one(gpu_check, tmp_path):
+    B = gpu_check.BENCH
+    steps = [("env", [sys.executable, "-c", "print('device: a test')"], 30),
+             ("bench-a", [B, "ok"], 30), ("hang", [B, "hang"], 2), ("bench-b", [B, "ok"], 30),
+             ("lose", [B, "lose-device"], 30), ("bench-c", [B, "ok"], 30), ("crash", [B, "crash"], 30),
+             ("bench-d", [B, "ok"], 30), ("compile", [B, "ok"], 30), ("bench-e", [B, "ok"], 30)]
+    summary = gpu_check.run_steps(steps, tmp_path, _env(), budget_s=300, plan_module="tests.fake_bench_plan")
+    status = {entry["step"]: entry["status"] for entry in summary}
+    assert status == {
+        "env": "ok",
+        "bench-a": "ok", "hang": "timed out after 2 s", "bench process 1": "killed",
+        "bench-b": "ok", "lose": "failed: RuntimeError: CUDA error: an illegal memory access was encountered",
+        "bench process 2": "exit 3",
+        "bench-c": "ok", "crash": "bench process exit 9", "bench process 3": "exit 9",
+        "bench-d": "ok", "bench process 4": "ok",
+        "compile": "ok", "bench process 5": "ok",  # alone: the compiler's process is its own
+        "bench-e": "ok", "bench process 6": "ok",
+    }
+    names = [name for name, _, _ in steps]
+    assert [e["step"] for e in summary if e["step"] in names] == names
+    entries = {entry["step"]: entry for entry in summary}
+    # each section's numbers come from its own log
+    assert entries["bench-a"]["pipeline@8"] == "100/s" and entries["bench-e"]["pipeline@8"] == "100/s"
+    assert "pipeline@8" not in entries["hang"]
+    assert 2 <= entries["hang"]["seconds"] < 10
+    assert "CUDA error" in (tmp_path / "lose.log").read_text()
+    assert entries["bench process 1"]["sections"] == 2 and entries["bench process 4"]["sections"] == 1
+
+
+def test_the_compile_tests_run_beside_the_tests_and_a_step_past_its_limit_is_stopped(gpu_check, tmp_path):
+    # "tests" waits for a file that only "tests-compile" makes: it passes only if both run at once
+    marker = tmp_path / "compile-tests-started"
+    wait = (f"import pathlib, sys, time\nfor _ in range(100):\n    if pathlib.Path({str(marker)!r}).exists(): "
+            f"print('1 passed in 0.1s'); sys.exit(0)\n    time.sleep(0.1)\nsys.exit(1)")
+    steps = [("tests", [sys.executable, "-c", wait], 30),
+             ("tests-compile", [sys.executable, "-c", f"import pathlib; pathlib.Path({str(marker)!r}).touch()"], 30),
+             ("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 1)]
+    summary = gpu_check.run_steps(steps, tmp_path, _env(), budget_s=300)
+    assert [(e["step"], e["status"]) for e in summary] == [
+        ("tests", "ok"), ("tests-compile", "ok"), ("slow", "timed out after 1 s")]
+    assert summary[0]["result"] == "1 passed" and summary[2]["seconds"] < 10
+
+
+def test_no_section_starts_after_the_budget(gpu_check, tmp_path):
+    B = gpu_check.BENCH
+    steps = [("bench-slow", [B, "sleep"], 30), ("bench-late", [B, "ok"], 30), ("after", [sys.executable, "-c", ""], 30)]
+    summary = gpu_check.run_steps(steps, tmp_path, _env(), budget_s=1.0, plan_module="tests.fake_bench_plan")
+    status = {entry["step"]: entry["status"] for entry in summary}
+    assert status["bench-slow"] == "ok"
+    assert status["bench-late"] == status["after"] == "not run (budget spent)"
+
+
+def test_a_process_that_dies_before_its_first_section_fails_its_steps_once(gpu_check, tmp_path):
+    B = gpu_check.BENCH
+    steps = [("bench-a", [B, "ok"], 30), ("bench-b", [B, "ok"], 30)]
+    summary = gpu_check.run_steps(steps, tmp_path, _env(), budget_s=60, plan_module="tests.no_such_module")
+    assert [e["step"] for e in summary] == ["bench-a", "bench-b", "bench process 1"]
+    assert summary[0]["status"].startswith("bench process exit 1 before its first section")
+
+
+def test_the_plan_picks_the_fastest_parse_mask_variant_at_the_largest_batch(tmp_path):
+    table = tmp_path / "variants.md"
+    table.write_text("| variant | alignment | batch | faces/s | vs plain | p50 ms |\n|---|---|---:|---:|---:|---:|\n"
+                     "| plain | detect | 8 | 60.0 | 1.00x | 1 |\n| plain | detect | 32 | 70.0 | 1.00x | 1 |\n"
+                     "| defaults+fast-resample | detect | 32 | 95.5 | 1.36x | 1 |\n"
+                     "| defaults | detect | 32 | 90.0 | 1.29x | 1 |\n| defaults | aligned | 32 | 300.0 | 4x | 1 |\n"
+                     "| unfused+graphs+box | detect | 32 | 150.0 | 2.14x | 1 |\n"
+                     "| fold-norms | detect | 8 | 99.0 | 1.65x | 1 |\n")
+    assert best_variant([table]) == "defaults+fast-resample"
+    assert best_variant([tmp_path / "missing.md"]) == "plain"
+    # the compile step's table counts too, when it ran
+    compiled = tmp_path / "compile.md"
+    compiled.write_text("| defaults+compile | detect | 32 | 180.0 | 2.57x | 1 |\n")
+    assert best_variant([table, compiled]) == "defaults+compile"
+    flags = variant_flags()
+    args, best = resolve(["--x", "BEST", "--y", "PLAIN"], tmp_path)
+    assert best == "defaults+compile" and args == ["--x", *flags["defaults+compile"], "--y", *flags["plain"]]
+    assert compiles(flags["defaults+compile"]) and not compiles(flags["defaults"])
+    assert set(VARIANTS) == set(flags)
+
+
+def test_the_check_names_only_known_variants_and_cpu_ones_in_the_rehearsal(gpu_check):
+    names = set(gpu_check.STEP_VARIANTS) | set(gpu_check.COMPILE_VARIANTS) | set(gpu_check.QUICK_COMPILE_VARIANTS)
+    assert names <= set(VARIANTS)
+    assert not any(VARIANTS[name].cuda_graphs for name in gpu_check.QUICK_COMPILE_VARIANTS)  # run on a CPU
+
+
+def test_sections_share_the_loaded_networks_and_report_like_their_own_runs(small_weights, tmp_path, monkeypatch):
+    """Real gfpgan-bench reports as plan sections: the pipeline and GFPGANer load once, a
+    section keeps the speed forms it shares with the one before (a compiled form would not
+    compile again), BEST takes the fastest variant's forms, and a refused section does not stop
+    the next."""
+    import server.bench as bench
+    import server.pipeline as pipeline_module
+
+    built, gfpganers, switches = [], [], []
+    build = pipeline_module.build_pipeline
+    monkeypatch.setattr(pipeline_module, "build_pipeline", lambda s: built.append(s) or build(s))
+    make_gfpganer = bench._gfpganer
+    monkeypatch.setattr(bench, "_gfpganer", lambda *a: gfpganers.append(a) or make_gfpganer(*a))
+    set_speed = pipeline_module.FacePipeline.set_speed
+    monkeypatch.setattr(pipeline_module.FacePipeline, "set_speed",
+                        lambda self, speed: switches.append(speed) or set_speed(self, speed))
+    (tmp_path / "variants.md").write_text("| fold-norms | detect | 2 | 9.0 | 1.5x | 1 |\n"
+                                          "| plain | detect | 2 | 6.0 | 1.00x | 1 |\n")
+    common = ["--model", str(small_weights / "GFPGANv1.4.pth"), "--weights-dir", str(small_weights),
+              "--device", "cpu", "--no-download", "--alignment", "aligned", "--iterations", "1",
+              "--faces", "2", "--face-size", "64"]
+    sections = [
+        {"name": "bench-first", "args": [*common, "--batch-sizes", "1", "--methods", "gfpganer,pipeline",
+                                         "--markdown-out", str(tmp_path / "bench-first.md")]},
+        {"name": "refused", "args": [*common, "--batch-sizes", "0"]},
+        {"name": "bench-same", "args": [*common, "--batch-sizes", "2", "--methods", "gfpganer,pipeline",
+                                        "--markdown-out", str(tmp_path / "bench-same.md")]},
+        {"name": "bench-best", "args": [*common, "BEST", "--batch-sizes", "1", "--methods", "pipeline",
+                                        "--markdown-out", str(tmp_path / "bench-best.md")]},
+    ]
+    status, current = tmp_path / "status.jsonl", tmp_path / "current.json"
+    assert run_plan(sections, tmp_path, status, current) == 0
+    entries = [json.loads(line) for line in status.read_text().splitlines()]
+    assert [(e["step"], e["status"]) for e in entries] == [
+        ("bench-first", "ok"), ("refused", "exit 2"), ("bench-same", "ok"), ("bench-best", "ok")]
+    assert entries[3]["variant"] == "fold-norms"
+    assert len(built) == 1 and len(gfpganers) == 1
+    # built in the first section's forms (the construction's own switch), kept by the second,
+    # switched once for BEST
+    assert len(switches) == 2 and switches[-1] == VARIANTS["fold-norms"]
+    for name, batches in (("bench-first", [1]), ("bench-same", [2])):
+        report = (tmp_path / f"{name}.md").read_text()
+        assert (tmp_path / f"{name}.log").read_text().strip().endswith(report.strip().splitlines()[-1])
+        rows = re.findall(r"^\| (GFPGANer|FacePipeline)[^|]* \| (\d+) \| ([\d.]+) \|", report, flags=re.M)
+        assert sorted((m, int(b)) for m, b, _ in rows) == sorted((m, b) for m in ("FacePipeline", "GFPGANer")
+                                                                 for b in batches)
+        assert all(float(rate) > 0 for _, _, rate in rows)
+    best = (tmp_path / "bench-best.md").read_text()
+    assert "fold_norms=on" in best and "fastest variant so far: fold-norms" in (tmp_path / "bench-best.log").read_text()
+    assert "--batch-sizes: expected positive numbers" in (tmp_path / "refused.log").read_text()
+
+
+def test_a_new_largest_batch_drops_the_graphs_only_when_their_buckets_change():
+    """bench.Loaded reuses a pipeline across sections of other batch sizes: its graphs are made
+    again only for other buckets (a batch beyond MAX_NETWORK_FACES runs in passes of that many)."""
+    from types import SimpleNamespace
+
+    from server.pipeline import MAX_NETWORK_FACES, FacePipeline
+
+    pipeline = object.__new__(FacePipeline)  # the state the method reads, nothing loaded
+    pipeline.detector = SimpleNamespace(graphed={"256": "graph"})
+
+    def captured(largest: int, graphs: dict) -> None:
+        pipeline.graph_max_batch, pipeline._graphs = largest, graphs
+        pipeline.detector.graphed = {"256": "graph"}
+
+    captured(8, {"gfpgan": "graph"})
+    pipeline.set_graph_max_batch(8)
+    assert pipeline._graphs == {"gfpgan": "graph"} and pipeline.detector.graphed
+    pipeline.set_graph_max_batch(12)  # a bucket of 12 more: captured again at the next warm-up
+    assert pipeline._graphs == {} and pipeline.detector.graphed == {} and pipeline.graph_max_batch == 12
+    captured(MAX_NETWORK_FACES + 8, {"gfpgan": "graph"})
+    pipeline.set_graph_max_batch(4 * MAX_NETWORK_FACES)
+    assert pipeline._graphs == {"gfpgan": "graph"} and pipeline.graph_max_batch == 4 * MAX_NETWORK_FACES
