@@ -157,6 +157,9 @@ def main() -> int:
     print("|---|---|---:|---|")
     for entry in summary:
         print(f"| {entry['step']} | {entry['status']} | {entry['seconds']} | {_brief(entry)} |")
+    left = [entry["step"] for entry in summary if entry["status"] == "not run (budget spent)"]
+    if left:  # what a second call on the warm machine runs
+        print(f"\nnot run for lack of time: bash scripts/gpu_device.sh --only {','.join(left)}")
     return 0 if all(e["status"] == "ok" for e in summary) else 1
 
 
