@@ -4,7 +4,8 @@
     python scripts/gpu_kernels.py WEIGHTS_DIR [--batch 16] [--device cuda]
 
 For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in GFPGAN's own forms,
-the service's CUDA defaults, those with ParseNet channels-last and padding from slices, and
+the service's CUDA defaults, those with the StyleGAN decoder channels-last too, those with
+ParseNet channels-last and padding from slices, and
 those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of
 one pass from CUDA events (median of 5), the TFLOP/s that makes, and torch.profiler's kernels by
 device time. scripts/gpu_check.py runs it.
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
-FORMS = ["plain", "defaults", "defaults+parse-channels-last+fast-resample", "defaults+compile"]
+FORMS = ["plain", "defaults", "defaults+decoder-channels-last", "defaults+parse-channels-last+fast-resample",
+         "defaults+compile"]
 
 
 def main() -> None:

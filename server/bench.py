@@ -311,6 +311,10 @@ VARIANTS = {
     "defaults+parse-channels-last+fast-resample": dataclasses.replace(
         _CUDA_DEFAULTS, parse_channels_last=True, resample="fast"),
     "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
+    # the StyleGAN decoder channels-last too (its 5-D weights), alone and with all forms
+    "defaults+decoder-channels-last": dataclasses.replace(_CUDA_DEFAULTS, decoder_channels_last=True),
+    "all-forms+decoder-channels-last": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute",
+                                                           decoder_channels_last=True),
     "all-forms": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
     "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
     "plain+box": SpeedOptions(paste_mask="box"),
@@ -518,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
     parser.add_argument("--fixed-selection", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--parse-channels-last", default="off", choices=["on", "off"])
+    parser.add_argument("--decoder-channels-last", default="off", choices=["on", "off"])
     parser.add_argument("--compile", default="off", choices=["on", "off"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
@@ -638,7 +643,8 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             paste_mask=args.paste_mask, resample=args.resample,
                             activations=args.activations, fold_norms=args.fold_norms,
                             gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
-                            parse_channels_last=args.parse_channels_last, compile=args.compile,
+                            parse_channels_last=args.parse_channels_last,
+                            decoder_channels_last=args.decoder_channels_last, compile=args.compile,
                             enable_codeformer=args.enable_codeformer)
     except ValueError as error:
         parser.error(str(error))

@@ -184,7 +184,7 @@ class FacePipeline:
         # GFPGAN channels-last with the unfused form; ParseNet only when asked (it measured slower
         # in NHWC on an H200 with PyTorch's padding: BENCHMARKS.md).
         if isinstance(self.gfpgan, torch.nn.Module):
-            set_memory_format(self.gfpgan, speed.channels_last)
+            set_memory_format(self.gfpgan, speed.channels_last, modulated=speed.decoder_channels_last)
         if isinstance(self.parser, torch.nn.Module):
             set_norm_folding(self.parser, False)  # the layout goes to the unfolded weights too
             set_memory_format(self.parser, speed.parse_channels_last)

@@ -59,6 +59,7 @@ class Settings:
     gfpgan_forward: str = "auto"
     fixed_selection: str = "auto"
     parse_channels_last: str = "off"
+    decoder_channels_last: str = "off"
     compile: str = "off"
     tls_cert: str = ""
     tls_key: str = ""
@@ -106,7 +107,8 @@ class Settings:
                             activations=self.activations, fold_norms=self.fold_norms != "off",
                             gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean",
                             fixed_selection=on(self.fixed_selection),
-                            parse_channels_last=self.parse_channels_last == "on", compile=compiled)
+                            parse_channels_last=self.parse_channels_last == "on",
+                            decoder_channels_last=self.decoder_channels_last == "on", compile=compiled)
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -247,6 +249,9 @@ def _cross_check(s: Settings) -> str | None:
     if s.channels_last == "on" and s.modconv == "fused":
         return ("--channels-last needs --modconv unfused: the fused form folds the batch into "
                 "channels with a view that a channels-last tensor cannot take")
+    if s.decoder_channels_last == "on" and s.modconv == "fused":
+        return ("--decoder-channels-last on needs --modconv unfused (or auto): the fused form "
+                "builds a weight per face and views it as groups, which NHWC cannot take")
     if s.compile == "on" and s.modconv == "fused":
         return ("--compile on needs --modconv unfused (or auto): the fused form's grouped "
                 "convolution has a group per face, another compiled graph for every batch size")
@@ -369,6 +374,10 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("parse_channels_last", _choice("on", "off"), "Run ParseNet's convolutions channels-last "
           "too (NHWC). Off: with PyTorch's padding it measured slower on an H200; with --resample "
           "fast (padding from slices) it is not yet measured.", "off", check=_choice("on", "off")),
+    _Spec("decoder_channels_last", _choice("on", "off"), "Run the StyleGAN decoder's modulated "
+          "convolutions channels-last too (their weights; --channels-last lays out the others), so "
+          "that the decoder, most of GFPGAN, runs NHWC instead of NCHW. Needs --modconv unfused "
+          "(or auto on CUDA). Off until a GPU run measures it.", "off", check=_choice("on", "off")),
     _Spec("compile", _choice("on", "off"), "Compile GFPGAN's and ParseNet's passes with "
           "torch.compile at warm-up (once for every batch size; the CUDA graphs, when on, capture "
           "the compiled code): the elementwise work, padding, resampling and layout changes "

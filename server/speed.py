@@ -74,6 +74,13 @@ class SpeedOptions:
     #: half its time on the H200 in NCHW; in NHWC with PyTorch's padding it measured slower,
     #: and with `resample="fast"` (padding from slices) it is not yet measured.
     parse_channels_last: bool = False
+    #: Lay out the StyleGAN decoder's modulated convolutions channels-last too (their 5-D
+    #: weights, which `channels_last` leaves NCHW): the decoder, most of GFPGAN, then runs NHWC
+    #: like the encoder instead of NCHW, where on the H200 its x2 upsamplings took 1.07 ms each
+    #: against 0.37 in NHWC, cuDNN converted layouts around its convolutions, and its
+    #: activations met the encoder's NHWC conditions in mixed-layout elementwise kernels. Needs
+    #: the unfused form; not yet measured on a GPU.
+    decoder_channels_last: bool = False
     #: Compile GFPGAN's and ParseNet's fixed-shape passes with torch.compile (Inductor) at
     #: warm-up, once for every batch size (CompiledForward): elementwise work, padding,
     #: resampling and layout changes fused into the kernels around the convolutions. Needs the
@@ -96,6 +103,9 @@ class SpeedOptions:
             # The fused form folds the batch into channels with a view, which NHWC cannot take.
             raise ValueError("channels_last needs modconv='unfused' (the fused form views the "
                              "batch as channels, which a channels-last tensor cannot)")
+        if self.decoder_channels_last and self.modconv == "fused":
+            raise ValueError("decoder_channels_last needs modconv='unfused' (the fused form builds "
+                             "a weight per face and views it as groups, which NHWC cannot take)")
         if self.compile and self.modconv == "fused":
             raise ValueError("compile needs modconv='unfused' (the fused form's grouped convolution "
                              "has a group per face: one compiled graph for every batch size)")
@@ -553,15 +563,21 @@ def box_paste_mask(face_size: int = 512) -> np.ndarray:
     return cv2.GaussianBlur(mask, (ksize, ksize), _cv2_gaussian_sigma(ksize))
 
 
-def set_memory_format(net: torch.nn.Module, channels_last: bool) -> None:
-    """Lay out every 4-D parameter and buffer (the convolution weights) channels-last, or back.
+def set_memory_format(net: torch.nn.Module, channels_last: bool, modulated: bool = False) -> None:
+    """Lay out every 4-D parameter and buffer (the convolution weights) channels-last, or back;
+    with `modulated`, the modulated convolutions' (1, c_out, c_in, k, k) weights too, so that
+    the shared weight the unfused form convolves with, `weight[0]`, is channels-last (a
+    convolution's output follows its weight's layout, so the StyleGAN decoder then runs NHWC).
 
     `Module.to(memory_format=...)` refuses networks with 5-D parameters, which GFPGAN's
     modulated convolutions have."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
+    five = torch.channels_last if modulated else torch.contiguous_format
     for tensor in [*net.parameters(), *net.buffers()]:
         if tensor.dim() == 4:
             tensor.data = tensor.data.contiguous(memory_format=layout)
+        elif tensor.dim() == 5 and tensor.shape[0] == 1:
+            tensor.data = tensor.data[0].contiguous(memory_format=five).unsqueeze(0)
 
 
 def check_speed_device(speed: SpeedOptions, device: torch.device) -> list[str]:
