@@ -136,11 +136,14 @@ def test_decoder_channels_last_runs_the_stylegan_decoder_in_nhwc_and_gives_the_s
     finally:
         hook.remove()
     assert layouts == [False, True]
-    # float32 sums in another order: a level here and there where a value sits on a rounding edge
+    # float32 sums in another order: a level here and there where a value sits on a rounding
+    # edge (on CUDA, cuDNN also picks other algorithms for the other layout, as in the
+    # fixed-selection test)
     difference = (faces[True] - faces[False]).abs()
     worst, changed = difference.max().item(), (difference > 0).float().mean().item()
     print(f"decoder channels-last: max {worst:.0f} levels, {changed:.5f} of values differ")
-    assert worst <= 1 and changed < 0.001, (worst, changed)
+    cuda = TEST_DEVICE.type == "cuda"
+    assert worst <= (2 if cuda else 1) and changed < (0.01 if cuda else 0.001), (worst, changed)
 
 
 def test_parse_channels_last_runs_parsenet_in_nhwc_and_gives_the_same_masks(nets):
