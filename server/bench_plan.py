@@ -50,8 +50,17 @@ def compiles(flags: list[str]) -> bool:
 def best_variant(tables: list[Path]) -> str:
     """The variant with the most DETECT faces/s at the largest batch measured in the variants
     tables that exist (gfpgan-bench --variants), with the ParseNet mask (the box mask changes the
-    pixels, so it is not picked as a default); "plain" if none."""
-    text = "\n".join(path.read_text() for path in tables if path.exists())
+    pixels, so it is not picked as a default); "plain" if none. A table that is missing because
+    its step was stopped at its time limit is read from the step's log instead (NAME.log beside
+    NAME.md), which has a line per cell measured before that."""
+    text = ""
+    for path in tables:
+        if path.exists():
+            text += path.read_text() + "\n"
+        elif path.with_suffix(".log").exists():
+            text += "\n".join(f"| {name} | {alignment} | {b} | {rate} |" for name, alignment, b, rate in re.findall(
+                r"(?m)^measured: variant ([\w+-]+), (\w+), batch (\d+): ([\d.e+]+) faces/s",
+                path.with_suffix(".log").read_text(errors="replace"))) + "\n"
     rows = re.findall(r"\| ([\w+-]+) \| detect \| (\d+) \| ([\d.e+]+) \|", text)
     rows = [(int(b), float(rate), name) for name, b, rate in rows if "box" not in name]
     if not rows:

@@ -108,7 +108,15 @@ def test_the_plan_picks_the_fastest_parse_mask_variant_at_the_largest_batch(tmp_
     compiled = tmp_path / "compile.md"
     compiled.write_text("| defaults+compile | detect | 32 | 180.0 | 2.57x | 1 |\n")
     assert best_variant([table, compiled]) == "defaults+compile"
+    # a compile step stopped at its limit left no table, but its log has the cells it measured
+    compiled.unlink()
+    (tmp_path / "compile.log").write_text(
+        "measured: variant defaults+compile, aligned, batch 32: 400.00 faces/s\n"
+        "measured: variant defaults+compile, detect, batch 32: 170.00 faces/s\n"
+        "measured: variant all-forms+compile, detect, batch 8: 999.00 faces/s\n")  # cut short
+    assert best_variant([table, compiled]) == "defaults+compile"
     flags = variant_flags()
+    compiled.write_text("| defaults+compile | detect | 32 | 180.0 | 2.57x | 1 |\n")
     args, best = resolve(["--x", "BEST", "--y", "PLAIN"], tmp_path)
     assert best == "defaults+compile" and args == ["--x", *flags["defaults+compile"], "--y", *flags["plain"]]
     assert compiles(flags["defaults+compile"]) and not compiles(flags["defaults"])
