@@ -152,7 +152,8 @@ def run_plan(sections: list[dict], out: Path, status: Path, current: Path,
                     outcome = f"exit {error.code}"
                 except Exception as error:  # noqa: BLE001 - one broken section, not the plan
                     traceback.print_exc()
-                    outcome = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                    first_line = str(error).splitlines()[0][:160] if str(error) else ""
+                    outcome = f"failed: {type(error).__name__}: {first_line}"
                     lost = _leaves_device_unusable(error)
             entry = {"step": name, "status": outcome, "seconds": round(time.monotonic() - started, 1)}
             if best:
