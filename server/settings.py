@@ -98,9 +98,11 @@ class Settings:
         cuda = device_type == "cuda"
         def on(value: str) -> bool:
             return cuda if value == "auto" else value == "on"
-        compiled = self.compile == "on"
-        # the compiled form needs the unfused modulated convolution (one graph for every batch size)
-        modconv = ("unfused" if cuda or compiled else "fused") if self.modconv == "auto" else self.modconv
+        compiled, decoder_nhwc = self.compile == "on", self.decoder_channels_last == "on"
+        # the compiled form needs the unfused modulated convolution (one graph for every batch
+        # size), and so does the decoder's NHWC layout (the fused form views a weight per face)
+        modconv = ("unfused" if cuda or compiled or decoder_nhwc else "fused") if self.modconv == "auto" \
+            else self.modconv
         return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs),
                             channels_last=on(self.channels_last) and modconv == "unfused",
                             paste_mask=self.paste_mask, resample=self.resample,
@@ -108,7 +110,7 @@ class Settings:
                             gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean",
                             fixed_selection=on(self.fixed_selection),
                             parse_channels_last=self.parse_channels_last == "on",
-                            decoder_channels_last=self.decoder_channels_last == "on", compile=compiled)
+                            decoder_channels_last=decoder_nhwc, compile=compiled)
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -376,8 +378,8 @@ SPECS: tuple[_Spec, ...] = (
           "fast (padding from slices) it is not yet measured.", "off", check=_choice("on", "off")),
     _Spec("decoder_channels_last", _choice("on", "off"), "Run the StyleGAN decoder's modulated "
           "convolutions channels-last too (their weights; --channels-last lays out the others), so "
-          "that the decoder, most of GFPGAN, runs NHWC instead of NCHW. Needs --modconv unfused "
-          "(or auto on CUDA). Off until a GPU run measures it.", "off", check=_choice("on", "off")),
+          "that the decoder, most of GFPGAN, runs NHWC instead of NCHW. Takes the unfused form "
+          "where --modconv is auto, and refuses fused. Off until a GPU run measures it.", "off", check=_choice("on", "off")),
     _Spec("compile", _choice("on", "off"), "Compile GFPGAN's and ParseNet's passes with "
           "torch.compile at warm-up (once for every batch size; the CUDA graphs, when on, capture "
           "the compiled code): the elementwise work, padding, resampling and layout changes "

@@ -133,3 +133,9 @@ def test_speed_forms_auto_and_overrides():
     assert Settings.from_args([], environ={"GFPGAN_COMPILE": "on"}).speed_options("cuda").compile
     with pytest.raises(ValueError, match="--compile on needs --modconv unfused"):
         Settings(compile="on", modconv="fused")
+    # so does --decoder-channels-last: the CPU's auto form is the fused one, which it cannot take
+    nhwc = Settings.from_args(["--decoder-channels-last", "on"], environ={})
+    assert nhwc.speed_options("cpu") == SpeedOptions(modconv="unfused", fold_norms=True,
+                                                     gfpgan_forward="lean", decoder_channels_last=True)
+    with pytest.raises(ValueError, match="--decoder-channels-last on needs --modconv unfused"):
+        Settings(decoder_channels_last="on", modconv="fused")
