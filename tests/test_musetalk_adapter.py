@@ -223,7 +223,14 @@ def test_service_trouble_falls_back_without_an_exception_and_the_run_completes(
     # After a few failures the client's circuit breaker skips the service: a reason of its own.
     assert result["fell_back"].get(reason, 0) >= 1
     assert sum(result["fell_back"].values()) == 11
-    assert set(result["fell_back"]) <= {reason, "circuit_open"}
+    allowed = {reason, "circuit_open"}
+    if trouble == "wrong_address":
+        # A refused connection is reported at once (unavailable), but gRPC retries the address
+        # in the background; on a loaded machine a batch sent while that attempt is still under
+        # way waits for it, and past its deadline is rightly a timeout (seen in CI: the first
+        # batch of 8 after its 10 s). What must hold is that no face is reported enhanced.
+        allowed.add("timeout")
+    assert set(result["fell_back"]) <= allowed
     frames = written_frames(project.dir / "out")
     assert len(frames) == 11
     for frame, expected in zip(frames, reference):
