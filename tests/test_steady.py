@@ -136,17 +136,25 @@ def test_two_videos_in_one_device_batch_keep_their_own_state(pipeline):
     a_faces, a_points = jittered_video(6, seed=3)
     b_faces, b_points = jittered_video(6, seed=4)
     steady = EnhanceOptions(alignment=Alignment.LANDMARKS, steady_video=True)
-    alone_a = pipeline.enhance([Job(a_faces, steady, a_points, video=VideoState())])[0].faces
-    alone_b = pipeline.enhance([Job(b_faces, steady, b_points, video=VideoState())])[0].faces
+    state_a, state_b = VideoState(), VideoState()
+    alone_a = pipeline.enhance([Job(a_faces, steady, a_points, video=state_a)])[0].faces
+    alone_b = pipeline.enhance([Job(b_faces, steady, b_points, video=state_b)])[0].faces
     va, vb = VideoState(), VideoState()
     together = []
     for t in range(0, 6, 2):  # each batch: 2 frames of A, then 2 of B
         a, b = pipeline.enhance([Job(a_faces[t:t + 2], steady, a_points[t:t + 2], video=va),
                                  Job(b_faces[t:t + 2], steady, b_points[t:t + 2], video=vb)])
         together.append((a.faces, b.faces))
-    assert np.array_equal(np.concatenate([a for a, _ in together]), alone_a)
-    assert np.array_equal(np.concatenate([b for _, b in together]), alone_b)
+    # The filter runs on the host in float64: each stream's state is exactly its own.
     assert va.frame == vb.frame == 6
+    assert np.array_equal(va.points, state_a.points) and np.array_equal(vb.points, state_b.points)
+    # The faces: the networks ran on batches of 4 here and 6 alone, and the CPU's convolution
+    # kernels may round differently per batch size (torch 2.14.1: 1 level on 23 of 1.2 million
+    # values). A frame warped with the other video's alignment would differ everywhere.
+    for got, alone in ((np.concatenate([a for a, _ in together]), alone_a),
+                       (np.concatenate([b for _, b in together]), alone_b)):
+        diff = np.abs(got.astype(int) - alone)
+        assert diff.max() <= 1 and diff.mean() < 1e-3, (diff.max(), diff.mean())
 
 
 # --- skip detection (detect_every) ---------------------------------------------------------------
