@@ -69,6 +69,20 @@ def _from_network(output_rgb: torch.Tensor) -> torch.Tensor:
     return ((output_rgb.float().clamp(-1, 1) + 1.0) * 127.5).round().flip(1)
 
 
+def parse_logits(parser: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ParseNet's face-part logits for x, as `parser(x)[0]`, without its image output.
+
+    facexlib's ParseNet.forward also runs `out_img_conv` (a reflection pad and a 64 -> 3
+    convolution over the 512x512 features) for an image the paste never reads: one of the
+    network's largest padding passes, done for nothing. The same layers, in the same order,
+    make the logits here. Any other parser is called as it is."""
+    layers = ("encoder", "body", "decoder", "out_mask_conv")
+    if not all(isinstance(getattr(parser, name, None), torch.nn.Module) for name in layers):
+        return parser(x)[0]
+    feat = parser.encoder(x)
+    return parser.out_mask_conv(parser.decoder(feat + parser.body(feat)))
+
+
 @dataclass
 class _Group:
     """The images of one input size in a device batch, on their way through the pipeline.
@@ -541,7 +555,7 @@ class FacePipeline:
     def _parse_masks(self, restored: torch.Tensor) -> torch.Tensor:
         """Soft face masks in [0, 1] from ParseNet, feathered like facexlib's paste-back."""
         with self._autocast():
-            logits = self.parser(self._network_input(restored, gfpgan=False))[0]
+            logits = parse_logits(self.parser, self._network_input(restored, gfpgan=False))
         masks = self._face_mask_lut[logits.float().argmax(dim=1)].unsqueeze(1) * 255.0
         masks = imageops.apply_matrices(masks, *self._mask_blur)
         masks[..., :_MASK_FRAME, :] = 0.0

@@ -18,7 +18,7 @@ import torch
 import server.compat  # noqa: F401
 from client.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
-from server.pipeline import FacePipeline
+from server.pipeline import FacePipeline, parse_logits
 from tests.checkpoints import DETECTION_FILE, GFPGAN_FILE, PARSING_FILE, SMALL_NARROW
 from tests.device import ON_CUDA, TEST_DEVICE
 from tests.faces import calibrated_retinaface, make_faces, template_landmarks, weights_with_detector
@@ -162,12 +162,38 @@ def test_detect_matches_gfpganer_with_its_own_detection(pipeline, weights, monke
             restorer.face_helper.read_image(face)
             found.append(restorer.face_helper.get_face_landmarks_5(only_center_face=True, eye_dist_threshold=5))
     assert any(found), "the test detector should find faces in these images"
-    [result] = pipeline.enhance([Job(faces, EnhanceOptions())])
+    image_outputs = []  # ParseNet's image head: the paste never reads it, so it must not run
+    hook = pipeline.parser.out_img_conv.register_forward_hook(lambda *_: image_outputs.append(1))
+    try:
+        [result] = pipeline.enhance([Job(faces, EnhanceOptions())])
+    finally:
+        hook.remove()
+    assert image_outputs == []
     for ours, ref, count, status in zip(result.faces, refs, found, result.status):
         assert status == (FaceStatus.ENHANCED if count else FaceStatus.NO_FACE)
         mean, worst = diff(ours, ref)
         print(f"DETECT: faces {count} mean {mean:.3f} max {worst:.0f}")
         assert mean < 0.7 and worst <= 12, (mean, worst)
+
+
+def test_parse_logits_are_parsenets_own_without_its_image_head(pipeline):
+    """parse_logits runs ParseNet's layers but its image head: the same logits, bit for bit.
+    (ParseNet is fully convolutional: 128x128 keeps this quick on the CPU.)"""
+    parser = pipeline.parser
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3)).to(TEST_DEVICE) * 2 - 1
+    calls = []
+    hook = parser.out_img_conv.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            ours = parse_logits(parser, x)
+            assert calls == []
+            theirs = parser(x)[0]
+            assert calls == [1]  # the hook works: ParseNet's own forward runs the head
+    finally:
+        hook.remove()
+    assert ours.shape == (2, 19, 128, 128) and torch.equal(ours, theirs)
+    # a parser that is not facexlib's ParseNet is called as it is
+    assert torch.equal(parse_logits(lambda t: (t * 2, None), x), x * 2)
 
 
 def test_identity_network_returns_the_input(pipeline):
