@@ -5,8 +5,8 @@
 
 For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in GFPGAN's own forms,
 the service's CUDA defaults, those with the StyleGAN decoder channels-last too, those with
-ParseNet channels-last and padding from slices, and
-those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of
+ParseNet channels-last and padding from slices, ParseNet without padding passes (border_conv2d)
+in NCHW and channels-last, and those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of
 one pass from CUDA events (median of 5), the TFLOP/s that makes, and torch.profiler's kernels by
 device time. scripts/gpu_check.py runs it.
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
 FORMS = ["plain", "defaults", "defaults+decoder-channels-last", "defaults+parse-channels-last+fast-resample",
-         "defaults+compile"]
+         "defaults+parse-border", "defaults+parse-channels-last+border", "defaults+compile"]
 
 
 def main() -> None:
@@ -31,7 +31,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--forms", default=",".join(FORMS),
+                        help="comma-separated gfpgan-bench variants (default: %(default)s)")
+    parser.add_argument("--networks", default="gfpgan,parse", help="of gfpgan and parse (default: both)")
     args = parser.parse_args()
+    forms = [f for f in args.forms.split(",") if f]
+    networks = [n for n in args.networks.split(",") if n]
+    if not set(networks) <= set(GFLOP_PER_FACE):
+        parser.error(f"--networks takes {', '.join(GFLOP_PER_FACE)}")
 
     import server.compat  # noqa: F401
     import torch
@@ -42,6 +49,9 @@ def main() -> None:
     from server.bench import VARIANTS
     from server.weights import WeightPaths
 
+    unknown = [form for form in forms if form not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown forms {unknown}; gfpgan-bench's variants are {', '.join(VARIANTS)}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
@@ -51,10 +61,10 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     crops = torch.rand(args.batch, 3, 512, 512, device=device) * 255
     rows = []
-    for form in FORMS:
+    for form in forms:
         pipeline = FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device,
                                 dtype=dtype, speed=VARIANTS[form])
-        for name in ("gfpgan", "parse"):
+        for name in networks:
             run = pipeline._fixed[name]  # the pass as a batch runs it (compiled, with --compile)
             with torch.no_grad():
                 for _ in range(2):

@@ -310,6 +310,10 @@ VARIANTS = {
     "defaults+parse-channels-last": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=True),
     "defaults+parse-channels-last+fast-resample": dataclasses.replace(
         _CUDA_DEFAULTS, parse_channels_last=True, resample="fast"),
+    # ParseNet without its padding passes (border_conv2d), in NCHW and channels-last
+    "defaults+parse-border": dataclasses.replace(_CUDA_DEFAULTS, parse_padding="border"),
+    "defaults+parse-channels-last+border": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=True,
+                                                               parse_padding="border"),
     "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
     # the StyleGAN decoder channels-last too (its 5-D weights), alone and with all forms
     "defaults+decoder-channels-last": dataclasses.replace(_CUDA_DEFAULTS, decoder_channels_last=True),
@@ -527,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
     parser.add_argument("--fixed-selection", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--parse-channels-last", default="off", choices=["on", "off"])
+    parser.add_argument("--parse-padding", default="reflect", choices=["reflect", "border"])
     parser.add_argument("--decoder-channels-last", default="off", choices=["on", "off"])
     parser.add_argument("--compile", default="off", choices=["on", "off"])
     parser.add_argument("--profile", action="store_true",
@@ -648,7 +653,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             paste_mask=args.paste_mask, resample=args.resample,
                             activations=args.activations, fold_norms=args.fold_norms,
                             gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
-                            parse_channels_last=args.parse_channels_last,
+                            parse_channels_last=args.parse_channels_last, parse_padding=args.parse_padding,
                             decoder_channels_last=args.decoder_channels_last, compile=args.compile,
                             enable_codeformer=args.enable_codeformer)
     except ValueError as error:

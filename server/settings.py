@@ -59,6 +59,7 @@ class Settings:
     gfpgan_forward: str = "auto"
     fixed_selection: str = "auto"
     parse_channels_last: str = "off"
+    parse_padding: str = "reflect"
     decoder_channels_last: str = "off"
     compile: str = "off"
     tls_cert: str = ""
@@ -110,6 +111,7 @@ class Settings:
                             gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean",
                             fixed_selection=on(self.fixed_selection),
                             parse_channels_last=self.parse_channels_last == "on",
+                            parse_padding=self.parse_padding,
                             decoder_channels_last=decoder_nhwc, compile=compiled)
 
     def limits(self) -> RequestLimits:
@@ -376,6 +378,13 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("parse_channels_last", _choice("on", "off"), "Run ParseNet's convolutions channels-last "
           "too (NHWC). Off: with PyTorch's padding it measured slower on an H200; with --resample "
           "fast (padding from slices) it is not yet measured.", "off", check=_choice("on", "off")),
+    _Spec("parse_padding", _choice("reflect", "border"), "ParseNet's reflection padding: "
+          "reflect, a padding pass before each of its 46 convolutions (its own form); border, each "
+          "convolution zero-padded with no padding pass, then its first and last rows and columns, "
+          "the only outputs the padding reaches, computed again from thin reflected strips (the "
+          "same masks within float rounding; a third fewer bytes written, more, smaller kernels). "
+          "The padding passes took over a third of ParseNet's time on an H200. Off until a GPU run "
+          "measures it.", "reflect", check=_choice("reflect", "border")),
     _Spec("decoder_channels_last", _choice("on", "off"), "Run the StyleGAN decoder's modulated "
           "convolutions channels-last too (their weights; --channels-last lays out the others), so "
           "that the decoder, most of GFPGAN, runs NHWC instead of NCHW. Takes the unfused form "

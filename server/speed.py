@@ -35,6 +35,7 @@ PASTE_MASKS = ("parse", "box")
 RESAMPLE_FORMS = ("torch", "fast")
 ACTIVATION_FORMS = ("promote", "compute")
 GFPGAN_FORWARDS = ("gfpgan", "lean")
+PARSE_PADDINGS = ("reflect", "border")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ class SpeedOptions:
     #: activations met the encoder's NHWC conditions in mixed-layout elementwise kernels. Needs
     #: the unfused form; not yet measured on a GPU.
     decoder_channels_last: bool = False
+    #: "reflect": ParseNet's own reflection-padding pass before each of its 46 convolutions;
+    #: "border": each convolution zero-padded (no padding pass), its first and last rows and
+    #: columns, the only outputs the padding reaches, then computed again from thin reflected
+    #: strips (border_conv2d). On the H200 the padding passes took 37% of ParseNet's time (NCHW)
+    #: and made channels-last ParseNet slower; counted here they write 39% of its bytes.
+    parse_padding: str = "reflect"
     #: Compile GFPGAN's and ParseNet's fixed-shape passes with torch.compile (Inductor) at
     #: warm-up, once for every batch size (CompiledForward): elementwise work, padding,
     #: resampling and layout changes fused into the kernels around the convolutions. Needs the
@@ -97,6 +104,8 @@ class SpeedOptions:
             raise ValueError(f"activations must be one of {ACTIVATION_FORMS}, got {self.activations!r}")
         if self.gfpgan_forward not in GFPGAN_FORWARDS:
             raise ValueError(f"gfpgan_forward must be one of {GFPGAN_FORWARDS}, got {self.gfpgan_forward!r}")
+        if self.parse_padding not in PARSE_PADDINGS:
+            raise ValueError(f"parse_padding must be one of {PARSE_PADDINGS}, got {self.parse_padding!r}")
         if self.resample not in RESAMPLE_FORMS:
             raise ValueError(f"resample must be one of {RESAMPLE_FORMS}, got {self.resample!r}")
         if self.channels_last and self.modconv == "fused":
@@ -694,6 +703,106 @@ class _FastReflectionPad(torch.nn.Module):
         if _fast_on() and x.dim() == 4:
             return reflection_pad(x, self.pad)
         return self.original(x)
+
+
+def _reflected(x: torch.Tensor, dim: int, start: int, stop: int, pad: int) -> list[torch.Tensor]:
+    """Entries [start, stop) along `dim` of x reflection-padded by `pad` on both sides, as at
+    most three slices of x to concatenate (the edge entry is not repeated, as in
+    nn.ReflectionPad2d)."""
+    def down(first: int, length: int) -> torch.Tensor:  # x[first + length - 1], ..., x[first]
+        piece = x.narrow(dim, first, length)
+        return piece.flip(dim) if length > 1 else piece  # (a flip is a copy; one entry needs none)
+
+    n, pieces, j = x.shape[dim], [], start
+    while j < stop:
+        if j < pad:  # before the first entry: x[pad - j], going down
+            end = min(stop, pad)
+            pieces.append(down(pad - end + 1, end - j))
+        elif j < n + pad:  # x itself
+            end = min(stop, n + pad)
+            pieces.append(x.narrow(dim, j - pad, end - j))
+        else:  # past the last entry: x[2 (n - 1) - (j - pad)], going down
+            end = stop
+            pieces.append(down(2 * (n - 1) - (end - 1 - pad), end - j))
+        j = end
+    return pieces
+
+
+def _cat(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def border_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, pad: int) -> torch.Tensor:
+    """conv(nn.ReflectionPad2d(pad)(x)) without the padding pass.
+
+    The convolution runs zero-padded (its padding is part of the convolution kernel, not a pass
+    over memory), which gives every output whose window stays inside x. Only the outputs whose
+    window reaches the padding differ: the first and last rows and columns (one each for a 3x3
+    window). Those are computed again from thin strips of the reflected input and written over:
+    first the rows (zero-padded across, like the rest), then the columns, reflected along their
+    length, which makes the corners right too. Where the stride allows, the two sides share one
+    concatenation and one convolution (the outputs between their windows are dropped). On the
+    CPU the result differs from the padded form by float rounding at most (another summation
+    order)."""
+    k, s = conv.kernel_size, conv.stride
+    weight, bias, dilation, groups = conv.weight, conv.bias, conv.dilation, conv.groups
+    out = F.conv2d(x, weight, bias, s, pad, dilation, groups)
+    for dim in (2, 3):
+        n, size, kd, sd = x.shape[dim], out.shape[dim], k[dim - 2], s[dim - 2]
+        first = min(size, -(-pad // sd))  # outputs before this one see the padding at the start
+        last = max(first, -(-(n - pad) // sd))  # from this one on they see the padding at the end
+        spans = [(lo, hi) for lo, hi in ((0, first), (last, size)) if lo < hi]
+        groups_of_spans = [spans] if sd == 1 else [[span] for span in spans]
+        for together in groups_of_spans:
+            strip = _cat([piece for lo, hi in together
+                          for piece in _reflected(x, dim, lo * sd, (hi - 1) * sd + kd, pad)], dim)
+            if dim == 3:  # the columns, reflected along their length: right at the corners
+                strip = _cat(_reflected(strip, 2, 0, x.shape[2] + 2 * pad, pad), 2)
+            part = F.conv2d(strip, weight, bias, s, (0, pad) if dim == 2 else 0, dilation, groups)
+            lo, hi = together[0]
+            out.narrow(dim, lo, hi - lo).copy_(part.narrow(dim, 0, hi - lo))
+            if len(together) == 2:  # the end's outputs are the strip's last ones
+                lo, hi = together[1]
+                out.narrow(dim, lo, hi - lo).copy_(part.narrow(dim, part.shape[dim] - (hi - lo), hi - lo))
+    return out
+
+
+def _border_conv_layer_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """facexlib's ConvLayer.forward with border_conv2d in place of its padding and convolution."""
+    out = self.scale_func(x)
+    out = border_conv2d(out, self.conv2d, self.border_pad) if self.use_pad else self.conv2d(out)
+    return self.relu(self.norm(out))
+
+
+def set_parse_padding(parser: torch.nn.Module | None, form: str) -> int:
+    """Switch ParseNet's convolution layers to `form` ("reflect": their own padding pass, or
+    "border": border_conv2d); returns how many layers took it."""
+    if form not in PARSE_PADDINGS:
+        raise ValueError(f"parse_padding must be one of {PARSE_PADDINGS}, got {form!r}")
+    if not isinstance(parser, torch.nn.Module):
+        return 0
+    from facexlib.parsing.parsenet import ConvLayer
+
+    # Norm folding finds its conv -> batch-norm pairs by tracing the layers' own forward: made
+    # before any layer takes the border form, whose strips fx cannot trace.
+    NormFolding.of(parser)
+    count = 0
+    for module in parser.modules():
+        if not isinstance(module, ConvLayer):
+            continue
+        pad = getattr(module.reflection_pad, "original", module.reflection_pad)
+        conv = module.conv2d
+        takes = (form == "border" and isinstance(pad, torch.nn.ReflectionPad2d)
+                 and len(set(pad.padding)) == 1 and tuple(conv.padding) == (0, 0)
+                 and conv.padding_mode == "zeros" and tuple(conv.dilation) == (1, 1)
+                 and all(k == 2 * pad.padding[0] + 1 for k in conv.kernel_size))
+        if takes:
+            module.border_pad = int(pad.padding[0])
+            module.forward = _border_conv_layer_forward.__get__(module)
+            count += 1
+        else:
+            module.__dict__.pop("forward", None)
+    return count
 
 
 def prepare_resampling(parser: torch.nn.Module | None) -> None:

@@ -139,3 +139,10 @@ def test_speed_forms_auto_and_overrides():
                                                      gfpgan_forward="lean", decoder_channels_last=True)
     with pytest.raises(ValueError, match="--decoder-channels-last on needs --modconv unfused"):
         Settings(decoder_channels_last="on", modconv="fused")
+    # ParseNet's padding form, by flag and by variable; any modconv takes it
+    assert Settings.from_args(["--parse-padding", "border"], environ={}).speed_options("cpu") == \
+        SpeedOptions(modconv="fused", fold_norms=True, gfpgan_forward="lean", parse_padding="border")
+    assert Settings.from_args([], environ={"GFPGAN_PARSE_PADDING": "border"}).speed_options("cuda") \
+        .parse_padding == "border"
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--parse-padding", "zeros"], environ={})

@@ -21,9 +21,11 @@ from server.jobs import Job
 from server.pipeline import FacePipeline
 from server.profiling import StageProfiler
 import server.speed as speed_module
-from server.speed import (CompiledForward, GraphedForward, SpeedOptions, box_paste_mask, downsample2x_bilinear, fast_resampling,
-                          graph_buckets, reflection_pad, set_activation_form, set_modconv_form,
-                          set_norm_folding, upsample2x_bilinear, upsample2x_nearest)
+from server.pipeline import parse_logits
+from server.speed import (CompiledForward, GraphedForward, SpeedOptions, border_conv2d, box_paste_mask,
+                          downsample2x_bilinear, fast_resampling, graph_buckets, reflection_pad,
+                          set_activation_form, set_modconv_form, set_norm_folding, upsample2x_bilinear,
+                          upsample2x_nearest)
 from tests.device import TEST_DEVICE, needs_cuda
 from tests.faces import make_faces, template_landmarks, weights_with_detector
 from tests.test_pipeline import load_nets, reference, with_landmarks
@@ -147,36 +149,105 @@ def test_decoder_channels_last_runs_the_stylegan_decoder_in_nhwc_and_gives_the_s
 
 
 def test_parse_channels_last_runs_parsenet_in_nhwc_and_gives_the_same_masks(nets):
-    """--parse-channels-last: ParseNet's weights and its input go channels-last (the setting takes
-    effect), with PyTorch's padding and with padding from slices; the face masks are the NCHW
-    ones within float rounding, and switching back restores NCHW."""
+    """--parse-channels-last: ParseNet's weights and its activations go channels-last (the
+    setting takes effect), with PyTorch's padding, with padding from slices and with no padding
+    pass (--parse-padding border); the face masks are the NCHW ones within float rounding, and
+    switching back restores NCHW."""
     parser = nets[2]
     crops = torch.from_numpy(make_faces(1, seed=31, size=512)).permute(0, 3, 1, 2).float().to(TEST_DEVICE)
     first_conv = next(m for m in parser.modules() if isinstance(m, torch.nn.Conv2d))
+    first_layer = parser.encoder[0]  # (its convolution's output, in whichever padding form)
     layouts = []
-    hook = first_conv.register_forward_pre_hook(
-        lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)
-                                       and not args[0].is_contiguous()))
+    hook = first_layer.register_forward_hook(
+        lambda _module, _args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)
+                                                   and not out.is_contiguous()))
     masks = {}
+    forms = [(False, "torch", "reflect"), (True, "torch", "reflect"), (True, "fast", "reflect"),
+             (True, "torch", "border")]
     try:
-        for nhwc, resample in [(False, "torch"), (True, "torch"), (True, "fast")]:
+        for nhwc, resample, padding in forms:
             pipeline = make_pipeline(nets, SpeedOptions(parse_channels_last=nhwc, resample=resample,
-                                                        fold_norms=True))
+                                                        parse_padding=padding, fold_norms=True))
             weight = first_conv.weight
             assert weight.is_contiguous(memory_format=torch.channels_last) == nhwc
             with torch.no_grad():
-                masks[nhwc, resample] = pipeline._parse_masks(crops)
+                masks[nhwc, resample, padding] = pipeline._parse_masks(crops)
         pipeline = make_pipeline(nets)  # back to the plain forms: NCHW, norms unfolded
         assert first_conv.weight.is_contiguous()
     finally:
         hook.remove()
-    assert layouts == [False, True, True]
-    for key in [(True, "torch"), (True, "fast")]:
-        worst = (masks[key] - masks[False, "torch"]).abs().max().item()
+    assert layouts == [False, True, True, True]
+    for key in forms[1:]:
+        worst = (masks[key] - masks[forms[0]]).abs().max().item()
         # the mask is a blurred argmax of the logits: a near-tie may flip in a few pixels
-        changed = ((masks[key] - masks[False, "torch"]).abs() > 1e-3).float().mean().item()
-        print(f"parse channels-last {key[1]}: max {worst:.4f}, {changed:.5f} of pixels differ")
+        changed = ((masks[key] - masks[forms[0]]).abs() > 1e-3).float().mean().item()
+        print(f"parse channels-last {key[1:]}: max {worst:.4f}, {changed:.5f} of pixels differ")
         assert changed < 0.002, (key, changed)
+
+
+@pytest.mark.parametrize("stride, size, pad", [(1, (12, 12), 1), (2, (12, 12), 1), (1, (9, 14), 1),
+                                               (2, (9, 14), 1), (1, (11, 9), 2), (2, (11, 9), 2)])
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
+def test_border_convolution_is_reflection_padding_then_the_convolution(stride, size, pad, nhwc):
+    """border_conv2d (--parse-padding border): a zero-padded convolution whose border outputs are
+    recomputed from reflected strips equals ReflectionPad2d then the unpadded convolution: both
+    strides ParseNet uses, odd and even sizes (a stride-2 end row that does or does not reach
+    the padding), a 5x5 window, both layouts. Float rounding only (another summation order)."""
+    torch.manual_seed(stride * 100 + size[0] + pad)
+    conv = torch.nn.Conv2d(6, 5, 2 * pad + 1, stride).to(TEST_DEVICE)
+    x = torch.randn(3, 6, *size, device=TEST_DEVICE)
+    if nhwc:
+        x, conv = x.contiguous(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(torch.nn.ReflectionPad2d(pad)(x))
+        got = border_conv2d(x, conv, pad)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-5
+    # and the border is what the padding changes: the zero-padded convolution alone differs there
+    with torch.no_grad():
+        zero = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride, pad)
+    assert (zero[:, :, 0] - expected[:, :, 0]).abs().max() > 1e-3
+    assert (zero[:, :, :, 0] - expected[:, :, :, 0]).abs().max() > 1e-3
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """How many times each operator ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_parse_border_form_runs_no_padding_pass_and_gives_parsenets_logits(nets):
+    """--parse-padding border takes effect: ParseNet's 46 padding passes are gone from its mask
+    pass (counted as they run), in NCHW and channels-last, with folded norms; the logits are the
+    padded ones within float rounding; switching back restores ParseNet's own forward exactly.
+    (ParseNet is fully convolutional: 128x128 keeps this quick.)"""
+    parser = nets[2]
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(4)).to(TEST_DEVICE) * 2 - 1
+    logits, pads = {}, {}
+    for nhwc in (False, True):
+        for padding in ("reflect", "border"):
+            make_pipeline(nets, SpeedOptions(parse_padding=padding, parse_channels_last=nhwc, fold_norms=True))
+            inputs = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+            with torch.no_grad(), _CountOps() as ops:
+                logits[nhwc, padding] = parse_logits(parser, inputs)
+            pads[nhwc, padding] = ops.counts.get("reflection_pad2d", 0)
+    make_pipeline(nets)  # the plain forms again
+    with torch.no_grad():
+        own = parser(x)[0]
+    assert pads == {(False, "reflect"): 46, (False, "border"): 0, (True, "reflect"): 46, (True, "border"): 0}
+    for nhwc in (False, True):
+        worst = (logits[nhwc, "border"] - logits[nhwc, "reflect"]).abs().max().item()
+        print(f"parse border, {'NHWC' if nhwc else 'NCHW'}: logits differ by {worst:.2e} at most")
+        assert worst < 1e-4, (nhwc, worst)
+    assert not any("forward" in vars(m) for m in parser.modules())
+    assert (own - logits[False, "reflect"]).abs().max() < 1e-4  # (norms folded there, not here)
 
 
 @pytest.mark.parametrize("modconv", ["fused", "unfused"])
@@ -588,7 +659,9 @@ def test_profile_counts_launches_and_syncs_per_stage(nets):
     pipeline.set_speed(SpeedOptions())
     assert folded["detect"][0] == stages["detect", 1]["detect"][0] - 73
     assert folded["gfpgan"][0] == stages["detect", 1]["gfpgan"][0] - 4 * 15 - 14 - 7
-    assert folded["parse"][0] == stages["detect", 1]["parse"][0] - 36 - 40
+    # ParseNet: 36 batch norms and 40 multiplications by one, 2 of those in the image head, which
+    # the mask pass does not run (parse_logits)
+    assert folded["parse"][0] == stages["detect", 1]["parse"][0] - 36 - 38
 
 
 def test_a_detect_batch_meets_the_launch_and_sync_targets_with_the_service_defaults(nets):
