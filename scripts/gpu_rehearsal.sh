@@ -9,7 +9,8 @@ OUT_DIR=${1:-.gpu-rehearsal/out}
 [ $# -gt 0 ] && shift
 VENV=.gpu-rehearsal/venv
 if [ -z "${PYTHON312:-}" ]; then
-    if command -v python3.12 >/dev/null 2>&1; then PYTHON312=python3.12
+    # (pyenv's shim answers `command -v` even where no 3.12 is selected: run it to know)
+    if python3.12 -c '' >/dev/null 2>&1; then PYTHON312=python3.12
     elif command -v pyenv >/dev/null 2>&1 && pyenv prefix 3.12 >/dev/null 2>&1; then
         PYTHON312="$(pyenv prefix 3.12)/bin/python3.12"
     else
