@@ -203,8 +203,8 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
 #: The variants step on the GPU: the forms not measured on a GPU yet, and the references they are
 #: compared with (the second H200 run measured the others: BENCHMARKS.md).
 STEP_VARIANTS = ["plain", "defaults", "defaults+decoder-channels-last", "all-forms+decoder-channels-last",
-                 "defaults+parse-channels-last+fast-resample", "defaults+parse-border",
-                 "defaults+parse-channels-last+border", "all-forms", "defaults+box"]
+                 "defaults+parse-border", "defaults+parse-phases", "defaults+parse-channels-last+border+phases",
+                 "all-forms", "defaults+box"]
 #: The compile step: torch.compile's forms beside the defaults, in a process of their own (the
 #: compiler's time must not cost the variants step its table).
 COMPILE_VARIANTS = ["plain", "defaults", "defaults+compile", "all-forms+compile"]

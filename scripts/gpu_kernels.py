@@ -5,8 +5,9 @@
 
 For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in GFPGAN's own forms,
 the service's CUDA defaults, those with the StyleGAN decoder channels-last too, those with
-ParseNet channels-last and padding from slices, ParseNet without padding passes (border_conv2d)
-in NCHW and channels-last, and those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of
+ParseNet channels-last and padding from slices, ParseNet without padding passes (border_conv2d),
+with its x2 layers as 2x2 convolutions (upsample_conv2d), and with both and channels-last, and
+those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of
 one pass from CUDA events (median of 5), the TFLOP/s that makes, and torch.profiler's kernels by
 device time. scripts/gpu_check.py runs it.
 """
@@ -22,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
 FORMS = ["plain", "defaults", "defaults+decoder-channels-last", "defaults+parse-channels-last+fast-resample",
-         "defaults+parse-border", "defaults+parse-channels-last+border", "defaults+compile"]
+         "defaults+parse-border", "defaults+parse-phases", "defaults+parse-channels-last+border+phases",
+         "defaults+compile"]
 
 
 def main() -> None:

@@ -314,6 +314,10 @@ VARIANTS = {
     "defaults+parse-border": dataclasses.replace(_CUDA_DEFAULTS, parse_padding="border"),
     "defaults+parse-channels-last+border": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=True,
                                                                parse_padding="border"),
+    # ... and its x2 layers as four 2x2 convolutions of their input (upsample_conv2d)
+    "defaults+parse-phases": dataclasses.replace(_CUDA_DEFAULTS, parse_upsample="phases"),
+    "defaults+parse-channels-last+border+phases": dataclasses.replace(
+        _CUDA_DEFAULTS, parse_channels_last=True, parse_padding="border", parse_upsample="phases"),
     "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
     # the StyleGAN decoder channels-last too (its 5-D weights), alone and with all forms
     "defaults+decoder-channels-last": dataclasses.replace(_CUDA_DEFAULTS, decoder_channels_last=True),
@@ -532,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixed-selection", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--parse-channels-last", default="off", choices=["on", "off"])
     parser.add_argument("--parse-padding", default="reflect", choices=["reflect", "border"])
+    parser.add_argument("--parse-upsample", default="nearest", choices=["nearest", "phases"])
     parser.add_argument("--decoder-channels-last", default="off", choices=["on", "off"])
     parser.add_argument("--compile", default="off", choices=["on", "off"])
     parser.add_argument("--profile", action="store_true",
@@ -654,6 +659,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             activations=args.activations, fold_norms=args.fold_norms,
                             gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
                             parse_channels_last=args.parse_channels_last, parse_padding=args.parse_padding,
+                            parse_upsample=args.parse_upsample,
                             decoder_channels_last=args.decoder_channels_last, compile=args.compile,
                             enable_codeformer=args.enable_codeformer)
     except ValueError as error:

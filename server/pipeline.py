@@ -26,7 +26,7 @@ from server.jobs import Job, JobResult, ModelInfo
 from server.speed import (CompiledForward, GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
                           check_speed_device, fast_resampling, graph_buckets, prepare_resampling,
                           reset_compiled, set_activation_form, set_norm_folding, set_memory_format,
-                          set_modconv_form, set_parse_padding)
+                          set_modconv_form, set_parse_forms)
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class FacePipeline:
             set_activation_form(self.gfpgan, speed.activations, speed.gfpgan_forward, speed.modconv)
             _keep_style_input_contiguous(self.gfpgan)
         prepare_resampling(self.parser)
-        set_parse_padding(self.parser, speed.parse_padding)
+        set_parse_forms(self.parser, speed.parse_padding, speed.parse_upsample)
         set_norm_folding(self.detector.net, speed.fold_norms)
         set_norm_folding(self.parser, speed.fold_norms)
         if hasattr(self.gfpgan, "stylegan_decoder") and self._noise_plan is None:

@@ -60,6 +60,7 @@ class Settings:
     fixed_selection: str = "auto"
     parse_channels_last: str = "off"
     parse_padding: str = "reflect"
+    parse_upsample: str = "nearest"
     decoder_channels_last: str = "off"
     compile: str = "off"
     tls_cert: str = ""
@@ -111,7 +112,7 @@ class Settings:
                             gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean",
                             fixed_selection=on(self.fixed_selection),
                             parse_channels_last=self.parse_channels_last == "on",
-                            parse_padding=self.parse_padding,
+                            parse_padding=self.parse_padding, parse_upsample=self.parse_upsample,
                             decoder_channels_last=decoder_nhwc, compile=compiled)
 
     def limits(self) -> RequestLimits:
@@ -380,11 +381,18 @@ SPECS: tuple[_Spec, ...] = (
           "fast (padding from slices) it is not yet measured.", "off", check=_choice("on", "off")),
     _Spec("parse_padding", _choice("reflect", "border"), "ParseNet's reflection padding: "
           "reflect, a padding pass before each of its 46 convolutions (its own form); border, each "
-          "convolution zero-padded with no padding pass, then its first and last rows and columns, "
+          "convolution on a map of 128x128 or more zero-padded with no padding pass, then its "
+          "first and last rows and columns, "
           "the only outputs the padding reaches, computed again from thin reflected strips (the "
           "same masks within float rounding; a third fewer bytes written, more, smaller kernels). "
           "The padding passes took over a third of ParseNet's time on an H200. Off until a GPU run "
           "measures it.", "reflect", check=_choice("reflect", "border")),
+    _Spec("parse_upsample", _choice("nearest", "phases"), "ParseNet's 8 x2 layers: nearest, as "
+          "it writes them (upsample to a copy 4 times the input, pad it, 3x3 convolution); phases, "
+          "the same outputs as four 2x2 convolutions of the input itself, one per output phase: no "
+          "upsampled copy and 16 taps per four outputs instead of 36 (those layers are 43 percent "
+          "of ParseNet's FLOPs). The same masks within float rounding. Off until a GPU run "
+          "measures it.", "nearest", check=_choice("nearest", "phases")),
     _Spec("decoder_channels_last", _choice("on", "off"), "Run the StyleGAN decoder's modulated "
           "convolutions channels-last too (their weights; --channels-last lays out the others), so "
           "that the decoder, most of GFPGAN, runs NHWC instead of NCHW. Takes the unfused form "

@@ -36,6 +36,7 @@ RESAMPLE_FORMS = ("torch", "fast")
 ACTIVATION_FORMS = ("promote", "compute")
 GFPGAN_FORWARDS = ("gfpgan", "lean")
 PARSE_PADDINGS = ("reflect", "border")
+PARSE_UPSAMPLES = ("nearest", "phases")
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,16 @@ class SpeedOptions:
     #: the unfused form; not yet measured on a GPU.
     decoder_channels_last: bool = False
     #: "reflect": ParseNet's own reflection-padding pass before each of its 46 convolutions;
-    #: "border": each convolution zero-padded (no padding pass), its first and last rows and
-    #: columns, the only outputs the padding reaches, then computed again from thin reflected
-    #: strips (border_conv2d). On the H200 the padding passes took 37% of ParseNet's time (NCHW)
+    #: "border": each convolution on a map of BORDER_MIN_SIZE or more zero-padded (no padding
+    #: pass), its first and last rows and columns, the only outputs the padding reaches, then
+    #: computed again from thin reflected strips (border_conv2d). On the H200 the padding passes took 37% of ParseNet's time (NCHW)
     #: and made channels-last ParseNet slower; counted here they write 39% of its bytes.
     parse_padding: str = "reflect"
+    #: "nearest": ParseNet's x2 layers as it writes them: upsample (a copy 4 times the input),
+    #: pad, 3x3 convolution; "phases": the same outputs as four 2x2 convolutions of the input
+    #: itself, one per output phase (upsample_conv2d): no upsampled copy, 16 taps per four
+    #: outputs instead of 36. Its 8 x2 layers are 43% of ParseNet's 469 GFLOP a face.
+    parse_upsample: str = "nearest"
     #: Compile GFPGAN's and ParseNet's fixed-shape passes with torch.compile (Inductor) at
     #: warm-up, once for every batch size (CompiledForward): elementwise work, padding,
     #: resampling and layout changes fused into the kernels around the convolutions. Needs the
@@ -106,6 +112,8 @@ class SpeedOptions:
             raise ValueError(f"gfpgan_forward must be one of {GFPGAN_FORWARDS}, got {self.gfpgan_forward!r}")
         if self.parse_padding not in PARSE_PADDINGS:
             raise ValueError(f"parse_padding must be one of {PARSE_PADDINGS}, got {self.parse_padding!r}")
+        if self.parse_upsample not in PARSE_UPSAMPLES:
+            raise ValueError(f"parse_upsample must be one of {PARSE_UPSAMPLES}, got {self.parse_upsample!r}")
         if self.resample not in RESAMPLE_FORMS:
             raise ValueError(f"resample must be one of {RESAMPLE_FORMS}, got {self.resample!r}")
         if self.channels_last and self.modconv == "fused":
@@ -767,42 +775,103 @@ def border_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, pad: int) -> torch.Ten
     return out
 
 
-def _border_conv_layer_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """facexlib's ConvLayer.forward with border_conv2d in place of its padding and convolution."""
-    out = self.scale_func(x)
-    out = border_conv2d(out, self.conv2d, self.border_pad) if self.use_pad else self.conv2d(out)
+#: The smallest feature map (its shorter side) that border_conv2d takes in ParseNet: its strips
+#: compute about 8 lines of outputs per layer, an eighth of the work of a 64x64 map (ParseNet's
+#: body runs at 32x32), while such a map's padding pass costs little.
+BORDER_MIN_SIZE = 128
+
+
+def upsample_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """conv(nn.ReflectionPad2d(1)(F.interpolate(x, scale_factor=2, mode="nearest"))) for a 3x3,
+    stride-1 convolution, from x itself: no upsampled copy, no padding of it, and 16 taps per
+    four outputs instead of 36.
+
+    Output row 2i reads upsampled rows 2i-1, 2i, 2i+1, which are source rows i-1, i, i: so it is
+    a two-row convolution of rows i-1 and i with kernel rows (w0, w1 + w2); row 2i+1 reads
+    i, i, i+1: (w0 + w1, w2). The same holds across columns, so each of the four output phases
+    (even or odd row, even or odd column) is a 2x2 convolution of x. At the edges the
+    upsampled image's reflection repeats the source's edge pixel, which is x padded by
+    replication (on x, a quarter of the upsampled size). The phases are written interleaved
+    into an output of x's layout. Float rounding differs (summed weights, other sums)."""
+    n, _, h, w = x.shape
+    weight = conv.weight
+    def halves(t: torch.Tensor, dim: int) -> list[torch.Tensor]:  # (even phase, odd phase) taps
+        k0, k1, k2 = t.unbind(dim)
+        return [torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)]
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
+        not x.is_contiguous() else torch.contiguous_format
+    out = None
+    for a, rows in enumerate(halves(weight, 2)):
+        for b, taps in enumerate(halves(rows, 3)):
+            phase = F.conv2d(padded[:, :, a:a + h + 1, b:b + w + 1], taps, conv.bias, 1, 0, 1, conv.groups)
+            if out is None:
+                out = torch.empty((n, phase.shape[1], 2 * h, 2 * w), dtype=phase.dtype,
+                                  device=phase.device, memory_format=layout)
+            out[:, :, a::2, b::2] = phase
+    return out
+
+
+def _is_upsampling(scale_func) -> bool:
+    """A facexlib ConvLayer's scale_func that doubles the image (nearest), ours or routed."""
+    calls = getattr(getattr(scale_func, "__code__", None), "co_names", ())
+    return getattr(scale_func, "_routed", False) or "interpolate" in calls
+
+
+def _parse_conv_layer_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """facexlib's ConvLayer.forward with upsample_conv2d in place of its x2 upsampling, padding
+    and convolution (parse_upsample "phases"), or border_conv2d in place of its padding and
+    convolution (parse_padding "border")."""
+    if self.parse_form == "phases":
+        out = upsample_conv2d(x, self.conv2d)
+    else:
+        out = self.scale_func(x)
+        if min(out.shape[2:]) >= BORDER_MIN_SIZE:
+            out = border_conv2d(out, self.conv2d, self.border_pad)
+        else:  # small maps: their padding pass is cheap, the strips' share of the work is not
+            out = self.conv2d(self.reflection_pad(out))
     return self.relu(self.norm(out))
 
 
-def set_parse_padding(parser: torch.nn.Module | None, form: str) -> int:
-    """Switch ParseNet's convolution layers to `form` ("reflect": their own padding pass, or
-    "border": border_conv2d); returns how many layers took it."""
-    if form not in PARSE_PADDINGS:
-        raise ValueError(f"parse_padding must be one of {PARSE_PADDINGS}, got {form!r}")
+def set_parse_forms(parser: torch.nn.Module | None, padding: str = "reflect",
+                    upsample: str = "nearest") -> dict[str, int]:
+    """Switch ParseNet's convolution layers to `padding` ("reflect": their own padding pass;
+    "border": border_conv2d) and their x2 layers to `upsample` ("nearest": upsample, pad,
+    convolve; "phases": upsample_conv2d); returns how many layers took each form."""
+    if padding not in PARSE_PADDINGS:
+        raise ValueError(f"parse_padding must be one of {PARSE_PADDINGS}, got {padding!r}")
+    if upsample not in PARSE_UPSAMPLES:
+        raise ValueError(f"parse_upsample must be one of {PARSE_UPSAMPLES}, got {upsample!r}")
+    taken = {"border": 0, "phases": 0}
     if not isinstance(parser, torch.nn.Module):
-        return 0
+        return taken
     from facexlib.parsing.parsenet import ConvLayer
 
     # Norm folding finds its conv -> batch-norm pairs by tracing the layers' own forward: made
-    # before any layer takes the border form, whose strips fx cannot trace.
+    # before any layer takes another form, whose strips and phases fx cannot trace.
     NormFolding.of(parser)
-    count = 0
     for module in parser.modules():
         if not isinstance(module, ConvLayer):
             continue
+        module.__dict__.pop("forward", None)
         pad = getattr(module.reflection_pad, "original", module.reflection_pad)
         conv = module.conv2d
-        takes = (form == "border" and isinstance(pad, torch.nn.ReflectionPad2d)
-                 and len(set(pad.padding)) == 1 and tuple(conv.padding) == (0, 0)
-                 and conv.padding_mode == "zeros" and tuple(conv.dilation) == (1, 1)
-                 and all(k == 2 * pad.padding[0] + 1 for k in conv.kernel_size))
-        if takes:
-            module.border_pad = int(pad.padding[0])
-            module.forward = _border_conv_layer_forward.__get__(module)
-            count += 1
+        fits = (module.use_pad and isinstance(pad, torch.nn.ReflectionPad2d) and len(set(pad.padding)) == 1
+                and tuple(conv.padding) == (0, 0) and conv.padding_mode == "zeros"
+                and tuple(conv.dilation) == (1, 1)
+                and all(k == 2 * pad.padding[0] + 1 for k in conv.kernel_size))
+        if not fits:
+            continue
+        up = _is_upsampling(module.scale_func)
+        if up and upsample == "phases" and tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1):
+            module.parse_form = "phases"
+        elif padding == "border":
+            module.parse_form, module.border_pad = "border", int(pad.padding[0])
         else:
-            module.__dict__.pop("forward", None)
-    return count
+            continue
+        module.forward = _parse_conv_layer_forward.__get__(module)
+        taken[module.parse_form] += 1
+    return taken
 
 
 def prepare_resampling(parser: torch.nn.Module | None) -> None:

@@ -146,3 +146,7 @@ def test_speed_forms_auto_and_overrides():
         .parse_padding == "border"
     with pytest.raises(SystemExit):
         Settings.from_args(["--parse-padding", "zeros"], environ={})
+    assert Settings.from_args(["--parse-upsample", "phases"], environ={}).speed_options("cuda") \
+        .parse_upsample == "phases"
+    assert Settings.from_args([], environ={"GFPGAN_PARSE_UPSAMPLE": "phases"}).speed_options("cpu") \
+        .parse_upsample == "phases"

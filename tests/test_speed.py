@@ -25,7 +25,7 @@ from server.pipeline import parse_logits
 from server.speed import (CompiledForward, GraphedForward, SpeedOptions, border_conv2d, box_paste_mask,
                           downsample2x_bilinear, fast_resampling, graph_buckets, reflection_pad,
                           set_activation_form, set_modconv_form, set_norm_folding, upsample2x_bilinear,
-                          upsample2x_nearest)
+                          upsample2x_nearest, upsample_conv2d)
 from tests.device import TEST_DEVICE, needs_cuda
 from tests.faces import make_faces, template_landmarks, weights_with_detector
 from tests.test_pipeline import load_nets, reference, with_landmarks
@@ -162,16 +162,17 @@ def test_parse_channels_last_runs_parsenet_in_nhwc_and_gives_the_same_masks(nets
         lambda _module, _args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)
                                                    and not out.is_contiguous()))
     masks = {}
-    forms = [(False, "torch", "reflect"), (True, "torch", "reflect"), (True, "fast", "reflect"),
-             (True, "torch", "border")]
+    forms = [(False, "torch", "reflect", "nearest"), (True, "torch", "reflect", "nearest"),
+             (True, "fast", "reflect", "nearest"), (True, "torch", "border", "phases")]
     try:
-        for nhwc, resample, padding in forms:
+        for nhwc, resample, padding, upsample in forms:
             pipeline = make_pipeline(nets, SpeedOptions(parse_channels_last=nhwc, resample=resample,
-                                                        parse_padding=padding, fold_norms=True))
+                                                        parse_padding=padding, parse_upsample=upsample,
+                                                        fold_norms=True))
             weight = first_conv.weight
             assert weight.is_contiguous(memory_format=torch.channels_last) == nhwc
             with torch.no_grad():
-                masks[nhwc, resample, padding] = pipeline._parse_masks(crops)
+                masks[nhwc, resample, padding, upsample] = pipeline._parse_masks(crops)
         pipeline = make_pipeline(nets)  # back to the plain forms: NCHW, norms unfolded
         assert first_conv.weight.is_contiguous()
     finally:
@@ -210,6 +211,25 @@ def test_border_convolution_is_reflection_padding_then_the_convolution(stride, s
     assert (zero[:, :, :, 0] - expected[:, :, :, 0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("size", [(8, 8), (5, 7), (1, 2)])
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
+def test_upsampling_convolution_from_phases_is_upsample_pad_convolve(size, nhwc):
+    """upsample_conv2d (--parse-upsample phases): four 2x2 convolutions of the input, one per
+    output phase, equal ParseNet's x2 layer (nearest x2, ReflectionPad2d(1), 3x3 convolution),
+    edges included, the output in the input's layout. Float rounding only (summed weights)."""
+    torch.manual_seed(size[0] * 10 + size[1])
+    conv = torch.nn.Conv2d(6, 5, 3).to(TEST_DEVICE)
+    x = torch.randn(2, 6, *size, device=TEST_DEVICE)
+    if nhwc:
+        x, conv = x.contiguous(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(torch.nn.ReflectionPad2d(1)(torch.nn.functional.interpolate(x, scale_factor=2)))
+        got = upsample_conv2d(x, conv)
+    assert got.shape == expected.shape == (2, 5, 2 * size[0], 2 * size[1])
+    assert (got - expected).abs().max().item() < 1e-5
+    assert got.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     """How many times each operator ran."""
 
@@ -223,31 +243,44 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_parse_border_form_runs_no_padding_pass_and_gives_parsenets_logits(nets):
-    """--parse-padding border takes effect: ParseNet's 46 padding passes are gone from its mask
-    pass (counted as they run), in NCHW and channels-last, with folded norms; the logits are the
-    padded ones within float rounding; switching back restores ParseNet's own forward exactly.
-    (ParseNet is fully convolutional: 128x128 keeps this quick.)"""
+def test_parse_forms_drop_their_passes_and_give_parsenets_logits(nets, monkeypatch):
+    """--parse-padding border and --parse-upsample phases take effect: ParseNet's 46 padding
+    passes and its 8 upsamplings are gone from its mask pass (counted as they run; the x2 layers
+    that take phases pad their quarter-size input by replication instead), in NCHW and
+    channels-last, with folded norms; the logits are ParseNet's own within float rounding;
+    switching back restores its own forward. (ParseNet is fully convolutional: 128x128 keeps
+    this quick; the border form is taken on every map size here, down to ParseNet's 8x8 body.)"""
     parser = nets[2]
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(4)).to(TEST_DEVICE) * 2 - 1
-    logits, pads = {}, {}
+    # by default maps under 128x128 keep their padding pass: on a 128x128 input, most of them
+    make_pipeline(nets, SpeedOptions(parse_padding="border", fold_norms=True))
+    with torch.no_grad(), _CountOps() as ops:
+        parse_logits(parser, x)
+    assert 0 < ops.counts.get("reflection_pad2d", 0) < 46
+    monkeypatch.setattr(speed_module, "BORDER_MIN_SIZE", 1)
+    logits, counts = {}, {}
+    forms = [(padding, upsample) for padding in ("reflect", "border") for upsample in ("nearest", "phases")]
     for nhwc in (False, True):
-        for padding in ("reflect", "border"):
-            make_pipeline(nets, SpeedOptions(parse_padding=padding, parse_channels_last=nhwc, fold_norms=True))
+        for padding, upsample in forms:
+            make_pipeline(nets, SpeedOptions(parse_padding=padding, parse_upsample=upsample,
+                                             parse_channels_last=nhwc, fold_norms=True))
             inputs = x.contiguous(memory_format=torch.channels_last) if nhwc else x
             with torch.no_grad(), _CountOps() as ops:
-                logits[nhwc, padding] = parse_logits(parser, inputs)
-            pads[nhwc, padding] = ops.counts.get("reflection_pad2d", 0)
+                logits[nhwc, padding, upsample] = parse_logits(parser, inputs)
+            counts[nhwc, padding, upsample] = tuple(ops.counts.get(name, 0) for name in (
+                "reflection_pad2d", "replication_pad2d", "upsample_nearest2d"))
     make_pipeline(nets)  # the plain forms again
     with torch.no_grad():
         own = parser(x)[0]
-    assert pads == {(False, "reflect"): 46, (False, "border"): 0, (True, "reflect"): 46, (True, "border"): 0}
-    for nhwc in (False, True):
-        worst = (logits[nhwc, "border"] - logits[nhwc, "reflect"]).abs().max().item()
-        print(f"parse border, {'NHWC' if nhwc else 'NCHW'}: logits differ by {worst:.2e} at most")
-        assert worst < 1e-4, (nhwc, worst)
+    expected = {("reflect", "nearest"): (46, 0, 8), ("border", "nearest"): (0, 0, 8),
+                ("reflect", "phases"): (38, 8, 0), ("border", "phases"): (0, 8, 0)}
+    assert counts == {(nhwc, *form): expected[form] for nhwc in (False, True) for form in forms}
+    for key, value in logits.items():
+        worst = (value - logits[False, "reflect", "nearest"]).abs().max().item()
+        print(f"parse {key}: logits differ by {worst:.2e} at most")
+        assert worst < 1e-4, (key, worst)
     assert not any("forward" in vars(m) for m in parser.modules())
-    assert (own - logits[False, "reflect"]).abs().max() < 1e-4  # (norms folded there, not here)
+    assert (own - logits[False, "reflect", "nearest"]).abs().max() < 1e-4  # (norms folded there)
 
 
 @pytest.mark.parametrize("modconv", ["fused", "unfused"])
