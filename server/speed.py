@@ -7,6 +7,8 @@
 - `box_paste_mask`: facexlib's non-parsing paste mask (its `use_parse=False`), made once.
 - `NormFolding`: RetinaFace's and ParseNet's batch norms folded into their convolutions, and
   ParseNet's `x * 1.0` layers dropped.
+- `set_parse_forms`: ParseNet's convolutions without their padding passes (`border_conv2d`),
+  and its x2 layers as four 2x2 convolutions of their input (`upsample_conv2d`).
 - `fast_resampling`: the networks' x2 / x0.5 resampling and reflection padding as plain
   elementwise ops. On an H200, PyTorch's NCHW bilinear upsampling and reflection padding took
   37% of GFPGAN's and 37% of ParseNet's time at batch 16 (BENCHMARKS.md, kernels), far more
@@ -86,8 +88,9 @@ class SpeedOptions:
     #: "reflect": ParseNet's own reflection-padding pass before each of its 46 convolutions;
     #: "border": each convolution on a map of BORDER_MIN_SIZE or more zero-padded (no padding
     #: pass), its first and last rows and columns, the only outputs the padding reaches, then
-    #: computed again from thin reflected strips (border_conv2d). On the H200 the padding passes took 37% of ParseNet's time (NCHW)
-    #: and made channels-last ParseNet slower; counted here they write 39% of its bytes.
+    #: computed again from thin reflected strips (border_conv2d). On the H200 the padding
+    #: passes took 37% of ParseNet's time (NCHW) and made channels-last ParseNet slower;
+    #: counted here they write 39% of its bytes.
     parse_padding: str = "reflect"
     #: "nearest": ParseNet's x2 layers as it writes them: upsample (a copy 4 times the input),
     #: pad, 3x3 convolution; "phases": the same outputs as four 2x2 convolutions of the input
