@@ -382,11 +382,11 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("parse_padding", _choice("reflect", "border"), "ParseNet's reflection padding: "
           "reflect, a padding pass before each of its 46 convolutions (its own form); border, each "
           "convolution on a map of 128x128 or more zero-padded with no padding pass, then its "
-          "first and last rows and columns, "
-          "the only outputs the padding reaches, computed again from thin reflected strips (the "
-          "same masks within float rounding; a third fewer bytes written, more, smaller kernels). "
-          "The padding passes took over a third of ParseNet's time on an H200. Off until a GPU run "
-          "measures it.", "reflect", check=_choice("reflect", "border")),
+          "first and last rows and columns, the only outputs the padding reaches, computed again "
+          "from thin reflected strips (the same masks within float rounding; a third fewer bytes "
+          "written, more, smaller kernels). The padding passes took over a third of ParseNet's "
+          "time on an H200. Off until a GPU run measures it.", "reflect",
+          check=_choice("reflect", "border")),
     _Spec("parse_upsample", _choice("nearest", "phases"), "ParseNet's 8 x2 layers: nearest, as "
           "it writes them (upsample to a copy 4 times the input, pad it, 3x3 convolution); phases, "
           "the same outputs as four 2x2 convolutions of the input itself, one per output phase: no "

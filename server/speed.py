@@ -656,16 +656,40 @@ def upsample2x_nearest(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
+def _reflected(x: torch.Tensor, dim: int, start: int, stop: int, pad: int) -> list[torch.Tensor]:
+    """Entries [start, stop) along `dim` of x reflection-padded by `pad` on both sides, as at
+    most three slices of x to concatenate (the edge entry is not repeated, as in
+    nn.ReflectionPad2d)."""
+    def down(first: int, length: int) -> torch.Tensor:  # x[first + length - 1], ..., x[first]
+        piece = x.narrow(dim, first, length)
+        return piece.flip(dim) if length > 1 else piece  # (a flip is a copy; one entry needs none)
+
+    n, pieces, j = x.shape[dim], [], start
+    while j < stop:
+        if j < pad:  # before the first entry: x[pad - j], going down
+            end = min(stop, pad)
+            pieces.append(down(pad - end + 1, end - j))
+        elif j < n + pad:  # x itself
+            end = min(stop, n + pad)
+            pieces.append(x.narrow(dim, j - pad, end - j))
+        else:  # past the last entry: x[2 (n - 1) - (j - pad)], going down
+            end = stop
+            pieces.append(down(2 * (n - 1) - (end - 1 - pad), end - j))
+        j = end
+    return pieces
+
+
+def _cat(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
 def reflection_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
     """nn.ReflectionPad2d(pad)(x), from slices: the edge row is not repeated."""
     if pad == 0:
         return x
-    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
-        n = t.shape[dim]
-        low = t.narrow(dim, 1, pad).flip(dim)
-        high = t.narrow(dim, n - 1 - pad, pad).flip(dim)
-        return torch.cat([low, t, high], dim)
-    return along(along(x, 3), 2)
+    for dim in (3, 2):
+        x = _cat(_reflected(x, dim, 0, x.shape[dim] + 2 * pad, pad), dim)
+    return x
 
 
 def _interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=None, **kwargs):
@@ -714,33 +738,6 @@ class _FastReflectionPad(torch.nn.Module):
         if _fast_on() and x.dim() == 4:
             return reflection_pad(x, self.pad)
         return self.original(x)
-
-
-def _reflected(x: torch.Tensor, dim: int, start: int, stop: int, pad: int) -> list[torch.Tensor]:
-    """Entries [start, stop) along `dim` of x reflection-padded by `pad` on both sides, as at
-    most three slices of x to concatenate (the edge entry is not repeated, as in
-    nn.ReflectionPad2d)."""
-    def down(first: int, length: int) -> torch.Tensor:  # x[first + length - 1], ..., x[first]
-        piece = x.narrow(dim, first, length)
-        return piece.flip(dim) if length > 1 else piece  # (a flip is a copy; one entry needs none)
-
-    n, pieces, j = x.shape[dim], [], start
-    while j < stop:
-        if j < pad:  # before the first entry: x[pad - j], going down
-            end = min(stop, pad)
-            pieces.append(down(pad - end + 1, end - j))
-        elif j < n + pad:  # x itself
-            end = min(stop, n + pad)
-            pieces.append(x.narrow(dim, j - pad, end - j))
-        else:  # past the last entry: x[2 (n - 1) - (j - pad)], going down
-            end = stop
-            pieces.append(down(2 * (n - 1) - (end - 1 - pad), end - j))
-        j = end
-    return pieces
-
-
-def _cat(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def border_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, pad: int) -> torch.Tensor:
@@ -837,17 +834,16 @@ def _parse_conv_layer_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def set_parse_forms(parser: torch.nn.Module | None, padding: str = "reflect",
-                    upsample: str = "nearest") -> dict[str, int]:
+                    upsample: str = "nearest") -> None:
     """Switch ParseNet's convolution layers to `padding` ("reflect": their own padding pass;
     "border": border_conv2d) and their x2 layers to `upsample` ("nearest": upsample, pad,
-    convolve; "phases": upsample_conv2d); returns how many layers took each form."""
+    convolve; "phases": upsample_conv2d)."""
     if padding not in PARSE_PADDINGS:
         raise ValueError(f"parse_padding must be one of {PARSE_PADDINGS}, got {padding!r}")
     if upsample not in PARSE_UPSAMPLES:
         raise ValueError(f"parse_upsample must be one of {PARSE_UPSAMPLES}, got {upsample!r}")
-    taken = {"border": 0, "phases": 0}
     if not isinstance(parser, torch.nn.Module):
-        return taken
+        return
     from facexlib.parsing.parsenet import ConvLayer
 
     # Norm folding finds its conv -> batch-norm pairs by tracing the layers' own forward: made
@@ -873,8 +869,6 @@ def set_parse_forms(parser: torch.nn.Module | None, padding: str = "reflect",
         else:
             continue
         module.forward = _parse_conv_layer_forward.__get__(module)
-        taken[module.parse_form] += 1
-    return taken
 
 
 def prepare_resampling(parser: torch.nn.Module | None) -> None:
