@@ -297,6 +297,9 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
 
 _CUDA_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, fold_norms=True,
                               gfpgan_forward="lean", fixed_selection=True)
+_CPU_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True, fold_norms=True,
+                             gfpgan_forward="lean", parse_channels_last=True, parse_padding="border",
+                             parse_upsample="phases")
 #: The speed forms `--variants` compares, each against "plain" (GFPGAN's own forms) in one run.
 VARIANTS = {
     "plain": SpeedOptions(),
@@ -326,6 +329,10 @@ VARIANTS = {
     "all-forms": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
     "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
     "plain+box": SpeedOptions(paste_mask="box"),
+    # the service's CPU defaults now (Settings.speed_options("cpu")), and the CPU's before them
+    # (GFPGAN's fused convolution, everything NCHW, ParseNet's own padding and x2 layers)
+    "cpu": _CPU_DEFAULTS,
+    "fold-norms+lean": SpeedOptions(fold_norms=True, gfpgan_forward="lean"),
     # torch.compile (Inductor) of GFPGAN's and ParseNet's passes: alone (any device), and inside
     # the CUDA graphs
     "lean+compile": SpeedOptions(modconv="unfused", fold_norms=True, gfpgan_forward="lean", compile=True),
@@ -534,10 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold-norms", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
     parser.add_argument("--fixed-selection", default="auto", choices=["auto", "on", "off"])
-    parser.add_argument("--parse-channels-last", default="off", choices=["on", "off"])
-    parser.add_argument("--parse-padding", default="reflect", choices=["reflect", "border"])
-    parser.add_argument("--parse-upsample", default="nearest", choices=["nearest", "phases"])
-    parser.add_argument("--decoder-channels-last", default="off", choices=["on", "off"])
+    parser.add_argument("--parse-channels-last", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--parse-padding", default="auto", choices=["auto", "reflect", "border"])
+    parser.add_argument("--parse-upsample", default="auto", choices=["auto", "nearest", "phases"])
+    parser.add_argument("--decoder-channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile", default="off", choices=["on", "off"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "

@@ -58,10 +58,10 @@ class Settings:
     fold_norms: str = "auto"
     gfpgan_forward: str = "auto"
     fixed_selection: str = "auto"
-    parse_channels_last: str = "off"
-    parse_padding: str = "reflect"
-    parse_upsample: str = "nearest"
-    decoder_channels_last: str = "off"
+    parse_channels_last: str = "auto"
+    parse_padding: str = "auto"
+    parse_upsample: str = "auto"
+    decoder_channels_last: str = "auto"
     compile: str = "off"
     tls_cert: str = ""
     tls_key: str = ""
@@ -92,28 +92,33 @@ class Settings:
     def speed_options(self, device_type: str):
         """The pipeline's speed forms (server/speed.py) these settings choose on `device_type`.
 
-        "auto" picks what the H200 run measured faster on CUDA (BENCHMARKS.md: the unfused
-        modulated convolution, GFPGAN channels-last, CUDA graphs) and GFPGAN's own forms on the
-        CPU, where the unfused form measured slower."""
+        "auto" picks what was measured faster on each device (BENCHMARKS.md). On CUDA, what the
+        H200 runs measured: the unfused modulated convolution, GFPGAN channels-last, CUDA graphs,
+        fixed-size selection; the forms no GPU has measured yet stay off. On the CPU (fp32,
+        torch 2.14, 2026-11-29): the unfused convolution with the whole of GFPGAN channels-last
+        (0.80x GFPGAN's time at batch 4) and ParseNet channels-last without padding passes and
+        with its x2 layers as phases (0.59x ParseNet's time)."""
         from server.speed import SpeedOptions
 
         cuda = device_type == "cuda"
-        def on(value: str) -> bool:
-            return cuda if value == "auto" else value == "on"
-        compiled, decoder_nhwc = self.compile == "on", self.decoder_channels_last == "on"
-        # the compiled form needs the unfused modulated convolution (one graph for every batch
-        # size), and so does the decoder's NHWC layout (the fused form views a weight per face)
-        modconv = ("unfused" if cuda or compiled or decoder_nhwc else "fused") if self.modconv == "auto" \
-            else self.modconv
-        return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs),
-                            channels_last=on(self.channels_last) and modconv == "unfused",
+        def on(value: str, auto: bool) -> bool:
+            return auto if value == "auto" else value == "on"
+        compiled = self.compile == "on"
+        modconv = "unfused" if self.modconv == "auto" else self.modconv
+        unfused = modconv == "unfused"  # channels-last GFPGAN needs it (the fused form views groups)
+        return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs, cuda),
+                            channels_last=on(self.channels_last, True) and unfused,
                             paste_mask=self.paste_mask, resample=self.resample,
                             activations=self.activations, fold_norms=self.fold_norms != "off",
                             gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean",
-                            fixed_selection=on(self.fixed_selection),
-                            parse_channels_last=self.parse_channels_last == "on",
-                            parse_padding=self.parse_padding, parse_upsample=self.parse_upsample,
-                            decoder_channels_last=decoder_nhwc, compile=compiled)
+                            fixed_selection=on(self.fixed_selection, cuda),
+                            parse_channels_last=on(self.parse_channels_last, not cuda),
+                            parse_padding=(("reflect" if cuda else "border") if self.parse_padding == "auto"
+                                           else self.parse_padding),
+                            parse_upsample=(("nearest" if cuda else "phases") if self.parse_upsample == "auto"
+                                            else self.parse_upsample),
+                            decoder_channels_last=on(self.decoder_channels_last, not cuda) and unfused,
+                            compile=compiled)
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -340,14 +345,15 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("modconv", _choice("auto", "fused", "unfused"), "GFPGAN's modulated convolutions: fused "
           "(a weight per face, one grouped convolution, as GFPGAN does) or unfused (one "
           "shared-weight convolution, the style applied to the input and output channels); same "
-          "faces. auto: unfused on CUDA, fused on the CPU.", "auto",
+          "faces. auto: unfused (measured faster on an H200 and, with the channels-last forms, on "
+          "the CPU).", "auto",
           check=_choice("auto", "fused", "unfused")),
     _Spec("cuda_graphs", _choice("auto", "on", "off"), "Capture GFPGAN and ParseNet as CUDA graphs "
           "at warm-up, one per batch-size bucket up to --max-batch-faces (at most 32). auto: on "
           "with CUDA; on with the CPU is a warning and no effect.", "auto",
           check=_choice("auto", "on", "off")),
     _Spec("channels_last", _choice("auto", "on", "off"), "Run GFPGAN's convolutions channels-last "
-          "(NHWC; with the unfused form only). auto: on with CUDA.", "auto",
+          "(NHWC; with the unfused form only). auto: on.", "auto",
           check=_choice("auto", "on", "off")),
     _Spec("paste_mask", _choice("parse", "box"), "Mask that pastes a restored face back: parse "
           "(ParseNet's face regions, as GFPGANer does) or box (facexlib's feathered box, no "
@@ -376,27 +382,32 @@ SPECS: tuple[_Spec, ...] = (
           "instead of selecting the faces: one wait for the device fewer per batch, a wasted "
           "restoration per faceless image. auto: on with CUDA, off on the CPU (where a wait costs "
           "nothing and a restoration seconds).", "auto", check=_choice("auto", "on", "off")),
-    _Spec("parse_channels_last", _choice("on", "off"), "Run ParseNet's convolutions channels-last "
-          "too (NHWC). Off: with PyTorch's padding it measured slower on an H200; with --resample "
-          "fast (padding from slices) it is not yet measured.", "off", check=_choice("on", "off")),
-    _Spec("parse_padding", _choice("reflect", "border"), "ParseNet's reflection padding: "
+    _Spec("parse_channels_last", _choice("auto", "on", "off"), "Run ParseNet's convolutions "
+          "channels-last too (NHWC). auto: on on the CPU (with the two ParseNet forms below, 0.59-0.61x "
+          "ParseNet's time there), off on CUDA (with PyTorch's padding it measured slower on an "
+          "H200; without padding passes it is not yet measured).", "auto",
+          check=_choice("auto", "on", "off")),
+    _Spec("parse_padding", _choice("auto", "reflect", "border"), "ParseNet's reflection padding: "
           "reflect, a padding pass before each of its 46 convolutions (its own form); border, each "
           "convolution on a map of 128x128 or more zero-padded with no padding pass, then its "
           "first and last rows and columns, the only outputs the padding reaches, computed again "
           "from thin reflected strips (the same masks within float rounding; a third fewer bytes "
           "written, more, smaller kernels). The padding passes took over a third of ParseNet's "
-          "time on an H200. Off until a GPU run measures it.", "reflect",
-          check=_choice("reflect", "border")),
-    _Spec("parse_upsample", _choice("nearest", "phases"), "ParseNet's 8 x2 layers: nearest, as "
+          "time on an H200. auto: border on the CPU, reflect on CUDA until a GPU run measures it.",
+          "auto", check=_choice("auto", "reflect", "border")),
+    _Spec("parse_upsample", _choice("auto", "nearest", "phases"), "ParseNet's 8 x2 layers: nearest, as "
           "it writes them (upsample to a copy 4 times the input, pad it, 3x3 convolution); phases, "
           "the same outputs as four 2x2 convolutions of the input itself, one per output phase: no "
           "upsampled copy and 16 taps per four outputs instead of 36 (those layers are 43 percent "
-          "of ParseNet's FLOPs). The same masks within float rounding. Off until a GPU run "
-          "measures it.", "nearest", check=_choice("nearest", "phases")),
-    _Spec("decoder_channels_last", _choice("on", "off"), "Run the StyleGAN decoder's modulated "
+          "of ParseNet's FLOPs). The same masks within float rounding. auto: phases on the CPU, "
+          "nearest on CUDA until a GPU run measures it.", "auto",
+          check=_choice("auto", "nearest", "phases")),
+    _Spec("decoder_channels_last", _choice("auto", "on", "off"), "Run the StyleGAN decoder's modulated "
           "convolutions channels-last too (their weights; --channels-last lays out the others), so "
           "that the decoder, most of GFPGAN, runs NHWC instead of NCHW. Takes the unfused form "
-          "where --modconv is auto, and refuses fused. Off until a GPU run measures it.", "off", check=_choice("on", "off")),
+          "where --modconv is auto, and refuses fused. auto: on on the CPU (with the unfused form and "
+          "--channels-last, 0.80x GFPGAN's time there), off on CUDA until a GPU run measures it.",
+          "auto", check=_choice("auto", "on", "off")),
     _Spec("compile", _choice("on", "off"), "Compile GFPGAN's and ParseNet's passes with "
           "torch.compile at warm-up (once for every batch size; the CUDA graphs, when on, capture "
           "the compiled code): the elementwise work, padding, resampling and layout changes "

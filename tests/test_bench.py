@@ -70,8 +70,10 @@ def test_every_speed_variant_is_chosen_by_its_flags():
     from server.settings import Settings
 
     for name, speed in VARIANTS.items():
-        assert Settings.from_args(speed.serve_flags(), environ={}).speed_options("cuda") == speed, name
+        for device in ("cuda", "cpu"):  # every form named, none left to a device's auto
+            assert Settings.from_args(speed.serve_flags(), environ={}).speed_options(device) == speed, name
     assert VARIANTS["defaults"] == Settings().speed_options("cuda")  # what the service runs on CUDA
+    assert VARIANTS["cpu"] == Settings().speed_options("cpu")  # ... and on the CPU
 
 
 def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_not_timed():

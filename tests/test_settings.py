@@ -117,8 +117,11 @@ def test_speed_forms_auto_and_overrides():
     from server.speed import SpeedOptions
 
     cpu, cuda = Settings().speed_options("cpu"), Settings().speed_options("cuda")
-    # the CPU keeps GFPGAN's own convolution forms; both fold the norm layers and run lean GFPGAN
-    assert cpu == SpeedOptions(modconv="fused", fold_norms=True, gfpgan_forward="lean")
+    # both run the unfused convolution channels-last, fold the norm layers and run lean GFPGAN;
+    # the CPU also runs the forms measured faster there and not yet on a GPU (BENCHMARKS.md)
+    assert cpu == SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True,
+                               fold_norms=True, gfpgan_forward="lean", parse_channels_last=True,
+                               parse_padding="border", parse_upsample="phases")
     assert cuda == SpeedOptions(modconv="unfused", cuda_graphs=True, channels_last=True, fold_norms=True,
                                 gfpgan_forward="lean", fixed_selection=True)
     plain = Settings.from_args(["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
@@ -126,27 +129,37 @@ def test_speed_forms_auto_and_overrides():
     assert plain.speed_options("cuda") == SpeedOptions()
     with pytest.raises(SystemExit):
         Settings.from_args(["--fold-norms", "maybe"])
-    # --compile takes the unfused convolution where modconv is auto, and refuses the fused one
+    # --compile and --decoder-channels-last need the unfused convolution (auto's), and refuse fused
     compiled = Settings.from_args(["--compile", "on"], environ={})
-    assert compiled.speed_options("cpu") == SpeedOptions(modconv="unfused", fold_norms=True,
-                                                         gfpgan_forward="lean", compile=True)
+    assert compiled.speed_options("cpu") == dataclasses.replace(cpu, compile=True)
     assert Settings.from_args([], environ={"GFPGAN_COMPILE": "on"}).speed_options("cuda").compile
     with pytest.raises(ValueError, match="--compile on needs --modconv unfused"):
         Settings(compile="on", modconv="fused")
-    # so does --decoder-channels-last: the CPU's auto form is the fused one, which it cannot take
     nhwc = Settings.from_args(["--decoder-channels-last", "on"], environ={})
-    assert nhwc.speed_options("cpu") == SpeedOptions(modconv="unfused", fold_norms=True,
-                                                     gfpgan_forward="lean", decoder_channels_last=True)
+    assert nhwc.speed_options("cuda") == dataclasses.replace(cuda, decoder_channels_last=True)
     with pytest.raises(ValueError, match="--decoder-channels-last on needs --modconv unfused"):
         Settings(decoder_channels_last="on", modconv="fused")
-    # ParseNet's padding form, by flag and by variable; any modconv takes it
-    assert Settings.from_args(["--parse-padding", "border"], environ={}).speed_options("cpu") == \
-        SpeedOptions(modconv="fused", fold_norms=True, gfpgan_forward="lean", parse_padding="border")
+    # the fused convolution asked for: the channels-last forms left at auto turn off, not refuse
+    fused = Settings.from_args(["--modconv", "fused"], environ={}).speed_options("cpu")
+    assert fused == dataclasses.replace(cpu, modconv="fused", channels_last=False, decoder_channels_last=False)
+    # ParseNet's forms, by flag and by variable, either way on either device; any modconv takes them
+    assert Settings.from_args(["--parse-padding", "reflect", "--parse-upsample", "nearest",
+                               "--parse-channels-last", "off"], environ={}).speed_options("cpu") == \
+        dataclasses.replace(cpu, parse_padding="reflect", parse_upsample="nearest", parse_channels_last=False)
+    assert Settings.from_args(["--modconv", "fused", "--parse-padding", "border"], environ={}) \
+        .speed_options("cuda") == dataclasses.replace(cuda, modconv="fused", channels_last=False,
+                                                       parse_padding="border")
     assert Settings.from_args([], environ={"GFPGAN_PARSE_PADDING": "border"}).speed_options("cuda") \
         .parse_padding == "border"
+    assert Settings.from_args([], environ={"GFPGAN_PARSE_PADDING": "reflect"}).speed_options("cpu") \
+        .parse_padding == "reflect"
     with pytest.raises(SystemExit):
         Settings.from_args(["--parse-padding", "zeros"], environ={})
     assert Settings.from_args(["--parse-upsample", "phases"], environ={}).speed_options("cuda") \
         .parse_upsample == "phases"
-    assert Settings.from_args([], environ={"GFPGAN_PARSE_UPSAMPLE": "phases"}).speed_options("cpu") \
-        .parse_upsample == "phases"
+    assert Settings.from_args([], environ={"GFPGAN_PARSE_UPSAMPLE": "nearest"}).speed_options("cpu") \
+        .parse_upsample == "nearest"
+    assert Settings.from_args([], environ={"GFPGAN_PARSE_CHANNELS_LAST": "on"}).speed_options("cuda") \
+        .parse_channels_last
+    assert not Settings.from_args([], environ={"GFPGAN_DECODER_CHANNELS_LAST": "off"}).speed_options("cpu") \
+        .decoder_channels_last
