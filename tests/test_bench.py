@@ -117,3 +117,11 @@ def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_no
     assert "| all-forms+compile | failed: RuntimeError: compile of parse: RuntimeError: no compiler" in table
     assert stub.speed == VARIANTS["plain"]  # put back as it was
     assert dataclasses.replace(VARIANTS["defaults"], compile=True) == VARIANTS["defaults+compile"]
+    # without plain the ratios are against the first variant named; a failed one leaves "-"
+    table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["fold-norms+lean", "cpu"],
+                           iterations=1, seconds=None, sync=lambda: None)
+    assert "| vs fold-norms+lean |" in table.splitlines()[0]
+    assert re.search(r"^\| cpu \| aligned \| 2 \| [\d.]+ \| [\d.]+x \|", table, flags=re.M)
+    table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["all-forms+compile", "cpu"],
+                           iterations=1, seconds=None, sync=lambda: None)
+    assert re.search(r"^\| cpu \| aligned \| 2 \| [\d.]+ \| - \|", table, flags=re.M) and "nan" not in table
