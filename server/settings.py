@@ -317,8 +317,9 @@ SPECS: tuple[_Spec, ...] = (
           "downloads (made absolute at start-up).", "~/.cache/gfpgan-service/weights"),
     _Spec("device", _device, "Where the pipeline runs: auto (CUDA when present, else CPU), cpu, "
           "cuda or cuda:N.", "auto", check=_device),
-    _Spec("dtype", _dtype, "Network compute type: auto (bfloat16 on CUDA, float32 on CPU), "
-          "float32 or bfloat16. float16 is refused (unsafe for GFPGAN).", "auto", check=_dtype),
+    _Spec("dtype", _dtype, "Network compute type: auto (bfloat16 on CUDA and on CPUs that "
+          "compute it natively, AVX512-BF16 or AMX; float32 on other CPUs), float32 or bfloat16. "
+          "float16 is refused (unsafe for GFPGAN).", "auto", check=_dtype),
     _Spec("max_batch_faces", _int_in(1, 1024), "Most faces run through the network at once; "
           "larger requests are split across batches.", "8", check=_int_in(1, 1024)),
     _Spec("max_delay_ms", _float_at_least(0.0), "Longest a batch waits for more faces after its "

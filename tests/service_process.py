@@ -41,13 +41,16 @@ def make_small_weights(directory: Path) -> Path:
 
 @contextlib.contextmanager
 def gfpgan_serve(weights: Path, *extra: str):
-    """`gfpgan-serve` on loopback (CPU, no download); yields (address, metrics_url, process)."""
+    """`gfpgan-serve` on loopback (CPU, float32, no download); yields (address, metrics_url,
+    process). float32 on every machine: the tests compare faces enhanced in different batches
+    within a level, and bf16 (auto's choice on CPUs that compute it) rounds differently with the
+    batch around a face. `extra` flags come last and win."""
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [SERVER_PYTHON, "-c", "from server.app import main; main()", "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", str(metrics_port), "--model",
          str(weights / GFPGAN_FILE), "--weights-dir", str(weights), "--device", "cpu",
-         "--no-download", "--no-warmup", "--max-batch-faces", "8", *extra],
+         "--dtype", "float32", "--no-download", "--no-warmup", "--max-batch-faces", "8", *extra],
         cwd=ROOT, env={**os.environ, "GRPC_VERBOSITY": "ERROR"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     address = f"127.0.0.1:{port}"

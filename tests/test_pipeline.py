@@ -114,6 +114,36 @@ def diff(ours, ref):
     return d.mean(), d.max()
 
 
+def test_auto_dtype_is_bfloat16_where_the_device_computes_it(monkeypatch):
+    """dtype auto: bfloat16 on CUDA and on a CPU with AVX512-BF16 or AMX (oneDNN's bf16
+    convolutions ran 1.6-2x float32 there), float32 on other CPUs (bf16 emulated); a dtype asked
+    for is kept."""
+    from server.pipeline import resolve_dtype
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert resolve_dtype("auto", cpu) == expected, (avx512_bf16, amx)
+        assert resolve_dtype("float32", cpu) == torch.float32
+        assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    # a CPU with bf16 but a torch without oneDNN: float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.undo()
+
+    # a torch without the (private) probes, or one whose probe fails: not known to have bf16
+    def fails():
+        raise RuntimeError("cpuinfo failed")
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", fails, raising=False)
+    assert resolve_dtype("auto", cpu) == torch.float32
+
+
 def test_aligned_matches_gfpganer_has_aligned(pipeline, weights, monkeypatch):
     faces = make_faces(2, seed=3)
     with reference(weights, 1, monkeypatch) as restorer:
