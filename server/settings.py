@@ -101,24 +101,23 @@ class Settings:
         from server.speed import SpeedOptions
 
         cuda = device_type == "cuda"
+        def pick(value: str, auto: str) -> str:
+            return auto if value == "auto" else value
         def on(value: str, auto: bool) -> bool:
-            return auto if value == "auto" else value == "on"
-        compiled = self.compile == "on"
-        modconv = "unfused" if self.modconv == "auto" else self.modconv
+            return pick(value, "on" if auto else "off") == "on"
+        modconv = pick(self.modconv, "unfused")
         unfused = modconv == "unfused"  # channels-last GFPGAN needs it (the fused form views groups)
         return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs, cuda),
                             channels_last=on(self.channels_last, True) and unfused,
                             paste_mask=self.paste_mask, resample=self.resample,
-                            activations=self.activations, fold_norms=self.fold_norms != "off",
-                            gfpgan_forward="gfpgan" if self.gfpgan_forward == "gfpgan" else "lean",
+                            activations=self.activations, fold_norms=on(self.fold_norms, True),
+                            gfpgan_forward=pick(self.gfpgan_forward, "lean"),
                             fixed_selection=on(self.fixed_selection, cuda),
                             parse_channels_last=on(self.parse_channels_last, not cuda),
-                            parse_padding=(("reflect" if cuda else "border") if self.parse_padding == "auto"
-                                           else self.parse_padding),
-                            parse_upsample=(("nearest" if cuda else "phases") if self.parse_upsample == "auto"
-                                            else self.parse_upsample),
+                            parse_padding=pick(self.parse_padding, "reflect" if cuda else "border"),
+                            parse_upsample=pick(self.parse_upsample, "nearest" if cuda else "phases"),
                             decoder_channels_last=on(self.decoder_channels_last, not cuda) and unfused,
-                            compile=compiled)
+                            compile=self.compile == "on")
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
