@@ -8,8 +8,8 @@ CPU rehearsal (`make gpu-rehearsal`) with `--device cpu --narrow 0.0625 --quick`
 Markdown and a summary JSON into OUT (default: $OUT, else ./gpu-check-out) and prints a short
 table last. Each step has its own time limit, so that one failing or slow step still leaves the
 others' results. Steps other than gfpgan-bench's run as processes of their own; gfpgan-bench's
-(compile apart) as sections of one process on networks loaded once (server/bench_plan.py), each
-held to its limit, the rest going on in a fresh process after one that fails the device:
+as sections of one process on networks loaded once (server/bench_plan.py), each held to its
+limit, the rest going on in a fresh process after one that fails the device:
 
   env        the GPU, driver, torch and package versions
   weights    random-valued checkpoints of the real architectures (tests/checkpoints.py), full
@@ -18,6 +18,8 @@ held to its limit, the rest going on in a fresh process after one that fails the
              (GFPGAN_TEST_DEVICE), bf16 against fp32 on the same weights included
   tests-compile  the tests marked `compiles` (torch.compile through Inductor on CUDA), apart,
              so that a slow build cannot cost the other tests their results
+  compile-cache  beside those two: the compile step's compiled forms built into Inductor's
+             on-disk cache, untimed, so that the steps that time them do not wait for the build
   bench-*    gfpgan-bench: GFPGANer one face at a time vs our pipeline vs our service over
              loopback, ALIGNED and DETECT, bf16; fp32 at one batch size; the realtime batch
   compile    torch.compile's forms beside the defaults (gfpgan-bench --variants)
@@ -55,6 +57,10 @@ def main() -> int:
                              "and table) into DIR: the device tool brings back 8 files at most")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="stop starting steps once this much wall time is spent (default 330)")
+    parser.add_argument("--end-s", type=float, default=None,
+                        help="stop whatever still runs once this much wall time is spent, then write "
+                             "the reports: a call held to a time limit (the device tool's 600 s) "
+                             "still brings back every finished step (default: none)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -65,12 +71,15 @@ def main() -> int:
     if args.quick:
         sizes, big, iters, secs, rt, variant_sizes = "1,2", "2", 1, 30, "2", "1,2"
     else:
-        sizes, big, iters, secs, rt, variant_sizes = "1,8,16,32,64", "16", 5, 3, "20", "8,32"
+        # 1.5 s a cell (at least 5 batches): on the H200 a cell's batch latencies were within
+        # 1-2% of each other (p50 against p99 at batch >= 8), so 3 s bought no precision.
+        sizes, big, iters, secs, rt, variant_sizes = "1,8,16,32,64", "16", 5, 1.5, "20", "8,32"
     # gfpgan-bench's arguments: the steps that start with BENCH run as sections of one process
     # (server/bench_plan.py) on networks loaded once, not a process each.
     bench = [BENCH, "--model", str(weights / "GFPGANv1.4.pth"),
              "--weights-dir", str(weights), "--device", args.device, "--no-download",
              "--faces-from", str(faces), "--seconds", str(secs)]
+    compile_variants = QUICK_COMPILE_VARIANTS if args.quick else COMPILE_VARIANTS
     test_files = ["tests/test_imageops.py", "tests/test_speed.py", "tests/test_pipeline.py",
                   "tests/test_model.py", "tests/test_end_to_end.py"]
 
@@ -91,6 +100,13 @@ def main() -> int:
         # that hits the time limit cannot cost the other tests their results.
         tests_step("tests", "not compiles"),
         tests_step("tests-compile", "compiles"),
+        # The compile step's compiled forms built once beside the tests, untimed, into Inductor's
+        # on-disk cache: the compile section, the kernels step and a compiled BEST then load
+        # them instead of building (on the CPU here: 135 s cold, 20 s from the cache).
+        ("compile-cache", [sys.executable, "-m", "server.bench", *bench[1:], "--methods", "",
+                           "--alignment", "aligned", "--batch-sizes", variant_sizes, "--iterations", "1",
+                           "--variants", ",".join(compiled_forms(compile_variants)),
+                           "--variant-alignments", "aligned", "--markdown-out", str(work / "compile-cache.md")], 240),
         ("kernels", [sys.executable, str(ROOT / "scripts" / "gpu_kernels.py"), str(weights),
                      "--device", args.device, "--batch", big], 150),
         ("bench-detect", [*bench, "--alignment", "detect", "--batch-sizes", sizes,
@@ -98,8 +114,7 @@ def main() -> int:
         ("bench-aligned", [*bench, "--alignment", "aligned", "--batch-sizes", sizes,
                            "--iterations", str(iters), "--markdown-out", str(out / "bench-aligned.md")], 180),
         ("compile", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", variant_sizes,
-                     "--iterations", str(iters), "--variants",
-                     ",".join(QUICK_COMPILE_VARIANTS if args.quick else COMPILE_VARIANTS),
+                     "--iterations", str(iters), "--variants", ",".join(compile_variants),
                      "--variant-alignments", "aligned,detect", "--markdown-out", str(out / "compile.md")], 240),
         ("variants", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", variant_sizes,
                       "--iterations", str(iters), "--variants",
@@ -127,8 +142,8 @@ def main() -> int:
                         "--markdown-out", str(out / "bench-fp32.md")], 90),
     ]
     # kernels (a script of its own) before the bench steps, and the BEST ones together: the bench
-    # steps from variants on are sections of one process, which compiles a compiled BEST once
-    order = ["env", "weights", "tests", "tests-compile", "compile", "kernels", "variants", "bench-detect",
+    # steps from compile on are sections of one process, which compiles a compiled BEST once
+    order = ["env", "weights", "tests", "tests-compile", "compile-cache", "kernels", "compile", "variants", "bench-detect",
              "bench-aligned", "profile-plain", "profile-best", "memory", "realtime", "bench-best",
              "bench-best-aligned", "bench-fp32"]
     steps.sort(key=lambda step: order.index(step[0]))
@@ -138,7 +153,8 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR",
            "GFPGAN_TEST_DEVICE": args.device, "PYTHONPATH": os.pathsep.join(
                [p for p in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if p])}
-    summary = run_steps([step for step in steps if not only or step[0] in only], out, env, args.budget_s)
+    summary = run_steps([step for step in steps if not only or step[0] in only], out, env, args.budget_s,
+                        end_s=args.end_s)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report = [f"## {path.stem}\n\n{path.read_text()}" for path in sorted(out.glob("*.md"))
               if path.name != "report.md"]
@@ -157,43 +173,50 @@ def main() -> int:
     print("|---|---|---:|---|")
     for entry in summary:
         print(f"| {entry['step']} | {entry['status']} | {entry['seconds']} | {_brief(entry)} |")
-    left = [entry["step"] for entry in summary if entry["status"] == "not run (budget spent)"]
-    if left:  # what a second call on the warm machine runs
+    left = left_for_a_second_call(summary)
+    if left:
         print(f"\nnot run for lack of time: bash scripts/gpu_device.sh --only {','.join(left)}")
     return 0 if all(e["status"] == "ok" for e in summary) else 1
 
 
+def left_for_a_second_call(summary: list[dict]) -> list[str]:
+    """What a second call on the warm machine runs: the steps not started and those cut short by
+    the call's end (not the bench processes' own entries)."""
+    return [entry["step"] for entry in summary if not entry["step"].startswith("bench process ")
+            and (entry["status"] == NOT_RUN or entry["status"].startswith(STOPPED_AT_END))]
+
+
 def run_steps(todo: list, out: Path, env: dict, budget_s: float,
-              plan_module: str = "server.bench_plan") -> list[dict]:
+              plan_module: str = "server.bench_plan", end_s: float | None = None) -> list[dict]:
     """Run steps (name, command, limit) in order while the budget lasts; their summary entries.
     A command that starts with BENCH is gfpgan-bench's arguments: a section of a bench process
-    (`plan_module`)."""
+    (`plan_module`). A step still running `end_s` seconds after the start is stopped."""
     summary, started = [], time.monotonic()
+    end_at = None if end_s is None else started + end_s
     deadline = time.time() + budget_s  # for the bench processes: no section starts after it
     processes = 0
     while todo:
         name, command, limit = todo[0]
-        if time.monotonic() - started > budget_s:
-            summary.append({"step": name, "status": "not run (budget spent)", "seconds": 0})
+        if time.monotonic() - started > budget_s or _ended(end_at):
+            summary.append({"step": name, "status": NOT_RUN, "seconds": 0})
             todo.pop(0)
             continue
         if command[0] != BENCH:
             group = [todo.pop(0)]
             while todo and todo[0][0] == BESIDE.get(group[-1][0]):
                 group.append(todo.pop(0))
-            summary += _run_processes(group, out, env)
+            summary += _run_processes(group, out, env, end_at)
             continue
-        # the bench steps from here up to the next other step (or one that runs alone), in one
+        # the bench steps from here up to the next other step, in one
         # process; what it did not finish (a section over its time limit, a crash) goes on in a
         # fresh one
         group = [todo[0]]
-        if name not in ALONE:
-            for step in todo[1:]:
-                if step[1][0] != BENCH or step[0] in ALONE:
-                    break
-                group.append(step)
+        for step in todo[1:]:
+            if step[1][0] != BENCH:
+                break
+            group.append(step)
         processes += 1
-        entries = _run_bench_process(group, processes, out, env, deadline, plan_module)
+        entries = _run_bench_process(group, processes, out, env, deadline, plan_module, end_at)
         summary += entries
         done = {entry["step"] for entry in entries}
         todo = [step for step in todo if step[0] not in done]
@@ -205,31 +228,50 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
 STEP_VARIANTS = ["plain", "defaults", "defaults+decoder-channels-last", "all-forms+decoder-channels-last",
                  "defaults+parse-border", "defaults+parse-phases", "defaults+parse-channels-last+border+phases",
                  "all-forms", "defaults+box"]
-#: The compile step: torch.compile's forms beside the defaults, in a process of their own (the
-#: compiler's time must not cost the variants step its table). Its ratios are against the
-#: defaults, the choice it informs; plain is timed in the variants step (about 15 s saved).
+#: The compile step: torch.compile's forms beside the defaults, built beforehand by the
+#: compile-cache step (the compiler's time must not cost the bench process its sections). Its
+#: ratios are against the defaults, the choice it informs; plain is timed in the variants step.
 COMPILE_VARIANTS = ["defaults", "defaults+compile", "all-forms+compile"]
 #: ... and in the CPU rehearsal, where CUDA graphs cannot run: the compiled form without them.
 QUICK_COMPILE_VARIANTS = ["plain", "lean+compile"]
 
 
+
+
+def compiled_forms(names: list[str]) -> list[str]:
+    """The variants among `names` that torch.compile builds (what the compile-cache step warms)."""
+    return [name for name in names if name.endswith("+compile")]
+
+
 #: Seconds more for a bench section that runs a compiled variant: it compiles at warm-up (from
-#: Inductor's on-disk cache after the compile step, but the trace is redone).
+#: Inductor's on-disk cache after the compile-cache step, but the trace is redone; the whole
+#: build if that step did not finish).
 COMPILE_ALLOWANCE_S = 90
 
+#: A step's status when the budget was spent before it started, and the start of it when the
+#: call's end (--end-s) stopped it: both are what a second call runs.
+NOT_RUN = "not run (budget spent)"
+STOPPED_AT_END = "stopped at the call's end"
 #: The first argument of a step that is a gfpgan-bench report (a section of a bench process).
 BENCH = "gfpgan-bench"
-#: A step that runs beside the one before it, started together: tests-compile's build (the
-#: compiler's CPU work) overlaps the tests' (neither times anything).
-BESIDE = {"tests": "tests-compile"}
-#: Bench steps that get a process of their own: the compiler's time and memory stay out of the
-#: other steps' numbers, and a build that hangs costs only its own step.
-ALONE = {"compile"}
+#: Steps that run beside the one before them, started together: the compiler's builds (CPU
+#: work: tests-compile's, and compile-cache's of the bench's compiled forms) overlap the tests'
+#: (none of the three times anything).
+BESIDE = {"tests": "tests-compile", "tests-compile": "compile-cache"}
 
 
-def _run_processes(steps: list, out: Path, env: dict) -> list[dict]:
+def _ended(end_at: float | None) -> bool:
+    """Whether the call's end (run_steps' end_s) has come."""
+    return end_at is not None and time.monotonic() >= end_at
+
+
+def _stopped_at_end(end_at: float, t0: float) -> str:
+    return f"{STOPPED_AT_END}, after {time.monotonic() - t0:.0f} s"
+
+
+def _run_processes(steps: list, out: Path, env: dict, end_at: float | None = None) -> list[dict]:
     """Steps (name, command, limit) as processes of their own, started together, each held to
-    its limit; their summary entries."""
+    its limit and to the call's end (`end_at`, monotonic); their summary entries."""
     running = []
     for name, command, limit in steps:
         print(f"== {name}: {shlex.join(command[1:])[:200]}", flush=True)
@@ -243,12 +285,13 @@ def _run_processes(steps: list, out: Path, env: dict) -> list[dict]:
             if name in entries:
                 continue
             code = process.poll()
-            if code is None and time.monotonic() - t0 <= limit:
+            if code is None and time.monotonic() - t0 <= limit and not _ended(end_at):
                 continue
             if code is None:
+                status = f"timed out after {limit} s" if time.monotonic() - t0 > limit else \
+                    _stopped_at_end(end_at, t0)
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-                status = f"timed out after {limit} s"
             else:
                 status = "ok" if code == 0 else f"exit {code}"
             handle.close()
@@ -261,7 +304,7 @@ def _run_processes(steps: list, out: Path, env: dict) -> list[dict]:
 
 
 def _run_bench_process(group: list, number: int, out: Path, env: dict, deadline: float,
-                       plan_module: str) -> list[dict]:
+                       plan_module: str, end_at: float | None = None) -> list[dict]:
     """Bench steps (name, [BENCH, *gfpgan-bench args], limit) as sections of one process
     (server/bench_plan.py), each held to its own time limit: the summary entries of the steps it
     finished or that ended it, then one for the process (its time outside the sections: imports,
@@ -275,7 +318,7 @@ def _run_bench_process(group: list, number: int, out: Path, env: dict, deadline:
                "--status", str(status), "--current", str(current)]
     print(f"== bench process {number}: {', '.join(limits)}", flush=True)
     entries: list[dict] = []
-    announced, killed, t0 = None, None, time.monotonic()
+    announced, killed, ended, t0 = None, None, None, time.monotonic()
 
     def collect() -> None:
         lines = status.read_text().splitlines() if status.exists() else []
@@ -304,28 +347,39 @@ def _run_bench_process(group: list, number: int, out: Path, env: dict, deadline:
                     print(f"== {announced}" + (f" (fastest variant so far: {section['best']})"
                                               if section.get("best") else ""), flush=True)
                 allowed = limits[section["step"]] + (COMPILE_ALLOWANCE_S if section["compiles"] else 0)
-                if time.time() - section["started"] > allowed:
+                if time.time() - section["started"] > allowed or _ended(end_at):
+                    if time.time() - section["started"] > allowed:
+                        killed = allowed
+                    else:
+                        ended = f"{STOPPED_AT_END}, after {time.time() - section['started']:.0f} s"
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
-                    killed = allowed
                     break
+            elif _ended(end_at):  # between sections, or before the first
+                ended = STOPPED_AT_END
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                break
             time.sleep(0.5)
         code = process.wait()
     collect()
     section = running()
     if section is not None:  # the section the process ended in
         entry = {"step": section["step"], "seconds": round(time.time() - section["started"], 1),
-                 "status": f"timed out after {killed} s" if killed else f"bench process exit {code}"}
+                 "status": ended or (f"timed out after {killed} s" if killed else f"bench process exit {code}")}
         entry.update(_highlights(section["step"], out, out / f"{section['step']}.log"))
         entries.append(entry)
         print(f"   {entry['step']}: {entry['status']} {_brief(entry)}", flush=True)
+    elif not entries and ended:  # stopped before its first section: its steps were not run
+        pass
     elif not entries:  # it ended before its first section: the next process would too
         entries = [{"step": name, "status": f"bench process exit {code} before its first section "
                     f"(see {log.name})", "seconds": 0} for name in limits]
     wall = time.monotonic() - t0
     outside = wall - sum(entry["seconds"] for entry in entries)
     entries.append({"step": f"bench process {number}", "seconds": round(wall, 1),
-                    "status": "ok" if code == 0 else ("killed" if killed else f"exit {code}"),
+                    "status": "ok" if code == 0 else ("killed" if killed else
+                                                      STOPPED_AT_END if ended else f"exit {code}"),
                     "sections": sum(1 for e in entries if e["step"] in limits),
                     "outside sections": f"{outside:.0f} s"})
     return entries
@@ -353,7 +407,13 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         for size, per_batch, ms, busy in re.findall(
                 r"(?m)^\| (\d+) \| \d+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| (\d+%) \|$", text):
             found[f"service batches@{size}"] = f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}"
-    elif name == "memory":
+    if name.startswith("compile") or name in ("variants", "bench-best"):
+        # how long each form took to warm up: graphs captured, and for a compiled form its build
+        # (cold in compile-cache, from Inductor's cache after it)
+        for variant, seconds in re.findall(r"(?m)^warmed up: variant ([\w+-]+) in ([\d.]+) s", text):
+            if variant.endswith("+compile"):
+                found[f"warm-up {variant}"] = f"{float(seconds):.0f} s"
+    if name == "memory":
         match = re.search(r"largest batch that ran: (\d+)", text)
         if match:
             found["largest batch"] = match.group(1)

@@ -404,7 +404,11 @@ def bench_variants(pipeline, faces, batch_sizes, alignments, names, iterations, 
                 continue
             try:
                 pipeline.set_speed(speed)
+                started = time.perf_counter()
                 pipeline.warmup()
+                # graphs captured, a compiled form built (or loaded from Inductor's cache)
+                print(f"warmed up: variant {name} in {time.perf_counter() - started:.1f} s",
+                      file=sys.stderr, flush=True)
                 if getattr(pipeline, "fallbacks", None):  # the form asked for is not what would run
                     raise RuntimeError("; ".join(pipeline.fallbacks))
                 eager_before = _compiled_eager_calls(pipeline)

@@ -43,8 +43,17 @@ def variant_flags() -> dict[str, list[str]]:
 
 
 def compiles(flags: list[str]) -> bool:
-    """Whether gfpgan-bench `flags` choose the compiled form (its warm-up compiles)."""
-    return any(a == "--compile" and b == "on" for a, b in zip(flags, flags[1:]))
+    """Whether gfpgan-bench `flags` choose the compiled form, or name a compiled variant among
+    their --variants (a warm-up then compiles)."""
+    pairs = list(zip(flags, flags[1:]))
+    if any(a == "--compile" and b == "on" for a, b in pairs):
+        return True
+    named = [name for a, b in pairs if a == "--variants" for name in b.split(",")]
+    if not named:
+        return False
+    from server.bench import VARIANTS
+
+    return any(VARIANTS[name].compile for name in named if name in VARIANTS)
 
 
 def best_variant(tables: list[Path]) -> str:

@@ -76,7 +76,7 @@ def test_every_speed_variant_is_chosen_by_its_flags():
     assert VARIANTS["cpu"] == Settings().speed_options("cpu")  # ... and on the CPU
 
 
-def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_not_timed():
+def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_not_timed(capsys):
     """gfpgan-bench --variants times what a form runs: a compile that fell back at warm-up, or
     compiled passes that ran eagerly while being timed, make the row a failure, not a number."""
     import dataclasses
@@ -115,6 +115,9 @@ def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_no
     assert re.search(r"^\| plain \| aligned \| 2 \| [\d.]+ \| 1.00x \|", table, flags=re.M)
     assert "| defaults+compile | failed: RuntimeError: compiled passes ran eagerly 2 times" in table
     assert "| all-forms+compile | failed: RuntimeError: compile of parse: RuntimeError: no compiler" in table
+    # each form's warm-up time (graphs, a compiled form's build) is in the log, for the GPU check
+    warmed = re.findall(r"^warmed up: variant ([\w+-]+) in [\d.]+ s$", capsys.readouterr().err, flags=re.M)
+    assert warmed == ["plain", "defaults+compile", "all-forms+compile"]
     assert stub.speed == VARIANTS["plain"]  # put back as it was
     assert dataclasses.replace(VARIANTS["defaults"], compile=True) == VARIANTS["defaults+compile"]
     # without plain the ratios are against the first variant named; a failed one leaves "-"

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,7 @@ def test_bench_steps_share_a_process_each_held_to_its_limit_and_the_rest_go_on_i
         "bench-b": "ok", "lose": "failed: RuntimeError: CUDA error: an illegal memory access was encountered",
         "bench process 2": "exit 3",
         "bench-c": "ok", "crash": "bench process exit 9", "bench process 3": "exit 9",
-        "bench-d": "ok", "bench process 4": "ok",
-        "compile": "ok", "bench process 5": "ok",  # alone: the compiler's process is its own
-        "bench-e": "ok", "bench process 6": "ok",
+        "bench-d": "ok", "compile": "ok", "bench-e": "ok", "bench process 4": "ok",
     }
     names = [name for name, _, _ in steps]
     assert [e["step"] for e in summary if e["step"] in names] == names
@@ -60,21 +59,55 @@ def test_bench_steps_share_a_process_each_held_to_its_limit_and_the_rest_go_on_i
     assert "pipeline@8" not in entries["hang"]
     assert 2 <= entries["hang"]["seconds"] < 10
     assert "CUDA error" in (tmp_path / "lose.log").read_text()
-    assert entries["bench process 1"]["sections"] == 2 and entries["bench process 4"]["sections"] == 1
+    assert entries["bench process 1"]["sections"] == 2 and entries["bench process 4"]["sections"] == 3
 
 
-def test_the_compile_tests_run_beside_the_tests_and_a_step_past_its_limit_is_stopped(gpu_check, tmp_path):
-    # "tests" waits for a file that only "tests-compile" makes: it passes only if both run at once
-    marker = tmp_path / "compile-tests-started"
-    wait = (f"import pathlib, sys, time\nfor _ in range(100):\n    if pathlib.Path({str(marker)!r}).exists(): "
+def test_the_compiler_builds_run_beside_the_tests_and_a_step_past_its_limit_is_stopped(gpu_check, tmp_path):
+    # "tests" waits for the files that only "tests-compile" and "compile-cache" make: it passes
+    # only if the three run at once
+    markers = [tmp_path / "compile-tests-started", tmp_path / "compile-cache-started"]
+    wait = (f"import pathlib, sys, time\nfor _ in range(100):\n"
+            f"    if all(pathlib.Path(p).exists() for p in {[str(m) for m in markers]!r}): "
             f"print('1 passed in 0.1s'); sys.exit(0)\n    time.sleep(0.1)\nsys.exit(1)")
+    touch = "import pathlib; pathlib.Path({!r}).touch()"
     steps = [("tests", [sys.executable, "-c", wait], 30),
-             ("tests-compile", [sys.executable, "-c", f"import pathlib; pathlib.Path({str(marker)!r}).touch()"], 30),
+             ("tests-compile", [sys.executable, "-c", touch.format(str(markers[0]))], 30),
+             ("compile-cache", [sys.executable, "-c", touch.format(str(markers[1]))], 30),
              ("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 1)]
     summary = gpu_check.run_steps(steps, tmp_path, _env(), budget_s=300)
     assert [(e["step"], e["status"]) for e in summary] == [
-        ("tests", "ok"), ("tests-compile", "ok"), ("slow", "timed out after 1 s")]
-    assert summary[0]["result"] == "1 passed" and summary[2]["seconds"] < 10
+        ("tests", "ok"), ("tests-compile", "ok"), ("compile-cache", "ok"), ("slow", "timed out after 1 s")]
+    assert summary[0]["result"] == "1 passed" and summary[3]["seconds"] < 10
+
+
+def test_the_compile_cache_step_builds_the_compiled_forms_the_bench_times(gpu_check, tmp_path, monkeypatch):
+    """compile-cache runs gfpgan-bench with exactly the compile step's compiled variants, beside
+    the tests; the compile section and the kernels step come after it, and the compile section
+    runs in the bench process with the compiler's extra time."""
+    monkeypatch.setenv("GPU_CHECK_WORK", str(tmp_path / "work"))
+    monkeypatch.setattr(gpu_check, "run_steps", lambda todo, *a, **k: captured.extend(todo) or [])
+    for quick, listed in ((False, gpu_check.COMPILE_VARIANTS), (True, gpu_check.QUICK_COMPILE_VARIANTS)):
+        captured: list = []
+        monkeypatch.setattr(sys, "argv", ["gpu_check.py", str(tmp_path / "out"), *(["--quick"] if quick else [])])
+        gpu_check.main()
+        names = [name for name, _, _ in captured]
+        assert names.index("tests") + 2 == names.index("compile-cache") < names.index("kernels") < names.index("compile")
+        steps = {name: command for name, command, _ in captured}
+        warmed = steps["compile-cache"][steps["compile-cache"].index("--variants") + 1].split(",")
+        assert warmed == [name for name in listed if VARIANTS[name].compile] and warmed
+        assert steps["compile-cache"][:3] == [sys.executable, "-m", "server.bench"]
+        assert steps["compile"][0] == gpu_check.BENCH and compiles(steps["compile"][1:])
+        # the same weights, faces and device as the compile section: Inductor's cache keys match
+        common = steps["compile"][1:steps["compile"].index("--methods")]
+        assert steps["compile-cache"][3:3 + len(common)] == common
+    assert not compiles(["--variants", "plain,defaults"]) and compiles(["--variants", "plain,lean+compile"])
+
+
+def test_the_summary_tells_how_long_a_compiled_form_took_to_warm_up(gpu_check, tmp_path):
+    log = tmp_path / "compile-cache.log"
+    log.write_text("warmed up: variant defaults in 4.2 s\nwarmed up: variant defaults+compile in 97.6 s\n"
+                   "measured: variant defaults+compile, aligned, batch 8: 250.00 faces/s\n")
+    assert gpu_check._highlights("compile-cache", tmp_path, log) == {"warm-up defaults+compile": "98 s"}
 
 
 def test_no_section_starts_after_the_budget(gpu_check, tmp_path):
@@ -84,6 +117,31 @@ def test_no_section_starts_after_the_budget(gpu_check, tmp_path):
     status = {entry["step"]: entry["status"] for entry in summary}
     assert status["bench-slow"] == "ok"
     assert status["bench-late"] == status["after"] == "not run (budget spent)"
+
+
+def test_the_calls_end_stops_what_runs_and_leaves_it_for_a_second_call(gpu_check, tmp_path):
+    """--end-s: a call held to a time limit (the device tool's) stops the step or section that
+    still runs, writes its reports, and names what a second call should run."""
+    B = gpu_check.BENCH
+    steps = [("bench-a", [B, "ok"], 30), ("bench-hang", [B, "hang"], 100), ("bench-c", [B, "ok"], 30),
+             ("after", [sys.executable, "-c", ""], 30)]
+    t0 = time.monotonic()
+    summary = gpu_check.run_steps(steps, tmp_path, _env(), budget_s=300,
+                                  plan_module="tests.fake_bench_plan", end_s=8)
+    assert time.monotonic() - t0 < 30
+    status = {entry["step"]: entry["status"] for entry in summary}
+    assert status["bench-a"] == "ok"
+    assert status["bench-hang"].startswith("stopped at the call's end, after ")
+    assert status["bench-c"] == status["after"] == "not run (budget spent)"
+    assert status["bench process 1"] == "stopped at the call's end"
+    assert gpu_check.left_for_a_second_call(summary) == ["bench-hang", "bench-c", "after"]
+    # a step of its own, stopped the same way
+    steps = [("tests", [sys.executable, "-c", "import time; time.sleep(60)"], 100), ("next", [B, "ok"], 30)]
+    summary = gpu_check.run_steps(steps, tmp_path, _env(), budget_s=300,
+                                  plan_module="tests.fake_bench_plan", end_s=1)
+    assert [(e["step"], e["status"][:25]) for e in summary] == [
+        ("tests", "stopped at the call's end"), ("next", "not run (budget spent)")]
+    assert summary[0]["seconds"] < 10
 
 
 def test_a_process_that_dies_before_its_first_section_fails_its_steps_once(gpu_check, tmp_path):
