@@ -175,7 +175,7 @@ def main() -> int:
         print(f"| {entry['step']} | {entry['status']} | {entry['seconds']} | {_brief(entry)} |")
     left = left_for_a_second_call(summary)
     if left:
-        print(f"\nnot run for lack of time: bash scripts/gpu_device.sh --only {','.join(left)}")
+        print(f"\nnot run, or stopped, for lack of time: bash scripts/gpu_device.sh --only {','.join(left)}")
     return 0 if all(e["status"] == "ok" for e in summary) else 1
 
 
