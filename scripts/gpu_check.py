@@ -108,7 +108,7 @@ def main() -> int:
                            "--variants", ",".join(compiled_forms(compile_variants)),
                            "--variant-alignments", "aligned", "--markdown-out", str(work / "compile-cache.md")], 240),
         ("kernels", [sys.executable, str(ROOT / "scripts" / "gpu_kernels.py"), str(weights),
-                     "--device", args.device, "--batch", big], 150),
+                     "--device", args.device, "--batch", big, "--trace-dir", str(out / "traces")], 150),
         ("bench-detect", [*bench, "--alignment", "detect", "--batch-sizes", sizes,
                           "--iterations", str(iters), "--markdown-out", str(out / "bench-detect.md")], 240),
         ("bench-aligned", [*bench, "--alignment", "aligned", "--batch-sizes", sizes,
@@ -422,8 +422,10 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         for (ms, ops, syncs), label in zip(totals, ("first", "second")):
             found[label] = f"{ms} ms, {ops} ops, {syncs} syncs"
     elif name == "kernels":
-        for network, form, tflops in re.findall(r"\| (gfpgan|parse) \| ([\w+-]+) \| [\d.]+ \| [\d.]+ \| (\d+) \|", text):
-            found[f"{network} {form}"] = f"{tflops} TF/s"
+        for network, form, tflops, families in re.findall(
+                r"(?m)^\| (gfpgan|parse) \| ([\w+-]+) \| [\d.]+ \| [\d.]+ \| (\d+) \|([^|\n]*)", text):
+            share = re.search(r"convolutions (\d+%)", families)
+            found[f"{network} {form}"] = f"{tflops} TF/s" + (f", convolutions {share.group(1)}" if share else "")
     elif name == "env":
         match = re.search(r"device: ([^\n]+)", text)
         if match:

@@ -261,3 +261,68 @@ def test_a_new_largest_batch_drops_the_graphs_only_when_their_buckets_change():
     captured(MAX_NETWORK_FACES + 8, {"gfpgan": "graph"})
     pipeline.set_graph_max_batch(4 * MAX_NETWORK_FACES)
     assert pipeline._graphs == {"gfpgan": "graph"} and pipeline.graph_max_batch == 4 * MAX_NETWORK_FACES
+
+
+@pytest.fixture(scope="module")
+def gpu_kernels():
+    spec = importlib.util.spec_from_file_location("gpu_kernels", ROOT / "scripts" / "gpu_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_kernels_step_splits_device_time_by_kernel_family(gpu_kernels):
+    """The kernel names the H200 runs profiled (BENCHMARKS.md), each in its family."""
+    from types import SimpleNamespace
+
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolutions",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>(...)": "layout+copies",
+        "void at::native::(anonymous namespace)::upsample_bilinear2d_out_frame<c10::BFloat16, float>(...)": "resampling",
+        "void at::native::(anonymous namespace)::reflection_pad2d_out_kernel<c10::BFloat16>(...)": "padding",
+        "triton_poi_fused_add_leaky_relu_mul_0": "compiled",
+        "triton_tem_fused_convolution_1": "convolutions",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>(...)":
+            "elementwise+other",
+    }
+    events = [SimpleNamespace(key=name, self_device_time_total=1000.0 * (i + 1)) for i, name in enumerate(names)]
+    events.append(SimpleNamespace(key="aten::conv2d", self_device_time_total=0.0))  # an operator, no kernel time
+    families = gpu_kernels.kernel_families(events, cuda=True)
+    expected: dict = {}
+    for i, family in enumerate(names.values()):
+        expected[family] = expected.get(family, 0.0) + (i + 1)
+    assert families == expected and list(families) == sorted(expected, key=lambda f: -expected[f])
+    assert gpu_kernels.families_line({"convolutions": 3.0, "padding": 1.0}) == "convolutions 75%, padding 25%"
+
+
+def test_the_kernels_script_profiles_a_pass_by_family_and_keeps_its_trace(gpu_kernels, tmp_path):
+    """On the CPU (ATen operators), a reflection-padded convolution, a x2 bilinear resize and a
+    channels-last copy fall in their families, and the trace is a gzipped Chrome trace."""
+    import gzip
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
+                              torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.LeakyReLU(0.2))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        net(torch.rand(2, 3, 32, 32)).contiguous(memory_format=torch.channels_last)
+    families = gpu_kernels.kernel_families(prof.key_averages(), cuda=False)
+    assert {"convolutions", "padding", "resampling", "layout+copies"} <= set(families)
+    assert all(ms > 0 for ms in families.values())
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1000
+    assert sum(families.values()) == pytest.approx(total)
+    gpu_kernels.write_trace(prof, tmp_path / "traces" / "net-plain.json.gz")
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["net-plain.json.gz"]
+    trace = json.loads(gzip.open(tmp_path / "traces" / "net-plain.json.gz").read())
+    assert any("conv" in event.get("name", "") for event in trace["traceEvents"])
+
+
+def test_the_summary_gives_each_forms_rate_and_convolution_share(gpu_check, tmp_path):
+    log = tmp_path / "kernels.log"
+    log.write_text("| network | form | ms per pass | ms per face | TFLOP/s | device time by kernel family |\n"
+                   "|---|---|---:|---:|---:|---|\n"
+                   "| gfpgan | defaults | 81.20 | 5.08 | 78 | elementwise+other 40%, convolutions 35%, padding 25% |\n"
+                   "| parse | defaults | 75.90 | 4.74 | 99 | |\n")
+    assert gpu_check._highlights("kernels", tmp_path, log) == {
+        "gfpgan defaults": "78 TF/s, convolutions 35%", "parse defaults": "99 TF/s"}
