@@ -38,7 +38,7 @@ FAMILIES = [
     ("layout+copies", re.compile(r"nchwToNhwc|nhwcToNchw|copy|contiguous|clone|aten::cat\b|CatArray", re.I)),
     ("resampling", re.compile(r"upsample|interpolat|grid_sampl", re.I)),
     ("padding", re.compile(r"pad", re.I)),
-    ("compiled", re.compile(r"^triton_")),
+    ("compiled", re.compile(r"^triton_|cpp_fused")),  # Inductor's kernels: CUDA, CPU
 ]
 OTHER = "elementwise+other"
 

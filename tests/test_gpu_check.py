@@ -281,6 +281,7 @@ def test_the_kernels_step_splits_device_time_by_kernel_family(gpu_kernels):
         "void at::native::(anonymous namespace)::upsample_bilinear2d_out_frame<c10::BFloat16, float>(...)": "resampling",
         "void at::native::(anonymous namespace)::reflection_pad2d_out_kernel<c10::BFloat16>(...)": "padding",
         "triton_poi_fused_add_leaky_relu_mul_0": "compiled",
+        "cpp_fused_add_leaky_relu_mul_2": "compiled",  # Inductor on the CPU
         "triton_tem_fused_convolution_1": "convolutions",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>(...)":
             "elementwise+other",
