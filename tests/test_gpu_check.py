@@ -23,12 +23,17 @@ from server.bench_plan import best_variant, compiles, resolve, run_plan, variant
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+def _script(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return _script("gpu_check")
 
 
 def _env() -> dict:
@@ -265,10 +270,7 @@ def test_a_new_largest_batch_drops_the_graphs_only_when_their_buckets_change():
 
 @pytest.fixture(scope="module")
 def gpu_kernels():
-    spec = importlib.util.spec_from_file_location("gpu_kernels", ROOT / "scripts" / "gpu_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("gpu_kernels")
 
 
 def test_the_kernels_step_splits_device_time_by_kernel_family(gpu_kernels):
