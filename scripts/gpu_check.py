@@ -183,7 +183,7 @@ def left_for_a_second_call(summary: list[dict]) -> list[str]:
     """What a second call on the warm machine runs: the steps not started and those cut short by
     the call's end (not the bench processes' own entries)."""
     return [entry["step"] for entry in summary if not entry["step"].startswith("bench process ")
-            and (entry["status"] == NOT_RUN or entry["status"].startswith(STOPPED_AT_END))]
+            and entry["status"] in (NOT_RUN, STOPPED_AT_END)]
 
 
 def run_steps(todo: list, out: Path, env: dict, budget_s: float,
@@ -248,8 +248,8 @@ def compiled_forms(names: list[str]) -> list[str]:
 #: build if that step did not finish).
 COMPILE_ALLOWANCE_S = 90
 
-#: A step's status when the budget was spent before it started, and the start of it when the
-#: call's end (--end-s) stopped it: both are what a second call runs.
+#: A step's status when the budget was spent before it started, and when the call's end
+#: (--end-s) stopped it: both are what a second call runs.
 NOT_RUN = "not run (budget spent)"
 STOPPED_AT_END = "stopped at the call's end"
 #: The first argument of a step that is a gfpgan-bench report (a section of a bench process).
@@ -263,10 +263,6 @@ BESIDE = {"tests": "tests-compile", "tests-compile": "compile-cache"}
 def _ended(end_at: float | None) -> bool:
     """Whether the call's end (run_steps' end_s) has come."""
     return end_at is not None and time.monotonic() >= end_at
-
-
-def _stopped_at_end(end_at: float, t0: float) -> str:
-    return f"{STOPPED_AT_END}, after {time.monotonic() - t0:.0f} s"
 
 
 def _run_processes(steps: list, out: Path, env: dict, end_at: float | None = None) -> list[dict]:
@@ -288,8 +284,7 @@ def _run_processes(steps: list, out: Path, env: dict, end_at: float | None = Non
             if code is None and time.monotonic() - t0 <= limit and not _ended(end_at):
                 continue
             if code is None:
-                status = f"timed out after {limit} s" if time.monotonic() - t0 > limit else \
-                    _stopped_at_end(end_at, t0)
+                status = f"timed out after {limit} s" if time.monotonic() - t0 > limit else STOPPED_AT_END
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
             else:
@@ -347,16 +342,11 @@ def _run_bench_process(group: list, number: int, out: Path, env: dict, deadline:
                     print(f"== {announced}" + (f" (fastest variant so far: {section['best']})"
                                               if section.get("best") else ""), flush=True)
                 allowed = limits[section["step"]] + (COMPILE_ALLOWANCE_S if section["compiles"] else 0)
-                if time.time() - section["started"] > allowed or _ended(end_at):
-                    if time.time() - section["started"] > allowed:
-                        killed = allowed
-                    else:
-                        ended = f"{STOPPED_AT_END}, after {time.time() - section['started']:.0f} s"
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-                    break
-            elif _ended(end_at):  # between sections, or before the first
+                if time.time() - section["started"] > allowed:
+                    killed = allowed
+            if not killed and _ended(end_at):  # in a section, between two, or before the first
                 ended = STOPPED_AT_END
+            if killed or ended:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 break
