@@ -34,7 +34,7 @@ FORMS = ["plain", "defaults", "defaults+decoder-channels-last", "defaults+parse-
 #: Kernel families by name, the first that matches: CUDA kernels as torch.profiler names them on
 #: the GPU, ATen operators on the CPU.
 FAMILIES = [
-    ("convolutions", re.compile(r"conv|gemm|xmma|cutlass|fprop|wgmma|triton_tem|aten::(?:a?dd)?b?mm\b|matmul", re.I)),
+    ("convolutions", re.compile(r"conv|gemm|xmma|cutlass|fprop|wgmma|winograd|triton_tem|aten::(?:a?dd)?b?mm\b|matmul", re.I)),
     ("layout+copies", re.compile(r"nchwToNhwc|nhwcToNchw|copy|contiguous|clone|aten::cat\b|CatArray", re.I)),
     ("resampling", re.compile(r"upsample|interpolat|grid_sampl", re.I)),
     ("padding", re.compile(r"pad", re.I)),

@@ -279,6 +279,7 @@ def test_the_kernels_step_splits_device_time_by_kernel_family(gpu_kernels):
 
     names = {
         "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolutions",
+        "void cudnn::winograd_nonfused::winogradForwardData4x4<float, __half>(...)": "convolutions",
         "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>(...)": "layout+copies",
         "void at::native::(anonymous namespace)::upsample_bilinear2d_out_frame<c10::BFloat16, float>(...)": "resampling",
         "void at::native::(anonymous namespace)::reflection_pad2d_out_kernel<c10::BFloat16>(...)": "padding",
