@@ -153,9 +153,12 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR",
            "GFPGAN_TEST_DEVICE": args.device, "PYTHONPATH": os.pathsep.join(
                [p for p in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if p])}
+    started = time.monotonic()
     summary = run_steps([step for step in steps if not only or step[0] in only], out, env, args.budget_s,
                         end_s=args.end_s)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    # the call's own length, first step to last (the issue asks for one run under 8 minutes)
+    whole = {"step": "whole call", "status": "-", "seconds": round(time.monotonic() - started, 1)}
+    (out / "summary.json").write_text(json.dumps(summary + [whole], indent=2))
     report = [f"## {path.stem}\n\n{path.read_text()}" for path in sorted(out.glob("*.md"))
               if path.name != "report.md"]
     (out / "report.md").write_text("\n\n".join(report))
@@ -171,7 +174,7 @@ def main() -> int:
     print()
     print("| step | status | s | highlights |")
     print("|---|---|---:|---|")
-    for entry in summary:
+    for entry in summary + [whole]:
         print(f"| {entry['step']} | {entry['status']} | {entry['seconds']} | {_brief(entry)} |")
     left = left_for_a_second_call(summary)
     if left:

@@ -105,6 +105,9 @@ def test_the_compile_cache_step_builds_the_compiled_forms_the_bench_times(gpu_ch
         # the same weights, faces and device as the compile section: Inductor's cache keys match
         common = steps["compile"][1:steps["compile"].index("--methods")]
         assert steps["compile-cache"][3:3 + len(common)] == common
+        # the summary ends with the call's own length
+        whole = json.loads((tmp_path / "out" / "summary.json").read_text())[-1]
+        assert whole["step"] == "whole call" and 0 <= whole["seconds"] < 60
     assert not compiles(["--variants", "plain,defaults"]) and compiles(["--variants", "plain,lean+compile"])
 
 
