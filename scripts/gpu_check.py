@@ -210,9 +210,8 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
                 group.append(todo.pop(0))
             summary += _run_processes(group, out, env, end_at)
             continue
-        # the bench steps from here up to the next other step, in one
-        # process; what it did not finish (a section over its time limit, a crash) goes on in a
-        # fresh one
+        # the bench steps from here up to the next other step, in one process; what it did not
+        # finish (a section over its time limit, a crash) goes on in a fresh one
         group = [todo[0]]
         for step in todo[1:]:
             if step[1][0] != BENCH:
@@ -237,8 +236,6 @@ STEP_VARIANTS = ["plain", "defaults", "defaults+decoder-channels-last", "all-for
 COMPILE_VARIANTS = ["defaults", "defaults+compile", "all-forms+compile"]
 #: ... and in the CPU rehearsal, where CUDA graphs cannot run: the compiled form without them.
 QUICK_COMPILE_VARIANTS = ["plain", "lean+compile"]
-
-
 
 
 def compiled_forms(names: list[str]) -> list[str]:

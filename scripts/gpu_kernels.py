@@ -115,12 +115,7 @@ def kernel_families(events, cuda: bool) -> dict[str, float]:
     family (FAMILIES, else OTHER), from torch.profiler's key_averages(); largest first."""
     totals: dict[str, float] = {}
     for event in events:
-        if cuda:
-            us = getattr(event, "self_device_time_total", None)
-            if us is None:  # torch before 2.4
-                us = event.self_cuda_time_total
-        else:
-            us = event.self_cpu_time_total
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if not us:
             continue
         family = next((name for name, pattern in FAMILIES if pattern.search(event.key)), OTHER)

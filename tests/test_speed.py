@@ -460,15 +460,15 @@ def test_box_mask_is_one_inside_and_feathers_to_zero():
 
 @pytest.mark.parametrize("forms", ["plain", "the device's defaults"])
 def test_bfloat16_stays_close_to_float32_on_the_same_weights(nets, forms):
-    """bf16 (auto's dtype on CUDA and on CPUs that compute it) against float32 in GFPGAN's own
-    forms: in those forms too, and in the forms the service runs by default on this device."""
+    """bf16 (auto's dtype on CUDA and on CPUs that compute it) against float32, both in the same
+    forms: GFPGAN's own, and those the service runs by default on this device."""
     from server.settings import Settings
 
     faces = make_faces(2, seed=24)
     points = template_landmarks(2, seed=24)
     jobs = [Job(faces, LANDMARKS, points), Job(faces, ALIGNED)]
-    fp32 = make_pipeline(nets).enhance(jobs)
     speed = SpeedOptions() if forms == "plain" else Settings().speed_options(TEST_DEVICE.type)
+    fp32 = make_pipeline(nets, speed=speed).enhance(jobs)
     bf16 = make_pipeline(nets, speed=speed, dtype=torch.bfloat16).enhance(jobs)
     for a, b in zip(fp32, bf16):
         mean, worst = levels(a.faces, b.faces)
