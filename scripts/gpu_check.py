@@ -71,8 +71,9 @@ def main() -> int:
     if args.quick:
         sizes, big, iters, secs, rt, variant_sizes = "1,2", "2", 1, 30, "2", "1,2"
     else:
-        # 1.5 s a cell (at least 5 batches): on the H200 a cell's batch latencies were within
-        # 1-2% of each other (p50 against p99 at batch >= 8), so 3 s bought no precision.
+        # A cell is 5 batches, or fewer once 1.5 s have passed (at least one): on the H200 a
+        # cell's batch latencies were within 1-2% of each other (p50 against p99 at batch >= 8),
+        # so the 3 s before bought no precision. Only cells of over 0.3 s a batch stop early.
         sizes, big, iters, secs, rt, variant_sizes = "1,8,16,32,64", "16", 5, 1.5, "20", "8,32"
     # gfpgan-bench's arguments: the steps that start with BENCH run as sections of one process
     # (server/bench_plan.py) on networks loaded once, not a process each.
@@ -86,7 +87,8 @@ def main() -> int:
     def tests_step(name: str, marker: str):
         """pytest over test_files with the tests `marker` selects, results in OUT/<name>.xml."""
         return (name, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=240",
-                       "-m", marker, f"--junitxml={out / (name + '.xml')}", "-rfE", *test_files], 240)
+                       "-m", marker, f"--junitxml={out / (name + '.xml')}", "-rfE",
+                       "--durations=15", *test_files], 240)
 
     # Steps run in order of value (`order` below): a step not started within the budget can be
     # run by a second call with --only. In a bench step, "BEST" becomes the flags of the fastest
@@ -387,6 +389,10 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         match = re.search(r"(\d+ (?:passed|failed)[^\n]*) in [\d.]+s", text)
         if match:
             found["result"] = match.group(1)
+        # pytest --durations: where the step's time went (its share of the plan's critical path)
+        slowest = re.search(r"(?m)^([\d.]+)s (?:call|setup|teardown) +\S*::(\S+)", text)
+        if slowest:
+            found["slowest"] = f"{slowest.group(2)[:60]} {float(slowest.group(1)):.0f} s"
     elif name.startswith(("bench", "realtime")):
         rows = re.findall(r"\| (GFPGANer[^|]*|FacePipeline[^|]*|gRPC[^|]*) \| (\d+) \| ([\d.]+) \| ([^|]*) \|"
                           r" [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \|", text)

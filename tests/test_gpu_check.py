@@ -111,6 +111,18 @@ def test_the_compile_cache_step_builds_the_compiled_forms_the_bench_times(gpu_ch
     assert not compiles(["--variants", "plain,defaults"]) and compiles(["--variants", "plain,lean+compile"])
 
 
+def test_the_summary_names_the_slowest_test(gpu_check, tmp_path):
+    """The tests steps run pytest --durations; the summary names the slowest (on the GPU the
+    tests step is on the run's critical path)."""
+    log = tmp_path / "tests.log"
+    log.write_text("....\n============ slowest 15 durations ============\n"
+                   "21.07s call     tests/test_end_to_end.py::test_served_faces_match_gfpganer[detect]\n"
+                   "4.50s setup    tests/test_pipeline.py::test_batches\n"
+                   "113 passed, 2 skipped in 96.12s (0:01:36)\n")
+    assert gpu_check._highlights("tests", tmp_path, log) == {
+        "result": "113 passed, 2 skipped", "slowest": "test_served_faces_match_gfpganer[detect] 21 s"}
+
+
 def test_the_summary_tells_how_long_a_compiled_form_took_to_warm_up(gpu_check, tmp_path):
     log = tmp_path / "compile-cache.log"
     log.write_text("warmed up: variant defaults in 4.2 s\nwarmed up: variant defaults+compile in 97.6 s\n"
