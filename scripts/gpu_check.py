@@ -30,6 +30,7 @@ limit, the rest going on in a fresh process after one that fails the device:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -84,11 +85,13 @@ def main() -> int:
     test_files = ["tests/test_imageops.py", "tests/test_speed.py", "tests/test_pipeline.py",
                   "tests/test_model.py", "tests/test_end_to_end.py"]
 
-    def tests_step(name: str, marker: str):
-        """pytest over test_files with the tests `marker` selects, results in OUT/<name>.xml."""
+    def tests_step(name: str, marker: str, workers: int = 0):
+        """pytest over test_files with the tests `marker` selects, results in OUT/<name>.xml, in
+        `workers` processes (pytest-xdist, from the kit) when more than one."""
+        spread = ["-n", str(workers)] if workers > 1 else []
         return (name, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=240",
                        "-m", marker, f"--junitxml={out / (name + '.xml')}", "-rfE",
-                       "--durations=15", *test_files], 240)
+                       "--durations=15", *spread, *test_files], 240)
 
     # Steps run in order of value (`order` below): a step not started within the budget can be
     # run by a second call with --only. In a bench step, "BEST" becomes the flags of the fastest
@@ -100,7 +103,7 @@ def main() -> int:
                      str(weights), "--faces", str(faces), "--narrow", str(args.narrow)], 120),
         # The tests that build networks with Inductor run in a step of their own: a slow build
         # that hits the time limit cannot cost the other tests their results.
-        tests_step("tests", "not compiles"),
+        tests_step("tests", "not compiles", test_workers(os.cpu_count())),
         tests_step("tests-compile", "compiles"),
         # The compile step's compiled forms built once beside the tests, untimed, into Inductor's
         # on-disk cache: the compile section, the kernels step and a compiled BEST then load
@@ -182,6 +185,17 @@ def main() -> int:
     if left:
         print(f"\nnot run, or stopped, for lack of time: bash scripts/gpu_device.sh --only {','.join(left)}")
     return 0 if all(e["status"] == "ok" for e in summary) else 1
+
+
+def test_workers(cores: int | None) -> int:
+    """Processes for the tests step. It is on the run's critical path (96 s in one process on
+    the H200, with 16 cores there): 4 on 16 cores, leaving the rest to the compiler's builds
+    beside it; 2 on the rehearsal's 2, so that the rehearsal runs the tests the same way. 1
+    (one process) where pytest-xdist is not installed (a development environment's own run:
+    the kit carries it to the GPU machine)."""
+    if importlib.util.find_spec("xdist") is None:
+        return 1
+    return max(2, min(4, (cores or 1) // 4))
 
 
 def left_for_a_second_call(summary: list[dict]) -> list[str]:

@@ -111,6 +111,31 @@ def test_the_compile_cache_step_builds_the_compiled_forms_the_bench_times(gpu_ch
     assert not compiles(["--variants", "plain,defaults"]) and compiles(["--variants", "plain,lean+compile"])
 
 
+def test_the_tests_step_runs_in_several_processes_where_the_kit_brings_xdist(gpu_check, tmp_path, monkeypatch):
+    """The tests step is on the run's critical path: 4 pytest-xdist workers on the GPU machine's
+    16 cores, 2 in the rehearsal; one process where xdist is not installed; the compile tests
+    (3 long builds) stay in one."""
+    real = importlib.util.find_spec
+    present = {"xdist": True}
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name, *a: (object() if present["xdist"] else None) if name == "xdist" else real(name, *a))
+    assert [gpu_check.test_workers(cores) for cores in (16, 2, 1, None, 64)] == [4, 2, 2, 2, 4]
+    monkeypatch.setenv("GPU_CHECK_WORK", str(tmp_path / "work"))
+    monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 16)
+    for installed, spread in ((True, ["-n", "4"]), (False, [])):
+        present["xdist"] = installed
+        captured: list = []
+        monkeypatch.setattr(gpu_check, "run_steps", lambda todo, *a, **k: captured.extend(todo) or [])
+        monkeypatch.setattr(sys, "argv", ["gpu_check.py", str(tmp_path / "out")])
+        gpu_check.main()
+        steps = {name: command for name, command, _ in captured}
+        tests, compiled = steps["tests"], steps["tests-compile"]
+        assert "-n" not in compiled
+        assert ([tests[tests.index("-n")], tests[tests.index("-n") + 1]] if "-n" in tests else []) == spread
+        assert tests[-5:] == compiled[-5:] and tests[-1] == "tests/test_end_to_end.py"  # the same files
+    assert gpu_check.test_workers(16) == 1  # xdist absent
+
+
 def test_the_summary_names_the_slowest_test(gpu_check, tmp_path):
     """The tests steps run pytest --durations; the summary names the slowest (on the GPU the
     tests step is on the run's critical path)."""
