@@ -68,9 +68,10 @@ def test_bench_steps_share_a_process_each_held_to_its_limit_and_the_rest_go_on_i
 
 
 def test_the_compiler_builds_run_beside_the_tests_and_a_step_past_its_limit_is_stopped(gpu_check, tmp_path):
-    # "tests" waits for the files that only "tests-compile" and "compile-cache" make: it passes
-    # only if the three run at once
-    markers = [tmp_path / "compile-tests-started", tmp_path / "compile-cache-started"]
+    # "tests" waits for the files that only "tests-compile" and the two "compile-cache" steps
+    # make: it passes only if the four run at once
+    markers = [tmp_path / "compile-tests-started", tmp_path / "compile-cache-started",
+               tmp_path / "compile-cache-2-started"]
     wait = (f"import pathlib, sys, time\nfor _ in range(100):\n"
             f"    if all(pathlib.Path(p).exists() for p in {[str(m) for m in markers]!r}): "
             f"print('1 passed in 0.1s'); sys.exit(0)\n    time.sleep(0.1)\nsys.exit(1)")
@@ -78,11 +79,13 @@ def test_the_compiler_builds_run_beside_the_tests_and_a_step_past_its_limit_is_s
     steps = [("tests", [sys.executable, "-c", wait], 30),
              ("tests-compile", [sys.executable, "-c", touch.format(str(markers[0]))], 30),
              ("compile-cache", [sys.executable, "-c", touch.format(str(markers[1]))], 30),
+             ("compile-cache-2", [sys.executable, "-c", touch.format(str(markers[2]))], 30),
              ("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 1)]
     summary = gpu_check.run_steps(steps, tmp_path, _env(), budget_s=300)
     assert [(e["step"], e["status"]) for e in summary] == [
-        ("tests", "ok"), ("tests-compile", "ok"), ("compile-cache", "ok"), ("slow", "timed out after 1 s")]
-    assert summary[0]["result"] == "1 passed" and summary[3]["seconds"] < 10
+        ("tests", "ok"), ("tests-compile", "ok"), ("compile-cache", "ok"), ("compile-cache-2", "ok"),
+        ("slow", "timed out after 1 s")]
+    assert summary[0]["result"] == "1 passed" and summary[4]["seconds"] < 10
 
 
 def test_the_compile_cache_step_builds_the_compiled_forms_the_bench_times(gpu_check, tmp_path, monkeypatch):
@@ -98,13 +101,17 @@ def test_the_compile_cache_step_builds_the_compiled_forms_the_bench_times(gpu_ch
         names = [name for name, _, _ in captured]
         assert names.index("tests") + 2 == names.index("compile-cache") < names.index("kernels") < names.index("compile")
         steps = {name: command for name, command, _ in captured}
-        warmed = steps["compile-cache"][steps["compile-cache"].index("--variants") + 1].split(",")
+        # a process per compiled form, each beside the one before it
+        caches = [name for name in names if name.startswith("compile-cache")]
+        assert caches == gpu_check.CACHE_STEPS[:len(caches)]
+        assert all(gpu_check.BESIDE[before] == after for before, after in zip(["tests-compile", *caches], caches))
+        warmed = [steps[name][steps[name].index("--variants") + 1] for name in caches]
         assert warmed == [name for name in listed if VARIANTS[name].compile] and warmed
-        assert steps["compile-cache"][:3] == [sys.executable, "-m", "server.bench"]
+        assert all(steps[name][:3] == [sys.executable, "-m", "server.bench"] for name in caches)
         assert steps["compile"][0] == gpu_check.BENCH and compiles(steps["compile"][1:])
         # the same weights, faces and device as the compile section: Inductor's cache keys match
         common = steps["compile"][1:steps["compile"].index("--methods")]
-        assert steps["compile-cache"][3:3 + len(common)] == common
+        assert all(steps[name][3:3 + len(common)] == common for name in caches)
         # the summary ends with the call's own length
         whole = json.loads((tmp_path / "out" / "summary.json").read_text())[-1]
         assert whole["step"] == "whole call" and 0 <= whole["seconds"] < 60
