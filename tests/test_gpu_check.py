@@ -143,23 +143,32 @@ def test_the_tests_step_runs_in_several_processes_where_the_kit_brings_xdist(gpu
     assert gpu_check.test_workers(16) == 1  # xdist absent
 
 
-def test_the_summary_names_the_slowest_test(gpu_check, tmp_path):
-    """The tests steps run pytest --durations; the summary names the slowest (on the GPU the
-    tests step is on the run's critical path)."""
-    log = tmp_path / "tests.log"
-    log.write_text("....\n============ slowest 15 durations ============\n"
-                   "21.07s call     tests/test_end_to_end.py::test_served_faces_match_gfpganer[detect]\n"
-                   "4.50s setup    tests/test_pipeline.py::test_batches\n"
-                   "113 passed, 2 skipped in 96.12s (0:01:36)\n")
-    assert gpu_check._highlights("tests", tmp_path, log) == {
-        "result": "113 passed, 2 skipped", "slowest": "test_served_faces_match_gfpganer[detect] 21 s"}
+#: (step, its log, what the summary says of it)
+SUMMARY_LINES = [
+    # pytest --durations: the slowest test (the tests step is on the run's critical path)
+    ("tests", "....\n============ slowest 15 durations ============\n"
+              "21.07s call     tests/test_end_to_end.py::test_served_faces_match_gfpganer[detect]\n"
+              "4.50s setup    tests/test_pipeline.py::test_batches\n"
+              "113 passed, 2 skipped in 96.12s (0:01:36)\n",
+     {"result": "113 passed, 2 skipped", "slowest": "test_served_faces_match_gfpganer[detect] 21 s"}),
+    # how long a compiled form took to warm up (its build, or its load from Inductor's cache)
+    ("compile-cache", "warmed up: variant defaults in 4.2 s\nwarmed up: variant defaults+compile in 97.6 s\n"
+                      "measured: variant defaults+compile, aligned, batch 8: 250.00 faces/s\n",
+     {"warm-up defaults+compile": "98 s"}),
+    # each form's rate and its convolutions' share of the device time
+    ("kernels", "| network | form | ms per pass | ms per face | TFLOP/s | device time by kernel family |\n"
+                "|---|---|---:|---:|---:|---|\n"
+                "| gfpgan | defaults | 81.20 | 5.08 | 78 | elementwise+other 40%, convolutions 35%, padding 25% |\n"
+                "| parse | defaults | 75.90 | 4.74 | 99 | |\n",
+     {"gfpgan defaults": "78 TF/s, convolutions 35%", "parse defaults": "99 TF/s"}),
+]
 
 
-def test_the_summary_tells_how_long_a_compiled_form_took_to_warm_up(gpu_check, tmp_path):
-    log = tmp_path / "compile-cache.log"
-    log.write_text("warmed up: variant defaults in 4.2 s\nwarmed up: variant defaults+compile in 97.6 s\n"
-                   "measured: variant defaults+compile, aligned, batch 8: 250.00 faces/s\n")
-    assert gpu_check._highlights("compile-cache", tmp_path, log) == {"warm-up defaults+compile": "98 s"}
+@pytest.mark.parametrize("step, log, expected", SUMMARY_LINES, ids=[case[0] for case in SUMMARY_LINES])
+def test_the_summary_picks_each_steps_numbers_from_its_log(gpu_check, tmp_path, step, log, expected):
+    path = tmp_path / f"{step}.log"
+    path.write_text(log)
+    assert gpu_check._highlights(step, tmp_path, path) == expected
 
 
 def test_no_section_starts_after_the_budget(gpu_check, tmp_path):
@@ -367,13 +376,3 @@ def test_the_kernels_script_profiles_a_pass_by_family_and_keeps_its_trace(gpu_ke
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["net-plain.json.gz"]
     trace = json.loads(gzip.open(tmp_path / "traces" / "net-plain.json.gz").read())
     assert any("conv" in event.get("name", "") for event in trace["traceEvents"])
-
-
-def test_the_summary_gives_each_forms_rate_and_convolution_share(gpu_check, tmp_path):
-    log = tmp_path / "kernels.log"
-    log.write_text("| network | form | ms per pass | ms per face | TFLOP/s | device time by kernel family |\n"
-                   "|---|---|---:|---:|---:|---|\n"
-                   "| gfpgan | defaults | 81.20 | 5.08 | 78 | elementwise+other 40%, convolutions 35%, padding 25% |\n"
-                   "| parse | defaults | 75.90 | 4.74 | 99 | |\n")
-    assert gpu_check._highlights("kernels", tmp_path, log) == {
-        "gfpgan defaults": "78 TF/s, convolutions 35%", "parse defaults": "99 TF/s"}
