@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from tests.device import TEST_DEVICE, needs_cuda
 from tests.faces import make_faces, template_landmarks, weights_with_detector
 from tests.test_pipeline import load_nets, reference, with_landmarks
 
+ROOT = Path(__file__).resolve().parent.parent
 ALIGNED = EnhanceOptions(alignment=Alignment.ALIGNED)
 LANDMARKS = EnhanceOptions(alignment=Alignment.LANDMARKS)
 
@@ -476,6 +478,46 @@ def test_bfloat16_stays_close_to_float32_on_the_same_weights(nets, forms):
         # bf16 keeps 8 bits of mantissa: ~0.4% per operation, which the narrow random network
         # accumulates to a couple of levels on average.
         assert mean < 4.0 and worst <= 96, (mean, worst)
+
+
+def test_in_bfloat16_a_face_never_depends_on_the_faces_beside_it(nets):
+    """bf16 rounds differently with the size of a network pass, and with a face's place in it (the
+    backend picks other kernels for other sizes and for the rows past its last full block:
+    BENCHMARKS.md, "bfloat16 and the batch around a face"), but a face's pixels never depend on
+    which faces share its pass: at the same place in a pass of the same size, beside other faces,
+    it comes back identical, in the service's forms on this device. A leak between rows (a CUDA
+    graph's padding rows, a selection that mixes faces) would show here, where rounding cannot
+    hide it."""
+    from server.settings import Settings
+
+    faces = make_faces(5, seed=31)
+    pipeline = make_pipeline(nets, speed=Settings().speed_options(TEST_DEVICE.type), dtype=torch.bfloat16)
+    for options in (ALIGNED, EnhanceOptions()):
+        for place, orders in ((0, ([0, 1, 2], [0, 3, 4])), (2, ([1, 2, 0], [4, 3, 0]))):
+            a, b = (pipeline.enhance([Job(faces[order], options)])[0] for order in orders)
+            assert np.array_equal(a.faces[place], b.faces[place]), (options.alignment, place)
+            assert a.status[place] == b.status[place]
+
+
+def test_the_batch_rounding_table_measures_a_face_alone_beside_others_and_last(weights, tmp_path):
+    """scripts/batch_rounding.py: a row per dtype, alignment and pass size; a pass of one is
+    face 0 alone (0 levels), and face 0 beside other faces gives its own pixels (0 levels)."""
+    import importlib.util
+    import re
+
+    import cv2
+
+    for i, face in enumerate(make_faces(4, seed=5)):
+        cv2.imwrite(str(tmp_path / f"face{i:02d}.png"), face)
+    spec = importlib.util.spec_from_file_location("batch_rounding", ROOT / "scripts" / "batch_rounding.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table = script.main([str(weights), str(tmp_path), "--device", TEST_DEVICE.type, "--dtypes", "bfloat16",
+                         "--alignments", "aligned,detect", "--sizes", "1,3"])
+    rows = re.findall(r"(?m)^\| bfloat16 \| (\w+) \| (\d+) \| (\d+) \| ([\d.]+) \| (\d+) \| (\d+) \|$", table)
+    assert [(a, int(n)) for a, n, *_ in rows] == [("aligned", 1), ("aligned", 3), ("detect", 1), ("detect", 3)]
+    assert all(int(beside) == 0 for *_, beside, _ in rows)
+    assert all(int(worst) == 0 and int(last) == 0 for _, n, worst, _, _, last in rows if n == "1")
 
 
 def test_graph_buckets_cover_every_size_up_to_the_largest():
