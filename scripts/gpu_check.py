@@ -104,7 +104,7 @@ def main() -> int:
                      str(weights), "--faces", str(faces), "--narrow", str(args.narrow)], 120),
         # The tests that build networks with Inductor run in a step of their own: a slow build
         # that hits the time limit cannot cost the other tests their results.
-        tests_step("tests", "not compiles", test_workers(os.cpu_count())),
+        tests_step("tests", "not compiles", pytest_workers(os.cpu_count())),
         tests_step("tests-compile", "compiles"),
         # The compile step's compiled forms built once beside the tests, untimed, into Inductor's
         # on-disk cache: the compile section, the kernels step and a compiled BEST then load
@@ -190,7 +190,7 @@ def main() -> int:
     return 0 if all(e["status"] == "ok" for e in summary) else 1
 
 
-def test_workers(cores: int | None) -> int:
+def pytest_workers(cores: int | None) -> int:
     """Processes for the tests step. It is on the run's critical path (96 s in one process on
     the H200, with 16 cores there): 4 on 16 cores, leaving the rest to the compiler's builds
     beside it; 2 on the rehearsal's 2, so that the rehearsal runs the tests the same way. 1
@@ -274,8 +274,8 @@ STOPPED_AT_END = "stopped at the call's end"
 #: The first argument of a step that is a gfpgan-bench report (a section of a bench process).
 BENCH = "gfpgan-bench"
 #: Steps that run beside the one before them, started together: the compiler's builds (CPU
-#: work: tests-compile's, and compile-cache's of the bench's compiled forms) overlap the tests'
-#: (none of the three times anything).
+#: work: tests-compile's, and the compile-cache steps' of the bench's compiled forms) overlap
+#: the tests' (none of the four times anything).
 #: The compile-cache steps, one per compiled form of the compile step (COMPILE_VARIANTS has two).
 CACHE_STEPS = ["compile-cache", "compile-cache-2"]
 BESIDE = {"tests": "tests-compile", "tests-compile": CACHE_STEPS[0], CACHE_STEPS[0]: CACHE_STEPS[1]}

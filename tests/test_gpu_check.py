@@ -126,7 +126,7 @@ def test_the_tests_step_runs_in_several_processes_where_the_kit_brings_xdist(gpu
     present = {"xdist": True}
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
                         lambda name, *a: (object() if present["xdist"] else None) if name == "xdist" else real(name, *a))
-    assert [gpu_check.test_workers(cores) for cores in (16, 2, 1, None, 64)] == [4, 2, 2, 2, 4]
+    assert [gpu_check.pytest_workers(cores) for cores in (16, 2, 1, None, 64)] == [4, 2, 2, 2, 4]
     monkeypatch.setenv("GPU_CHECK_WORK", str(tmp_path / "work"))
     monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 16)
     for installed, spread in ((True, ["-n", "4"]), (False, [])):
@@ -140,7 +140,7 @@ def test_the_tests_step_runs_in_several_processes_where_the_kit_brings_xdist(gpu
         assert "-n" not in compiled
         assert ([tests[tests.index("-n")], tests[tests.index("-n") + 1]] if "-n" in tests else []) == spread
         assert tests[-5:] == compiled[-5:] and tests[-1] == "tests/test_end_to_end.py"  # the same files
-    assert gpu_check.test_workers(16) == 1  # xdist absent
+    assert gpu_check.pytest_workers(16) == 1  # xdist absent
 
 
 #: (step, its log, what the summary says of it)
