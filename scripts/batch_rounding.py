@@ -10,6 +10,7 @@ and with face 0 last in the pass (a backend may compute the rows past its last f
 rows with other kernels).
 
     python scripts/batch_rounding.py WEIGHTS_DIR FACES_DIR [--device cpu] [--sizes 1,2,3,4,8]
+                                     [--markdown-out FILE]
 
 WEIGHTS_DIR holds GFPGANv1.4.pth, the detector and ParseNet (real ones, or random-valued ones
 from `python scripts/gpu_env.py --make-weights DIR --faces FACES_DIR`); FACES_DIR holds
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--alignments", default="aligned,detect")
     parser.add_argument("--sizes", default="1,2,3,4,8")
+    parser.add_argument("--markdown-out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     paths = sorted(Path(args.faces_dir).glob("face*.png"))
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> str:
                 lines.append(f"| {dtype} | {alignment} | {n} | {worst} | {mean:.3f} | {beside} | {last} |")
     table = "\n".join(lines)
     print(table)
+    if args.markdown_out:
+        Path(args.markdown_out).write_text(table + "\n")
     return table
 
 

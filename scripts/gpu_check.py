@@ -21,6 +21,8 @@ limit, the rest going on in a fresh process after one that fails the device:
   compile-cache, compile-cache-2  beside those two: the compile step's compiled forms, a
              process each, built into Inductor's on-disk cache, untimed, so that the steps that
              time them do not wait for the build
+  batch-rounding  beside them too: how far bf16 moves a face with its network pass's size and
+             its place in it (scripts/batch_rounding.py)
   bench-*    gfpgan-bench: GFPGANer one face at a time vs our pipeline vs our service over
              loopback, ALIGNED and DETECT, bf16; fp32 at one batch size; the realtime batch
   compile    torch.compile's forms beside the defaults (gfpgan-bench --variants)
@@ -115,6 +117,11 @@ def main() -> int:
                   "--variants", form, "--variant-alignments", "aligned",
                   "--markdown-out", str(work / f"{name}.md")], 240)
           for name, form in zip(CACHE_STEPS, compiled_forms(compile_variants))],
+        # How far bf16 moves a face with the size of its network pass and its place in it, on
+        # cuDNN and the CUDA-graph buckets (pixels, not time: it runs beside the tests)
+        ("batch-rounding", [sys.executable, str(ROOT / "scripts" / "batch_rounding.py"), str(weights),
+                            str(faces), "--device", args.device, "--sizes", "1,2" if args.quick else "1,2,3,4,6,8",
+                            "--markdown-out", str(out / "batch-rounding.md")], 120),
         ("kernels", [sys.executable, str(ROOT / "scripts" / "gpu_kernels.py"), str(weights),
                      "--device", args.device, "--batch", big, "--trace-dir", str(out / "traces")], 150),
         ("bench-detect", [*bench, "--alignment", "detect", "--batch-sizes", sizes,
@@ -151,7 +158,7 @@ def main() -> int:
     ]
     # kernels (a script of its own) before the bench steps, and the BEST ones together: the bench
     # steps from compile on are sections of one process, which compiles a compiled BEST once
-    order = ["env", "weights", "tests", "tests-compile", *CACHE_STEPS, "kernels", "compile", "variants", "bench-detect",
+    order = ["env", "weights", "tests", "tests-compile", *CACHE_STEPS, "batch-rounding", "kernels", "compile", "variants", "bench-detect",
              "bench-aligned", "profile-plain", "profile-best", "memory", "realtime", "bench-best",
              "bench-best-aligned", "bench-fp32"]
     steps.sort(key=lambda step: order.index(step[0]))
@@ -225,7 +232,7 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
             continue
         if command[0] != BENCH:
             group = [todo.pop(0)]
-            while todo and todo[0][0] == BESIDE.get(group[-1][0]):
+            while todo and todo[0][0] in BESIDE.get(group[0][0], ()):
                 group.append(todo.pop(0))
             summary += _run_processes(group, out, env, end_at)
             continue
@@ -273,12 +280,12 @@ NOT_RUN = "not run (budget spent)"
 STOPPED_AT_END = "stopped at the call's end"
 #: The first argument of a step that is a gfpgan-bench report (a section of a bench process).
 BENCH = "gfpgan-bench"
-#: Steps that run beside the one before them, started together: the compiler's builds (CPU
-#: work: tests-compile's, and the compile-cache steps' of the bench's compiled forms) overlap
-#: the tests' (none of the four times anything).
 #: The compile-cache steps, one per compiled form of the compile step (COMPILE_VARIANTS has two).
 CACHE_STEPS = ["compile-cache", "compile-cache-2"]
-BESIDE = {"tests": "tests-compile", "tests-compile": CACHE_STEPS[0], CACHE_STEPS[0]: CACHE_STEPS[1]}
+#: Steps started together with a step (those of them that follow it in the run): the compiler's
+#: builds (CPU work: tests-compile's, and the compile-cache steps' of the bench's compiled forms)
+#: and batch-rounding's pixel comparisons overlap the tests' (none of them times anything).
+BESIDE = {"tests": ("tests-compile", *CACHE_STEPS, "batch-rounding")}
 
 
 def _ended(end_at: float | None) -> bool:
@@ -428,6 +435,15 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         for variant, seconds in re.findall(r"(?m)^warmed up: variant ([\w+-]+) in ([\d.]+) s", text):
             if variant.endswith("+compile"):
                 found[f"warm-up {variant}"] = f"{float(seconds):.0f} s"
+    if name == "batch-rounding":  # per dtype and alignment, the most a face moved with each
+        moved: dict = {}
+        for dtype, alignment, alone, beside, place in re.findall(
+                r"(?m)^\| (\w+) \| (\w+) \| \d+ \| (\d+) \| [\d.]+ \| (\d+) \| (\d+) \|$", text):
+            worst = moved.setdefault(f"{dtype} {alignment}", [0, 0, 0])
+            for i, value in enumerate((alone, place, beside)):
+                worst[i] = max(worst[i], int(value))
+        for key, (alone, place, beside) in moved.items():
+            found[key] = f"pass size {alone}, place {place}, faces beside {beside} levels"
     if name == "memory":
         match = re.search(r"largest batch that ran: (\d+)", text)
         if match:

@@ -68,10 +68,10 @@ def test_bench_steps_share_a_process_each_held_to_its_limit_and_the_rest_go_on_i
 
 
 def test_the_compiler_builds_run_beside_the_tests_and_a_step_past_its_limit_is_stopped(gpu_check, tmp_path):
-    # "tests" waits for the files that only "tests-compile" and the two "compile-cache" steps
-    # make: it passes only if the four run at once
+    # "tests" waits for the files that only "tests-compile", the two "compile-cache" steps and
+    # "batch-rounding" make: it passes only if the five run at once
     markers = [tmp_path / "compile-tests-started", tmp_path / "compile-cache-started",
-               tmp_path / "compile-cache-2-started"]
+               tmp_path / "compile-cache-2-started", tmp_path / "batch-rounding-started"]
     wait = (f"import pathlib, sys, time\nfor _ in range(100):\n"
             f"    if all(pathlib.Path(p).exists() for p in {[str(m) for m in markers]!r}): "
             f"print('1 passed in 0.1s'); sys.exit(0)\n    time.sleep(0.1)\nsys.exit(1)")
@@ -80,12 +80,13 @@ def test_the_compiler_builds_run_beside_the_tests_and_a_step_past_its_limit_is_s
              ("tests-compile", [sys.executable, "-c", touch.format(str(markers[0]))], 30),
              ("compile-cache", [sys.executable, "-c", touch.format(str(markers[1]))], 30),
              ("compile-cache-2", [sys.executable, "-c", touch.format(str(markers[2]))], 30),
+             ("batch-rounding", [sys.executable, "-c", touch.format(str(markers[3]))], 30),
              ("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 1)]
     summary = gpu_check.run_steps(steps, tmp_path, _env(), budget_s=300)
     assert [(e["step"], e["status"]) for e in summary] == [
         ("tests", "ok"), ("tests-compile", "ok"), ("compile-cache", "ok"), ("compile-cache-2", "ok"),
-        ("slow", "timed out after 1 s")]
-    assert summary[0]["result"] == "1 passed" and summary[4]["seconds"] < 10
+        ("batch-rounding", "ok"), ("slow", "timed out after 1 s")]
+    assert summary[0]["result"] == "1 passed" and summary[5]["seconds"] < 10
 
 
 def test_the_compile_cache_step_builds_the_compiled_forms_the_bench_times(gpu_check, tmp_path, monkeypatch):
@@ -104,7 +105,8 @@ def test_the_compile_cache_step_builds_the_compiled_forms_the_bench_times(gpu_ch
         # a process per compiled form, each beside the one before it
         caches = [name for name in names if name.startswith("compile-cache")]
         assert caches == gpu_check.CACHE_STEPS[:len(caches)]
-        assert all(gpu_check.BESIDE[before] == after for before, after in zip(["tests-compile", *caches], caches))
+        assert {"tests-compile", *caches, "batch-rounding"} <= set(gpu_check.BESIDE["tests"])
+        assert names.index("batch-rounding") == names.index(caches[-1]) + 1
         warmed = [steps[name][steps[name].index("--variants") + 1] for name in caches]
         assert warmed == [name for name in listed if VARIANTS[name].compile] and warmed
         assert all(steps[name][:3] == [sys.executable, "-m", "server.bench"] for name in caches)
@@ -155,6 +157,14 @@ SUMMARY_LINES = [
     ("compile-cache", "warmed up: variant defaults in 4.2 s\nwarmed up: variant defaults+compile in 97.6 s\n"
                       "measured: variant defaults+compile, aligned, batch 8: 250.00 faces/s\n",
      {"warm-up defaults+compile": "98 s"}),
+    # the most a face moved with its pass's size, its place in the pass, the faces beside it
+    ("batch-rounding", "| dtype | alignment | faces in the pass | max levels vs alone | mean levels vs alone | "
+                       "max levels vs other faces beside it | max levels vs last in the pass |\n"
+                       "|---|---|---:|---:|---:|---:|---:|\n| float32 | aligned | 1 | 0 | 0.000 | 0 | 0 |\n"
+                       "| bfloat16 | aligned | 1 | 0 | 0.000 | 0 | 0 |\n| bfloat16 | aligned | 3 | 15 | 0.244 | 0 | 15 |\n"
+                       "| bfloat16 | aligned | 4 | 14 | 0.250 | 0 | 0 |\n",
+     {"float32 aligned": "pass size 0, place 0, faces beside 0 levels",
+      "bfloat16 aligned": "pass size 15, place 15, faces beside 0 levels"}),
     # each form's rate and its convolutions' share of the device time
     ("kernels", "| network | form | ms per pass | ms per face | TFLOP/s | device time by kernel family |\n"
                 "|---|---|---:|---:|---:|---|\n"

@@ -513,7 +513,9 @@ def test_the_batch_rounding_table_measures_a_face_alone_beside_others_and_last(w
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     table = script.main([str(weights), str(tmp_path), "--device", TEST_DEVICE.type, "--dtypes", "bfloat16",
-                         "--alignments", "aligned,detect", "--sizes", "1,3"])
+                         "--alignments", "aligned,detect", "--sizes", "1,3",
+                         "--markdown-out", str(tmp_path / "table.md")])
+    assert (tmp_path / "table.md").read_text() == table + "\n"
     rows = re.findall(r"(?m)^\| bfloat16 \| (\w+) \| (\d+) \| (\d+) \| ([\d.]+) \| (\d+) \| (\d+) \|$", table)
     assert [(a, int(n)) for a, n, *_ in rows] == [("aligned", 1), ("aligned", 3), ("detect", 1), ("detect", 3)]
     assert all(int(beside) == 0 for *_, beside, _ in rows)
