@@ -13,8 +13,8 @@ rows with other kernels).
                                      [--markdown-out FILE]
 
 WEIGHTS_DIR holds GFPGANv1.4.pth, the detector and ParseNet (real ones, or random-valued ones
-from `python scripts/gpu_env.py --make-weights DIR --faces FACES_DIR`); FACES_DIR holds
-face00.png, face01.png, ... (256x256 BGR crops).
+from `python scripts/gpu_env.py --make-weights DIR --faces FACES_DIR`); FACES_DIR holds face
+crops, read in name order like gfpgan-bench's --faces-from (face 0 is the first).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import server.compat  # noqa: E402,F401  (before gfpgan/basicsr/facexlib)
 from client.types import Alignment, EnhanceOptions  # noqa: E402
+from server.bench import faces_from  # noqa: E402
 from server.jobs import Job  # noqa: E402
 from server.pipeline import build_pipeline  # noqa: E402
 from server.settings import Settings  # noqa: E402
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--markdown-out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    paths = sorted(Path(args.faces_dir).glob("face*.png"))
-    faces = np.stack([cv2.imread(str(path)) for path in paths])
+    faces = faces_from(args.faces_dir, 256)
     if len(faces) < max(sizes) + 1:
         parser.error(f"{args.faces_dir}: {len(faces)} faces; --sizes up to {max(sizes)} needs "
                      f"{max(sizes) + 1}, so that face 0 can have other faces beside it")

@@ -1,10 +1,21 @@
-"""Small helpers shared by the tests that run real servers on loopback."""
+"""Small helpers shared by the tests: loopback servers, and the scripts as modules."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
+from pathlib import Path
 
 import grpc
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

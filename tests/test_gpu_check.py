@@ -19,21 +19,14 @@ import pytest
 
 from server.bench import VARIANTS
 from server.bench_plan import best_variant, compiles, resolve, run_plan, variant_flags
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _script(name: str):
-    """scripts/NAME.py as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def gpu_check():
-    return _script("gpu_check")
+    return load_script("gpu_check")
 
 
 def _env() -> dict:
@@ -102,7 +95,7 @@ def test_the_compile_cache_step_builds_the_compiled_forms_the_bench_times(gpu_ch
         names = [name for name, _, _ in captured]
         assert names.index("tests") + 2 == names.index("compile-cache") < names.index("kernels") < names.index("compile")
         steps = {name: command for name, command, _ in captured}
-        # a process per compiled form, each beside the one before it
+        # a process per compiled form, all started with the tests, batch-rounding after them
         caches = [name for name in names if name.startswith("compile-cache")]
         assert caches == gpu_check.CACHE_STEPS[:len(caches)]
         assert {"tests-compile", *caches, "batch-rounding"} <= set(gpu_check.BESIDE["tests"])
@@ -336,7 +329,7 @@ def test_a_new_largest_batch_drops_the_graphs_only_when_their_buckets_change():
 
 @pytest.fixture(scope="module")
 def gpu_kernels():
-    return _script("gpu_kernels")
+    return load_script("gpu_kernels")
 
 
 def test_the_kernels_step_splits_device_time_by_kernel_family(gpu_kernels):

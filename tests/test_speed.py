@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +30,6 @@ from tests.device import TEST_DEVICE, needs_cuda
 from tests.faces import make_faces, template_landmarks, weights_with_detector
 from tests.test_pipeline import load_nets, reference, with_landmarks
 
-ROOT = Path(__file__).resolve().parent.parent
 ALIGNED = EnhanceOptions(alignment=Alignment.ALIGNED)
 LANDMARKS = EnhanceOptions(alignment=Alignment.LANDMARKS)
 
@@ -502,17 +500,15 @@ def test_in_bfloat16_a_face_never_depends_on_the_faces_beside_it(nets):
 def test_the_batch_rounding_table_measures_a_face_alone_beside_others_and_last(weights, tmp_path):
     """scripts/batch_rounding.py: a row per dtype, alignment and pass size; a pass of one is
     face 0 alone (0 levels), and face 0 beside other faces gives its own pixels (0 levels)."""
-    import importlib.util
     import re
 
     import cv2
 
+    from tests.helpers import load_script
+
     for i, face in enumerate(make_faces(4, seed=5)):
         cv2.imwrite(str(tmp_path / f"face{i:02d}.png"), face)
-    spec = importlib.util.spec_from_file_location("batch_rounding", ROOT / "scripts" / "batch_rounding.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    table = script.main([str(weights), str(tmp_path), "--device", TEST_DEVICE.type, "--dtypes", "bfloat16",
+    table = load_script("batch_rounding").main([str(weights), str(tmp_path), "--device", TEST_DEVICE.type, "--dtypes", "bfloat16",
                          "--alignments", "aligned,detect", "--sizes", "1,3",
                          "--markdown-out", str(tmp_path / "table.md")])
     assert (tmp_path / "table.md").read_text() == table + "\n"
