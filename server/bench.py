@@ -339,6 +339,8 @@ VARIANTS = {
     "defaults+compile": dataclasses.replace(_CUDA_DEFAULTS, compile=True),
     "all-forms+compile": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute",
                                              compile=True),
+    # ... with the box paste mask: no ParseNet (DETECT's other target, 800 faces/s on an H100)
+    "defaults+box+compile": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box", compile=True),
 }
 
 
@@ -362,19 +364,27 @@ def profile_stages(pipeline, faces, batch_sizes, options, iterations, sync) -> s
         finally:
             pipeline.profiler = None
         counts, times = counting.per_batch_counts(), timing.median_ms()
+        moved = counting.per_batch_bytes()
         stages = [name for name in STAGES if name in counts or name in times]
         stages += sorted((set(counts) | set(times)) - set(stages))
         lines = [f"batch {b}, {options.alignment.value}, {pipeline.speed.describe()}:", "",
-                 "| stage | ms per batch (median) | operators | syncs |", "|---|---:|---:|---:|"]
+                 "| stage | ms per batch (median) | operators | syncs | MB moved |", "|---|---:|---:|---:|---:|"]
         for name in stages:
             ops, syncs = counts.get(name, (0, 0))
-            lines.append(f"| {name} | {times.get(name, 0.0):.2f} | {ops:.0f} | {syncs:.0f} |")
+            lines.append(f"| {name} | {times.get(name, 0.0):.2f} | {ops:.0f} | {syncs:.0f} "
+                         f"| {moved.get(name, 0.0) / 1e6:.1f} |")
         ops, syncs = counting.totals()
-        lines.append(f"| **total** | {sum(times.values()):.2f} | {ops:.0f} | {syncs:.0f} |")
+        lines.append(f"| **total** | {sum(times.values()):.2f} | {ops:.0f} | {syncs:.0f} "
+                     f"| {sum(moved.values()) / 1e6:.1f} |")
         sources = ", ".join(f"{op} {n:g}" for op, n in sorted(counting.sync_sources().items()))
         lines.append("")
         lines.append(f"syncs from: {sources or 'none'}"
                      + (f"; CUDA sync debug mode counted {counting.cuda_syncs}" if pipeline.device.type == "cuda" else ""))
+        graphed = sorted(getattr(pipeline, "_graphs", {}))
+        if graphed:
+            lines.append(f"{', '.join(graphed)} ran as CUDA graph replays: the operators, bytes and "
+                         "syncs inside a replay are not seen (scripts/gpu_kernels.py counts the "
+                         "networks' bytes)")
         if getattr(pipeline.speed, "compile", False):
             lines.append("compiled passes run eagerly while operators are counted (the counting "
                          "dispatch mode is not what their graphs were made for): the gfpgan and "

@@ -52,18 +52,64 @@ def _is_sync(func, args) -> bool:
     return False  # copies between devices are judged by OpCounter, which sees their arguments
 
 
+#: Operators whose first argument is only written (its old values are not read).
+_WRITE_ONLY = {_aten.copy_.default, _aten.fill_.Scalar, _aten.fill_.Tensor, _aten.zero_.default}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements t spans: a broadcast dimension (stride 0) counts once."""
+    elements = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0 or size == 0:
+            elements *= size
+    return elements * t.element_size()
+
+
+def op_bytes(func, args, kwargs, out) -> int:
+    """Device memory an operator reads and writes at the least: each distinct tensor argument
+    read once (not the target of a copy or fill), each distinct output written once. A kernel
+    that reads its input more than once (a convolution's tiles) moves more; fused work (a
+    compiled kernel, a graph replay) is not an operator here."""
+    leaves = torch.utils._pytree.tree_leaves((args[1:] if func in _WRITE_ONLY else args, kwargs))
+    return _distinct_bytes(leaves) + _distinct_bytes(torch.utils._pytree.tree_leaves(out))
+
+
+def _distinct_bytes(leaves) -> int:
+    seen, total = set(), 0
+    for t in leaves:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += tensor_bytes(t)
+    return total
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    """Floating-point operations of a matrix operator (convolutions, matrix products: two per
+    multiply-add, as torch.utils.flop_counter counts them); 0 for any other."""
+    from torch.utils.flop_counter import flop_registry
+
+    count = flop_registry.get(func._overloadpacket)
+    return int(count(*args, **kwargs, out_val=out)) if count is not None else 0
+
+
 @dataclass
 class StageCounts:
     ops: int = 0
     syncs: int = 0
+    bytes: int = 0  # read and written by the operators (op_bytes)
     sync_ops: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts ATen operators (launches) and syncs, attributed to the current stage."""
+    """Counts ATen operators (launches), the bytes they move and syncs, attributed to the
+    current stage."""
 
-    def __init__(self):
+    def __init__(self, record: bool = False):
         super().__init__()
+        #: with record: (operator, FLOPs, bytes) of every launch, in order
+        self.record: list[tuple[str, int, int]] | None = [] if record else None
         self.stage = "other"
         self.counts: dict[str, StageCounts] = defaultdict(StageCounts)
         #: Set while the pipeline stages a host array for an asynchronous upload (pinned buffer,
@@ -81,7 +127,8 @@ class OpCounter(TorchDispatchMode):
         counts = self.counts[self.stage]
         name = func.name()
         base = name.split(".")[0]
-        if base not in _NOT_LAUNCHES:
+        launch = base not in _NOT_LAUNCHES
+        if launch:
             counts.ops += 1
         sync = _is_sync(func, args) and not (self.uploading and func is _aten.lift_fresh.default)
         if func is _aten._to_copy.default or func is _aten.copy_.default:
@@ -92,6 +139,11 @@ class OpCounter(TorchDispatchMode):
                     torch.device(target).type == "cpu" and source.device.type != "cpu":
                 sync = True  # a blocking copy to the host (a non-blocking one waits at a sync)
         out = func(*args, **kwargs)
+        if launch:
+            moved = op_bytes(func, args, kwargs, out)
+            counts.bytes += moved
+            if self.record is not None:
+                self.record.append((base, op_flops(func, args, kwargs, out), moved))
         if sync and func is _aten.lift_fresh.default and out.dim() == 0:
             sync = False  # a Python number as a 0-d tensor (t[i] = 3): passed as a scalar
         if sync:
@@ -191,6 +243,13 @@ class StageProfiler:
         return {stage: (c.ops / self.batches, c.syncs / self.batches)
                 for stage, c in self.counter.counts.items()}
 
+    def per_batch_bytes(self) -> dict[str, float]:
+        """stage -> bytes its operators read and wrote per batch (op_bytes; what runs inside a
+        CUDA graph replay or a compiled kernel is not seen)."""
+        if self.counter is None or not self.batches:
+            return {}
+        return {stage: c.bytes / self.batches for stage, c in self.counter.counts.items()}
+
     def totals(self) -> tuple[float, float]:
         counts = self.per_batch_counts()
         return (sum(ops for ops, _ in counts.values()), sum(s for _, s in counts.values()))
@@ -208,3 +267,63 @@ class StageProfiler:
     def median_ms(self) -> dict[str, float]:
         import statistics
         return {name: statistics.median(values) for name, values in self.times_ms.items()}
+
+
+@dataclass
+class PassCounts:
+    ops: int
+    bytes: int
+    flops: int
+    #: (operator, FLOPs, bytes) of each launch, in order
+    entries: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def count_pass(fn, *args) -> PassCounts:
+    """Operators, bytes moved (op_bytes) and FLOPs (op_flops) of one eager call of fn(*args),
+    each launch's too. A compiled pass (server.speed.CompiledForward) must be counted through
+    its eager function (its `fn`): torch.compile refuses to trace under a dispatch mode."""
+    counter = OpCounter(record=True)
+    with torch.no_grad(), counter:
+        fn(*args)
+    entries = counter.record
+    return PassCounts(ops=len(entries), bytes=sum(b for _, _, b in entries),
+                      flops=sum(f for _, f, _ in entries), entries=entries)
+
+
+@dataclass
+class Traffic:
+    """What a network pass computes and moves, split into what grows with the batch (a face)
+    and what it does once (a pass: its weights' casts), launch by launch."""
+    #: (operator, FLOPs a face, bytes a face, bytes a pass) of each launch
+    launches: list[tuple[str, float, float, float]]
+
+    @property
+    def flops(self) -> float:
+        return sum(f for _, f, _, _ in self.launches)
+
+    @property
+    def face_bytes(self) -> float:
+        return sum(b for _, _, b, _ in self.launches)
+
+    @property
+    def pass_bytes(self) -> float:
+        return sum(p for _, _, _, p in self.launches)
+
+    def floor_ms(self, batch: int, tflops: float, gbs: float) -> float:
+        """Milliseconds a face, in a pass of `batch`, if every launch ran at its roofline: the
+        longer of its FLOPs at `tflops` TFLOP/s and its bytes at `gbs` GB/s (launches one after
+        the other, as eager kernels run)."""
+        total = sum(max(batch * f / tflops / 1e9, (p + batch * b) / gbs / 1e6)
+                    for _, f, b, p in self.launches)
+        return total / batch
+
+
+def pass_traffic(fn, face: torch.Tensor) -> Traffic:
+    """fn's Traffic over a batch, from its launches at one and at two copies of `face` (a batch
+    of one): the same launches, whose bytes grow by a face's and FLOPs double."""
+    one, two = face[:1], face[:1].expand(2, *face.shape[1:]).contiguous()
+    small, large = count_pass(fn, one).entries, count_pass(fn, two).entries
+    if [name for name, _, _ in small] != [name for name, _, _ in large]:
+        raise ValueError("the pass launches other operators for two faces than for one; its "
+                         "bytes cannot be split into a face's and a pass's")
+    return Traffic([(name, f1, b2 - b1, 2 * b1 - b2) for (name, f1, b1), (_, _, b2) in zip(small, large)])

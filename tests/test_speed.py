@@ -743,6 +743,87 @@ def test_profile_counts_launches_and_syncs_per_stage(nets):
     assert folded["parse"][0] == stages["detect", 1]["parse"][0] - 36 - 38
 
 
+def test_the_profile_counts_the_bytes_each_operator_reads_and_writes():
+    """op_bytes: every distinct tensor argument read once, every output written once; a
+    broadcast dimension counts once, a view moves nothing, a copy's target is written only."""
+    from server.profiling import OpCounter, count_pass, tensor_bytes
+
+    x, bias = torch.rand(2, 3, 8, 8), torch.rand(1, 3, 1, 1)  # 1,536 and 12 bytes
+    counter = OpCounter()
+    with counter:
+        y = x + bias
+        xx = x * x  # one tensor read twice by one kernel: counted once
+    assert counter.counts["other"].bytes == (1536 + 12 + 1536) + (1536 + 1536)
+    assert tensor_bytes(bias.expand(2, 3, 8, 8)) == 12 and tensor_bytes(xx[:, :1]) == 512
+    counter = OpCounter()
+    with counter:
+        y.relu_()  # read and written in place
+        flat = y.view(2, 192)  # a view: no kernel
+        target = torch.empty(2, 192)
+        target.copy_(flat)  # reads flat, writes target
+    assert counter.counts["other"].bytes == 2 * 1536 + 2 * 1536
+    assert counter.counts["other"].ops == 2
+    # a pass: FLOPs are two per multiply-add of the convolution; bytes its input, weight, bias, output
+    conv = torch.nn.Conv2d(3, 4, 3)
+    counts = count_pass(conv, torch.rand(1, 3, 8, 8))
+    assert counts.flops == 2 * (4 * 3 * 9) * (6 * 6)
+    assert counts.bytes == 4 * (3 * 64 + 4 * 3 * 9 + 4 + 4 * 36) and counts.ops == 1
+    assert counts.entries == [("aten::convolution", counts.flops, counts.bytes)]
+
+
+#: Forms that remove work, against the form they replace: (network, dtype, base, form, the
+#: form's FLOPs as a share of the base's: the same, or fewer, or the few more of ParseNet's
+#: border rows and columns computed again).
+LIGHTER_FORMS = [
+    ("gfpgan", torch.bfloat16, SpeedOptions(modconv="unfused"), SpeedOptions(modconv="unfused", activations="compute"),
+     (1.0, 1.0)),
+    ("gfpgan", torch.float32, SpeedOptions(modconv="unfused"), SpeedOptions(modconv="unfused", gfpgan_forward="lean"),
+     (1.0, 1.0)),
+    ("parse", torch.float32, SpeedOptions(), SpeedOptions(fold_norms=True), (1.0, 1.0)),
+    ("parse", torch.float32, SpeedOptions(), SpeedOptions(parse_padding="border"), (1.0, 1.05)),
+    ("parse", torch.float32, SpeedOptions(), SpeedOptions(parse_upsample="phases"), (0.5, 0.8)),
+]
+
+
+@pytest.mark.parametrize("network, dtype, base, form, flops", LIGHTER_FORMS,
+                         ids=["bf16-activations", "lean", "fold-norms", "parse-border", "parse-phases"])
+def test_a_form_that_removes_work_moves_fewer_bytes(nets, network, dtype, base, form, flops):
+    """What a pass reads and writes sets its floor on a GPU, where these networks are bound by
+    memory more than by their FLOPs (BENCHMARKS.md, "The floor"); counted here on the CPU, a
+    pass of one face."""
+    from server.profiling import count_pass
+
+    face = torch.rand(1, 3, 512, 512, device=TEST_DEVICE) * 255
+    counts = {}
+    for name, speed in (("base", base), ("form", form)):
+        pipeline = make_pipeline(nets, speed, dtype=dtype)
+        counts[name] = count_pass(pipeline._fixed[network], face)
+    make_pipeline(nets)  # leave the shared networks in their plain form
+    print(network, form.describe(), counts)
+    assert counts["form"].bytes < 0.95 * counts["base"].bytes
+    share = counts["form"].flops / counts["base"].flops
+    assert flops[0] <= share <= flops[1]
+
+
+def test_the_stage_profile_gives_the_bytes_each_stage_moves(nets):
+    """gfpgan-bench --profile: a megabytes column per stage, its total their sum, the networks'
+    bytes growing with the batch (their weights are read once a pass)."""
+    from server.bench import profile_stages
+
+    pipeline = make_pipeline(nets)
+    tables = {}
+    for n in (1, 2):
+        text = profile_stages(pipeline, make_faces(2, seed=28), [n], ALIGNED, 1, lambda: None)
+        rows = {cells[0]: cells[1:] for cells in
+                ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+                 if line.startswith("| ") and not line.startswith("| stage"))}
+        tables[n] = {stage: float(cells[3]) for stage, cells in rows.items()}
+    assert "| stage | ms per batch (median) | operators | syncs | MB moved |" in text
+    for table in tables.values():
+        assert table["**total**"] == pytest.approx(sum(v for k, v in table.items() if k != "**total**"), abs=0.2)
+    assert 0 < tables[1]["gfpgan"] < tables[2]["gfpgan"] < 2 * tables[1]["gfpgan"]
+
+
 def test_a_detect_batch_meets_the_launch_and_sync_targets_with_the_service_defaults(nets):
     """Issue 8's targets, counted on the CPU with the forms the service picks on CUDA (graphs
     aside, which exist on CUDA only): a DETECT batch (ParseNet paste mask) runs at most 1,000
