@@ -259,7 +259,11 @@ STEP_VARIANTS = ["plain", "defaults", "defaults+decoder-channels-last", "all-for
 #: The compile step: torch.compile's forms beside the defaults, built beforehand by the
 #: compile-cache step (the compiler's time must not cost the bench process its sections). Its
 #: ratios are against the defaults, the choice it informs; plain is timed in the variants step.
-COMPILE_VARIANTS = ["defaults", "defaults+compile", "all-forms+compile"]
+#: Not all-forms+compile: compiled, `--activations compute` moves the same bytes as the
+#: defaults and `--resample fast` twice as many (its slices and concatenations are not fused:
+#: scripts/gpu_kernels.py --counts-only, BENCHMARKS.md "The floor"); the box mask instead, the
+#: compiled form of DETECT's other target.
+COMPILE_VARIANTS = ["defaults", "defaults+compile", "defaults+box+compile"]
 #: ... and in the CPU rehearsal, where CUDA graphs cannot run: the compiled form without them.
 QUICK_COMPILE_VARIANTS = ["plain", "lean+compile"]
 
@@ -453,10 +457,12 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         for (ms, ops, syncs), label in zip(totals, ("first", "second")):
             found[label] = f"{ms} ms, {ops} ops, {syncs} syncs"
     elif name == "kernels":
-        for network, form, tflops, families in re.findall(
-                r"(?m)^\| (gfpgan|parse) \| ([\w+-]+) \| [\d.]+ \| [\d.]+ \| (\d+) \|([^|\n]*)", text):
+        for network, form, tflops, of_floor, families in re.findall(
+                r"(?m)^\| (gfpgan|parse) \| ([\w+-]+) \| [\d.]+ \| [\d.]+ \| (\d+) \| [\d.-]+ \| [\d.-]+ \| [\d.-]+ "
+                r"\| (\d+%|-) \|([^|\n]*)", text):
             share = re.search(r"convolutions (\d+%)", families)
-            found[f"{network} {form}"] = f"{tflops} TF/s" + (f", convolutions {share.group(1)}" if share else "")
+            found[f"{network} {form}"] = (f"{tflops} TF/s" + (f", {of_floor} of floor" if of_floor != "-" else "")
+                                          + (f", convolutions {share.group(1)}" if share else ""))
     elif name == "env":
         match = re.search(r"device: ([^\n]+)", text)
         if match:

@@ -13,6 +13,13 @@ device time, and that time by kernel family (convolutions, layout changes and co
 resampling, padding, compiled fusions, the rest): how far each form is from spending its time on
 the matrix work. `--trace-dir` also keeps each pass's profile as a Chrome trace (gzip), for
 reading after the lease. scripts/gpu_check.py runs it.
+
+Each pass's floor: every launch at its roofline, the longer of its FLOPs at the matrix rate and
+the bytes it reads and writes (server.profiling.Traffic) at the memory rate, both rates measured
+on this device first (a large matrix product in the dtype, a large copy) unless `--rates` gives
+another card's. A pass near its floor can only get faster by moving fewer bytes (fusing its
+elementwise work: --compile); one far from it has slow kernels. `--counts-only` skips the timing: it counts each form's bytes
+and gives its floor at `--rates`, on any device, in seconds.
 """
 from __future__ import annotations
 
@@ -54,11 +61,22 @@ def main() -> None:
     parser.add_argument("--networks", default="gfpgan,parse", help="of gfpgan and parse (default: both)")
     parser.add_argument("--trace-dir", type=Path, default=None,
                         help="also write each pass's profile there as NETWORK-FORM.json.gz (a Chrome trace)")
+    parser.add_argument("--rates", default=None, metavar="TFLOPS,GBS",
+                        help="the matrix rate (TFLOP/s) and memory rate (GB/s) the floors are given at, "
+                             "e.g. 989,3350 for an H100 SXM's data sheet (default: measured on --device)")
+    parser.add_argument("--counts-only", action="store_true",
+                        help="time nothing: count each pass's operators, bytes and FLOPs and give its floor")
     args = parser.parse_args()
     forms = [f for f in args.forms.split(",") if f]
     networks = [n for n in args.networks.split(",") if n]
     if not set(networks) <= set(GFLOP_PER_FACE):
         parser.error(f"--networks takes {', '.join(GFLOP_PER_FACE)}")
+    try:
+        given = tuple(float(r) for r in args.rates.split(",")) if args.rates else None
+    except ValueError:
+        given = ()
+    if given is not None and (len(given) != 2 or min(given) <= 0):
+        parser.error(f"--rates takes two positive numbers, TFLOP/s,GB/s; got {args.rates!r}")
 
     import server.compat  # noqa: F401
     import torch
@@ -80,12 +98,20 @@ def main() -> None:
                                      parsing=args.weights / "parsing_parsenet.pth"), device)
     dtype = getattr(torch, args.dtype)
     crops = torch.rand(args.batch, 3, 512, 512, device=device) * 255
+    rates = given or card_rates(device, dtype)
+    print(f"floors at {rates[0]:.0f} TFLOP/s and {rates[1]:.0f} GB/s "
+          f"({'given' if given else f'measured on {device.type}'})")
     rows = []
     for form in forms:
         pipeline = FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device,
                                 dtype=dtype, speed=VARIANTS[form])
         for name in networks:
             run = pipeline._fixed[name]  # the pass as a batch runs it (compiled, with --compile)
+            traffic = pass_traffic(run, crops, compiled=VARIANTS[form].compile, inductor=args.counts_only)
+            floor = traffic and traffic.floor_ms(args.batch, *rates)
+            if args.counts_only:
+                rows.append((form, name, None, None, None, traffic, floor, {}))
+                continue
             with torch.no_grad():
                 for _ in range(2):
                     run(crops)
@@ -96,7 +122,7 @@ def main() -> None:
                         torch.cuda.synchronize(device)
             tflops = GFLOP_PER_FACE[name] * args.batch / ms  # GFLOP per ms is TFLOP/s
             families = kernel_families(prof.key_averages(), cuda)
-            rows.append((form, name, ms, ms / args.batch, tflops, families))
+            rows.append((form, name, ms, ms / args.batch, tflops, traffic, floor, families))
             print(f"\n### {name}, {form}, batch {args.batch}, {args.dtype}: {ms:.2f} ms "
                   f"({ms / args.batch:.2f} ms a face, {tflops:.0f} TFLOP/s)\n")
             print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
@@ -104,10 +130,91 @@ def main() -> None:
             print("by family: " + families_line(families))
             if args.trace_dir is not None:
                 write_trace(prof, args.trace_dir / f"{name}-{form}.json.gz")
-    print("\n| network | form | ms per pass | ms per face | TFLOP/s | device time by kernel family |"
-          "\n|---|---|---:|---:|---:|---|")
-    for form, name, ms, per_face, tflops, families in rows:
-        print(f"| {name} | {form} | {ms:.2f} | {per_face:.2f} | {tflops:.0f} | {families_line(families)} |")
+    print("\n| network | form | ms per pass | ms per face | TFLOP/s | GB a face | GB a pass | floor ms a face "
+          "| of floor | device time by kernel family |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for form, name, ms, per_face, tflops, traffic, floor, families in rows:
+        face_gb, pass_gb = (traffic.face_bytes / 1e9, traffic.pass_bytes / 1e9) if traffic else (None, None)
+        print(f"| {name} | {form} | {_cell(ms)} | {_cell(per_face)} | {_cell(tflops, '.0f')} | {_cell(face_gb)} "
+              f"| {_cell(pass_gb)} | {_cell(floor)} | {_cell(floor and per_face and 100 * floor / per_face, '.0f', '%')} "
+              f"| {families_line(families)} |")
+    print(f"\nGB a face: what the operators read and write grows by that for every face; GB a pass: what "
+          f"they move once a pass (the weights' casts). floor: a face of a pass of {args.batch} if each "
+          f"launch took the longer of its FLOPs at {rates[0]:.0f} TFLOP/s and its bytes at {rates[1]:.0f} "
+          f"GB/s; of floor: the floor as a share of the measured time. A compiled form's bytes are "
+          f"its convolutions' and Inductor's own count of its fused kernels as it compiles "
+          f"(--counts-only), not counted in a timed run (its fused kernels are not operators)")
+
+
+def card_rates(device, dtype) -> tuple[float, float]:
+    """(TFLOP/s of a large matrix product in dtype, GB/s of a large copy) on device, median of 5."""
+    import torch
+
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    source = torch.empty(2**30 if cuda else 2**26, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    with torch.no_grad():
+        for run in (lambda _: a @ b, lambda _: target.copy_(source)):
+            run(None)  # warm: the library picks its kernel, the pages are touched
+        matrix_ms = statistics.median(_timed(lambda _: a @ b, None, device) for _ in range(5))
+        copy_ms = statistics.median(_timed(lambda _: target.copy_(source), None, device) for _ in range(5))
+    return 2 * n**3 / matrix_ms / 1e9, 2 * source.numel() / copy_ms / 1e6
+
+
+def pass_traffic(run, crops, compiled: bool, inductor: bool):
+    """run's server.profiling.Traffic, or, for a compiled pass when `inductor`, that of its
+    eager form's matrix launches (the same library kernels compiled) and one more for its
+    fused kernels: Inductor's bytes at two and four rows less those launches'. None for a
+    compiled pass without `inductor`: its fused kernels are not operators to count."""
+    from server.profiling import Traffic, pass_traffic as counted
+
+    if not compiled:
+        return counted(run, crops[:1])
+    if not inductor:
+        return None
+    matrix = [launch for launch in counted(run.fn, crops[:1]).launches if launch[1] > 0]
+    small, large = inductor_bytes(run, 2, crops[:1]), inductor_bytes(run, 4, crops[:1])
+    face = (large - small) / 2
+    fused = ("fused", 0.0, face - sum(b for _, _, b, _ in matrix), small - 2 * face - sum(p for *_, p in matrix))
+    return Traffic(matrix + [fused])
+
+
+def inductor_bytes(run, rows: int, one) -> int:
+    """Bytes Inductor's kernels read and write for `rows` faces, by its own count as it compiles
+    run's function (server.speed.CompiledForward) with a dynamic batch: it counts at the batch it
+    compiles on. Compiles afresh, its graph cache off (a cached graph is not counted again)."""
+    import logging
+
+    import torch
+    import torch._inductor.config as inductor_config
+    import torch._inductor.metrics as metrics
+
+    # compile_fx counts only while its metrics log takes INFO; keep the log's own output quiet
+    counting = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
+    level, propagate = counting.level, counting.propagate
+    counting.setLevel(logging.INFO)
+    counting.propagate = False
+    handler = logging.NullHandler()
+    counting.addHandler(handler)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(run.fn, fullgraph=True, dynamic=None)
+        x = one.expand(rows, -1, -1, -1).contiguous()
+        torch._dynamo.mark_dynamic(x, 0)
+        metrics.reset()
+        with inductor_config.patch(fx_graph_cache=False), torch.no_grad(), run.context():
+            compiled(x)
+        return metrics.num_bytes_accessed
+    finally:
+        counting.removeHandler(handler)
+        counting.setLevel(level)
+        counting.propagate = propagate
+        torch._dynamo.reset()
+
+
+def _cell(value, spec: str = ".2f", unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
 
 
 def kernel_families(events, cuda: bool) -> dict[str, float]:

@@ -158,12 +158,15 @@ SUMMARY_LINES = [
                        "| bfloat16 | aligned | 4 | 14 | 0.250 | 0 | 0 |\n",
      {"float32 aligned": "pass size 0, place 0, faces beside 0 levels",
       "bfloat16 aligned": "pass size 15, place 15, faces beside 0 levels"}),
-    # each form's rate and its convolutions' share of the device time
-    ("kernels", "| network | form | ms per pass | ms per face | TFLOP/s | device time by kernel family |\n"
-                "|---|---|---:|---:|---:|---|\n"
-                "| gfpgan | defaults | 81.20 | 5.08 | 78 | elementwise+other 40%, convolutions 35%, padding 25% |\n"
-                "| parse | defaults | 75.90 | 4.74 | 99 | |\n",
-     {"gfpgan defaults": "78 TF/s, convolutions 35%", "parse defaults": "99 TF/s"}),
+    # each form's rate, how near its floor it runs, and its convolutions' share of the device time
+    ("kernels", "| network | form | ms per pass | ms per face | TFLOP/s | GB a face | GB a pass | floor ms a face "
+                "| of floor | device time by kernel family |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+                "| gfpgan | defaults | 81.20 | 5.08 | 78 | 5.28 | 0.70 | 1.62 | 32% "
+                "| elementwise+other 40%, convolutions 35%, padding 25% |\n"
+                "| parse | defaults | 75.90 | 4.74 | 99 | 7.63 | 0.17 | 2.19 | 46% | |\n"
+                "| gfpgan | defaults+compile | 40.00 | 2.50 | 158 | - | - | - | - | compiled 60%, convolutions 40% |\n",
+     {"gfpgan defaults": "78 TF/s, 32% of floor, convolutions 35%", "parse defaults": "99 TF/s, 46% of floor",
+      "gfpgan defaults+compile": "158 TF/s, convolutions 40%"}),
 ]
 
 
@@ -379,3 +382,49 @@ def test_the_kernels_script_profiles_a_pass_by_family_and_keeps_its_trace(gpu_ke
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["net-plain.json.gz"]
     trace = json.loads(gzip.open(tmp_path / "traces" / "net-plain.json.gz").read())
     assert any("conv" in event.get("name", "") for event in trace["traceEvents"])
+
+
+def test_the_kernels_step_splits_a_pass_s_bytes_into_those_of_a_face_and_those_of_the_pass(gpu_kernels):
+    """A pass that casts its weight once and its input per face: the bytes of each launch split
+    into a face's and the pass's; the floor takes each launch at its roofline."""
+    import torch
+
+    weight = torch.rand(4, 3, 3, 3)  # 432 bytes in float32, 216 in bfloat16
+
+    def run(x):
+        return torch.nn.functional.conv2d(x.to(torch.bfloat16), weight.to(torch.bfloat16))
+
+    traffic = gpu_kernels.pass_traffic(run, torch.rand(3, 3, 8, 8), compiled=False, inductor=False)
+    conv_flops = 2 * (4 * 3 * 9) * 36
+    assert traffic.launches == [
+        ("aten::_to_copy", 0, 768 + 384, 0),  # the input's cast, a face's
+        ("aten::_to_copy", 0, 0, 432 + 216),  # the weight's, once a pass
+        # the convolution: its input (384) and output (144 x 2) a face, its weight (216) a pass
+        ("aten::convolution", conv_flops, 384 + 288, 216)]
+    assert traffic.flops == conv_flops and traffic.face_bytes == 768 + 384 + 384 + 288
+    assert traffic.pass_bytes == 432 + 216 + 216
+    # at 1 TFLOP/s and 1 GB/s, a pass of 2: the casts are bound by their bytes, the convolution
+    # too (its 2 x 7,776 FLOPs take 0.0156 us, its 1,560 bytes 1.56 us)
+    assert traffic.floor_ms(2, 1.0, 1.0) == pytest.approx((2 * 1152 + 648 + 2 * 672 + 216) / 1e6 / 2)
+    # ... and at 1 GFLOP/s the convolution is bound by its FLOPs (15.6 us a pass)
+    assert traffic.floor_ms(2, 0.001, 1.0) == pytest.approx((2 * 1152 + 648) / 1e6 / 2 + 2 * conv_flops / 1e6 / 2)
+    assert gpu_kernels.pass_traffic(run, torch.rand(1, 3, 8, 8), compiled=True, inductor=False) is None
+    matrix, memory = gpu_kernels.card_rates(torch.device("cpu"), torch.float32)
+    assert matrix > 0 and memory > 0
+
+
+def test_a_compiled_pass_s_bytes_are_inductor_s_own_count_at_the_batch_it_compiles(gpu_kernels):
+    """inductor_bytes compiles the pass's function afresh with a dynamic batch and reads
+    Inductor's count: one fused kernel reads each row once and writes it once."""
+    import contextlib
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+
+    if not shutil.which("g++") and not torch.cuda.is_available():
+        pytest.fail("Inductor builds C++ on the CPU: this test needs g++")
+    run = SimpleNamespace(fn=lambda x: torch.relu(x) * 2 + 1, context=contextlib.nullcontext)
+    one = torch.rand(1, 3, 8, 8)  # 768 bytes a row
+    assert gpu_kernels.inductor_bytes(run, 2, one) == 2 * 2 * 768
+    assert gpu_kernels.inductor_bytes(run, 4, one) == 4 * 2 * 768
