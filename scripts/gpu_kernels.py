@@ -140,7 +140,8 @@ def main() -> None:
     print(f"\nGB a face: what the operators read and write grows by that for every face; GB a pass: what "
           f"they move once a pass (the weights' casts). floor: a face of a pass of {args.batch} if each "
           f"launch took the longer of its FLOPs at {rates[0]:.0f} TFLOP/s and its bytes at {rates[1]:.0f} "
-          f"GB/s; of floor: the floor as a share of the measured time. A compiled form's bytes are "
+          f"GB/s; of floor: the floor as a share of the measured time. On the CPU the operators cast as "
+          f"CUDA autocast would (server.profiling.cuda_autocast_policy). A compiled form's bytes are "
           f"its convolutions' and Inductor's own count of its fused kernels as it compiles "
           f"(--counts-only), not counted in a timed run (its fused kernels are not operators)")
 
@@ -167,13 +168,17 @@ def pass_traffic(run, crops, compiled: bool, inductor: bool):
     eager form's matrix launches (the same library kernels compiled) and one more for its
     fused kernels: Inductor's bytes at two and four rows less those launches'. None for a
     compiled pass without `inductor`: its fused kernels are not operators to count."""
-    from server.profiling import Traffic, pass_traffic as counted
+    import contextlib
 
-    if not compiled:
-        return counted(run, crops[:1])
+    from server.profiling import Traffic, cuda_autocast_policy, pass_traffic as counted
+
+    if not compiled:  # on the CPU, cast as CUDA autocast does: the bytes a GPU would move
+        with cuda_autocast_policy() if crops.device.type == "cpu" else contextlib.nullcontext():
+            return counted(run, crops[:1])
     if not inductor:
         return None
-    matrix = [launch for launch in counted(run.fn, crops[:1]).launches if launch[1] > 0]
+    with cuda_autocast_policy() if crops.device.type == "cpu" else contextlib.nullcontext():
+        matrix = [launch for launch in counted(run.fn, crops[:1]).launches if launch[1] > 0]
     small, large = inductor_bytes(run, 2, crops[:1]), inductor_bytes(run, 4, crops[:1])
     face = (large - small) / 2
     fused = ("fused", 0.0, face - sum(b for _, _, b, _ in matrix), small - 2 * face - sum(p for *_, p in matrix))

@@ -327,3 +327,37 @@ def pass_traffic(fn, face: torch.Tensor) -> Traffic:
         raise ValueError("the pass launches other operators for two faces than for one; its "
                          "bytes cannot be split into a face's and a pass's")
     return Traffic([(name, f1, b2 - b1, 2 * b1 - b2) for (name, f1, b1), (_, _, b2) in zip(small, large)])
+
+
+#: Operators CUDA autocast runs in float32 (its fp32 list) and CPU autocast in their input's type,
+#: among those that move a network's activations here: GFPGAN's and ParseNet's resampling.
+CUDA_FLOAT32_OPS = ("upsample_bilinear2d", "upsample_nearest2d")
+
+
+@contextlib.contextmanager
+def cuda_autocast_policy():
+    """Inside, CPU autocast casts as CUDA autocast does where that moves these networks' bytes:
+    an operator with a CPU autocast rule and no CUDA one (reflection and replication padding
+    run in float32 on the CPU; cat, stack) runs as it comes, and CUDA_FLOAT32_OPS run in float32.
+    For counting on the CPU the bytes a GPU moves; on leaving, CPU autocast is itself again."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    library = torch.library.Library("aten", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for name in torch._C._dispatch_get_all_op_names():
+                if name.startswith("aten::") and has(name, "AutocastCPU") and not has(name, "AutocastCUDA"):
+                    library.impl(name[len("aten::"):], torch.library.fallthrough_kernel, "AutocastCPU")
+            for name in CUDA_FLOAT32_OPS:
+                library.impl(name, _in_float32(getattr(torch.ops.aten, name).default), "AutocastCPU")
+        yield
+    finally:
+        library._destroy()
+
+
+def _in_float32(op):
+    def run(*args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
+            return op(*[a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                        for a in args], **kwargs)
+    return run

@@ -771,6 +771,29 @@ def test_the_profile_counts_the_bytes_each_operator_reads_and_writes():
     assert counts.entries == [("aten::convolution", counts.flops, counts.bytes)]
 
 
+def test_bytes_counted_on_the_cpu_are_cast_as_cuda_autocast_casts():
+    """CPU autocast pads in float32 and upsamples in the input's type; CUDA autocast the other
+    way round (its fp32 list has the upsamplings, no padding). cuda_autocast_policy counts the
+    bytes a GPU moves, and leaves CPU autocast as it was."""
+    import torch.nn.functional as F
+
+    from server.profiling import cuda_autocast_policy
+
+    x = torch.rand(1, 2, 8, 8, dtype=torch.bfloat16)
+
+    def dtypes():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (F.pad(x, (1, 1, 1, 1), mode="reflect").dtype,
+                    F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False).dtype,
+                    F.interpolate(x, scale_factor=2).dtype, F.conv2d(x.float(), torch.rand(3, 2, 3, 3)).dtype)
+
+    cpu = (torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    assert dtypes() == cpu
+    with cuda_autocast_policy():
+        assert dtypes() == (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16)
+    assert dtypes() == cpu
+
+
 #: Forms that remove work, against the form they replace: (network, dtype, base, form, the
 #: form's FLOPs as a share of the base's: the same, or fewer, or the few more of ParseNet's
 #: border rows and columns computed again).
