@@ -369,8 +369,9 @@ SPECS: tuple[_Spec, ...] = (
           "per layer, whose effect on real faces is not yet judged).", "promote",
           check=_choice("promote", "compute")),
     _Spec("fold_norms", _choice("auto", "on", "off"), "Fold RetinaFace's and ParseNet's batch "
-          "norms into the convolutions before them and drop ParseNet's multiplications by one (the "
-          "same sums, fewer passes; faces within rounding). auto: on.", "auto",
+          "norms into the convolutions before them, drop ParseNet's multiplications by one and run "
+          "its x2 nearest upsamplings in their input's type, not in the float32 CUDA autocast picks "
+          "(the same sums, fewer passes and bytes; faces within rounding). auto: on.", "auto",
           check=_choice("auto", "on", "off")),
     _Spec("gfpgan_forward", _choice("auto", "gfpgan", "lean"), "GFPGAN v1.2-v1.4's forward: gfpgan "
           "(as GFPGAN writes it) or lean (no training-time copies of the SFT conditions, SFT in "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -64,7 +65,10 @@ class SpeedOptions:
     activations: str = "promote"
     #: Fold RetinaFace's and ParseNet's eval-mode batch norms into the convolutions before them
     #: and drop ParseNet's `x * 1.0` layers (NormFolding): one operator and one pass over an
-    #: activation map fewer per removed layer.
+    #: activation map fewer per removed layer. Also runs ParseNet's nearest x2 upsamplings in
+    #: their input's type: CUDA autocast has upsampling on its float32 list, so each would cast
+    #: its bf16 input up, write a float32 copy four times its size, and the padded copy of that
+    #: would be cast back down for the next convolution; copying values is exact in any type.
     fold_norms: bool = False
     #: "gfpgan": GFPGAN v1.2-v1.4 (the clean architecture) as GFPGAN writes it; "lean": without
     #: its training-time copies, and each StyleConv's elementwise work in two multiply-adds
@@ -886,9 +890,18 @@ def prepare_resampling(parser: torch.nn.Module | None) -> None:
         # facexlib's ConvLayer(scale='up') keeps `lambda x: nn.functional.interpolate(x, 2, nearest)`
         calls = getattr(getattr(scale, "__code__", None), "co_names", ())
         if callable(scale) and "interpolate" in calls and not getattr(scale, "_routed", False):
-            routed = lambda x: _interpolate(x, scale_factor=2, mode="nearest")  # noqa: E731
+            routed = functools.partial(_parse_upsample, module)
             routed._routed = True
             module.scale_func = routed
+
+
+def _parse_upsample(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ParseNet ConvLayer's x2 nearest upsampling (_interpolate); with the layer's
+    `nearest_as_is` (set_norm_folding), in x's own type whatever autocast's list says."""
+    if not getattr(layer, "nearest_as_is", False):
+        return _interpolate(x, scale_factor=2, mode="nearest")
+    with torch.autocast(x.device.type, enabled=False):
+        return _interpolate(x, scale_factor=2, mode="nearest")
 
 
 @contextlib.contextmanager
@@ -1021,9 +1034,14 @@ def _layout_of(t: torch.Tensor) -> torch.memory_format:
 
 
 def set_norm_folding(net: torch.nn.Module | None, on: bool) -> NormFolding | None:
-    """Fold (or unfold) `net`'s normalisation layers; returns its NormFolding (None: not a module)."""
+    """Fold (or unfold) `net`'s normalisation layers, and run its routed nearest upsamplings
+    (ParseNet's, prepare_resampling) in their input's type or as autocast says; returns its
+    NormFolding (None: not a module)."""
     if not isinstance(net, torch.nn.Module):
         return None
     folding = NormFolding.of(net)
     folding.set(on)
+    for module in net.modules():
+        if getattr(getattr(module, "scale_func", None), "_routed", False):
+            module.nearest_as_is = on
     return folding

@@ -794,6 +794,32 @@ def test_bytes_counted_on_the_cpu_are_cast_as_cuda_autocast_casts():
     assert dtypes() == cpu
 
 
+def test_folded_parsenet_upsamples_in_its_input_type_with_the_same_result(nets):
+    """With --fold-norms, ParseNet's x2 nearest upsamplings run in their input's type. Cast as
+    CUDA autocast casts (upsampling in float32), that drops a float32 copy and two casts per
+    layer; the mask is the same to the bit (nearest upsampling copies values, exact in any type)."""
+    from server.profiling import count_pass, cuda_autocast_policy
+
+    face = torch.rand(1, 3, 512, 512, device=TEST_DEVICE) * 255
+    pipeline = make_pipeline(nets, SpeedOptions(fold_norms=True), dtype=torch.bfloat16)
+    run = pipeline._fixed["parse"]
+    layers = [m for m in pipeline.parser.modules() if hasattr(m, "nearest_as_is")]
+    assert len(layers) == 8 and all(m.nearest_as_is for m in layers)  # ParseNet's 8 x2 layers
+    outputs, counts = {}, {}
+    try:
+        with cuda_autocast_policy():
+            for as_is in (True, False):
+                for layer in layers:
+                    layer.nearest_as_is = as_is
+                outputs[as_is], counts[as_is] = run(face), count_pass(run, face)
+    finally:
+        make_pipeline(nets)  # leave the shared networks in their plain form
+    assert not any(m.nearest_as_is for m in layers)
+    assert torch.equal(outputs[True], outputs[False])
+    print({k: c.bytes for k, c in counts.items()})
+    assert counts[True].bytes < 0.85 * counts[False].bytes
+
+
 #: Forms that remove work, against the form they replace: (network, dtype, base, form, the
 #: form's FLOPs as a share of the base's: the same, or fewer, or the few more of ParseNet's
 #: border rows and columns computed again).
