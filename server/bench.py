@@ -341,6 +341,8 @@ VARIANTS = {
                                              compile=True),
     # ... with the box paste mask: no ParseNet (DETECT's other target, 800 faces/s on an H100)
     "defaults+box+compile": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box", compile=True),
+    # ... with bf16 activations (counted compiled, the same bytes as the defaults: BENCHMARKS.md)
+    "defaults+bf16-activations+compile": dataclasses.replace(_CUDA_DEFAULTS, activations="compute", compile=True),
 }
 
 
