@@ -99,7 +99,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     crops = torch.rand(args.batch, 3, 512, 512, device=device) * 255
     rates = given or card_rates(device, dtype)
-    print(f"floors at {rates[0]:.0f} TFLOP/s and {rates[1]:.0f} GB/s "
+    print(f"floors at {_rate(rates[0])} TFLOP/s and {_rate(rates[1])} GB/s "
           f"({'given' if given else f'measured on {device.type}'})")
     rows = []
     for form in forms:
@@ -139,7 +139,7 @@ def main() -> None:
               f"| {families_line(families)} |")
     print(f"\nGB a face: what the operators read and write grows by that for every face; GB a pass: what "
           f"they move once a pass (the weights' casts). floor: a face of a pass of {args.batch} if each "
-          f"launch took the longer of its FLOPs at {rates[0]:.0f} TFLOP/s and its bytes at {rates[1]:.0f} "
+          f"launch took the longer of its FLOPs at {_rate(rates[0])} TFLOP/s and its bytes at {_rate(rates[1])} "
           f"GB/s; of floor: the floor as a share of the measured time. On the CPU the operators cast as "
           f"CUDA autocast would (server.profiling.cuda_autocast_policy). A compiled form's bytes are "
           f"its convolutions' and Inductor's own count of its fused kernels as it compiles "
@@ -216,6 +216,11 @@ def inductor_bytes(run, rows: int, one) -> int:
         counting.setLevel(level)
         counting.propagate = propagate
         torch._dynamo.reset()
+
+
+def _rate(value: float) -> str:
+    """989 -> "989", 3350 -> "3,350", 0.114 -> "0.114": a rate as read, the CPU's small ones too."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _cell(value, spec: str = ".2f", unit: str = "") -> str:

@@ -411,6 +411,8 @@ def test_the_kernels_step_splits_a_pass_s_bytes_into_those_of_a_face_and_those_o
     assert gpu_kernels.pass_traffic(run, torch.rand(1, 3, 8, 8), compiled=True, inductor=False) is None
     matrix, memory = gpu_kernels.card_rates(torch.device("cpu"), torch.float32)
     assert matrix > 0 and memory > 0
+    # the rates as the table's note gives them: a CPU's fraction of a TFLOP/s is not "0"
+    assert [gpu_kernels._rate(r) for r in (989, 3350, 0.1142)] == ["989", "3,350", "0.114"]
 
 
 def test_a_compiled_pass_s_bytes_are_inductor_s_own_count_at_the_batch_it_compiles(gpu_kernels):
