@@ -18,8 +18,8 @@ Each pass's floor: every launch at its roofline, the longer of its FLOPs at the 
 the bytes it reads and writes (server.profiling.Traffic) at the memory rate, both rates measured
 on this device first (a large matrix product in the dtype, a large copy) unless `--rates` gives
 another card's. A pass near its floor can only get faster by moving fewer bytes (fusing its
-elementwise work: --compile); one far from it has slow kernels. `--counts-only` skips the timing: it counts each form's bytes
-and gives its floor at `--rates`, on any device, in seconds.
+elementwise work: --compile); one far from it has slow kernels. `--counts-only` skips the
+timing: it counts each form's bytes and gives its floor at `--rates`, on any device.
 """
 from __future__ import annotations
 
@@ -172,13 +172,14 @@ def pass_traffic(run, crops, compiled: bool, inductor: bool):
 
     from server.profiling import Traffic, cuda_autocast_policy, pass_traffic as counted
 
-    if not compiled:  # on the CPU, cast as CUDA autocast does: the bytes a GPU would move
-        with cuda_autocast_policy() if crops.device.type == "cpu" else contextlib.nullcontext():
-            return counted(run, crops[:1])
-    if not inductor:
+    if compiled and not inductor:
         return None
+    # on the CPU, cast as CUDA autocast does: the bytes a GPU would move
     with cuda_autocast_policy() if crops.device.type == "cpu" else contextlib.nullcontext():
-        matrix = [launch for launch in counted(run.fn, crops[:1]).launches if launch[1] > 0]
+        traffic = counted(run.fn if compiled else run, crops[:1])
+    if not compiled:
+        return traffic
+    matrix = [launch for launch in traffic.launches if launch[1] > 0]
     small, large = inductor_bytes(run, 2, crops[:1]), inductor_bytes(run, 4, crops[:1])
     face = (large - small) / 2
     fused = ("fused", 0.0, face - sum(b for _, _, b, _ in matrix), small - 2 * face - sum(p for *_, p in matrix))

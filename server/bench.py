@@ -382,9 +382,8 @@ def profile_stages(pipeline, faces, batch_sizes, options, iterations, sync) -> s
         lines.append("")
         lines.append(f"syncs from: {sources or 'none'}"
                      + (f"; CUDA sync debug mode counted {counting.cuda_syncs}" if pipeline.device.type == "cuda" else ""))
-        graphed = sorted(getattr(pipeline, "_graphs", {}))
-        if graphed:
-            lines.append(f"{', '.join(graphed)} ran as CUDA graph replays: the operators, bytes and "
+        if pipeline.graphed:
+            lines.append(f"{', '.join(pipeline.graphed)} ran as CUDA graph replays: the operators, bytes and "
                          "syncs inside a replay are not seen (scripts/gpu_kernels.py counts the "
                          "networks' bytes)")
         if getattr(pipeline.speed, "compile", False):

@@ -285,6 +285,11 @@ class FacePipeline:
                 continue
             log.info("compiled %s in %.1f s", name, time.monotonic() - started)
 
+    @property
+    def graphed(self) -> list[str]:
+        """The networks whose passes run as CUDA graph replays (captured by warmup())."""
+        return sorted(self._graphs)
+
     def compiled_eager_calls(self) -> int:
         """Calls of the compiled passes that ran eagerly instead (CompiledForward.eager_calls)."""
         return sum(f.eager_calls for f in self._fixed.values() if isinstance(f, CompiledForward))
@@ -820,6 +825,10 @@ class ModelRouter:
     def warmup(self, faces: int = 1, size: int = 256) -> None:
         for pipeline in self.pipelines.values():
             pipeline.warmup(faces, size)
+
+    @property
+    def graphed(self) -> list[str]:
+        return sorted({name for pipeline in self.pipelines.values() for name in pipeline.graphed})
 
     @property
     def profiler(self):
