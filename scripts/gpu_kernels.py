@@ -4,7 +4,8 @@
     python scripts/gpu_kernels.py WEIGHTS_DIR [--batch 16] [--device cuda]
 
 For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in GFPGAN's own forms,
-the service's CUDA defaults, those with the StyleGAN decoder channels-last too, those with
+the service's CUDA defaults, those resampling bf16 maps in float32 as autocast does (the
+defaults before), those with the StyleGAN decoder channels-last too, those with
 ParseNet channels-last and padding from slices, ParseNet without padding passes (border_conv2d),
 with its x2 layers as 2x2 convolutions (upsample_conv2d), and with both and channels-last, and
 those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
-FORMS = ["plain", "defaults", "defaults+decoder-channels-last", "defaults+parse-channels-last+fast-resample",
+FORMS = ["plain", "defaults", "defaults+autocast-resample", "defaults+decoder-channels-last", "defaults+parse-channels-last+fast-resample",
          "defaults+parse-border", "defaults+parse-phases", "defaults+parse-channels-last+border+phases",
          "defaults+compile"]
 #: Kernel families by name, the first that matches: CUDA kernels as torch.profiler names them on

@@ -296,10 +296,10 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
 # -- (d) where the time goes, speed variants, memory ---------------------------------------------
 
 _CUDA_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, fold_norms=True,
-                              gfpgan_forward="lean", fixed_selection=True)
+                              gfpgan_forward="lean", fixed_selection=True, resample_dtype="compute")
 _CPU_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True, fold_norms=True,
                              gfpgan_forward="lean", parse_channels_last=True, parse_padding="border",
-                             parse_upsample="phases")
+                             parse_upsample="phases", resample_dtype="compute")
 #: The speed forms `--variants` compares, each against "plain" (GFPGAN's own forms) in one run.
 VARIANTS = {
     "plain": SpeedOptions(),
@@ -309,6 +309,8 @@ VARIANTS = {
     "bf16-activations": SpeedOptions(activations="compute"),
     # the service's CUDA defaults now (Settings.speed_options("cuda"))
     "defaults": _CUDA_DEFAULTS,
+    # ... resampling bf16 maps in float32, as CUDA autocast does (the defaults before 2026-11-29)
+    "defaults+autocast-resample": dataclasses.replace(_CUDA_DEFAULTS, resample_dtype="autocast"),
     # ParseNet channels-last, with PyTorch's padding and with padding from slices
     "defaults+parse-channels-last": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=True),
     "defaults+parse-channels-last+fast-resample": dataclasses.replace(
@@ -555,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--paste-mask", default="parse", choices=["parse", "box"])
     parser.add_argument("--resample", default="torch", choices=["torch", "fast"])
+    parser.add_argument("--resample-dtype", default="auto", choices=["auto", "autocast", "compute"])
     parser.add_argument("--activations", default="promote", choices=["promote", "compute"])
     parser.add_argument("--fold-norms", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
@@ -681,7 +684,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                             paste_mask=args.paste_mask, resample=args.resample,
-                            activations=args.activations, fold_norms=args.fold_norms,
+                            resample_dtype=args.resample_dtype, activations=args.activations, fold_norms=args.fold_norms,
                             gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
                             parse_channels_last=args.parse_channels_last, parse_padding=args.parse_padding,
                             parse_upsample=args.parse_upsample,

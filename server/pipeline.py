@@ -24,7 +24,7 @@ from server import imageops
 from server.detection import FaceDetector, Faces, centre_choice, centre_mask
 from server.jobs import Job, JobResult, ModelInfo
 from server.speed import (CompiledForward, GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
-                          check_speed_device, fast_resampling, graph_buckets, prepare_resampling,
+                          check_speed_device, graph_buckets, prepare_resampling, resampling_forms,
                           reset_compiled, set_activation_form, set_norm_folding, set_memory_format,
                           set_modconv_form, set_parse_forms)
 
@@ -218,7 +218,8 @@ class FacePipeline:
             reset_compiled()
         self._fixed = {"gfpgan": self._gfpgan_fixed_noise, "parse": self._parse_masks}
         if speed.compile:
-            around = functools.partial(fast_resampling, speed.resample == "fast")
+            around = functools.partial(resampling_forms, speed.resample == "fast",
+                                       speed.resample_dtype == "compute")
             self._fixed = {name: CompiledForward(fn, name, around, self.compile_backend)
                            for name, fn in self._fixed.items()}
         self.fallbacks = []
@@ -489,8 +490,8 @@ class FacePipeline:
 
     @contextlib.contextmanager
     def _autocast(self):
-        """Around every network pass: the compute dtype, and the resampling form."""
-        with fast_resampling(self.speed.resample == "fast"):
+        """Around every network pass: the compute dtype, and the resampling forms."""
+        with resampling_forms(self.speed.resample == "fast", self.speed.resample_dtype == "compute"):
             if self.dtype == torch.float32:
                 yield
                 return

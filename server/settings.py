@@ -54,6 +54,7 @@ class Settings:
     channels_last: str = "auto"
     paste_mask: str = "parse"
     resample: str = "torch"
+    resample_dtype: str = "auto"
     activations: str = "promote"
     fold_norms: str = "auto"
     gfpgan_forward: str = "auto"
@@ -110,6 +111,7 @@ class Settings:
         return SpeedOptions(modconv=modconv, cuda_graphs=on(self.cuda_graphs, cuda),
                             channels_last=on(self.channels_last, True) and unfused,
                             paste_mask=self.paste_mask, resample=self.resample,
+                            resample_dtype=pick(self.resample_dtype, "compute"),
                             activations=self.activations, fold_norms=on(self.fold_norms, True),
                             gfpgan_forward=pick(self.gfpgan_forward, "lean"),
                             fixed_selection=on(self.fixed_selection, cuda),
@@ -363,15 +365,21 @@ SPECS: tuple[_Spec, ...] = (
           "torch (F.interpolate, ReflectionPad2d) or fast (the same values from slices and "
           "elementwise ops; on the H200 it speeds up GFPGAN's own forms 8-17 percent but not the CUDA "
           "defaults: BENCHMARKS.md).", "torch", check=_choice("torch", "fast")),
+    _Spec("resample_dtype", _choice("auto", "autocast", "compute"), "The type the networks' "
+          "bilinear and nearest resamplings run in with --dtype bfloat16: autocast (as its lists "
+          "say: on CUDA a bfloat16 map is cast up to float32, resampled into a float32 copy and "
+          "cast back down by the convolution that reads it) or compute (a bfloat16 map resampled "
+          "in bfloat16: the same pixels to the bit, since both round once where the convolution "
+          "would; a fifth of those bytes, 14-28 percent of GFPGAN's). On the CPU both are the "
+          "same. auto: compute.", "auto", check=_choice("auto", "autocast", "compute")),
     _Spec("activations", _choice("promote", "compute"), "GFPGAN's activations between "
           "convolutions with --dtype bfloat16: promote (float32, as GFPGAN's float32 noise and bias "
           "make them) or compute (kept in bfloat16: 6-11 percent faster on the H200, one more bf16 rounding "
           "per layer, whose effect on real faces is not yet judged).", "promote",
           check=_choice("promote", "compute")),
     _Spec("fold_norms", _choice("auto", "on", "off"), "Fold RetinaFace's and ParseNet's batch "
-          "norms into the convolutions before them, drop ParseNet's multiplications by one and run "
-          "its x2 nearest upsamplings in their input's type, not in the float32 CUDA autocast picks "
-          "(the same sums, fewer passes and bytes; faces within rounding). auto: on.", "auto",
+          "norms into the convolutions before them and drop ParseNet's multiplications by one (the "
+          "same sums, fewer passes and bytes; faces within rounding). auto: on.", "auto",
           check=_choice("auto", "on", "off")),
     _Spec("gfpgan_forward", _choice("auto", "gfpgan", "lean"), "GFPGAN v1.2-v1.4's forward: gfpgan "
           "(as GFPGAN writes it) or lean (no training-time copies of the SFT conditions, SFT in "

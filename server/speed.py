@@ -9,10 +9,12 @@
   ParseNet's `x * 1.0` layers dropped.
 - `set_parse_forms`: ParseNet's convolutions without their padding passes (`border_conv2d`),
   and its x2 layers as four 2x2 convolutions of their input (`upsample_conv2d`).
-- `fast_resampling`: the networks' x2 / x0.5 resampling and reflection padding as plain
-  elementwise ops. On an H200, PyTorch's NCHW bilinear upsampling and reflection padding took
-  37% of GFPGAN's and 37% of ParseNet's time at batch 16 (BENCHMARKS.md, kernels), far more
-  than the convolutions.
+- `resampling_forms`: the networks' x2 / x0.5 resampling and reflection padding as plain
+  elementwise ops (fast). On an H200, PyTorch's NCHW bilinear upsampling and reflection padding
+  took 37% of GFPGAN's and 37% of ParseNet's time at batch 16 (BENCHMARKS.md, kernels), far
+  more than the convolutions. And resampling a bf16 map in bf16 (keep_dtype), where CUDA
+  autocast would cast it up to float32 for the resampling and back down for the convolution
+  after it: the same pixels, a fifth of the bytes.
 
 The pipeline (server/pipeline.py) picks them through `SpeedOptions`; the settings of the same
 names choose them for the service, and `gfpgan-bench --variants` measures each on and off.
@@ -37,6 +39,7 @@ MODCONV_FORMS = ("fused", "unfused")
 PASTE_MASKS = ("parse", "box")
 RESAMPLE_FORMS = ("torch", "fast")
 ACTIVATION_FORMS = ("promote", "compute")
+RESAMPLE_DTYPES = ("autocast", "compute")
 GFPGAN_FORWARDS = ("gfpgan", "lean")
 PARSE_PADDINGS = ("reflect", "border")
 PARSE_UPSAMPLES = ("nearest", "phases")
@@ -57,18 +60,24 @@ class SpeedOptions:
     #: "parse": ParseNet's face mask (GFPGANer's paste); "box": a feathered box, no ParseNet.
     paste_mask: str = "parse"
     #: "torch": F.interpolate and ReflectionPad2d as the networks call them; "fast": the same
-    #: results from slices and elementwise ops (see fast_resampling).
+    #: results from slices and elementwise ops (see resampling_forms).
     resample: str = "torch"
+    #: "autocast": every resampling casts as autocast's lists say. CUDA's has the bilinear and
+    #: nearest upsamplings on its float32 list, so a bf16 map is cast up to float32, resampled
+    #: into a float32 copy (4 times the map's size for x2) and cast back down by the convolution
+    #: that reads it. "compute": a map already in the compute dtype (bf16) is resampled in it.
+    #: Both kernels accumulate in float32 and round once, and every such map feeds a
+    #: convolution, which would round it to bf16 anyway: the same pixels to the bit, about a
+    #: fifth of those bytes. float32 maps resample as before; so does everything on the CPU,
+    #: whose autocast resamples in bf16 already.
+    resample_dtype: str = "autocast"
     #: "promote": as GFPGAN runs under autocast, where its float32 noise and bias parameters turn
     #: every StyleConv output back into float32; "compute": they are cast instead, so the
     #: activations stay in the compute dtype (bf16) between convolutions (half the bytes).
     activations: str = "promote"
     #: Fold RetinaFace's and ParseNet's eval-mode batch norms into the convolutions before them
     #: and drop ParseNet's `x * 1.0` layers (NormFolding): one operator and one pass over an
-    #: activation map fewer per removed layer. Also runs ParseNet's nearest x2 upsamplings in
-    #: their input's type: CUDA autocast has upsampling on its float32 list, so each would cast
-    #: its bf16 input up, write a float32 copy four times its size, and the padded copy of that
-    #: would be cast back down for the next convolution; copying values is exact in any type.
+    #: activation map fewer per removed layer.
     fold_norms: bool = False
     #: "gfpgan": GFPGAN v1.2-v1.4 (the clean architecture) as GFPGAN writes it; "lean": without
     #: its training-time copies, and each StyleConv's elementwise work in two multiply-adds
@@ -123,6 +132,8 @@ class SpeedOptions:
             raise ValueError(f"parse_upsample must be one of {PARSE_UPSAMPLES}, got {self.parse_upsample!r}")
         if self.resample not in RESAMPLE_FORMS:
             raise ValueError(f"resample must be one of {RESAMPLE_FORMS}, got {self.resample!r}")
+        if self.resample_dtype not in RESAMPLE_DTYPES:
+            raise ValueError(f"resample_dtype must be one of {RESAMPLE_DTYPES}, got {self.resample_dtype!r}")
         if self.channels_last and self.modconv == "fused":
             # The fused form folds the batch into channels with a view, which NHWC cannot take.
             raise ValueError("channels_last needs modconv='unfused' (the fused form views the "
@@ -505,7 +516,7 @@ class CompiledForward:
         self.fn = fn
         self.name = name
         #: entered around every call: state fn reads but a compiled graph cannot set
-        #: (fast_resampling)
+        #: (resampling_forms)
         self.context = context
         #: torch.compile's backend: "inductor" (fused kernels) serves; "aot_eager" traces the
         #: same graph without generating code (the CPU tests: Inductor's C++ build of GFPGAN
@@ -615,18 +626,27 @@ def check_speed_device(speed: SpeedOptions, device: torch.device) -> list[str]:
 
 # -- resampling and padding -----------------------------------------------------------------------
 
-_FAST = contextvars.ContextVar("fast_resampling", default=False)
+#: (fast, keep_dtype): see resampling_forms.
+_FORMS = contextvars.ContextVar("resampling_forms", default=(False, False))
 #: The same state as code compiled by torch.compile reads it: dynamo cannot set a context
-#: variable, and the GPU image's (torch 2.11) cannot read one either, so fast_resampling also
-#: keeps this plain flag, which a compiled graph reads as a global and keeps a guard on.
+#: variable, and the GPU image's (torch 2.11) cannot read one either, so resampling_forms also
+#: keeps these plain flags, which a compiled graph reads as globals and keeps guards on.
 _fast_traced = False
+_keep_dtype_traced = False
 
 
 def _fast_on() -> bool:
-    """Whether fast resampling is on here (see fast_resampling)."""
+    """Whether fast resampling is on here (see resampling_forms)."""
     if torch.compiler.is_compiling():
         return _fast_traced
-    return _FAST.get()
+    return _FORMS.get()[0]
+
+
+def _keep_dtype_on() -> bool:
+    """Whether a reduced-precision map is resampled in its own dtype here (resampling_forms)."""
+    if torch.compiler.is_compiling():
+        return _keep_dtype_traced
+    return _FORMS.get()[1]
 
 
 def upsample2x_bilinear(x: torch.Tensor) -> torch.Tensor:
@@ -698,7 +718,15 @@ def reflection_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 def _interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=None, **kwargs):
     """F.interpolate, with the x2 / x0.5 cases the networks use routed to the functions above
-    while `fast_resampling` is on."""
+    while fast resampling is on, and a bf16 (or float16) map resampled in its own type, autocast
+    off, while keep_dtype is (resampling_forms)."""
+    if _keep_dtype_on() and x.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(x.device.type, enabled=False):
+            return _resampled(x, size, scale_factor, mode, align_corners, **kwargs)
+    return _resampled(x, size, scale_factor, mode, align_corners, **kwargs)
+
+
+def _resampled(x, size, scale_factor, mode, align_corners, **kwargs):
     if _fast_on() and size is None and not kwargs and x.dim() == 4:
         if mode == "bilinear" and align_corners is False:
             if scale_factor == 2:
@@ -876,7 +904,7 @@ def set_parse_forms(parser: torch.nn.Module | None, padding: str = "reflect",
 
 
 def prepare_resampling(parser: torch.nn.Module | None) -> None:
-    """Make GFPGAN's archs and ParseNet's pad and upsampling layers follow `fast_resampling`.
+    """Make GFPGAN's archs and ParseNet's pad and upsampling layers follow `resampling_forms`.
 
     Idempotent; with fast resampling off, every layer computes exactly what it did before."""
     _install_resampling_hooks()
@@ -890,37 +918,29 @@ def prepare_resampling(parser: torch.nn.Module | None) -> None:
         # facexlib's ConvLayer(scale='up') keeps `lambda x: nn.functional.interpolate(x, 2, nearest)`
         calls = getattr(getattr(scale, "__code__", None), "co_names", ())
         if callable(scale) and "interpolate" in calls and not getattr(scale, "_routed", False):
-            routed = functools.partial(_parse_upsample, module)
+            routed = functools.partial(_interpolate, scale_factor=2, mode="nearest")
             routed._routed = True
             module.scale_func = routed
 
 
-def _parse_upsample(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A ParseNet ConvLayer's x2 nearest upsampling (_interpolate); with the layer's
-    `nearest_as_is` (set_norm_folding), in x's own type whatever autocast's list says."""
-    if not getattr(layer, "nearest_as_is", False):
-        return _interpolate(x, scale_factor=2, mode="nearest")
-    with torch.autocast(x.device.type, enabled=False):
-        return _interpolate(x, scale_factor=2, mode="nearest")
-
-
 @contextlib.contextmanager
-def fast_resampling(enabled: bool = True):
-    """While inside, the prepared networks resample and pad with the functions above.
+def resampling_forms(fast: bool = False, keep_dtype: bool = False):
+    """While inside, the prepared networks resample and pad with the functions above (`fast`),
+    and resample a bf16 map in bf16 (`keep_dtype`: SpeedOptions.resample_dtype "compute").
 
     Inside code being compiled it changes nothing (the compiler can set neither a context
     variable nor a global): CompiledForward enters it around the compiled call instead."""
-    global _fast_traced
+    global _fast_traced, _keep_dtype_traced
     if torch.compiler.is_compiling():
         yield
         return
-    token, before = _FAST.set(enabled), _fast_traced
-    _fast_traced = enabled
+    token, before = _FORMS.set((fast, keep_dtype)), (_fast_traced, _keep_dtype_traced)
+    _fast_traced, _keep_dtype_traced = fast, keep_dtype
     try:
         yield
     finally:
-        _FAST.reset(token)
-        _fast_traced = before
+        _FORMS.reset(token)
+        _fast_traced, _keep_dtype_traced = before
 
 
 # -- normalisation layers folded away ------------------------------------------------------------
@@ -1034,14 +1054,10 @@ def _layout_of(t: torch.Tensor) -> torch.memory_format:
 
 
 def set_norm_folding(net: torch.nn.Module | None, on: bool) -> NormFolding | None:
-    """Fold (or unfold) `net`'s normalisation layers, and run its routed nearest upsamplings
-    (ParseNet's, prepare_resampling) in their input's type or as autocast says; returns its
-    NormFolding (None: not a module)."""
+    """Fold (or unfold) `net`'s normalisation layers; returns its NormFolding (None: not a
+    module)."""
     if not isinstance(net, torch.nn.Module):
         return None
     folding = NormFolding.of(net)
     folding.set(on)
-    for module in net.modules():
-        if getattr(getattr(module, "scale_func", None), "_routed", False):
-            module.nearest_as_is = on
     return folding

@@ -6,6 +6,7 @@ Runs on the CPU, or on GFPGAN_TEST_DEVICE (scripts/gpu_check.py runs it on CUDA)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -22,8 +23,8 @@ from server.pipeline import FacePipeline
 from server.profiling import StageProfiler
 import server.speed as speed_module
 from server.pipeline import parse_logits
-from server.speed import (CompiledForward, GraphedForward, SpeedOptions, border_conv2d, box_paste_mask,
-                          downsample2x_bilinear, fast_resampling, graph_buckets, reflection_pad,
+from server.speed import (RESAMPLE_DTYPES, CompiledForward, GraphedForward, SpeedOptions, border_conv2d, box_paste_mask,
+                          downsample2x_bilinear, graph_buckets, reflection_pad, resampling_forms,
                           set_activation_form, set_modconv_form, set_norm_folding, upsample2x_bilinear,
                           upsample2x_nearest, upsample_conv2d)
 from tests.device import TEST_DEVICE, needs_cuda
@@ -53,10 +54,10 @@ COMPILE_BACKEND = os.environ.get("GFPGAN_TEST_COMPILE_BACKEND") or (
     "inductor" if TEST_DEVICE.type == "cuda" else "aot_eager")
 
 
-def make_pipeline(nets, speed=SpeedOptions(), dtype=torch.float32, graph_max_batch=8):
+def make_pipeline(nets, speed=SpeedOptions(), dtype=torch.float32, graph_max_batch=8, backend=None):
     gfpgan, detector, parser = nets
     return FacePipeline(gfpgan, detector, parser, device=TEST_DEVICE, dtype=dtype, speed=speed,
-                        graph_max_batch=graph_max_batch, compile_backend=COMPILE_BACKEND)
+                        graph_max_batch=graph_max_batch, compile_backend=backend or COMPILE_BACKEND)
 
 
 def levels(a, b):
@@ -365,8 +366,8 @@ def test_fast_resampling_is_what_the_networks_run_and_gives_their_output(nets, m
     x = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(3)).to(TEST_DEVICE) * 2 - 1
     with torch.no_grad():
         plain = gfpgan(x, return_rgb=False, randomize_noise=False)[0], parser(x)[0]
-        assert calls == []  # prepared, but off outside fast_resampling
-        with fast_resampling():
+        assert calls == []  # prepared, but off outside resampling_forms
+        with resampling_forms(fast=True):
             fast = gfpgan(x, return_rgb=False, randomize_noise=False)[0], parser(x)[0]
     assert {"upsample2x_bilinear", "downsample2x_bilinear", "upsample2x_nearest", "reflection_pad"} <= set(calls)
     assert (plain[0] - fast[0]).abs().max() < 1e-4
@@ -640,6 +641,35 @@ def test_compiled_passes_give_the_eager_faces_from_one_graph_each_for_every_batc
 
 
 @pytest.mark.compiles
+def test_a_compiled_bf16_pass_resamples_in_bf16_in_one_graph(nets):
+    """--compile with --dtype bfloat16 and --resample-dtype compute: the resamplings' autocast-off
+    regions trace into GFPGAN's one graph (fullgraph: no break, no eager call), and the graph
+    runs the eager pass's operators in their types: the same output. Traced with "aot_eager" on
+    every device (what is checked is dynamo's trace, not Inductor's code, which the test above
+    builds; a second Inductor build of GFPGAN would not fit the GPU check's compile step): to
+    the bit on the CPU, within float rounding on CUDA (cuDNN may pick other kernels)."""
+    speed = SpeedOptions(modconv="unfused", gfpgan_forward="lean", activations="compute",
+                         resample_dtype="compute", paste_mask="box")
+    faces = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(47)).to(TEST_DEVICE) * 255
+    try:
+        want = make_pipeline(nets, speed, dtype=torch.bfloat16)._fixed["gfpgan"](faces)
+        compiled = make_pipeline(nets, dataclasses.replace(speed, compile=True), dtype=torch.bfloat16,
+                                 backend="aot_eager")
+        before = _graphs_made()
+        compiled.warmup()
+        forward = compiled._fixed["gfpgan"]
+        assert compiled.fallbacks == [] and _graphs_made() - before == 1
+        have = forward(faces)
+        assert forward.eager_calls == 0
+    finally:
+        make_pipeline(nets)  # leave the shared networks in their plain forms
+    if TEST_DEVICE.type == "cpu":
+        assert torch.equal(have, want)
+    else:
+        assert (have - want).abs().max() <= 1.0
+
+
+@pytest.mark.compiles
 def test_compiled_forward_is_one_graph_for_every_batch_size_and_never_compiles_after_warm_up(caplog):
     """CompiledForward on a small function: batches of 0, 1, 2 and 5 rows, and a channels-last
     one, give fn's values from the graph made at warm-up; a call that would need a new graph
@@ -794,30 +824,56 @@ def test_bytes_counted_on_the_cpu_are_cast_as_cuda_autocast_casts():
     assert dtypes() == cpu
 
 
-def test_folded_parsenet_upsamples_in_its_input_type_with_the_same_result(nets):
-    """With --fold-norms, ParseNet's x2 nearest upsamplings run in their input's type. Cast as
-    CUDA autocast casts (upsampling in float32), that drops a float32 copy and two casts per
-    layer; the mask is the same to the bit (nearest upsampling copies values, exact in any type)."""
+#: Forms whose resamplings meet bf16 maps: (network, speed forms). GFPGAN's own (fused, float32
+#: activations: only the U-Net's resamplings see bf16), the defaults' (unfused, lean), with bf16
+#: activations (the decoder's too), and ParseNet's nearest x2 layers.
+KEEP_DTYPE_FORMS = [
+    ("gfpgan", SpeedOptions()),
+    ("gfpgan", SpeedOptions(modconv="unfused", channels_last=True, gfpgan_forward="lean")),
+    ("gfpgan", SpeedOptions(modconv="unfused", gfpgan_forward="lean", activations="compute")),
+    ("parse", SpeedOptions(fold_norms=True)),
+]
+
+
+@pytest.mark.parametrize("network, form", KEEP_DTYPE_FORMS,
+                         ids=["gfpgan-own", "gfpgan-defaults", "gfpgan-bf16-activations", "parse"])
+def test_resampling_in_the_compute_dtype_gives_the_same_pixels_with_fewer_bytes(nets, network, form):
+    """--resample-dtype compute resamples a bf16 map in bf16. Cast as CUDA autocast casts
+    (resampling in float32, server.profiling.cuda_autocast_policy on the CPU; on CUDA its own),
+    that drops a float32 copy and two casts per resampling. The output is the same to the bit:
+    both kernels accumulate in float32 and round once, and every such map feeds a convolution,
+    which rounds it to bf16 anyway."""
     from server.profiling import count_pass, cuda_autocast_policy
 
-    face = torch.rand(1, 3, 512, 512, device=TEST_DEVICE) * 255
-    pipeline = make_pipeline(nets, SpeedOptions(fold_norms=True), dtype=torch.bfloat16)
-    run = pipeline._fixed["parse"]
-    layers = [m for m in pipeline.parser.modules() if hasattr(m, "nearest_as_is")]
-    assert len(layers) == 8 and all(m.nearest_as_is for m in layers)  # ParseNet's 8 x2 layers
+    faces = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(29)).to(TEST_DEVICE) * 255
     outputs, counts = {}, {}
     try:
-        with cuda_autocast_policy():
-            for as_is in (True, False):
-                for layer in layers:
-                    layer.nearest_as_is = as_is
-                outputs[as_is], counts[as_is] = run(face), count_pass(run, face)
+        with cuda_autocast_policy() if TEST_DEVICE.type == "cpu" else contextlib.nullcontext():
+            for dtype_form in RESAMPLE_DTYPES:
+                pipeline = make_pipeline(nets, dataclasses.replace(form, resample_dtype=dtype_form),
+                                         dtype=torch.bfloat16)
+                run = pipeline._fixed[network]
+                outputs[dtype_form], counts[dtype_form] = run(faces), count_pass(run, faces[:1])
     finally:
         make_pipeline(nets)  # leave the shared networks in their plain form
-    assert not any(m.nearest_as_is for m in layers)
-    assert torch.equal(outputs[True], outputs[False])
-    print({k: c.bytes for k, c in counts.items()})
-    assert counts[True].bytes < 0.85 * counts[False].bytes
+    assert torch.equal(outputs["compute"], outputs["autocast"])
+    print(network, {k: c.bytes for k, c in counts.items()})
+    assert counts["compute"].bytes < 0.95 * counts["autocast"].bytes
+    assert counts["compute"].flops == counts["autocast"].flops
+    if TEST_DEVICE.type == "cpu":
+        # The CPU's own autocast resamples in bf16 already (float32 maps cast down, as they
+        # still are): there the two forms are one.
+        own = {}
+        try:
+            for dtype_form in RESAMPLE_DTYPES:
+                pipeline = make_pipeline(nets, dataclasses.replace(form, resample_dtype=dtype_form),
+                                         dtype=torch.bfloat16)
+                run = pipeline._fixed[network]
+                own[dtype_form] = run(faces), count_pass(run, faces[:1]).bytes
+        finally:
+            make_pipeline(nets)
+        assert torch.equal(own["compute"][0], own["autocast"][0])
+        assert own["compute"][1] == own["autocast"][1]
 
 
 #: Forms that remove work, against the form they replace: (network, dtype, base, form, the
@@ -898,22 +954,32 @@ def test_a_detect_batch_meets_the_launch_and_sync_targets_with_the_service_defau
     assert all(syncs <= 3 for _, syncs in totals.values()), totals
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_the_resampling_form_reaches_the_compiled_graph(monkeypatch, fast):
-    """fast_resampling is read inside a compiled pass (a plain flag there: the GPU image's
+@pytest.mark.parametrize("fast, keep_dtype", [(True, False), (False, False), (False, True), (True, True)])
+def test_the_resampling_forms_reach_the_compiled_graph(monkeypatch, fast, keep_dtype):
+    """resampling_forms is read inside a compiled pass (plain flags there: the GPU image's
     torch.compile can neither set nor read a context variable); CompiledForward sets it around
-    the call, and the graph runs the form it names."""
+    the call, and the graph runs the forms it names, as the eager pass does: the fast
+    upsampling, and a bf16 map resampled with autocast off. Stand-ins show which ran: a marked
+    fast upsampling, and F.interpolate as a 1x1 convolution, which autocast (float16 here, on
+    any device) casts to float16 unless it is off."""
     marked = lambda x: torch.full((x.shape[0], x.shape[1], 2 * x.shape[2], 2 * x.shape[3]), 7.0,  # noqa: E731
-                                  device=x.device)
+                                  device=x.device, dtype=x.dtype)
     monkeypatch.setattr(speed_module, "upsample2x_bilinear", marked)
+    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda x, *args, **kwargs: torch.nn.functional.conv2d(
+        x, torch.ones(x.shape[1], x.shape[1], 1, 1, dtype=x.dtype, device=x.device)))
 
     def upsample(x):
-        return speed_module._interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        with torch.autocast(x.device.type, dtype=torch.float16):
+            return speed_module._interpolate(x.bfloat16(), scale_factor=2, mode="bilinear", align_corners=False)
 
-    forward = CompiledForward(upsample, "upsample", functools.partial(fast_resampling, fast), backend="aot_eager")
+    forward = CompiledForward(upsample, "upsample", functools.partial(resampling_forms, fast, keep_dtype),
+                              backend="aot_eager")
     x = torch.rand(3, 2, 4, 4, device=TEST_DEVICE)
     forward.warm(x)
-    want = marked(x) if fast else torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear",
-                                                                 align_corners=False)
-    assert torch.allclose(forward(x), want) and forward.eager_calls == 0
-    assert not speed_module._fast_traced  # put back after the call
+    out = forward(x)
+    with resampling_forms(fast, keep_dtype):
+        want = upsample(x)
+    assert want.dtype == (torch.bfloat16 if fast or keep_dtype else torch.float16)  # the forms act
+    assert want.shape[2] == (8 if fast else 4)
+    assert out.dtype == want.dtype and torch.equal(out, want) and forward.eager_calls == 0
+    assert not speed_module._fast_traced and not speed_module._keep_dtype_traced  # put back after the call
