@@ -153,6 +153,40 @@ class _OpenCall:
         self.reader.cancel()
 
 
+class _Write:
+    """One request written on an open call, as a task of its own, one write at a time."""
+
+    def __init__(self, current: _OpenCall, request: pb.EnhanceRequest):
+        self.current = current
+        self.started = False
+        self.task = asyncio.ensure_future(self._run(request))
+
+    async def _run(self, request: pb.EnhanceRequest) -> None:
+        current = self.current
+        try:
+            async with current.write_lock:
+                self.started = True
+                await current.call.write(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the stream failed under us
+            if isinstance(error, grpc.aio.AioRpcError):
+                reason, detail = reason_for_code(error.code()), error.details() or ""
+            else:
+                reason, detail = "transport", repr(error)
+            current.fail_pending(StreamBroken(reason, detail))
+            current.call.cancel()
+
+    def abandon(self) -> None:
+        """The caller stopped waiting: a write not yet started is dropped; one cut off half-way
+        leaves the stream unusable, so the stream is closed (the next request opens another)."""
+        if self.task.done():
+            return
+        self.task.cancel()
+        if self.started:
+            self.current.close()
+
+
 class BatchStream:
     """A long-lived EnhanceBatch stream, opened lazily and again after it breaks, carrying
     up to `max_in_flight` requests at once."""
@@ -180,30 +214,30 @@ class BatchStream:
         """Send one request and wait for its response; raises StreamBroken.
 
         The caller bounds the wait (asyncio.timeout); a cancelled wait forgets the request,
-        so a late response is dropped.
+        so a late response is dropped. The answer is awaited beside the write, not after it: a
+        stream that ends answers its waiting requests at once, and a write on a call that died
+        under it may never finish (grpcio before grpc/grpc#34148).
         """
         async with self._slots:
             current = self._current()
             waiter = asyncio.get_running_loop().create_future()
             current.pending[request.request_id] = waiter
+            writing = _Write(current, request)
             try:
-                try:
-                    async with current.write_lock:
-                        await current.call.write(request)
-                except asyncio.CancelledError:
-                    # A write cut off half-way leaves the stream unusable: start a fresh one.
-                    current.close()
-                    raise
-                except Exception as error:  # noqa: BLE001 - the stream failed under us
-                    if isinstance(error, grpc.aio.AioRpcError):
-                        reason, detail = reason_for_code(error.code()), error.details() or ""
+                await asyncio.wait((writing.task, waiter), return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    await waiter  # written (or failed, which answers it): now the response
+                elif not writing.task.done():
+                    if isinstance(waiter.result(), StreamBroken):
+                        writing.task.cancel()  # the call is over; its write will not be
                     else:
-                        reason, detail = "transport", repr(error)
-                    current.fail_pending(StreamBroken(reason, detail))
-                    current.call.cancel()
-                answer = await waiter
+                        await writing.task  # answered, so written: it is finishing
+            except asyncio.CancelledError:
+                writing.abandon()
+                raise
             finally:
                 current.pending.pop(request.request_id, None)
+        answer = waiter.result()
         if isinstance(answer, StreamBroken):
             raise answer
         return answer

@@ -368,6 +368,63 @@ def test_a_dropped_stream_falls_back_and_the_next_batch_opens_a_new_one(fake):
     assert fake.streams_opened == 2
 
 
+class _CallThatDies:
+    """An EnhanceBatch call whose connection is gone: its reader sees the call end UNAVAILABLE,
+    and a write never finishes (as on a call that failed under it in grpcio before
+    grpc/grpc#34148; MuseTalk-era environments pin such versions)."""
+
+    def __init__(self, writes_finish: bool):
+        self.writes_finish = writes_finish
+        self.cancelled = False
+        self._ended = asyncio.get_running_loop().create_future()
+
+    async def write(self, request):
+        if not self.writes_finish:
+            await asyncio.get_running_loop().create_future()  # never resolves
+
+    async def read(self):
+        await asyncio.sleep(0.05)
+        return grpc.aio.EOF
+
+    async def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    async def details(self):
+        return "Socket closed"
+
+    def done(self):
+        return self.cancelled
+
+    def cancel(self):
+        self.cancelled = True
+        return True
+
+
+@pytest.mark.parametrize("writes_finish", [True, False])
+async def test_a_stream_that_dies_answers_its_batch_at_once_even_when_the_write_never_finishes(writes_finish):
+    """The batch gets the stream's end (unavailable) as soon as its reader sees it, not at the
+    deadline: the wait for its answer does not queue behind a write that may never finish, and
+    the next batch opens a new call."""
+    from client.pb import face_enhance_pb2 as pb
+    from client.targets import BatchStream, StreamBroken
+
+    calls = []
+
+    class Stub:
+        def EnhanceBatch(self, metadata=None):
+            calls.append(_CallThatDies(writes_finish))
+            return calls[-1]
+
+    stream = BatchStream(Stub(), max_in_flight=1)
+    for attempt in (1, 2):
+        started = time.monotonic()
+        with pytest.raises(StreamBroken) as broken:
+            await asyncio.wait_for(stream.request(pb.EnhanceRequest(request_id=attempt)), timeout=5)
+        assert broken.value.reason == "unavailable" and "Socket closed" in str(broken.value)
+        assert time.monotonic() - started < 2
+        assert len(calls) == attempt and stream.in_flight == 0
+
+
 def test_a_restarted_service_is_used_again(fake):
     clock = FakeClock()
     faces = random_faces(2)
