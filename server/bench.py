@@ -456,9 +456,10 @@ def bench_variants(pipeline, faces, batch_sizes, alignments, names, iterations, 
 
 
 def bench_memory(pipeline, faces, batch_sizes, options, largest_probe: int) -> str:
-    """Peak device memory of one batch at each size, and the largest batch (doubling) that fits."""
+    """Peak device memory of one batch at each size, and the largest batch (doubling) that fits.
+    Off CUDA, the peak of the tensors a batch makes, counted (counted_memory)."""
     if pipeline.device.type != "cuda":
-        return "(device memory is measured on CUDA only)"
+        return counted_memory(pipeline, faces, batch_sizes, options)
     device = pipeline.device
     # "for the batch": the peak over what the process held before it (the weights, and in a
     # bench process of many reports also GFPGANer's and other pipelines'), which is what the
@@ -489,6 +490,46 @@ def bench_memory(pipeline, faces, batch_sizes, options, largest_probe: int) -> s
     lines.append("")
     lines.append(f"largest batch that ran: {fits} faces ({options.alignment.value}, "
                  f"{pipeline.speed.describe()}, {total:.0f} GiB card)")
+    return "\n".join(lines)
+
+
+#: Device memory the counted estimate is given for: an H100's 80 GiB and a 24 GiB desk card.
+CARDS_GIB = (80, 24)
+
+
+def counted_memory(pipeline, faces, batch_sizes, options) -> str:
+    """The peak bytes of the tensors one batch makes, alive at once (server.profiling.LiveTensors),
+    at each size; on the CPU its operators cast as CUDA autocast does (cuda_autocast_policy),
+    so the tensors are a GPU's. A face's share is the slope between the smallest and largest
+    batch; with the weights it gives about how many faces a batch of a card could take: fewer,
+    for the scratch memory (cuDNN's workspaces) and caching a device's allocator adds; more
+    past MAX_NETWORK_FACES, where the networks run in passes and a face adds less."""
+    from server.pipeline import MAX_NETWORK_FACES
+    from server.profiling import LiveTensors, cuda_autocast_policy
+
+    weights = sum(t.numel() * t.element_size() for net in (pipeline.gfpgan, pipeline.parser, pipeline.detector.net)
+                  if isinstance(net, torch.nn.Module) for t in [*net.parameters(), *net.buffers()])
+    lines = ["| batch | peak tensors MiB (counted) | MiB a face |", "|---:|---:|---:|"]
+    peaks = {}
+    policy = cuda_autocast_policy if pipeline.device.type == "cpu" else contextlib.nullcontext
+    for b in sorted(set(batch_sizes)):
+        with policy(), LiveTensors() as live:
+            pipeline.enhance([Job(_batch(faces, 0, b), options)])
+        peaks[b] = live.peak
+        lines.append(f"| {b} | {live.peak / 2**20:.0f} | {live.peak / b / 2**20:.0f} |")
+    lines.append("")
+    sizes = sorted(peaks)
+    if len(sizes) > 1:
+        face = (peaks[sizes[-1]] - peaks[sizes[0]]) / (sizes[-1] - sizes[0])
+        fixed = peaks[sizes[0]] - sizes[0] * face
+        holds = ", ".join(f"{int((gib * 2**30 - weights - fixed) // face)} faces on {gib} GiB"
+                          for gib in CARDS_GIB)
+        lines.append(f"a face adds {face / 2**20:.0f} MiB; with the weights ({weights / 2**20:.0f} MiB), a "
+                     f"batch at that rate takes about {holds} ({options.alignment.value}, "
+                     f"{pipeline.speed.describe()})")
+    lines.append(f"counted on {pipeline.device.type}: the tensors the batch's operators make, alive at "
+                 "once, cast as CUDA autocast casts; a device's allocator adds scratch memory (cuDNN's "
+                 f"workspaces) and caching, and past {MAX_NETWORK_FACES} faces the networks run in passes")
     return "\n".join(lines)
 
 
@@ -577,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="alignments for --variants (default: --alignment), e.g. aligned,detect")
     parser.add_argument("--memory", type=int, default=0, metavar="LARGEST",
                         help="also measure peak device memory per batch size, doubling up to "
-                             "LARGEST faces or the first out-of-memory (CUDA only)")
+                             "LARGEST faces or the first out-of-memory, on CUDA; elsewhere count "
+                             "the peak of the tensors a batch makes at the given sizes")
     return parser
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -267,6 +268,49 @@ class StageProfiler:
     def median_ms(self) -> dict[str, float]:
         import statistics
         return {name: statistics.median(values) for name, values in self.times_ms.items()}
+
+
+class LiveTensors(TorchDispatchMode):
+    """The bytes of the tensors the operators inside make that are alive at once, and their
+    peak: what a device's allocator would have to hold for them at the least. A storage counts
+    once however many views share it, until the last tensor on it is gone. Not counted: what
+    exists before (weights, inputs), a library's own scratch memory (cuDNN's workspaces,
+    layout copies), and an allocator's rounding and caching."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._storages: dict[tuple, list[int]] = {}  # (device, address) -> [tensors on it, bytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in torch.utils._pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() == 0:
+            return  # no memory (an empty tensor)
+        key = (str(tensor.device), storage.data_ptr())
+        entry = self._storages.get(key)
+        if entry is None:
+            entry = self._storages[key] = [0, storage.nbytes()]
+            self.live += entry[1]
+            self.peak = max(self.peak, self.live)
+        entry[0] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: tuple) -> None:
+        entry = self._storages.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._storages[key]
+            self.live -= entry[1]
 
 
 @dataclass

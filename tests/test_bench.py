@@ -128,3 +128,21 @@ def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_no
     table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["all-forms+compile", "cpu"],
                            iterations=1, seconds=None, sync=lambda: None)
     assert re.search(r"^\| cpu \| aligned \| 2 \| [\d.]+ \| - \|", table, flags=re.M) and "nan" not in table
+
+
+def test_memory_off_cuda_is_the_counted_peak_of_a_batch_s_tensors(small_weights, capsys):
+    """gfpgan-bench --memory on the CPU: the peak bytes of the tensors each batch makes (as a
+    GPU would cast them), growing with the batch, and the batch a card could take at that rate."""
+    main(["--model", str(small_weights / "GFPGANv1.4.pth"), "--weights-dir", str(small_weights),
+          "--device", "cpu", "--dtype", "bfloat16", "--no-download", "--alignment", "aligned",
+          "--batch-sizes", "1,3", "--iterations", "1", "--faces", "3", "--face-size", "128",
+          "--methods", "", "--memory", "4"])
+    printed = capsys.readouterr().out
+    section = printed[printed.index("### Device memory"):]
+    rows = {int(m[1]): (int(m[2]), int(m[3])) for m in re.finditer(r"^\| (\d+) \| (\d+) \| (\d+) \|$", section, flags=re.M)}
+    assert set(rows) == {1, 3}  # the given sizes only: no doubling probe off CUDA
+    assert rows[3][0] > rows[1][0] > 0
+    face = int(re.search(r"a face adds (\d+) MiB", section)[1])
+    assert abs(face - (rows[3][0] - rows[1][0]) / 2) <= 1
+    assert re.search(r"about \d+ faces on 80 GiB, \d+ faces on 24 GiB \(aligned, modconv=", section)
+    assert "counted on cpu" in section

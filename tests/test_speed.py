@@ -983,3 +983,25 @@ def test_the_resampling_forms_reach_the_compiled_graph(monkeypatch, fast, keep_d
     assert want.shape[2] == (8 if fast else 4)
     assert out.dtype == want.dtype and torch.equal(out, want) and forward.eager_calls == 0
     assert not speed_module._fast_traced and not speed_module._keep_dtype_traced  # put back after the call
+
+
+def test_live_tensors_count_each_storage_once_while_any_tensor_on_it_lives():
+    """server.profiling.LiveTensors, the memory count off CUDA: the peak of what the operators
+    inside make that is alive at once; a view adds nothing, an in-place op adds nothing, a
+    freed tensor gives its bytes back, and what existed before is not counted."""
+    from server.profiling import LiveTensors
+
+    x = torch.rand(1000)  # 4,000 bytes, made before
+    with LiveTensors() as live:
+        a = x * 2  # 4,000
+        view = a.view(10, 100)  # the same storage
+        b = a + 1  # 8,000
+        b.mul_(3)  # in place
+        del a, view  # a's storage gone: 4,000
+        c = b * 3  # 8,000
+        del b, c  # 0
+        d = torch.cat([x, x])  # 8,000 again
+    assert live.peak == 8000
+    assert live.live == 8000
+    del d
+    assert live.live == 0
