@@ -452,6 +452,9 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         match = re.search(r"largest batch that ran: (\d+)", text)
         if match:
             found["largest batch"] = match.group(1)
+        counted = re.search(r"a face adds (\d+) MiB", text)  # off CUDA: the counted peak
+        if counted:
+            found["counted"] = f"{counted.group(1)} MiB a face"
     elif name.startswith("profile"):
         totals = re.findall(r"\| \*\*total\*\* \| ([\d.]+) \| (\d+) \| (\d+) \|", text)
         for (ms, ops, syncs), label in zip(totals, ("first", "second")):

@@ -167,10 +167,16 @@ SUMMARY_LINES = [
                 "| gfpgan | defaults+compile | 40.00 | 2.50 | 158 | - | - | - | - | compiled 60%, convolutions 40% |\n",
      {"gfpgan defaults": "78 TF/s, 32% of floor, convolutions 35%", "parse defaults": "99 TF/s, 46% of floor",
       "gfpgan defaults+compile": "158 TF/s, convolutions 40%"}),
+    # the largest batch that ran on the card; off CUDA (the rehearsal), the counted share of a face
+    ("memory", "| 64 | 30000 | 29000 | 31000 |\n| 128 | out of memory | | |\n\n"
+               "largest batch that ran: 64 faces (detect, ...)\n", {"largest batch": "64"}),
+    ("memory", "| 2 | 781 | 390 |\n\na face adds 390 MiB; with the weights (518 MiB), a batch at that rate "
+               "takes about 208 faces on 80 GiB, 61 faces on 24 GiB (detect, ...)\n", {"counted": "390 MiB a face"}),
 ]
 
 
-@pytest.mark.parametrize("step, log, expected", SUMMARY_LINES, ids=[case[0] for case in SUMMARY_LINES])
+@pytest.mark.parametrize("step, log, expected", SUMMARY_LINES,
+                         ids=[f"{case[0]}-{i}" for i, case in enumerate(SUMMARY_LINES)])
 def test_the_summary_picks_each_steps_numbers_from_its_log(gpu_check, tmp_path, step, log, expected):
     path = tmp_path / f"{step}.log"
     path.write_text(log)
