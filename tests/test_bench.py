@@ -139,7 +139,8 @@ def test_memory_off_cuda_is_the_counted_peak_of_a_batch_s_tensors(small_weights,
           "--methods", "", "--memory", "4"])
     printed = capsys.readouterr().out
     section = printed[printed.index("### Device memory"):]
-    rows = {int(m[1]): (int(m[2]), int(m[3])) for m in re.finditer(r"^\| (\d+) \| (\d+) \| (\d+) \|$", section, flags=re.M)}
+    rows = {int(m[1]): (int(m[2]), int(m[3]))
+            for m in re.finditer(r"^\| (\d+) \| (\d+) \| (\d+) \|$", section, flags=re.M)}
     assert set(rows) == {1, 3}  # the given sizes only: no doubling probe off CUDA
     assert rows[3][0] > rows[1][0] > 0
     face = int(re.search(r"a face adds (\d+) MiB", section)[1])
