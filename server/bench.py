@@ -505,10 +505,11 @@ def counted_memory(pipeline, faces, batch_sizes, options) -> str:
     for the scratch memory (cuDNN's workspaces) and caching a device's allocator adds; more
     past MAX_NETWORK_FACES, where the networks run in passes and a face adds less."""
     from server.pipeline import MAX_NETWORK_FACES
-    from server.profiling import LiveTensors, cuda_autocast_policy
+    from server.profiling import LiveTensors, cuda_autocast_policy, tensor_bytes
 
-    weights = sum(t.numel() * t.element_size() for net in (pipeline.gfpgan, pipeline.parser, pipeline.detector.net)
-                  if isinstance(net, torch.nn.Module) for t in [*net.parameters(), *net.buffers()])
+    nets = [net for net in (pipeline.gfpgan, pipeline.parser, pipeline.detector.net)
+            if isinstance(net, torch.nn.Module)]
+    weights = sum(tensor_bytes(t) for net in nets for t in [*net.parameters(), *net.buffers()])
     lines = ["| batch | peak tensors MiB (counted) | MiB a face |", "|---:|---:|---:|"]
     peaks = {}
     policy = cuda_autocast_policy if pipeline.device.type == "cpu" else contextlib.nullcontext

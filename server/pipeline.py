@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
 from collections import defaultdict
@@ -24,7 +23,7 @@ from server import imageops
 from server.detection import FaceDetector, Faces, centre_choice, centre_mask
 from server.jobs import Job, JobResult, ModelInfo
 from server.speed import (CompiledForward, GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
-                          check_speed_device, graph_buckets, prepare_resampling, resampling_forms,
+                          check_speed_device, graph_buckets, prepare_resampling,
                           reset_compiled, set_activation_form, set_norm_folding, set_memory_format,
                           set_modconv_form, set_parse_forms)
 
@@ -218,9 +217,7 @@ class FacePipeline:
             reset_compiled()
         self._fixed = {"gfpgan": self._gfpgan_fixed_noise, "parse": self._parse_masks}
         if speed.compile:
-            around = functools.partial(resampling_forms, speed.resample == "fast",
-                                       speed.resample_dtype == "compute")
-            self._fixed = {name: CompiledForward(fn, name, around, self.compile_backend)
+            self._fixed = {name: CompiledForward(fn, name, speed.resampling, self.compile_backend)
                            for name, fn in self._fixed.items()}
         self.fallbacks = []
         self.speed = speed
@@ -491,7 +488,7 @@ class FacePipeline:
     @contextlib.contextmanager
     def _autocast(self):
         """Around every network pass: the compute dtype, and the resampling forms."""
-        with resampling_forms(self.speed.resample == "fast", self.speed.resample_dtype == "compute"):
+        with self.speed.resampling():
             if self.dtype == torch.float32:
                 yield
                 return

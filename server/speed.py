@@ -158,6 +158,10 @@ class SpeedOptions:
     def describe(self) -> str:
         return " ".join(f"{name}={value}" for name, value in self._settings())
 
+    def resampling(self) -> contextlib.AbstractContextManager:
+        """The resampling_forms these options choose: what every network pass runs inside."""
+        return resampling_forms(self.resample == "fast", self.resample_dtype == "compute")
+
 
 # -- modulated convolution ----------------------------------------------------------------------
 

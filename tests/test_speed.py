@@ -846,34 +846,33 @@ def test_resampling_in_the_compute_dtype_gives_the_same_pixels_with_fewer_bytes(
     from server.profiling import count_pass, cuda_autocast_policy
 
     faces = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(29)).to(TEST_DEVICE) * 255
-    outputs, counts = {}, {}
-    try:
-        with cuda_autocast_policy() if TEST_DEVICE.type == "cpu" else contextlib.nullcontext():
-            for dtype_form in RESAMPLE_DTYPES:
-                pipeline = make_pipeline(nets, dataclasses.replace(form, resample_dtype=dtype_form),
-                                         dtype=torch.bfloat16)
-                run = pipeline._fixed[network]
-                outputs[dtype_form], counts[dtype_form] = run(faces), count_pass(run, faces[:1])
-    finally:
-        make_pipeline(nets)  # leave the shared networks in their plain form
-    assert torch.equal(outputs["compute"], outputs["autocast"])
-    print(network, {k: c.bytes for k, c in counts.items()})
-    assert counts["compute"].bytes < 0.95 * counts["autocast"].bytes
-    assert counts["compute"].flops == counts["autocast"].flops
+
+    def both_forms(policy):
+        """{resample_dtype: (output, bytes and FLOPs of a one-face pass)} under `policy`'s casts."""
+        runs = {}
+        try:
+            with policy():
+                for dtype_form in RESAMPLE_DTYPES:
+                    pipeline = make_pipeline(nets, dataclasses.replace(form, resample_dtype=dtype_form),
+                                             dtype=torch.bfloat16)
+                    run = pipeline._fixed[network]
+                    runs[dtype_form] = run(faces), count_pass(run, faces[:1])
+        finally:
+            make_pipeline(nets)  # leave the shared networks in their plain form
+        return runs
+
+    runs = both_forms(cuda_autocast_policy if TEST_DEVICE.type == "cpu" else contextlib.nullcontext)
+    (kept, kept_counts), (cast, cast_counts) = runs["compute"], runs["autocast"]
+    assert torch.equal(kept, cast)
+    print(network, kept_counts.bytes, cast_counts.bytes)
+    assert kept_counts.bytes < 0.95 * cast_counts.bytes
+    assert kept_counts.flops == cast_counts.flops
     if TEST_DEVICE.type == "cpu":
         # The CPU's own autocast resamples in bf16 already (float32 maps cast down, as they
         # still are): there the two forms are one.
-        own = {}
-        try:
-            for dtype_form in RESAMPLE_DTYPES:
-                pipeline = make_pipeline(nets, dataclasses.replace(form, resample_dtype=dtype_form),
-                                         dtype=torch.bfloat16)
-                run = pipeline._fixed[network]
-                own[dtype_form] = run(faces), count_pass(run, faces[:1]).bytes
-        finally:
-            make_pipeline(nets)
+        own = both_forms(contextlib.nullcontext)
         assert torch.equal(own["compute"][0], own["autocast"][0])
-        assert own["compute"][1] == own["autocast"][1]
+        assert own["compute"][1].bytes == own["autocast"][1].bytes
 
 
 #: Forms that remove work, against the form they replace: (network, dtype, base, form, the
