@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
-FORMS = ["plain", "defaults", "defaults+autocast-resample", "defaults+decoder-channels-last",
+FORMS = ["plain", "defaults", "defaults+autocast-resample", "defaults+autocast-modulate",
+         "defaults+decoder-channels-last",
          "defaults+parse-channels-last+fast-resample",
          "defaults+parse-border", "defaults+parse-phases", "defaults+parse-channels-last+border+phases",
          "defaults+compile"]

@@ -296,10 +296,11 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
 # -- (d) where the time goes, speed variants, memory ---------------------------------------------
 
 _CUDA_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, fold_norms=True,
-                              gfpgan_forward="lean", fixed_selection=True, resample_dtype="compute")
+                              gfpgan_forward="lean", fixed_selection=True, resample_dtype="compute",
+                              modulate_dtype="compute")
 _CPU_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True, fold_norms=True,
                              gfpgan_forward="lean", parse_channels_last=True, parse_padding="border",
-                             parse_upsample="phases", resample_dtype="compute")
+                             parse_upsample="phases", resample_dtype="compute", modulate_dtype="compute")
 #: The speed forms `--variants` compares, each against "plain" (GFPGAN's own forms) in one run.
 VARIANTS = {
     "plain": SpeedOptions(),
@@ -311,6 +312,8 @@ VARIANTS = {
     "defaults": _CUDA_DEFAULTS,
     # ... resampling bf16 maps in float32, as CUDA autocast does (the defaults before 2026-11-29)
     "defaults+autocast-resample": dataclasses.replace(_CUDA_DEFAULTS, resample_dtype="autocast"),
+    # ... the style modulation writing float32 for autocast to cast (the defaults before 2026-11-30)
+    "defaults+autocast-modulate": dataclasses.replace(_CUDA_DEFAULTS, modulate_dtype="autocast"),
     # ParseNet channels-last, with PyTorch's padding and with padding from slices
     "defaults+parse-channels-last": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=True),
     "defaults+parse-channels-last+fast-resample": dataclasses.replace(
@@ -600,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paste-mask", default="parse", choices=["parse", "box"])
     parser.add_argument("--resample", default="torch", choices=["torch", "fast"])
     parser.add_argument("--resample-dtype", default="auto", choices=["auto", "autocast", "compute"])
+    parser.add_argument("--modulate-dtype", default="auto", choices=["auto", "autocast", "compute"])
     parser.add_argument("--activations", default="promote", choices=["promote", "compute"])
     parser.add_argument("--fold-norms", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
@@ -727,7 +731,8 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             max_batch_faces=min(1024, max(8, max(sizes))), modconv=args.modconv,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                             paste_mask=args.paste_mask, resample=args.resample,
-                            resample_dtype=args.resample_dtype, activations=args.activations,
+                            resample_dtype=args.resample_dtype, modulate_dtype=args.modulate_dtype,
+                            activations=args.activations,
                             fold_norms=args.fold_norms,
                             gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
                             parse_channels_last=args.parse_channels_last, parse_padding=args.parse_padding,

@@ -202,7 +202,7 @@ class FacePipeline:
             set_norm_folding(self.parser, False)  # the layout goes to the unfolded weights too
             set_memory_format(self.parser, speed.parse_channels_last)
         if isinstance(self.gfpgan, torch.nn.Module) and hasattr(self.gfpgan, "stylegan_decoder"):
-            set_modconv_form(self.gfpgan, speed.modconv)
+            set_modconv_form(self.gfpgan, speed.modconv, speed.modulate_dtype)
             set_activation_form(self.gfpgan, speed.activations, speed.gfpgan_forward, speed.modconv)
             _keep_style_input_contiguous(self.gfpgan)
         prepare_resampling(self.parser)

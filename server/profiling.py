@@ -14,6 +14,7 @@ counts the real ones as well (`cuda_syncs`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 import weakref
@@ -71,8 +72,17 @@ def op_bytes(func, args, kwargs, out) -> int:
     read once (not the target of a copy or fill), each distinct output written once. A kernel
     that reads its input more than once (a convolution's tiles) moves more; fused work (a
     compiled kernel, a graph replay) is not an operator here."""
+    written = _out_arguments(func)
+    if written:  # an `.out` form: its out tensors are written, not read
+        kwargs = {name: value for name, value in kwargs.items() if name not in written}
     leaves = torch.utils._pytree.tree_leaves((args[1:] if func in _WRITE_ONLY else args, kwargs))
     return _distinct_bytes(leaves) + _distinct_bytes(torch.utils._pytree.tree_leaves(out))
+
+
+@functools.lru_cache(maxsize=None)
+def _out_arguments(func) -> frozenset[str]:
+    """The names of an operator's out arguments (`out=` of an `.out` overload)."""
+    return frozenset(a.name for a in func._schema.arguments if a.is_out)
 
 
 def _distinct_bytes(leaves) -> int:

@@ -55,6 +55,7 @@ class Settings:
     paste_mask: str = "parse"
     resample: str = "torch"
     resample_dtype: str = "auto"
+    modulate_dtype: str = "auto"
     activations: str = "promote"
     fold_norms: str = "auto"
     gfpgan_forward: str = "auto"
@@ -112,6 +113,7 @@ class Settings:
                             channels_last=on(self.channels_last, True) and unfused,
                             paste_mask=self.paste_mask, resample=self.resample,
                             resample_dtype=pick(self.resample_dtype, "compute"),
+                            modulate_dtype=pick(self.modulate_dtype, "compute"),
                             activations=self.activations, fold_norms=on(self.fold_norms, True),
                             gfpgan_forward=pick(self.gfpgan_forward, "lean"),
                             fixed_selection=on(self.fixed_selection, cuda),
@@ -372,6 +374,13 @@ SPECS: tuple[_Spec, ...] = (
           "in bfloat16: the same pixels to the bit, since both round once where the convolution "
           "would; a fifth of those bytes: 15 percent of GFPGAN's bytes a face, 32 with --activations "
           "compute, a third of ParseNet's). On the CPU both are the same. auto: compute.", "auto", check=_choice("auto", "autocast", "compute")),
+    _Spec("modulate_dtype", _choice("auto", "autocast", "compute"), "The type GFPGAN's unfused "
+          "modulated convolutions write a float32 map scaled by its style in, with --dtype bfloat16 "
+          "and --activations promote: autocast (float32, which autocast then casts for the "
+          "convolution: two passes) or compute (bfloat16, written by the multiply itself where no "
+          "resampling comes between: one pass that rounds as the cast would, so the same pixels to "
+          "the bit; 10 percent of GFPGAN's bytes a face). auto: compute.", "auto",
+          check=_choice("auto", "autocast", "compute")),
     _Spec("activations", _choice("promote", "compute"), "GFPGAN's activations between "
           "convolutions with --dtype bfloat16: promote (float32, as GFPGAN's float32 noise and bias "
           "make them) or compute (kept in bfloat16: 6-11 percent faster on the H200, one more bf16 rounding "

@@ -118,16 +118,18 @@ def test_speed_forms_auto_and_overrides():
 
     cpu, cuda = Settings().speed_options("cpu"), Settings().speed_options("cuda")
     # both run the unfused convolution channels-last, fold the norm layers, resample bf16 maps in
-    # bf16 and run lean GFPGAN; the CPU also runs the forms measured faster there and not yet on
+    # bf16, modulate float32 maps into bf16 and run lean GFPGAN; the CPU also runs the forms measured faster there and not yet on
     # a GPU (BENCHMARKS.md)
     assert cpu == SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True,
                                fold_norms=True, gfpgan_forward="lean", parse_channels_last=True,
-                               parse_padding="border", parse_upsample="phases", resample_dtype="compute")
+                               parse_padding="border", parse_upsample="phases", resample_dtype="compute",
+                               modulate_dtype="compute")
     assert cuda == SpeedOptions(modconv="unfused", cuda_graphs=True, channels_last=True, fold_norms=True,
-                                gfpgan_forward="lean", fixed_selection=True, resample_dtype="compute")
+                                gfpgan_forward="lean", fixed_selection=True, resample_dtype="compute",
+                                modulate_dtype="compute")
     plain = Settings.from_args(["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
                                 "--fold-norms", "off", "--gfpgan-forward", "gfpgan", "--fixed-selection", "off",
-                                "--resample-dtype", "autocast"])
+                                "--resample-dtype", "autocast", "--modulate-dtype", "autocast"])
     assert plain.speed_options("cuda") == SpeedOptions()
     with pytest.raises(SystemExit):
         Settings.from_args(["--fold-norms", "maybe"])

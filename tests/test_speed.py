@@ -23,10 +23,10 @@ from server.pipeline import FacePipeline
 from server.profiling import StageProfiler
 import server.speed as speed_module
 from server.pipeline import parse_logits
-from server.speed import (RESAMPLE_DTYPES, CompiledForward, GraphedForward, SpeedOptions, border_conv2d, box_paste_mask,
-                          downsample2x_bilinear, graph_buckets, reflection_pad, resampling_forms,
-                          set_activation_form, set_modconv_form, set_norm_folding, upsample2x_bilinear,
-                          upsample2x_nearest, upsample_conv2d)
+from server.speed import (MODULATE_DTYPES, RESAMPLE_DTYPES, CompiledForward, GraphedForward, SpeedOptions,
+                          border_conv2d, box_paste_mask, downsample2x_bilinear, graph_buckets, reflection_pad,
+                          resampling_forms, set_activation_form, set_modconv_form, set_norm_folding,
+                          upsample2x_bilinear, upsample2x_nearest, upsample_conv2d)
 from tests.device import TEST_DEVICE, needs_cuda
 from tests.faces import make_faces, template_landmarks, weights_with_detector
 from tests.test_pipeline import load_nets, reference, with_landmarks
@@ -793,6 +793,10 @@ def test_the_profile_counts_the_bytes_each_operator_reads_and_writes():
         target.copy_(flat)  # reads flat, writes target
     assert counter.counts["other"].bytes == 2 * 1536 + 2 * 1536
     assert counter.counts["other"].ops == 2
+    counter = OpCounter()
+    with counter:  # an .out form writes its out tensor, in its own dtype, and reads the rest
+        torch.mul(x, bias, out=torch.empty(2, 3, 8, 8, dtype=torch.bfloat16))
+    assert counter.counts["other"].bytes == (1536 + 12) + 768
     # a pass: FLOPs are two per multiply-add of the convolution; bytes its input, weight, bias, output
     conv = torch.nn.Conv2d(3, 4, 3)
     counts = count_pass(conv, torch.rand(1, 3, 8, 8))
@@ -835,6 +839,29 @@ KEEP_DTYPE_FORMS = [
 ]
 
 
+def _passes_of(nets, network: str, forms: dict, faces: torch.Tensor, policy, dtype=torch.bfloat16) -> dict:
+    """{name: (output of `network`'s pass over faces, bytes and FLOPs of a one-face pass)} for
+    each of `forms` ({name: SpeedOptions}), cast under `policy` (a context manager)."""
+    from server.profiling import count_pass
+
+    runs = {}
+    try:
+        with policy():
+            for name, form in forms.items():
+                run = make_pipeline(nets, form, dtype=dtype)._fixed[network]
+                runs[name] = run(faces), count_pass(run, faces[:1])
+    finally:
+        make_pipeline(nets)  # leave the shared networks in their plain form
+    return runs
+
+
+def _cuda_casts():
+    """CUDA autocast's casts: its own on CUDA, server.profiling.cuda_autocast_policy on the CPU."""
+    from server.profiling import cuda_autocast_policy
+
+    return cuda_autocast_policy() if TEST_DEVICE.type == "cpu" else contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("network, form", KEEP_DTYPE_FORMS,
                          ids=["gfpgan-own", "gfpgan-defaults", "gfpgan-bf16-activations", "parse"])
 def test_resampling_in_the_compute_dtype_gives_the_same_pixels_with_fewer_bytes(nets, network, form):
@@ -843,36 +870,58 @@ def test_resampling_in_the_compute_dtype_gives_the_same_pixels_with_fewer_bytes(
     that drops a float32 copy and two casts per resampling. The output is the same to the bit:
     both kernels accumulate in float32 and round once, and every such map feeds a convolution,
     which rounds it to bf16 anyway."""
-    from server.profiling import count_pass, cuda_autocast_policy
-
     faces = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(29)).to(TEST_DEVICE) * 255
-
-    def both_forms(policy):
-        """{resample_dtype: (output, bytes and FLOPs of a one-face pass)} under `policy`'s casts."""
-        runs = {}
-        try:
-            with policy():
-                for dtype_form in RESAMPLE_DTYPES:
-                    pipeline = make_pipeline(nets, dataclasses.replace(form, resample_dtype=dtype_form),
-                                             dtype=torch.bfloat16)
-                    run = pipeline._fixed[network]
-                    runs[dtype_form] = run(faces), count_pass(run, faces[:1])
-        finally:
-            make_pipeline(nets)  # leave the shared networks in their plain form
-        return runs
-
-    runs = both_forms(cuda_autocast_policy if TEST_DEVICE.type == "cpu" else contextlib.nullcontext)
+    forms = {name: dataclasses.replace(form, resample_dtype=name) for name in RESAMPLE_DTYPES}
+    runs = _passes_of(nets, network, forms, faces, _cuda_casts)
     (kept, kept_counts), (cast, cast_counts) = runs["compute"], runs["autocast"]
     assert torch.equal(kept, cast)
-    print(network, kept_counts.bytes, cast_counts.bytes)
     assert kept_counts.bytes < 0.95 * cast_counts.bytes
     assert kept_counts.flops == cast_counts.flops
     if TEST_DEVICE.type == "cpu":
         # The CPU's own autocast resamples in bf16 already (float32 maps cast down, as they
         # still are): there the two forms are one.
-        own = both_forms(contextlib.nullcontext)
+        own = _passes_of(nets, network, forms, faces, contextlib.nullcontext)
         assert torch.equal(own["compute"][0], own["autocast"][0])
         assert own["compute"][1].bytes == own["autocast"][1].bytes
+
+
+#: GFPGAN forms whose unfused modulated convolutions scale a map by its style: (form, dtype,
+#: how many float32 maps go into a convolution that way, which --modulate-dtype compute writes
+#: in bf16 instead of casting: with float32 activations 16 of the decoder's 23 (the 7 upsampling
+#: ones resample first); with bf16 activations only the first's, GFPGAN's float32 constant input)
+MODULATE_FORMS = [
+    (SpeedOptions(modconv="unfused"), torch.bfloat16, 16),  # GFPGAN's own StyleConv, unfused
+    (SpeedOptions(modconv="unfused", channels_last=True, gfpgan_forward="lean", resample_dtype="compute"),
+     torch.bfloat16, 16),  # the CUDA defaults
+    (SpeedOptions(modconv="unfused", gfpgan_forward="lean", activations="compute"), torch.bfloat16, 1),
+    (SpeedOptions(modconv="fused"), torch.bfloat16, 0),  # the weight is modulated, not the map
+    (SpeedOptions(modconv="unfused", gfpgan_forward="lean"), torch.float32, 0),  # no autocast
+]
+
+
+@pytest.mark.parametrize("form, dtype, casts", MODULATE_FORMS,
+                         ids=["gfpgan-own-unfused", "defaults", "bf16-activations", "fused", "float32"])
+def test_modulating_into_the_compute_dtype_gives_the_same_pixels_with_fewer_bytes(nets, form, dtype, casts):
+    """--modulate-dtype compute: the style's multiply writes a float32 map straight into the
+    dtype autocast runs the convolution after it in, where it wrote float32 for autocast to cast.
+    The float32 product is rounded once either way: the same output to the bit, a cast fewer per
+    such convolution, under CUDA's casts and the CPU's own (both cast a convolution's input).
+    Forms without float32 maps or without the multiply are unchanged, operator for operator."""
+    faces = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(31)).to(TEST_DEVICE) * 255
+    forms = {name: dataclasses.replace(form, modulate_dtype=name) for name in MODULATE_DTYPES}
+    policies = [_cuda_casts] + ([contextlib.nullcontext] if TEST_DEVICE.type == "cpu" else [])
+    for policy in policies:
+        runs = _passes_of(nets, "gfpgan", forms, faces, policy, dtype=dtype)
+        (into, into_counts), (cast, cast_counts) = runs["compute"], runs["autocast"]
+        assert torch.equal(into, cast)
+        assert into_counts.flops == cast_counts.flops
+        assert into_counts.ops == cast_counts.ops - casts
+        if casts >= 16:
+            assert into_counts.bytes < 0.95 * cast_counts.bytes
+        elif casts:
+            assert into_counts.bytes < cast_counts.bytes
+        else:
+            assert into_counts.bytes == cast_counts.bytes
 
 
 #: Forms that remove work, against the form they replace: (network, dtype, base, form, the
