@@ -63,6 +63,33 @@ def test_bench_gives_a_table_per_model_each_against_gfpganer_with_that_arch(smal
 
 
 
+def test_gfpganer_timed_at_some_batch_sizes_is_the_baseline_of_the_larger_ones(small_weights, capsys):
+    """--gfpganer-batch-sizes: GFPGANer's one-face loop is timed at the sizes given; a larger
+    batch is compared with its rate at the largest of them below, and says which; sizes that are
+    not some of --batch-sizes (the smallest included) are refused."""
+    import pytest
+
+    from server.bench import Measurement, markdown_table
+
+    table = markdown_table([Measurement(METHODS[0], 1, 10.0, [100.0]), Measurement(METHODS[0], 8, 8.0, [1000.0]),
+                            *(Measurement(METHODS[1], b, rate, [1.0]) for b, rate in ((1, 30.0), (8, 80.0), (32, 96.0)))])
+    ratios = dict(re.findall(r"^\| FacePipeline, in-process \| (\d+) \| [\d.]+ \| ([^|]+) \|", table, flags=re.M))
+    assert ratios == {"1": "3.00x", "8": "10.00x", "32": "12.00x (at 8)"}
+    assert "GFPGANer, one face at a time | 32" not in table
+    main(["--model", str(small_weights / "GFPGANv1.4.pth"), "--weights-dir", str(small_weights), "--device", "cpu",
+          "--no-download", "--alignment", "aligned", "--batch-sizes", "1,2", "--gfpganer-batch-sizes", "1",
+          "--iterations", "1", "--faces", "2", "--face-size", "64", "--methods", "gfpganer,pipeline"])
+    ratios = {(method, int(batch)): ratio for method, batch, ratio in re.findall(
+        r"^\| (.+?) \| (\d) \| [\d.]+ \| ([^|]+?) \|", capsys.readouterr().out, flags=re.M)}
+    assert set(ratios) == {(METHODS[0], 1), (METHODS[1], 1), (METHODS[1], 2)}
+    assert ratios[METHODS[0], 1] == "1.00x" and re.fullmatch(r"[\d.]+x", ratios[METHODS[1], 1])
+    assert re.fullmatch(r"[\d.]+x \(at 1\)", ratios[METHODS[1], 2])
+    for bad in ("8,16", "2", "1,3"):  # not the smallest / not among --batch-sizes
+        with pytest.raises(SystemExit):
+            main(["--batch-sizes", "1,8,16", "--gfpganer-batch-sizes", bad, "--device", "cpu", "--no-download"])
+    assert "--gfpganer-batch-sizes" in capsys.readouterr().err
+
+
 def test_every_speed_variant_is_chosen_by_its_flags():
     """The GPU check reruns the fastest variant through gfpgan-bench's flags: each variant's flags
     must give exactly that variant's forms."""
