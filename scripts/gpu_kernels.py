@@ -4,8 +4,9 @@
     python scripts/gpu_kernels.py WEIGHTS_DIR [--batch 16] [--device cuda]
 
 For GFPGAN (395.5 GFLOP a face) and ParseNet (469 GFLOP a face at 512), in GFPGAN's own forms,
-the service's CUDA defaults, those resampling bf16 maps in float32 as autocast does (the
-defaults before), those with the StyleGAN decoder channels-last too, those with
+the service's CUDA defaults, those resampling bf16 maps in float32 as autocast does and those
+writing the style-scaled float32 maps in float32 for autocast to cast (the defaults before
+--resample-dtype and --modulate-dtype), those with the StyleGAN decoder channels-last too, those with
 ParseNet channels-last and padding from slices, ParseNet without padding passes (border_conv2d),
 with its x2 layers as 2x2 convolutions (upsample_conv2d), and with both and channels-last, and
 those compiled by torch.compile (the gfpgan-bench variants of those names), bf16: the time of

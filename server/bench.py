@@ -709,9 +709,9 @@ def run(argv: Sequence[str] | None = None, loaded: Loaded | None = None) -> str:
     parser = build_parser()
     args = parser.parse_args(argv)
     sizes = _batch_sizes(parser, args.batch_sizes)
-    gfpganer_sizes = sizes if args.gfpganer_batch_sizes is None else \
+    args.gfpganer_sizes = sizes if args.gfpganer_batch_sizes is None else \
         _batch_sizes(parser, args.gfpganer_batch_sizes, "--gfpganer-batch-sizes")
-    if not set(gfpganer_sizes) <= set(sizes) or min(gfpganer_sizes) > min(sizes):  # (_report times them)
+    if not set(args.gfpganer_sizes) <= set(sizes) or min(args.gfpganer_sizes) > min(sizes):
         parser.error(f"--gfpganer-batch-sizes: some of --batch-sizes, the smallest included; got "
                      f"{args.gfpganer_batch_sizes!r} of {args.batch_sizes!r}")
     if args.iterations < 1 or args.in_flight < 1:
@@ -750,8 +750,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                             paste_mask=args.paste_mask, resample=args.resample,
                             resample_dtype=args.resample_dtype, modulate_dtype=args.modulate_dtype,
-                            activations=args.activations,
-                            fold_norms=args.fold_norms,
+                            activations=args.activations, fold_norms=args.fold_norms,
                             gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
                             parse_channels_last=args.parse_channels_last, parse_padding=args.parse_padding,
                             parse_upsample=args.parse_upsample,
@@ -772,9 +771,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                          f"{', '.join(GFPGANER_ARCHS)})")
     elif "gfpganer" in methods:
         with loaded.gfpganer(settings.model, settings.weights_dir, device) as restorer:
-            gfpganer_sizes = sizes if args.gfpganer_batch_sizes is None else \
-                _batch_sizes(parser, args.gfpganer_batch_sizes, "--gfpganer-batch-sizes")
-            measurements += bench_gfpganer(restorer, faces, gfpganer_sizes, options.alignment,
+            measurements += bench_gfpganer(restorer, faces, args.gfpganer_sizes, options.alignment,
                                            args.iterations, args.seconds, sync)
         del restorer
     if "pipeline" in methods:

@@ -187,7 +187,7 @@ def _unfused_forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor
     (s^2 @ sum_k(w^2)^T): both come out of the convolution, so no weight is built per face.
     Bilinear resampling is linear per channel, so scaling before it is the same as after.
     """
-    b, c = x.shape[:2]
+    b = x.shape[0]
     s = self.modulation(style)  # (b, c_in)
     x = _modulated(self, x, s)
     if self.sample_mode == "upsample":

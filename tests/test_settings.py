@@ -118,8 +118,8 @@ def test_speed_forms_auto_and_overrides():
 
     cpu, cuda = Settings().speed_options("cpu"), Settings().speed_options("cuda")
     # both run the unfused convolution channels-last, fold the norm layers, resample bf16 maps in
-    # bf16, modulate float32 maps into bf16 and run lean GFPGAN; the CPU also runs the forms measured faster there and not yet on
-    # a GPU (BENCHMARKS.md)
+    # bf16, modulate float32 maps into bf16 and run lean GFPGAN; the CPU also runs the forms
+    # measured faster there and not yet on a GPU (BENCHMARKS.md)
     assert cpu == SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True,
                                fold_norms=True, gfpgan_forward="lean", parse_channels_last=True,
                                parse_padding="border", parse_upsample="phases", resample_dtype="compute",
