@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from client.types import EnhanceOptions, EnhanceResult
-from server.jobs import Job, JobResult, Pipeline
+from server.jobs import DeviceOutOfMemory, Job, JobResult, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class PipelineFailed(Exception):
 
 class DeadlineExceeded(Exception):
     """The caller's deadline passed before its faces reached the device (DEADLINE_EXCEEDED)."""
+
+
+class DeviceFull(Exception):
+    """The device ran out of memory on a batch of one face: none left to try it in (RESOURCE_EXHAUSTED)."""
 
 
 @dataclass(eq=False)
@@ -66,14 +70,27 @@ class Batcher:
 
     Device work runs on one dedicated thread, so the event loop keeps reading and answering.
     Use from one event loop: `start()`, then `await submit(...)`, finally `drain()` / `close()`.
+
+    A batch the device has no memory for (the pipeline raises DeviceOutOfMemory) goes back to
+    the head of the queue, its faces in their order, and from then on batches hold at most half
+    its faces (`batch_ceiling`): the same faces run again, smaller, and no caller loses them. A
+    single face that does not fit fails with DeviceFull. After `recover_s` without running out,
+    the ceiling doubles again, up to max_batch_faces: memory another program held comes back.
     """
 
+    #: Seconds without running out of memory before the ceiling doubles again.
+    RECOVER_S = 30.0
+
     def __init__(self, pipeline: Pipeline, max_batch_faces: int, max_delay_ms: float,
-                 max_queue_faces: int, metrics=None):
+                 max_queue_faces: int, metrics=None, recover_s: float = RECOVER_S):
         if max_batch_faces < 1 or max_queue_faces < 1 or max_delay_ms < 0:
             raise ValueError("max_batch_faces and max_queue_faces must be >= 1, max_delay_ms >= 0")
         self.pipeline = pipeline
         self.max_batch_faces = max_batch_faces
+        #: Most faces in a batch now: max_batch_faces, less after the device ran out of memory.
+        self.batch_ceiling = max_batch_faces
+        self.recover_s = recover_s
+        self._shrunk_at = 0.0  # time.monotonic() of the last running out (or growing back)
         self.max_delay_s = max_delay_ms / 1000.0
         self.max_queue_faces = max_queue_faces
         self.metrics = metrics
@@ -88,6 +105,8 @@ class Batcher:
         self._former: asyncio.Task | None = None
         self._device = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=DEVICE_THREAD_PREFIX)
+        if metrics is not None:
+            metrics.batch_ceiling.set(max_batch_faces)
 
     @property
     def queued_faces(self) -> int:
@@ -110,7 +129,8 @@ class Batcher:
         """Queue faces (N, H, W, 3) uint8 and wait for their results, in order.
 
         Raises QueueFull at once when they do not fit, NotAccepting when draining,
-        PipelineFailed when the device failed on them, DeadlineExceeded when `deadline`
+        PipelineFailed when the device failed on them, DeviceFull when it had no memory for one
+        of them alone, DeadlineExceeded when `deadline`
         (time.monotonic()) passed before they reached the device. Cancelling the caller drops
         the faces that have not reached the device yet.
         """
@@ -243,7 +263,8 @@ class Batcher:
 
     async def _wait_for_company(self) -> None:
         """Until the queue holds a full batch or its oldest request has waited max_delay_ms."""
-        while self._queue and self._queued_faces < self.max_batch_faces and self._accepting:
+        self._grow_back()
+        while self._queue and self._queued_faces < self.batch_ceiling and self._accepting:
             remaining = self._queue[0].arrival + self.max_delay_s - time.monotonic()
             if remaining <= 0:
                 return
@@ -267,12 +288,12 @@ class Batcher:
         return freed
 
     def _take_batch(self) -> tuple[list[Job], list[tuple[_Request, int, int]]]:
-        """Up to max_batch_faces faces from the head of the queue, splitting the last request;
+        """Up to batch_ceiling faces from the head of the queue, splitting the last request;
         requests whose deadline passed are dropped first, never computed."""
         self._expire()
         jobs: list[Job] = []
         owners: list[tuple[_Request, int, int]] = []
-        room = self.max_batch_faces
+        limit = room = self.batch_ceiling
         while room and self._queue:
             request = self._queue[0]
             start = request.handed_out
@@ -285,7 +306,7 @@ class Batcher:
             room -= take
             if stop == request.count:
                 self._queue.popleft()
-        self._change_queued(-(self.max_batch_faces - room))
+        self._change_queued(-(limit - room))
         return jobs, owners
 
     def _enhance_timed(self, jobs: Sequence[Job]) -> tuple[list[JobResult], float, float]:
@@ -306,6 +327,9 @@ class Batcher:
                 self._device, self._enhance_timed, jobs)
             results = list(results)
             _check_results(jobs, results)
+        except DeviceOutOfMemory as exc:
+            self._out_of_memory(owners, batch_faces, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the batcher
             log.exception("device batch of %d faces failed", batch_faces)
             error = PipelineFailed(f"enhancing failed on the server: {type(exc).__name__}: {exc}")
@@ -329,6 +353,44 @@ class Batcher:
             request.finished += take
             if request.finished == request.count and not request.future.done():
                 self._complete(request)
+
+    def _out_of_memory(self, owners: list[tuple[_Request, int, int]], faces: int,
+                       error: DeviceOutOfMemory) -> None:
+        """The batch's faces go back to the head of the queue, in their order, and the ceiling
+        comes down to half of them; one face that did not fit fails its request."""
+        self._shrunk_at = time.monotonic()
+        self._set_ceiling(min(self.batch_ceiling, max(1, faces // 2)))
+        if self.metrics is not None:
+            self.metrics.device_out_of_memory.inc()
+        if faces == 1:
+            log.error("%s; failing its request (RESOURCE_EXHAUSTED)", error)
+            full = DeviceFull(f"{error}: the device has no memory for even one face now; retry "
+                              "later or on another replica")
+            for request, _, _ in owners:
+                self._fail(request, full)
+            return
+        log.warning("%s; its faces go back to the queue, and batches hold at most %d faces for "
+                    "the next %.0f s", error, self.batch_ceiling, self.recover_s)
+        for request, start, take in reversed(owners):
+            if request.future.done():  # cancelled or failed while on the device: nobody waits
+                continue
+            request.handed_out = start
+            if request not in self._queue:
+                self._queue.appendleft(request)
+            self._change_queued(take)
+
+    def _grow_back(self) -> None:
+        """Double the ceiling (up to max_batch_faces) once recover_s passed without running out."""
+        if self.batch_ceiling < self.max_batch_faces and time.monotonic() - self._shrunk_at >= self.recover_s:
+            self._shrunk_at = time.monotonic()
+            self._set_ceiling(min(self.max_batch_faces, self.batch_ceiling * 2))
+            log.info("no device memory shortage for %.0f s: batches hold up to %d faces again",
+                     self.recover_s, self.batch_ceiling)
+
+    def _set_ceiling(self, faces: int) -> None:
+        self.batch_ceiling = faces
+        if self.metrics is not None:
+            self.metrics.batch_ceiling.set(faces)
 
     def _complete(self, request: _Request) -> None:
         parts = sorted(request.parts, key=lambda part: part[0])

@@ -29,7 +29,7 @@ import server.compat  # noqa: F401  (must precede gfpgan/basicsr/facexlib)
 import torch
 
 from client.types import OUTPUT_SIZES, Alignment, EnhanceOptions
-from server.jobs import Job
+from server.jobs import DeviceOutOfMemory, Job
 from server.settings import Settings, default_weights_dir
 from server.speed import SpeedOptions
 
@@ -481,7 +481,7 @@ def bench_memory(pipeline, faces, batch_sizes, options, largest_probe: int) -> s
         try:
             pipeline.enhance([Job(_batch(faces, 0, b), options)])
             torch.cuda.synchronize(device)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, DeviceOutOfMemory):  # the pipeline's word for it, or torch's
             lines.append(f"| {b} | out of memory | | |")
             break
         fits = b

@@ -98,7 +98,9 @@ def resolve(args: list[str], out: Path) -> tuple[list[str], str | None]:
 def _leaves_device_unusable(error: BaseException) -> bool:
     import torch
 
-    if isinstance(error, torch.OutOfMemoryError):
+    from server.jobs import DeviceOutOfMemory
+
+    if isinstance(error, (torch.OutOfMemoryError, DeviceOutOfMemory)):
         return False  # the caching allocator recovers; the memory step expects it
     accelerator = getattr(torch, "AcceleratorError", ())
     return isinstance(error, accelerator) or "CUDA error" in str(error)

@@ -30,6 +30,17 @@ class JobResult:
     status: list[FaceStatus]
 
 
+class DeviceOutOfMemory(Exception):
+    """The device ran out of memory on this batch. The pipeline raises it after it has put
+    everything back as it was before the batch (no result kept, steady video's filters
+    unchanged, the failed pass's memory released), so the same faces may run again, in
+    smaller batches. `detail`: what the device said (the allocator's first line)."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What GetInfo and the model_info metric report about the loaded pipeline."""
@@ -70,7 +81,8 @@ class Pipeline(Protocol):
         """Enhance every job's faces in as few device passes as the options allow.
 
         Returns one JobResult per job, in order. Raises only for device/internal failures;
-        requests have been validated before they get here.
+        requests have been validated before they get here. Raises DeviceOutOfMemory when the
+        batch did not fit in the device's memory (a smaller one may).
         """
         ...
 

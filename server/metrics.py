@@ -58,6 +58,15 @@ class Metrics:
         self.device_batch_faces = Gauge(
             "faceenhance_device_batch_faces",
             "Faces in the batch the device is computing now (0: the device is idle).", registry=r)
+        self.batch_ceiling = Gauge(
+            "faceenhance_batch_ceiling_faces",
+            "Most faces the batcher puts in a device batch now: --max-batch-faces, or half the "
+            "last batch the device ran out of memory on, doubling back every 30 s without.",
+            registry=r)
+        self.device_out_of_memory = Counter(
+            "faceenhance_device_out_of_memory",
+            "Device batches that ran out of memory: their faces ran again in smaller batches, "
+            "or, for a batch of one face, failed RESOURCE_EXHAUSTED.", registry=r)
         self.unauthenticated = Counter(
             "faceenhance_unauthenticated_requests",
             "Calls refused UNAUTHENTICATED: no bearer token, or one the service was not given.",

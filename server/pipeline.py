@@ -21,7 +21,8 @@ import torch
 from client.types import Alignment, Background, EnhanceOptions, FaceStatus
 from server import imageops
 from server.detection import FaceDetector, Faces, centre_choice, centre_mask
-from server.jobs import Job, JobResult, ModelInfo
+from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo
+from server.steady import VideoState
 from server.speed import (CompiledForward, GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
                           check_speed_device, graph_buckets, prepare_resampling,
                           reset_compiled, set_activation_form, set_norm_folding, set_memory_format,
@@ -296,10 +297,13 @@ class FacePipeline:
 
     @torch.no_grad()
     def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
-        """Run every job's faces through the pipeline in as few device passes as possible."""
-        batch = self.profiler.batch() if self.profiler is not None else contextlib.nullcontext()
-        with batch:
-            return self._enhance(jobs)
+        """Run every job's faces through the pipeline in as few device passes as possible.
+        Raises DeviceOutOfMemory, with nothing changed, when the batch does not fit."""
+        def run() -> list[JobResult]:
+            batch = self.profiler.batch() if self.profiler is not None else contextlib.nullcontext()
+            with batch:
+                return self._enhance(jobs)
+        return enhance_within_memory(run, jobs, self.device)
 
     def _stage(self, name: str):
         return self.profiler.stage(name) if self.profiler is not None else contextlib.nullcontext()
@@ -661,6 +665,45 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
 
 
+#: What a RuntimeError says when an allocation failed outside torch's own OutOfMemoryError: the
+#: CPU's allocator (Windows commits memory up front, so a batch too large fails here rather
+#: than in the kernel's OOM killer), cuDNN's and cuBLAS's workspaces, and CUDA's runtime.
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                           "out of memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the device (or the host) running out of memory for a batch."""
+    if isinstance(error, (DeviceOutOfMemory, torch.OutOfMemoryError, MemoryError)):  # MemoryError: numpy's
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and any(text.lower() in message.lower()
+                                                   for text in _OUT_OF_MEMORY_MESSAGES)
+
+
+def enhance_within_memory(run: Callable[[], list[JobResult]], jobs: Sequence[Job],
+                          device: torch.device) -> list[JobResult]:
+    """run(), the pipeline's pass over `jobs`; when the device runs out of memory in it, nothing
+    is left changed and DeviceOutOfMemory says so: the steady-video filters the pass moved go
+    back to where they were, the failed pass's tensors are released (its frames go with the
+    error, which is not kept) and so is the allocator's cache, so that the batcher can run the
+    same faces again in smaller batches and other programs on the GPU get the memory back."""
+    videos = {id(job.video): (job.video, job.video.snapshot()) for job in jobs
+              if isinstance(job.video, VideoState)}
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - only memory is handled, the rest goes on up
+        if not is_out_of_memory(error):
+            raise
+        detail = error.detail if isinstance(error, DeviceOutOfMemory) else _first_line(error)
+    for video, snapshot in videos.values():
+        video.restore(snapshot)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    faces = sum(job.faces.shape[0] for job in jobs)
+    raise DeviceOutOfMemory(f"the device ran out of memory on a batch of {faces} faces ({detail})", detail)
+
+
 def _in_passes(run, batch: torch.Tensor) -> torch.Tensor:
     """run(batch) in passes of at most MAX_NETWORK_FACES."""
     if batch.shape[0] <= MAX_NETWORK_FACES:
@@ -808,6 +851,11 @@ class ModelRouter:
         self.default = info.default_model
 
     def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
+        # a model's pass that runs out of memory leaves the passes before it undone too
+        return enhance_within_memory(lambda: self._enhance(jobs), jobs,
+                                     next(iter(self.pipelines.values())).device)
+
+    def _enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
         by_model: dict[str, list[int]] = defaultdict(list)
         for index, job in enumerate(jobs):
             by_model[job.options.model or self.default].append(index)

@@ -17,7 +17,7 @@ from client import codec
 from client.pb import face_enhance_pb2 as pb
 from client.pb import face_enhance_pb2_grpc as pb_grpc
 from client.types import OUTPUT_SIZES, InvalidRequest, RestorerInfo
-from server.batcher import Batcher, DeadlineExceeded, NotAccepting, PipelineFailed, QueueFull
+from server.batcher import Batcher, DeadlineExceeded, DeviceFull, NotAccepting, PipelineFailed, QueueFull
 from server.jobs import ModelInfo
 from server.security import RateLimitedLog
 from server.settings import Settings
@@ -101,7 +101,7 @@ def error_status(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """The one mapping from what went wrong to (status code, message, metrics outcome)."""
     if isinstance(exc, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), "invalid_argument"
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, DeviceFull)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "resource_exhausted"
     if isinstance(exc, NotAccepting):
         return grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable"

@@ -30,6 +30,7 @@ Positions are in units of the face's eye distance, so one set of parameters fits
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -72,6 +73,17 @@ class VideoState:
     held: bool = False          # the last detected frame had one face: its alignment may be reused
     reused: int = 0             # frames warped with the held alignment, not detected
     reported: int = 0           # of those, counted in the service's metrics so far
+
+    def snapshot(self) -> "VideoState":
+        """A copy of the filter, for `restore` when the batch it is used in fails and runs again."""
+        return dataclasses.replace(self)
+
+    def restore(self, snapshot: "VideoState") -> None:
+        """The filter as it was at `snapshot`. `reported` stays: the service writes it, and what
+        it counted was reported."""
+        for field in dataclasses.fields(self):
+            if field.name != "reported":
+                setattr(self, field.name, getattr(snapshot, field.name))
 
     def skip(self) -> None:
         """A frame with no face (or several): counted, nothing smoothed, nothing held."""

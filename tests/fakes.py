@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from client.types import EnhanceOptions, FaceStatus
-from server.jobs import Job, JobResult, ModelInfo
+from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo
 
 
 def fake_enhanced(faces: np.ndarray, options: EnhanceOptions) -> tuple[np.ndarray, list[FaceStatus]]:
@@ -38,7 +38,8 @@ class FakePipeline:
 
     delay_s: seconds per batch (the "device" time). hold: when given, every batch waits for
     it to be set (a test decides when the device finishes). fail_if(jobs): raise for the
-    batches it picks. warmup_gate: warmup() blocks until it is set. record_faces: keep a copy
+    batches it picks. out_of_memory_above: batches of more faces raise DeviceOutOfMemory, as
+    the pipeline does when the device has no memory for them (a test may change it). warmup_gate: warmup() blocks until it is set. record_faces: keep a copy
     of every face seen (tests look at them; a long soak must not).
     """
 
@@ -48,11 +49,12 @@ class FakePipeline:
 
     def __init__(self, delay_s: float = 0.0, fail_if: Callable[[Sequence[Job]], bool] | None = None,
                  warmup_gate: threading.Event | None = None, hold: threading.Event | None = None,
-                 record_faces: bool = True):
+                 record_faces: bool = True, out_of_memory_above: int | None = None):
         self.delay_s = delay_s
         self.record_faces = record_faces
         self.hold = hold
         self.fail_if = fail_if
+        self.out_of_memory_above = out_of_memory_above
         self.warmup_gate = warmup_gate
         self.warmed_up = False
         self.batches: list[list[tuple[int, EnhanceOptions]]] = []  # per batch: (faces, options)
@@ -74,6 +76,10 @@ class FakePipeline:
             time.sleep(self.delay_s)
         if self.fail_if is not None and self.fail_if(jobs):
             raise RuntimeError("fake device failure")
+        faces = sum(job.faces.shape[0] for job in jobs)
+        if self.out_of_memory_above is not None and faces > self.out_of_memory_above:
+            raise DeviceOutOfMemory(f"the device ran out of memory on a batch of {faces} faces "
+                                    "(fake: CUDA out of memory)")
         results = []
         for job in jobs:
             faces, status = fake_enhanced(job.faces, job.options)

@@ -49,8 +49,9 @@ class FaceEnhancerServicer(object):
 
     def Enhance(self, request, context):
         """One batch, one answer: for simple callers and grpcurl. Errors are gRPC status codes:
-        INVALID_ARGUMENT for a bad request, RESOURCE_EXHAUSTED when the queue is full,
-        UNAVAILABLE while the service is starting or draining.
+        INVALID_ARGUMENT for a bad request, RESOURCE_EXHAUSTED when the queue is full (or the
+        device has no memory for even one face), UNAVAILABLE while the service is starting or
+        draining.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
