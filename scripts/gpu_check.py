@@ -14,7 +14,7 @@ limit, the rest going on in a fresh process after one that fails the device:
   env        the GPU, driver, torch and package versions
   weights    random-valued checkpoints of the real architectures (tests/checkpoints.py), full
              width on the GPU, and drawn test faces; nothing is downloaded
-  tests      pipeline, image-op, speed, model and end-to-end tests on the device
+  tests      pipeline, image-op, speed, model, end-to-end and out-of-memory tests on the device
              (GFPGAN_TEST_DEVICE), bf16 against fp32 on the same weights included
   tests-compile  the tests marked `compiles` (torch.compile through Inductor on CUDA), apart,
              so that a slow build cannot cost the other tests their results
@@ -90,7 +90,7 @@ def main() -> int:
              "--faces-from", str(faces), "--seconds", str(secs)]
     compile_variants = QUICK_COMPILE_VARIANTS if args.quick else COMPILE_VARIANTS
     test_files = ["tests/test_imageops.py", "tests/test_speed.py", "tests/test_pipeline.py",
-                  "tests/test_model.py", "tests/test_end_to_end.py"]
+                  "tests/test_model.py", "tests/test_end_to_end.py", "tests/test_out_of_memory.py"]
 
     def tests_step(name: str, marker: str, workers: int = 0):
         """pytest over test_files with the tests `marker` selects, results in OUT/<name>.xml, in
