@@ -325,7 +325,7 @@ SPECS: tuple[_Spec, ...] = (
           "float16 is refused (unsafe for GFPGAN).", "auto", check=_dtype),
     _Spec("max_batch_faces", _int_in(1, 1024), "Most faces run through the network at once; "
           "larger requests are split across batches. A batch the device runs out of memory on "
-          "runs again in halves, and batches stay at most that size until 30 s pass without.", "8",
+          "runs again in halves, and the limit doubles back every 30 s without running out.", "8",
           check=_int_in(1, 1024)),
     _Spec("max_delay_ms", _float_at_least(0.0), "Longest a batch waits for more faces after its "
           "first arrives, in milliseconds.", "5.0", check=_float_at_least(0.0)),
