@@ -5,8 +5,10 @@ On a GPU shared with the program it serves (MuseTalk beside the service on one c
 everything back as it was (steady video's filters, the allocator's cache) and raises
 DeviceOutOfMemory; the batcher puts the batch's faces back at the head of the queue and halves
 its ceiling; a single face that does not fit fails RESOURCE_EXHAUSTED, and the client falls back.
-Here on the CPU: the batcher and the service over a fake device that runs out above a size, and
-the real pipeline with a real failed allocation inside its GFPGAN pass.
+Here: the batcher and the service over a fake device that runs out above a size; the real
+pipeline with a real failed allocation inside its GFPGAN pass; the real pipeline and batcher in
+a process whose address space is capped (tests/capped_memory.py); gfpgan-bench's memory step.
+On a GPU (the GPU check's tests step), a batch past a cap on CUDA's caching allocator.
 """
 from __future__ import annotations
 
@@ -103,17 +105,17 @@ async def test_the_ceiling_doubles_back_to_max_batch_faces_after_recover_s_witho
     fake = FakePipeline(out_of_memory_above=2)
     metrics = Metrics()
     batcher = Batcher(fake, max_batch_faces=8, max_delay_ms=1.0, max_queue_faces=64, metrics=metrics,
-                      recover_s=0.4)
+                      recover_s=1.0)
     batcher.start()
     await batcher.submit(random_faces(rng, 8), OPTIONS)
     assert fake.batch_sizes == [8, 4, 2, 2, 2, 2] and batcher.batch_ceiling == 2
 
     fake.out_of_memory_above = None
-    await asyncio.sleep(0.45)
+    await asyncio.sleep(1.1)
     await batcher.submit(random_faces(rng, 8), OPTIONS)  # doubled once: 4, and not again so soon
     assert fake.batch_sizes[6:] == [4, 4]
     assert sample(metrics, "faceenhance_batch_ceiling_faces") == 4
-    await asyncio.sleep(0.45)
+    await asyncio.sleep(1.1)
     await batcher.submit(random_faces(rng, 8), OPTIONS)
     assert fake.batch_sizes[8:] == [8] and batcher.batch_ceiling == 8
     assert sample(metrics, "faceenhance_batch_ceiling_faces") == 8
@@ -293,7 +295,6 @@ async def test_the_client_falls_back_and_marks_the_face_when_the_service_has_no_
             outcome = await client.enhance(random_faces(rng, 1))
     assert outcome.fell_back and outcome.fallback_reason == "resource_exhausted"
     assert outcome.status == [FaceStatus.FALLBACK]
-
 
 
 @pytest.mark.timeout(300)
