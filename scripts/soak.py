@@ -4,6 +4,8 @@ the frames sent and answered (enhanced / fell back), and the service's resident 
     python scripts/soak.py --spawn-fake --seconds 120            # the real gfpgan-serve process
                                                                  # around the fake pipeline
     python scripts/soak.py --address HOST:50051 --pid PID        # a running service (RSS if local)
+    python scripts/soak.py --spawn-fake --fake-out-of-memory-above 8   # a device that has memory
+                                                                 # for batches of 8 faces, not 16
 
 Not a test: it prints a table for a person to read (BENCHMARKS.md, "Soak"). A leak shows as
 RSS climbing row after row while frames in and out stay level.
@@ -39,11 +41,14 @@ def rss_mib(pid: int | None) -> str:
     return "?"
 
 
-def spawn_fake(delay_s: float) -> tuple[subprocess.Popen, str]:
+def spawn_fake(delay_s: float, out_of_memory_above: int | None = None) -> tuple[subprocess.Popen, str]:
+    env = {"PYTHONPATH": str(ROOT), "FAKE_DELAY_S": str(delay_s), "PATH": "/usr/bin:/bin"}
+    if out_of_memory_above is not None:
+        env["FAKE_OUT_OF_MEMORY_ABOVE"] = str(out_of_memory_above)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "serve_fake.py"), "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "0", "--max-batch-faces", "16", "--max-delay-ms", "2"],
-        cwd=ROOT, env={"PYTHONPATH": str(ROOT), "FAKE_DELAY_S": str(delay_s), "PATH": "/usr/bin:/bin"},
+        cwd=ROOT, env=env,
         stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         match = re.search(r"SERVING on 127\.0\.0\.1:(\d+)", line)
@@ -65,11 +70,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="faces per request")
     parser.add_argument("--size", type=int, default=256, help="face side in pixels")
     parser.add_argument("--fake-delay-s", type=float, default=0.02, help="--spawn-fake: seconds per batch")
+    parser.add_argument("--fake-out-of-memory-above", type=int, default=None, metavar="FACES",
+                        help="--spawn-fake: device batches of more faces run out of memory (the "
+                             "service's --max-batch-faces is 16)")
     args = parser.parse_args(argv)
 
     process, address, pid = None, args.address, args.pid
     if args.spawn_fake:
-        process, address = spawn_fake(args.fake_delay_s)
+        process, address = spawn_fake(args.fake_delay_s, args.fake_out_of_memory_above)
         pid = process.pid
     counts = {"sent": 0, "enhanced": 0, "fell_back": 0}
     lock = threading.Lock()

@@ -1,7 +1,8 @@
 """Runs the real gfpgan-serve process (flags, signals, drain) around the fake pipeline.
 
 FAKE_DELAY_S: the fake's seconds per batch; FAKE_WARMUP_S: how long its warm-up takes;
-FAKE_LOAD_ERROR: the pipeline fails to load with this message. The process keeps no copy of
+FAKE_LOAD_ERROR: the pipeline fails to load with this message; FAKE_OUT_OF_MEMORY_ABOVE: batches
+of more faces run out of device memory. The process keeps no copy of
 the faces it sees (scripts/soak.py measures its memory).
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ def fake_factory(settings: Settings) -> FakePipeline:
         timer = threading.Timer(warmup_s, gate.set)
         timer.daemon = True  # a stop during warm-up must not wait for it
         timer.start()
+    above = os.environ.get("FAKE_OUT_OF_MEMORY_ABOVE")
     return FakePipeline(delay_s=float(os.environ.get("FAKE_DELAY_S", "0")), warmup_gate=gate,
-                        record_faces=False)
+                        record_faces=False, out_of_memory_above=int(above) if above else None)
 
 
 if __name__ == "__main__":
