@@ -11,7 +11,6 @@ as each came alone.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import resource
 import sys
@@ -21,10 +20,10 @@ import numpy as np
 import torch
 
 from client.types import EnhanceOptions
-from server.batcher import Batcher
 from server.jobs import Job
 from server.pipeline import FacePipeline
 from tests.faces import make_faces
+from tests.helpers import enhance_through_batcher
 from tests.test_pipeline import load_nets
 
 
@@ -50,15 +49,7 @@ def main() -> None:
     cap = _vm("VmSize") + (one + two) // 2
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
 
-    async def serve():
-        batcher = Batcher(pipeline, max_batch_faces=2, max_delay_ms=1.0, max_queue_faces=8)
-        batcher.start()
-        try:
-            return await batcher.submit(faces, options), batcher.batch_ceiling
-        finally:
-            await batcher.close()
-
-    result, ceiling = asyncio.run(serve())
+    result, ceiling = enhance_through_batcher(pipeline, faces, options, max_batch_faces=2)
     resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     print(json.dumps({
         "one_face_mb": one >> 20, "two_faces_mb": two >> 20, "ceiling": ceiling,

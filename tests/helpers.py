@@ -49,3 +49,20 @@ async def until(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert loop.time() < end, "condition not reached in time"
         await asyncio.sleep(0.005)
+
+
+def enhance_through_batcher(pipeline, faces, options, max_batch_faces: int):
+    """One request of `faces` through a Batcher of its own over `pipeline` (in a fresh event
+    loop): its result, and the batcher's ceiling afterwards."""
+    from server.batcher import Batcher
+
+    async def serve():
+        batcher = Batcher(pipeline, max_batch_faces=max_batch_faces, max_delay_ms=1.0,
+                          max_queue_faces=4 * max_batch_faces)
+        batcher.start()
+        try:
+            return await batcher.submit(faces, options), batcher.batch_ceiling
+        finally:
+            await batcher.close()
+
+    return asyncio.run(serve())

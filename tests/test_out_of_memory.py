@@ -34,7 +34,7 @@ from server.steady import VideoState
 from tests.device import TEST_DEVICE
 from tests.faces import make_faces
 from tests.fakes import FakePipeline, fake_enhanced, random_faces
-from tests.helpers import until
+from tests.helpers import enhance_through_batcher, until
 from tests.service_process import ROOT
 from tests.test_server import RESOURCE_EXHAUSTED, assert_answers, channel, request, running
 from tests.test_steady import jittered_video, pipeline  # noqa: F401 - the box-mask pipeline fixture
@@ -56,14 +56,22 @@ def sample(metrics: Metrics, name: str) -> float | None:
     return metrics.registry.get_sample_value(name)
 
 
+def started(fake: FakePipeline, max_batch_faces: int, max_delay_ms: float = 1.0,
+            **kwargs) -> tuple[Batcher, Metrics]:
+    """A started Batcher over `fake` with metrics of its own (64 faces of queue)."""
+    metrics = Metrics()
+    batcher = Batcher(fake, max_batch_faces=max_batch_faces, max_delay_ms=max_delay_ms, max_queue_faces=64,
+                      metrics=metrics, **kwargs)
+    batcher.start()
+    return batcher, metrics
+
+
 # --- the batcher ---------------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
 async def test_a_batch_the_device_has_no_memory_for_runs_again_in_halves_and_every_face_comes_back(rng):
     fake = FakePipeline(out_of_memory_above=3)
-    metrics = Metrics()
-    batcher = Batcher(fake, max_batch_faces=8, max_delay_ms=10_000, max_queue_faces=64, metrics=metrics)
-    batcher.start()
+    batcher, metrics = started(fake, max_batch_faces=8, max_delay_ms=10_000)
     requests = [random_faces(rng, n) for n in (5, 3, 4)]  # three callers
 
     results = await asyncio.gather(*(batcher.submit(faces, OPTIONS) for faces in requests))
@@ -84,9 +92,7 @@ async def test_a_batch_the_device_has_no_memory_for_runs_again_in_halves_and_eve
 @pytest.mark.timeout(30)
 async def test_one_face_the_device_has_no_memory_for_fails_its_request_alone_and_the_batcher_goes_on(rng):
     fake = FakePipeline(out_of_memory_above=0)
-    metrics = Metrics()
-    batcher = Batcher(fake, max_batch_faces=4, max_delay_ms=1.0, max_queue_faces=64, metrics=metrics)
-    batcher.start()
+    batcher, metrics = started(fake, max_batch_faces=4)
     with pytest.raises(DeviceFull, match="no memory for even one face"):
         await batcher.submit(random_faces(rng, 1), OPTIONS)
     assert fake.batch_sizes == [1] and batcher.batch_ceiling == 1
@@ -103,10 +109,7 @@ async def test_one_face_the_device_has_no_memory_for_fails_its_request_alone_and
 @pytest.mark.timeout(30)
 async def test_the_ceiling_doubles_back_to_max_batch_faces_after_recover_s_without_running_out(rng):
     fake = FakePipeline(out_of_memory_above=2)
-    metrics = Metrics()
-    batcher = Batcher(fake, max_batch_faces=8, max_delay_ms=1.0, max_queue_faces=64, metrics=metrics,
-                      recover_s=1.0)
-    batcher.start()
+    batcher, metrics = started(fake, max_batch_faces=8, recover_s=1.0)
     await batcher.submit(random_faces(rng, 8), OPTIONS)
     assert fake.batch_sizes == [8, 4, 2, 2, 2, 2] and batcher.batch_ceiling == 2
 
@@ -126,8 +129,7 @@ async def test_the_ceiling_doubles_back_to_max_batch_faces_after_recover_s_witho
 async def test_a_request_cancelled_or_past_its_deadline_while_its_batch_ran_out_is_not_run_again(rng):
     hold = threading.Event()
     fake = FakePipeline(hold=hold, out_of_memory_above=1)
-    batcher = Batcher(fake, max_batch_faces=8, max_delay_ms=1.0, max_queue_faces=64)
-    batcher.start()
+    batcher, _ = started(fake, max_batch_faces=8)
     cancelled = asyncio.ensure_future(batcher.submit(random_faces(rng, 1), OPTIONS))
     late = asyncio.ensure_future(batcher.submit(random_faces(rng, 1), OPTIONS,
                                                 deadline=time.monotonic() + 0.2))
@@ -337,15 +339,7 @@ def test_on_cuda_a_batch_past_the_memory_cap_runs_again_smaller_to_the_same_face
     torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(TEST_DEVICE).total_memory,
                                                TEST_DEVICE)
     try:
-        async def serve():
-            batcher = Batcher(pipeline, max_batch_faces=8, max_delay_ms=1.0, max_queue_faces=64)
-            batcher.start()
-            try:
-                return await batcher.submit(faces, options), batcher.batch_ceiling
-            finally:
-                await batcher.close()
-
-        result, ceiling = asyncio.run(serve())
+        result, ceiling = enhance_through_batcher(pipeline, faces, options, max_batch_faces=8)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, TEST_DEVICE)
         torch.cuda.empty_cache()
