@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detect-every", type=int, default=1, metavar="N",
                         help="--steady-video with detect: find the face on every N-th frame only "
                              "and reuse the smoothed alignment between (default 1)")
+    parser.add_argument("--mask-every", type=int, default=1, metavar="N",
+                        help="--steady-video with detect/landmarks: compute the paste mask (face "
+                             "parsing) on every N-th frame only and reuse it between (default 1)")
     parser.add_argument("--random-noise", action="store_true",
                         help="GFPGAN's random StyleGAN noise (outputs then differ run to run)")
     parser.add_argument("--batch-size", type=int, default=8, help="faces per request, default 8")
@@ -211,7 +214,7 @@ def run(args, log=print) -> int:
                              fidelity=args.fidelity, only_center_face=not args.all_faces,
                              random_noise=args.random_noise,
                              steady_video=args.steady_video,
-                             detect_every=args.detect_every,
+                             detect_every=args.detect_every, mask_every=args.mask_every,
                              model=args.model if args.address else "").validate()
     output_dir = Path(args.output)
     found = list(find_images(args.inputs))

@@ -99,6 +99,7 @@ def encode_options(options: EnhanceOptions) -> pb.EnhanceOptions:
         model=options.model,
         background=_BACKGROUND_TO_PB[options.background],
         fidelity_weight=options.fidelity_weight,
+        mask_every=options.mask_every if options.mask_every > 1 else 0,
     )
 
 
@@ -122,6 +123,7 @@ def decode_options(msg: pb.EnhanceOptions) -> EnhanceOptions:
         model=msg.model,
         background=_BACKGROUND_FROM_PB[msg.background],
         fidelity_weight=float(msg.fidelity_weight) if msg.HasField("fidelity_weight") else None,
+        mask_every=msg.mask_every or 1,
     ).validate()
 
 

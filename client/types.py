@@ -16,6 +16,8 @@ OUTPUT_SIZES = (256, 512, 1024)
 DEFAULT_OUTPUT_SIZE = 256
 #: Steady video's skip detection: detect at most every this many frames.
 MAX_DETECT_EVERY = 100
+#: Steady video's reused paste mask: compute it at most every this many frames.
+MAX_MASK_EVERY = 100
 #: 5-point landmarks per face: left eye, right eye, nose, left mouth corner, right mouth corner.
 NUM_LANDMARKS = 5
 
@@ -66,6 +68,8 @@ class EnhanceOptions:
     background: Background = Background.LANCZOS
     #: The restorer's own fidelity weight (CodeFormer's w, 0..1; None: its default, 0.5).
     fidelity_weight: float | None = None
+    #: Steady video, DETECT or LANDMARKS: compute the paste mask every N-th frame, reuse it between.
+    mask_every: int = 1
 
     def validate(self) -> "EnhanceOptions":
         if self.output_size not in OUTPUT_SIZES:
@@ -80,6 +84,10 @@ class EnhanceOptions:
                 or not 1 <= self.detect_every <= MAX_DETECT_EVERY):
             raise InvalidRequest(f"detect_every must be a whole number in 1..{MAX_DETECT_EVERY} "
                                  f"(1: every frame); got {self.detect_every!r}")
+        if (isinstance(self.mask_every, bool) or not isinstance(self.mask_every, int)
+                or not 1 <= self.mask_every <= MAX_MASK_EVERY):
+            raise InvalidRequest(f"mask_every must be a whole number in 1..{MAX_MASK_EVERY} "
+                                 f"(1: every frame); got {self.mask_every!r}")
         if not isinstance(self.model, str) or not _MODEL_ID.fullmatch(self.model):
             raise InvalidRequest(f"model must be a restorer id like 'gfpgan-1.4' or 'restoreformer' "
                                  f"(letters, digits, '.', '_', '-'; at most 64), or empty for the "
@@ -98,6 +106,10 @@ class EnhanceOptions:
             raise InvalidRequest(
                 f"detect_every={self.detect_every} reuses a video's smoothed alignment between "
                 "detections: it needs steady_video and alignment DETECT")
+        if self.mask_every > 1 and not (self.steady_video and self.alignment is not Alignment.ALIGNED):
+            raise InvalidRequest(
+                f"mask_every={self.mask_every} reuses a video's paste mask between frames: it needs "
+                "steady_video and alignment DETECT or LANDMARKS (ALIGNED pastes nothing)")
         return self
 
 

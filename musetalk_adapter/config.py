@@ -7,7 +7,7 @@ import argparse
 import math
 from dataclasses import dataclass, fields, replace
 
-from client.types import ARCHS, MAX_DETECT_EVERY, Alignment, Background, EnhanceOptions, InvalidRequest, ModelSpec
+from client.types import ARCHS, MAX_DETECT_EVERY, MAX_MASK_EVERY, Alignment, Background, EnhanceOptions, InvalidRequest, ModelSpec
 
 #: --gfpgan_upscale -> the side of the faces that come back (MuseTalk decodes 256x256 faces).
 OUTPUT_SIZE_BY_UPSCALE = {1: 256, 2: 512, 4: 1024}
@@ -43,6 +43,9 @@ class GFPGANSettings:
     #: Steady video: detect the face on every N-th frame only and reuse the smoothed alignment
     #: between (MuseTalk's crops come from one box per video); 1 = every frame (default).
     detect_every: int = 1
+    #: Steady video: compute the paste mask (face parsing, about half of the service's time per
+    #: face) on every N-th frame only and reuse it between; 1 = every frame (default).
+    mask_every: int = 1
     # The integration plan's (and GFPGANer's) model keys. The service runs the model; these name
     # the one the run expects, and the run stops at start when the service serves another:
     #: the checkpoint's path as the plan writes it; its file name is what is checked (and its
@@ -95,7 +98,8 @@ class GFPGANSettings:
     def enhance_options(self) -> EnhanceOptions:
         return EnhanceOptions(output_size=self.output_size, alignment=ALIGNMENTS[self.alignment],
                               fidelity=float(self.fidelity), steady_video=self.steady,
-                              detect_every=int(self.detect_every), model=self.model or "",
+                              detect_every=int(self.detect_every), mask_every=int(self.mask_every),
+                              model=self.model or "",
                               background=Background.REALESRGAN if self.bg_upsampler else Background.LANCZOS)
 
     def check(self) -> "GFPGANSettings":
@@ -132,6 +136,14 @@ class GFPGANSettings:
         if every > 1 and not (self.steady and alignment == "detect"):
             raise SettingsError(f"{where} 'detect_every: {every}' reuses the steady video "
                                 f"alignment between detections: it needs 'steady: true' and "
+                                f"'alignment: detect'")
+        mask_every = _number(self.mask_every, "mask_every", int)
+        if not 1 <= mask_every <= MAX_MASK_EVERY:
+            raise SettingsError(f"{where} 'mask_every' must be 1 (every frame) to "
+                                f"{MAX_MASK_EVERY}; got {self.mask_every!r}")
+        if mask_every > 1 and not (self.steady and alignment == "detect"):
+            raise SettingsError(f"{where} 'mask_every: {mask_every}' reuses the steady video's "
+                                f"paste mask between frames: it needs 'steady: true' and "
                                 f"'alignment: detect'")
         pending = _number(self.max_pending_batches, "max_pending_batches", int)
         if pending < 1:
@@ -171,7 +183,7 @@ class GFPGANSettings:
             raise SettingsError(f"{where}: {error}") from None
         return replace(self, address=address, upscale=upscale, timeout_ms=timeout_ms,
                        fidelity=fidelity, alignment=alignment, max_pending_batches=pending,
-                       detect_every=every,
+                       detect_every=every, mask_every=mask_every,
                        metrics_port=port, metrics_host=str(self.metrics_host),
                        model_path=model_path, arch=arch, channel_multiplier=multiplier, model=model,
                        device=_named(self.device), bg_upsampler=background)
@@ -241,6 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         ("max_pending_batches", int, "decoded batches in flight before decoding waits"),
         ("detect_every", int, "steady video: detect the face every N-th frame only, reusing the "
                               "smoothed alignment between (default 1: every frame)"),
+        ("mask_every", int, "steady video: compute the paste mask every N-th frame only, reusing "
+                            "it between (default 1: every frame)"),
         ("metrics_port", int, "Prometheus page of this worker on this port (0 = off)"),
         ("metrics_host", str, "address the Prometheus page listens on"),
         ("arch", str, "the architecture the run expects (GFPGANer's names: clean, original, "

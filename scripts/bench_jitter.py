@@ -13,6 +13,7 @@ landmarks the warp used (px, the sequence's own motion taken out), and faces/s.
     python scripts/bench_jitter.py                      # random-valued weights made here (CPU)
     python scripts/bench_jitter.py --weights-dir DIR    # real weights (GFPGANv1.4.pth, ...)
     python scripts/bench_jitter.py --skip-detection --frames 40   # the detect_every saving
+    python scripts/bench_jitter.py --reuse-mask --frames 20        # the mask_every saving (ParseNet)
 
 Random-valued networks restore nothing, but they are deterministic with fixed noise, so the
 output's change between frames still shows how much the alignment (and the noise) moved. A
@@ -193,6 +194,56 @@ def skip_detection_table(pipeline: FacePipeline, frames_count: int, batch: int) 
               f"{speed / base:.2f}x |")
 
 
+def run_reuse_mask(pipeline: FacePipeline, frames: np.ndarray, every: int, batch: int):
+    """Steady video, DETECT, `batch` frames per request, the paste mask computed on every
+    `every`-th frame: (faces/s, mask seconds per frame, masks computed, outputs)."""
+    options = EnhanceOptions(steady_video=True, mask_every=every)
+    video = VideoState()
+    spent = {"s": 0.0, "faces": 0}
+    parse = pipeline._fixed["parse"]
+
+    def timed(restored):
+        started = time.perf_counter()
+        out = parse(restored)
+        out.cpu()  # the mask's work done, on any device
+        spent["s"] += time.perf_counter() - started
+        spent["faces"] += restored.shape[0]
+        return out
+
+    pipeline._fixed["parse"] = timed
+    outputs = []
+    started = time.perf_counter()
+    try:
+        for t in range(0, len(frames), batch):
+            outputs.append(pipeline.enhance([Job(frames[t:t + batch], options, video=video)])[0].faces)
+    finally:
+        pipeline._fixed["parse"] = parse
+    seconds = time.perf_counter() - started
+    return len(frames) / seconds, spent["s"] / len(frames), spent["faces"], np.concatenate(outputs)
+
+
+def reuse_mask_table(pipeline: FacePipeline, frames_count: int, batch: int) -> None:
+    """The saving of mask_every on a still, perturbed face (MuseTalk's stable crops)."""
+    from tests.faces import make_faces
+
+    rng = np.random.default_rng(11)
+    face = make_faces(1, seed=1)[0]
+    frames = np.stack([perturb(face, rng) for _ in range(frames_count)])
+    print(f"\nreuse the paste mask: {frames_count} frames of a still face (perturbed per frame), "
+          f"{batch} per request, steady video, DETECT, ParseNet's mask:\n")
+    print("| mask_every | masks computed | mask ms/frame | faces/s | faces/s vs every frame | "
+          "levels vs every frame: mean, max |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    base = reference = None
+    for every in (1, 2, 5, 10):
+        speed, mask_s, masks, outputs = run_reuse_mask(pipeline, frames, every, batch)
+        if base is None:
+            base, reference = speed, outputs
+        diff = np.abs(outputs.astype(int) - reference)
+        print(f"| {every} | {masks}/{frames_count} | {1000 * mask_s:.1f} | {speed:.2f} | "
+              f"{speed / base:.2f}x | {diff.mean():.3f}, {diff.max()} |")
+
+
 def gfpganer(weights: Path, narrow: float):
     """GFPGAN's own GFPGANer on our files, with its defaults (fresh noise every call)."""
     import gfpgan.utils
@@ -249,8 +300,12 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-detection", action="store_true",
                         help="only the detect_every table: faces/s and detector time per frame "
                              "with detection on every 1st, 2nd, 5th and 10th frame")
+    parser.add_argument("--reuse-mask", action="store_true",
+                        help="only the mask_every table: faces/s and ParseNet time per frame with "
+                             "the paste mask computed on every 1st, 2nd, 5th and 10th frame "
+                             "(ParseNet's mask, whatever --paste-mask says)")
     parser.add_argument("--batch", type=int, default=8,
-                        help="--skip-detection: frames per request (MuseTalk's batch, 8)")
+                        help="--skip-detection, --reuse-mask: frames per request (MuseTalk's batch, 8)")
     args = parser.parse_args(argv)
 
     narrow = 1.0
@@ -271,7 +326,13 @@ def main(argv=None) -> int:
     pipeline = FacePipeline(load_gfpgan(weights / "GFPGANv1.4.pth", device).net,
                             load_retinaface(weights / "detection_Resnet50_Final.pth", device),
                             load_parsenet(weights / "parsing_parsenet.pth", device), device=device,
-                            dtype=torch.float32, speed=SpeedOptions(paste_mask=args.paste_mask))
+                            dtype=torch.float32,
+                            speed=SpeedOptions(paste_mask="parse" if args.reuse_mask else args.paste_mask))
+    if args.reuse_mask:
+        print(f"reuse the paste mask: CPU, torch {torch.__version__}, "
+              f"{'random-valued weights' if args.weights_dir is None else weights}")
+        reuse_mask_table(pipeline, args.frames, args.batch)
+        return 0
     if args.skip_detection:
         print(f"skip detection: CPU, torch {torch.__version__}, "
               f"{'random-valued weights' if args.weights_dir is None else weights}, paste mask "

@@ -79,6 +79,10 @@ class Metrics:
             "faceenhance_reused_alignments",
             "Steady video frames not detected (detect_every): warped with their stream's smoothed "
             "alignment instead.", registry=r)
+        self.reused_masks = Counter(
+            "faceenhance_reused_masks",
+            "Steady video frames pasted with an earlier frame's paste mask (mask_every) instead of "
+            "computing their own.", registry=r)
         self.model = Info(
             "faceenhance_model", "The loaded model: name, version, weights SHA-256, device, dtype.",
             registry=r)

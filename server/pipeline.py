@@ -83,6 +83,18 @@ def parse_logits(parser: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return parser.out_mask_conv(parser.decoder(feat + parser.body(feat)))
 
 
+class _Mask:
+    """Steady video's mask_every: the paste mask one frame computes for its stream's next
+    frames. VideoState.mask holds it from the host-side planning on; `tensor` (1, 1, 512, 512),
+    in template space, is there from the moment the pass computes it."""
+
+    __slots__ = ("video", "tensor")
+
+    def __init__(self, video: VideoState):
+        self.video = video
+        self.tensor: torch.Tensor | None = None
+
+
 @dataclass
 class _Group:
     """The images of one input size in a device batch, on their way through the pipeline.
@@ -109,6 +121,10 @@ class _Group:
     pasted_faces: torch.Tensor | None = None
     aligned_faces: torch.Tensor | None = None
     masks: torch.Tensor | None = None
+    #: steady video's mask_every: face row -> the _Mask it computes, and face row -> the _Mask
+    #: (an earlier frame's) it pastes with instead of its own
+    mask_made: dict[int, "_Mask"] = dataclasses.field(default_factory=dict)
+    mask_reused: dict[int, "_Mask"] = dataclasses.field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -332,6 +348,9 @@ class FacePipeline:
             if self.profiler is not None:
                 self.profiler.note_sync("download")
             host = _download([(status, outputs) for _, outputs, status in pending], self.device)
+        for plan in plans:  # pasted now: steady video's reused masks count
+            for mask in plan.mask_reused.values():
+                mask.video.masks_reused += 1
         results: list[JobResult | None] = [None] * len(jobs)
         for (plan, _, _), (status, outputs) in zip(pending, host):
             rows = defaultdict(int)  # next unread row of each output size
@@ -396,8 +415,9 @@ class FacePipeline:
         faces = self._locate(images, detect_index, given_index, points, centre_only,
                              all_centre=all(options[i].only_center_face for i in detect_host),
                              fixed=self.speed.fixed_selection and not video)
+        mask_made, mask_reused = {}, {}
         if video:
-            faces = self._steady(jobs, indices, faces, set(held))
+            faces, mask_made, mask_reused = self._steady(jobs, indices, faces, set(held))
         with self._stage("align"):
             affines, aligns = _usable_alignments(
                 imageops.robust_similarity_transform(faces.landmarks, self._template), size=images.shape[-1])
@@ -413,7 +433,8 @@ class FacePipeline:
                       aligned_index=aligned_index, aligned_host=aligned_host, warped=warped,
                       aligned_inputs=resized, fidelity=fidelity,
                       noise=torch.cat([random_noise[faces.image], random_noise[aligned_index]]),
-                      weights=torch.cat([weight[faces.image], weight[aligned_index]]))
+                      weights=torch.cat([weight[faces.image], weight[aligned_index]]),
+                      mask_made=mask_made, mask_reused=mask_reused)
 
     def _locate(self, images, detect_index, given_index, given_points, centre_only, all_centre,
                 fixed: bool = True) -> Faces:
@@ -458,12 +479,19 @@ class FacePipeline:
         # paste order: image by image, each image's faces in detection (score) order
         return merged.take(torch.sort(merged.image, stable=True).indices)
 
-    def _steady(self, jobs: Sequence[Job], indices: list[int], faces: Faces, held: set[int]) -> Faces:
+    def _steady(self, jobs: Sequence[Job], indices: list[int], faces: Faces,
+                held: set[int]) -> tuple[Faces, dict[int, "_Mask"], dict[int, "_Mask"]]:
         """steady_video jobs: each frame's landmarks through its stream's filter, in frame order
         (server/steady.py); the frames in `held` (detection skipped) take the filter's current
         alignment, or lose their face when a frame detected before them lost it. The points
         make one trip to the host and back: the one wait for the device this mode adds; batches
-        without it are untouched."""
+        without it are untouched.
+
+        With mask_every > 1 (and ParseNet's mask), also which face rows compute the paste mask
+        their stream's next frames reuse, and which paste with an earlier frame's: the two dicts
+        of _Group.mask_made and mask_reused."""
+        made: dict[int, _Mask] = {}
+        reused_masks: dict[int, _Mask] = {}
         with self._stage("steady"):
             image = faces.image.cpu().numpy()
             points = faces.landmarks.float().cpu().numpy().copy()
@@ -472,22 +500,34 @@ class FacePipeline:
                 job = jobs[i]
                 if job.video is None or job.options.alignment is Alignment.ALIGNED:
                     continue
+                video, every = job.video, job.options.mask_every if self.speed.paste_mask == "parse" else 1
                 for frame in range(start, start + job.faces.shape[0]):
                     rows = np.flatnonzero(image == frame)
                     if frame in held:  # one placeholder row
-                        reused = job.video.hold()
+                        reused = video.hold()
                         if reused is None:
                             keep[rows] = False
-                        else:
-                            points[rows[0]] = reused
+                            continue
+                        points[rows[0]] = reused
                     elif len(rows) == 1 and job.options.only_center_face:
-                        points[rows[0]] = job.video.smooth(points[rows[0]])
+                        points[rows[0]] = video.smooth(points[rows[0]])
                     else:  # no face, or several: left as they are
-                        job.video.skip()
+                        video.skip()
+                        continue
+                    if every <= 1:
+                        continue
+                    if video.reuses_mask(every):
+                        reused_masks[int(rows[0])] = video.mask[1]
+                    else:
+                        video.mask = (video.frame - 1, _Mask(video))
+                        made[int(rows[0])] = video.mask[1]
             faces.landmarks = torch.from_numpy(points).to(self.device)
             if not keep.all():
                 faces = faces.take(torch.from_numpy(keep).to(self.device))
-        return faces
+                new_row = np.cumsum(keep) - 1
+                made = {int(new_row[r]): m for r, m in made.items()}
+                reused_masks = {int(new_row[r]): m for r, m in reused_masks.items()}
+        return faces, made, reused_masks
 
     @contextlib.contextmanager
     def _autocast(self):
@@ -578,6 +618,38 @@ class FacePipeline:
             return self._box_mask.expand(restored.shape[0], -1, -1, -1)
         return _in_passes(self._graphs.get("parse", self._fixed["parse"]), restored)
 
+    def _planned_masks(self, plan: _Group) -> torch.Tensor:
+        """The paste masks of a group's faces: each its own, except with steady video's
+        mask_every > 1, where the rows in plan.mask_reused take the mask they name, an earlier
+        frame's, and the masks of the rows in plan.mask_made are kept for their stream's next
+        frames. Which row takes which is decided on the host: nothing here waits for the device."""
+        faces = plan.pasted_faces
+        made_by = {id(mask): row for row, mask in plan.mask_made.items()}
+        # A mask that was to come from a batch that failed since is not there: that row computes its own.
+        reused = plan.mask_reused = {row: mask for row, mask in plan.mask_reused.items()
+                                     if id(mask) in made_by or mask.tensor is not None}
+        if not reused:
+            masks = own_masks = self._face_masks(faces)
+            position = {row: row for row in plan.mask_made}
+        else:
+            own = [row for row in range(faces.shape[0]) if row not in reused]
+            position = {row: k for k, row in enumerate(own)}
+            stored = list({id(m): m for m in reused.values() if id(m) not in made_by}.values())
+            stored_at = {id(m): len(own) + k for k, m in enumerate(stored)}
+            source = [position[row] if row not in reused
+                      else position[made_by[id(reused[row])]] if id(reused[row]) in made_by
+                      else stored_at[id(reused[row])]
+                      for row in range(faces.shape[0])]
+            index = self._staging.upload(plan.key + "masks", np.array(own + source, np.int64))
+            if own:
+                own_masks = self._face_masks(faces.index_select(0, index[:len(own)]))
+            else:
+                own_masks = stored[0].tensor.new_zeros((0, *stored[0].tensor.shape[1:]))
+            masks = torch.cat([own_masks] + [m.tensor for m in stored]).index_select(0, index[len(own):])
+        for row, mask in plan.mask_made.items():
+            mask.tensor = own_masks[position[row]:position[row] + 1].clone()
+        return masks
+
     def _finish(self, plan: _Group, restored: torch.Tensor):
         """Paste restored faces back, blend with the original and resize, on the device."""
         faces = plan.faces
@@ -585,7 +657,7 @@ class FacePipeline:
         plan.pasted_faces, plan.aligned_faces = restored[:num_faces], restored[num_faces:]
         if num_faces:
             with self._stage("parse"):
-                plan.masks = self._face_masks(plan.pasted_faces)
+                plan.masks = self._planned_masks(plan)
         # ENHANCED: an image with at least one face aligned and pasted (or given as aligned).
         pasted = torch.zeros(plan.n, device=self.device).index_add_(0, faces.image, plan.aligns.float())
         status = torch.where(pasted > 0, int(FaceStatus.ENHANCED), int(FaceStatus.NO_FACE)).to(torch.uint8)

@@ -287,6 +287,9 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
                 if steady is not None and steady.reused > steady.reported:
                     self._metrics.reused_alignments.inc(steady.reused - steady.reported)
                     steady.reported = steady.reused
+                if steady is not None and steady.masks_reused > steady.masks_reported:
+                    self._metrics.reused_masks.inc(steady.masks_reused - steady.masks_reported)
+                    steady.masks_reported = steady.masks_reused
             return response
         except asyncio.CancelledError:
             raise

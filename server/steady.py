@@ -27,6 +27,10 @@ Positions are in units of the face's eye distance, so one set of parameters fits
   frame without exactly one face drops the hold, and from then on every frame is detected until
   one face is found again, so a face that has gone is never restored where it was for longer
   than the frames already planned in that device batch.
+- Reuse the paste mask (`mask_every` N > 1): the mask of the frame it was last computed on
+  (`mask`, in template space, so it moves with each frame's own alignment) pastes the frames
+  after it until the stream's next N-th frame. A cut, a lost face or a frame with several faces
+  drops it, and the next frame computes its own.
 """
 from __future__ import annotations
 
@@ -73,22 +77,28 @@ class VideoState:
     held: bool = False          # the last detected frame had one face: its alignment may be reused
     reused: int = 0             # frames warped with the held alignment, not detected
     reported: int = 0           # of those, counted in the service's metrics so far
+    #: (frame, mask): the paste mask of the last frame it was computed on (mask_every), as the
+    #: pipeline made it (a device tensor, opaque here); None after a cut or a lost face
+    mask: tuple[int, object] | None = None
+    masks_reused: int = 0       # frames pasted with an earlier frame's mask (counted by the pipeline)
+    masks_reported: int = 0     # of those, counted in the service's metrics so far
 
     def snapshot(self) -> "VideoState":
         """A copy of the filter, for `restore` when the batch it is used in fails and runs again."""
         return dataclasses.replace(self)
 
     def restore(self, snapshot: "VideoState") -> None:
-        """The filter as it was at `snapshot`. `reported` stays: the service writes it, and what
-        it counted was reported."""
+        """The filter as it was at `snapshot`. `reported` and `masks_reported` stay: the service
+        writes them, and what it counted was reported."""
         for field in dataclasses.fields(self):
-            if field.name != "reported":
+            if field.name not in ("reported", "masks_reported"):
                 setattr(self, field.name, getattr(snapshot, field.name))
 
     def skip(self) -> None:
         """A frame with no face (or several): counted, nothing smoothed, nothing held."""
         self.frame += 1
         self.held = False
+        self.mask = None
 
     def plan(self, count: int, every: int, planned: int = 0) -> list[bool]:
         """Which of the next `count` frames (after `planned` frames already planned in this
@@ -104,10 +114,19 @@ class VideoState:
         detected before it in the batch lost the face (the frame then has no face)."""
         self.frame += 1
         if not self.held or self.points is None:
+            self.mask = None
             return None
         self.last_face_frame = self.frame - 1
         self.reused += 1
         return self.points.astype(np.float32)
+
+    def reuses_mask(self, every: int) -> bool:
+        """Whether the frame smooth() or hold() just took pastes with `mask` (the one of an
+        earlier frame) instead of its own: with `every` > 1, while a mask is held and this is not
+        one of the stream's every-th frames. The pipeline counts it in `masks_reused` once the
+        frame is pasted."""
+        frame = self.frame - 1
+        return not (every <= 1 or self.mask is None or frame % every == 0 or frame - self.mask[0] >= every)
 
     def smooth(self, raw: np.ndarray) -> np.ndarray:
         """The filtered (5, 2) landmarks for this frame's raw ones (pixels)."""
@@ -116,6 +135,7 @@ class VideoState:
         eye = float(np.linalg.norm(raw[1] - raw[0]))
         if eye <= 0 or not np.isfinite(raw).all():
             self.held = False
+            self.mask = None
             return raw.astype(np.float32)
         if self.points is not None:
             jump = float(np.linalg.norm(raw - self.points, axis=1).mean()) / eye
@@ -131,10 +151,12 @@ class VideoState:
             if (jump > CUT_EYE_DISTANCES or scale > math.log1p(CUT_SCALE) or turn > CUT_DEGREES
                     or gap > MAX_GAP_FRAMES + 1):
                 self.points = None
+                self.mask = None
                 self.resets += 1
         self.last_face_frame = frame
         self.held = True
         if self.points is None:
+            self.mask = None  # a new face (or the first): its own mask
             self.points, self.speed = raw.copy(), 0.0
             return raw.astype(np.float32)
         previous = self.points

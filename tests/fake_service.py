@@ -64,6 +64,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.first_bytes: list[int | None] = []  # each request's first pixel byte, in arrival order
         self.steady: list[bool] = []  # each request's steady_video option, in arrival order
         self.detect_every: list[int] = []  # and its detect_every (0: unset)
+        self.mask_every: list[int] = []  # and its mask_every (0: unset)
         self.model_ids: list[str] = []  # and the restorer it asked for ("" : the default)
         self.background_kinds: list[int] = []  # and its background (pb.Background)
         #: Seconds GetInfo takes to answer.
@@ -93,6 +94,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.first_bytes.append(request.faces.data[0] if request.faces.data else None)
         self.steady.append(request.options.steady_video)
         self.detect_every.append(request.options.detect_every)
+        self.mask_every.append(request.options.mask_every)
         self.model_ids.append(request.options.model)
         self.background_kinds.append(request.options.background)
 

@@ -134,7 +134,7 @@ def test_the_tests_step_runs_in_several_processes_where_the_kit_brings_xdist(gpu
         tests, compiled = steps["tests"], steps["tests-compile"]
         assert "-n" not in compiled
         assert ([tests[tests.index("-n")], tests[tests.index("-n") + 1]] if "-n" in tests else []) == spread
-        assert tests[-6:] == compiled[-6:] and tests[-1] == "tests/test_out_of_memory.py"  # the same files
+        assert tests[-7:] == compiled[-7:] and tests[-1] == "tests/test_steady.py"  # the same files
     assert gpu_check.pytest_workers(16) == 1  # xdist absent
 
 

@@ -237,18 +237,21 @@ def test_service_trouble_falls_back_without_an_exception_and_the_run_completes(
         assert np.array_equal(frame, expected)
 
 
-@pytest.mark.parametrize("flags, steady, every", [([], True, 0), (["--no-gfpgan_steady"], False, 0),
-                                                  (["--gfpgan_detect_every", "5"], True, 5)])
-def test_a_run_is_one_steady_video_on_one_stream_unless_turned_off(flags, steady, every, project):
+@pytest.mark.parametrize("flags, steady, every, mask_every", [
+    ([], True, 0, 0), (["--no-gfpgan_steady"], False, 0, 0), (["--gfpgan_detect_every", "5"], True, 5, 0),
+    (["--gfpgan_mask_every", "4"], True, 0, 4)])
+def test_a_run_is_one_steady_video_on_one_stream_unless_turned_off(flags, steady, every, mask_every, project):
     """Issue 11: the launcher asks the service to smooth the alignment over the run (one
     video), on one stream, in frame order; --no-gfpgan_steady (or steady: false) turns it off,
-    and --gfpgan_detect_every N asks for detection on every N-th frame only."""
+    --gfpgan_detect_every N asks for detection on every N-th frame only, and
+    --gfpgan_mask_every N for the paste mask on every N-th frame only."""
     config = project.offline_yaml(19)  # batches of 8: 8, 8, 3
     with FakeService() as fake:
         assert run_launcher("run", "--gfpgan-address", fake.address, *flags, "--",
                             "scripts/inference.py", "--inference_config", config,
                             "--result_dir", str(project.dir / "out")) == 0
     assert fake.steady == [steady] * 3 and fake.detect_every == [every] * 3
+    assert fake.mask_every == [mask_every] * 3
     assert fake.face_counts == [8, 8, 3] and fake.streams_opened == 1
 
 
@@ -256,6 +259,9 @@ def test_a_run_is_one_steady_video_on_one_stream_unless_turned_off(flags, steady
     ({"detect_every": 4, "steady": False}, "needs 'steady: true'"),
     ({"detect_every": 4, "alignment": "aligned"}, "'alignment: detect'"),
     ({"detect_every": 0}, "1 \\(every frame\\) to 100"),
+    ({"mask_every": 4, "steady": False}, "'mask_every: 4' .* needs 'steady: true'"),
+    ({"mask_every": 4, "alignment": "aligned"}, "'mask_every: 4' .*'alignment: detect'"),
+    ({"mask_every": 101}, "'mask_every' must be 1 \\(every frame\\) to 100"),
 ])
 def test_detect_every_without_what_it_needs_is_refused_at_start(values, message):
     with pytest.raises(SettingsError, match=message):

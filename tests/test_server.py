@@ -186,6 +186,10 @@ BAD_REQUESTS = {
         _with_landmarks(_raw(alignment=pb.ALIGNMENT_LANDMARKS, steady_video=True, detect_every=2),
                         FIVE_POINTS), "needs steady_video and alignment DETECT"),
     "detect_every above 100": (_raw(steady_video=True, detect_every=101), "1..100"),
+    "mask_every without steady_video": (_raw(mask_every=5), "needs steady_video"),
+    "mask_every with ALIGNED": (_raw(alignment=pb.ALIGNMENT_ALIGNED, steady_video=True, mask_every=2),
+                                "ALIGNED pastes nothing"),
+    "mask_every above 100": (_raw(steady_video=True, mask_every=101), "mask_every must be a whole number in 1..100"),
     "landmarks of the wrong length": (
         _with_landmarks(_raw(alignment=pb.ALIGNMENT_LANDMARKS), FIVE_POINTS[:9]), "10 floats"),
     "landmarks that are NaN": (

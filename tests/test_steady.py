@@ -14,7 +14,7 @@ import torch
 from client import codec
 from client.pb import face_enhance_pb2_grpc as pb_grpc
 from client.types import Alignment, EnhanceOptions, FaceStatus
-from server.jobs import Job
+from server.jobs import DeviceOutOfMemory, Job
 from server.pipeline import FacePipeline
 from server.speed import SpeedOptions
 from server.steady import CUT_EYE_DISTANCES, MAX_GAP_FRAMES, VideoState
@@ -232,6 +232,142 @@ def test_skip_detection_counts_frames_in_order_across_two_jobs_of_one_stream_in_
     assert video.frame == 6
 
 
+# --- reuse the paste mask (mask_every) ----------------------------------------------------------
+
+class _StandInParse:
+    """In ParseNet's place (which costs seconds a face on these CPUs): a soft template-space mask
+    that follows each restored face's own pixels, so that a frame pasted with another frame's
+    mask comes out different. Counts the faces it is given and keeps every mask it made;
+    `given`, when set, is returned instead (the reference: frames pasted with chosen masks);
+    `fail` is raised once, by the next call."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.rows, self.masks, self.given, self.fail = 0, [], None, None
+
+    def __call__(self, restored: torch.Tensor) -> torch.Tensor:
+        if self.fail is not None:
+            error, self.fail = self.fail, None
+            raise error
+        self.rows += restored.shape[0]
+        masks = torch.sigmoid((restored.float().mean(1, keepdim=True) - 110.0) / 12.0)
+        self.masks += list(masks)
+        if self.given is not None:
+            masks, self.given = torch.stack(self.given[:restored.shape[0]]), None
+        return masks
+
+
+@pytest.fixture(scope="module")
+def masking(small_weights):
+    """ParseNet's paste mask (the pipeline's default), its network replaced by _StandInParse."""
+    gfpgan, detector, parser = load_nets(small_weights)
+    pipe = FacePipeline(gfpgan, detector, parser, device=TEST_DEVICE, dtype=torch.float32,
+                        speed=SpeedOptions(paste_mask="parse"))
+    parse = _StandInParse()
+    pipe._fixed["parse"] = parse
+    return pipe, parse
+
+
+def brightening_video(frames: int, seed: int = 5, jump_at: int | None = None):
+    """One face with jittering landmarks, a little brighter every frame (so that each frame's
+    mask is its own); from `jump_at` on, the face's landmarks are a cut away."""
+    faces, points = jittered_video(frames, seed=seed)
+    faces = np.clip(faces.astype(int) + 6 * np.arange(frames).reshape(-1, 1, 1, 1), 0, 255).astype(np.uint8)
+    if jump_at is not None:
+        eye = float(np.linalg.norm(points[0, 1] - points[0, 0]))
+        points[jump_at:, :, 0] += (CUT_EYE_DISTANCES + 0.1) * eye
+    return faces, points
+
+
+def run_masked(pipe, parse, faces, points, every, per_request=3, masks_of=None, fail_at=None):
+    """The frames through one stream's state, `per_request` frames a device batch. masks_of:
+    frame -> the mask to paste it with (through _StandInParse.given). fail_at: (batch start,
+    error): that batch's mask pass raises it once; an out of memory is run again, as the
+    batcher does, and another error is left behind, as the batcher fails its requests."""
+    options = EnhanceOptions(alignment=Alignment.LANDMARKS, steady_video=True, mask_every=every)
+    video, out, status = VideoState(), {}, {}
+    for t in range(0, len(faces), per_request):
+        part = slice(t, t + per_request)
+        if masks_of is not None:
+            parse.given = [masks_of(f) for f in range(t, min(t + per_request, len(faces)))]
+        if fail_at is not None and fail_at[0] == t:
+            parse.fail = fail_at[1]
+            try:
+                pipe.enhance([Job(faces[part], options, points[part], video=video)])
+            except DeviceOutOfMemory:
+                pass  # nothing changed: the same batch again
+            except RuntimeError:
+                continue  # its frames are lost, the stream goes on
+        [result] = pipe.enhance([Job(faces[part], options, points[part], video=video)])
+        for k, frame in enumerate(range(t, min(t + per_request, len(faces)))):
+            out[frame], status[frame] = result.faces[k], result.status[k]
+    return out, status, video
+
+
+def test_mask_every_computes_the_mask_on_every_nth_frame_and_pastes_the_frames_between_with_it(masking):
+    """Against the reference: the same pipeline and batches with every mask computed (N = 1),
+    each frame pasted with the mask chosen for it. Exact: the same passes, the same masks."""
+    pipe, parse = masking
+    faces, points = brightening_video(10)
+    parse.reset()
+    own, _, _ = run_masked(pipe, parse, faces, points, every=1)
+    own_masks = parse.masks
+    assert parse.rows == 10
+    parse.reset()
+    reused, status, video = run_masked(pipe, parse, faces, points, every=4)
+    # frames 0, 4 and 8 compute theirs; 1-3 take frame 0's (from the batch before, for 3),
+    # 5 frame 4's (in its own batch), 6-7 frame 4's again, 9 frame 8's (a batch of no mask of its own)
+    assert parse.rows == 3 and video.masks_reused == 7
+    assert list(status.values()) == [FaceStatus.ENHANCED] * 10
+    source = [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]
+    reference, _, _ = run_masked(pipe, parse, faces, points, every=1, masks_of=lambda f: own_masks[source[f]])
+    for frame in range(10):
+        assert np.array_equal(reused[frame], reference[frame]), frame
+        # frames pasted with another frame's mask come out different, their own are the same
+        assert np.array_equal(reused[frame], own[frame]) == (source[frame] == frame), frame
+
+
+def test_a_cut_computes_the_mask_afresh(masking):
+    pipe, parse = masking
+    for jump_at, rows, reused in ((None, 2, 4), (3, 3, 3)):
+        faces, points = brightening_video(6, seed=6, jump_at=jump_at)
+        parse.reset()
+        _, status, video = run_masked(pipe, parse, faces, points, every=4, per_request=6)
+        # frames 0 and 4; with a cut at 3, frame 3 too (the face before it is another face)
+        assert (parse.rows, video.masks_reused, video.resets) == (rows, reused, int(jump_at is not None))
+        assert list(status.values()) == [FaceStatus.ENHANCED] * 6
+
+
+def test_a_batch_that_ran_out_of_memory_runs_again_to_the_same_frames(masking):
+    """The batch that makes frame 4's mask runs out of memory in the mask pass and runs again:
+    its stream's mask and counts went back to where they were, and every frame comes out as if
+    it had not happened."""
+    pipe, parse = masking
+    faces, points = brightening_video(10)
+    plain, _, plain_video = run_masked(pipe, parse, faces, points, every=4)
+    again, _, video = run_masked(pipe, parse, faces, points, every=4,
+                                 fail_at=(3, torch.OutOfMemoryError("CUDA out of memory (test)")))
+    assert video.masks_reused == plain_video.masks_reused == 7
+    assert all(np.array_equal(again[f], plain[f]) for f in range(10))
+
+
+def test_frames_whose_mask_was_lost_with_a_failed_batch_compute_their_own(masking):
+    """The batch that was to make frame 4's mask fails (frames 3-5 lost to their callers): frames
+    6 and 7 compute their own masks, not counted as reused, and frame 8 makes the next one."""
+    pipe, parse = masking
+    faces, points = brightening_video(10)
+    own, _, _ = run_masked(pipe, parse, faces, points, every=1)
+    parse.reset()
+    out, status, video = run_masked(pipe, parse, faces, points, every=4, fail_at=(3, RuntimeError("boom")))
+    assert sorted(out) == [0, 1, 2, 6, 7, 8, 9]
+    assert parse.rows == 1 + 3 + 0  # frame 0; frames 6, 7 and 8; frame 9 takes frame 8's
+    assert video.masks_reused == 2 + 1  # frames 1-2 and 9
+    assert all(np.array_equal(out[f], own[f]) for f in (0, 6, 7, 8))
+    assert list(status.values()) == [FaceStatus.ENHANCED] * 7
+
+
 # --- the service ---------------------------------------------------------------------------------
 
 class _Recording(FakePipeline):
@@ -279,3 +415,29 @@ async def test_each_stream_has_its_own_state_and_its_frames_reach_it_in_order():
     orders = sorted(by_video.values())
     # one state per stream, each stream's frames in order, and one per unary request
     assert orders == [list(range(0, 18)), list(range(100, 112)), [210], [211]]
+
+
+class _ReusingMasks(FakePipeline):
+    """Says it pasted every steady frame with an earlier frame's mask (VideoState.masks_reused),
+    as the pipeline does with mask_every."""
+
+    def enhance(self, jobs):
+        for job in jobs:
+            if job.video is not None:
+                job.video.masks_reused += job.faces.shape[0]
+        return super().enhance(jobs)
+
+
+async def test_the_service_counts_the_frames_pasted_with_an_earlier_frames_mask():
+    pipeline = _ReusingMasks()
+    steady = EnhanceOptions(output_size=256, steady_video=True, mask_every=4)
+    async with running(pipeline) as app, channel(app) as ch:
+        call = pb_grpc.FaceEnhancerStub(ch).EnhanceBatch()
+        for k in range(3):
+            await call.write(codec.encode_request(k, frames(3 * k, 3), steady))
+        await call.write(codec.encode_request(3, frames(9, 2), EnhanceOptions(output_size=256)))
+        await call.done_writing()
+        answers = [r async for r in call]
+        counted = app.metrics.registry.get_sample_value("faceenhance_reused_masks_total")
+    assert [r.request_id for r in answers] == [0, 1, 2, 3] and not any(r.HasField("error") for r in answers)
+    assert counted == 9  # each steady frame once; the plain request's frames carry no state

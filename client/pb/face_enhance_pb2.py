@@ -14,37 +14,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!faceenhance/v1/face_enhance.proto\x12\x0e\x66\x61\x63\x65\x65nhance.v1\"Y\n\tFaceBatch\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xcc\x02\n\x0e\x45nhanceOptions\x12\x13\n\x0boutput_size\x18\x01 \x01(\r\x12,\n\talignment\x18\x02 \x01(\x0e\x32\x19.faceenhance.v1.Alignment\x12\x10\n\x08\x66idelity\x18\x03 \x01(\x02\x12\x1d\n\x10only_center_face\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0crandom_noise\x18\x05 \x01(\x08\x12\x14\n\x0csteady_video\x18\x06 \x01(\x08\x12\x14\n\x0c\x64\x65tect_every\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12.\n\nbackground\x18\t \x01(\x0e\x32\x1a.faceenhance.v1.Background\x12\x1c\n\x0f\x66idelity_weight\x18\n \x01(\x02H\x01\x88\x01\x01\x42\x13\n\x11_only_center_faceB\x12\n\x10_fidelity_weight\"\xa6\x01\n\x0e\x45nhanceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x05\x66\x61\x63\x65s\x18\x02 \x01(\x0b\x32\x19.faceenhance.v1.FaceBatch\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.faceenhance.v1.EnhanceOptions\x12\x11\n\tlandmarks\x18\x04 \x03(\x02\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"/\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd0\x01\n\x0f\x45nhanceResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x05\x66\x61\x63\x65s\x18\x02 \x01(\x0b\x32\x19.faceenhance.v1.FaceBatch\x12/\n\x0b\x66\x61\x63\x65_status\x18\x03 \x03(\x0e\x32\x1a.faceenhance.v1.FaceStatus\x12(\n\x07timings\x18\x04 \x01(\x0b\x32\x17.faceenhance.v1.Timings\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.faceenhance.v1.Error\"\x10\n\x0eGetInfoRequest\"\x97\x03\n\x0bServiceInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x1d\n\x15max_faces_per_request\x18\x06 \x01(\r\x12\x15\n\rmin_face_size\x18\x07 \x01(\r\x12\x15\n\rmax_face_size\x18\x08 \x01(\r\x12\x14\n\x0coutput_sizes\x18\t \x03(\r\x12\x17\n\x0fmax_batch_faces\x18\n \x01(\r\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\x12\x12\n\nmodel_file\x18\x0c \x01(\t\x12\x0c\n\x04\x61rch\x18\r \x01(\t\x12\x1a\n\x12\x63hannel_multiplier\x18\x0e \x01(\r\x12(\n\x06models\x18\x0f \x03(\x0b\x32\x18.faceenhance.v1.Restorer\x12\x15\n\rdefault_model\x18\x10 \x01(\t\x12\x13\n\x0b\x62\x61\x63kgrounds\x18\x11 \x03(\t\"\xe0\x01\n\x08Restorer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x12\n\nmodel_file\x18\x06 \x01(\t\x12\x1a\n\x12\x63hannel_multiplier\x18\x07 \x01(\r\x12\x0f\n\x07licence\x18\x08 \x01(\t\x12\x13\n\x0bnative_size\x18\t \x01(\r\x12\x14\n\x0crandom_noise\x18\n \x01(\x08\x12\x17\n\x0f\x66idelity_weight\x18\x0b \x01(\x08*?\n\nBackground\x12\x16\n\x12\x42\x41\x43KGROUND_LANCZOS\x10\x00\x12\x19\n\x15\x42\x41\x43KGROUND_REALESRGAN\x10\x01*Q\n\tAlignment\x12\x14\n\x10\x41LIGNMENT_DETECT\x10\x00\x12\x15\n\x11\x41LIGNMENT_ALIGNED\x10\x01\x12\x17\n\x13\x41LIGNMENT_LANDMARKS\x10\x02*v\n\nFaceStatus\x12\x1b\n\x17\x46\x41\x43\x45_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x41\x43\x45_STATUS_ENHANCED\x10\x01\x12\x17\n\x13\x46\x41\x43\x45_STATUS_NO_FACE\x10\x02\x12\x18\n\x14\x46\x41\x43\x45_STATUS_FALLBACK\x10\x03\x32\xf7\x01\n\x0c\x46\x61\x63\x65\x45nhancer\x12S\n\x0c\x45nhanceBatch\x12\x1e.faceenhance.v1.EnhanceRequest\x1a\x1f.faceenhance.v1.EnhanceResponse(\x01\x30\x01\x12J\n\x07\x45nhance\x12\x1e.faceenhance.v1.EnhanceRequest\x1a\x1f.faceenhance.v1.EnhanceResponse\x12\x46\n\x07GetInfo\x12\x1e.faceenhance.v1.GetInfoRequest\x1a\x1b.faceenhance.v1.ServiceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!faceenhance/v1/face_enhance.proto\x12\x0e\x66\x61\x63\x65\x65nhance.v1\"Y\n\tFaceBatch\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xe0\x02\n\x0e\x45nhanceOptions\x12\x13\n\x0boutput_size\x18\x01 \x01(\r\x12,\n\talignment\x18\x02 \x01(\x0e\x32\x19.faceenhance.v1.Alignment\x12\x10\n\x08\x66idelity\x18\x03 \x01(\x02\x12\x1d\n\x10only_center_face\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0crandom_noise\x18\x05 \x01(\x08\x12\x14\n\x0csteady_video\x18\x06 \x01(\x08\x12\x14\n\x0c\x64\x65tect_every\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12.\n\nbackground\x18\t \x01(\x0e\x32\x1a.faceenhance.v1.Background\x12\x1c\n\x0f\x66idelity_weight\x18\n \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nmask_every\x18\x0b \x01(\rB\x13\n\x11_only_center_faceB\x12\n\x10_fidelity_weight\"\xa6\x01\n\x0e\x45nhanceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x05\x66\x61\x63\x65s\x18\x02 \x01(\x0b\x32\x19.faceenhance.v1.FaceBatch\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.faceenhance.v1.EnhanceOptions\x12\x11\n\tlandmarks\x18\x04 \x03(\x02\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"/\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd0\x01\n\x0f\x45nhanceResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12(\n\x05\x66\x61\x63\x65s\x18\x02 \x01(\x0b\x32\x19.faceenhance.v1.FaceBatch\x12/\n\x0b\x66\x61\x63\x65_status\x18\x03 \x03(\x0e\x32\x1a.faceenhance.v1.FaceStatus\x12(\n\x07timings\x18\x04 \x01(\x0b\x32\x17.faceenhance.v1.Timings\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x15.faceenhance.v1.Error\"\x10\n\x0eGetInfoRequest\"\x97\x03\n\x0bServiceInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x1d\n\x15max_faces_per_request\x18\x06 \x01(\r\x12\x15\n\rmin_face_size\x18\x07 \x01(\r\x12\x15\n\rmax_face_size\x18\x08 \x01(\r\x12\x14\n\x0coutput_sizes\x18\t \x03(\r\x12\x17\n\x0fmax_batch_faces\x18\n \x01(\r\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\x12\x12\n\nmodel_file\x18\x0c \x01(\t\x12\x0c\n\x04\x61rch\x18\r \x01(\t\x12\x1a\n\x12\x63hannel_multiplier\x18\x0e \x01(\r\x12(\n\x06models\x18\x0f \x03(\x0b\x32\x18.faceenhance.v1.Restorer\x12\x15\n\rdefault_model\x18\x10 \x01(\t\x12\x13\n\x0b\x62\x61\x63kgrounds\x18\x11 \x03(\t\"\xe0\x01\n\x08Restorer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x05 \x01(\t\x12\x12\n\nmodel_file\x18\x06 \x01(\t\x12\x1a\n\x12\x63hannel_multiplier\x18\x07 \x01(\r\x12\x0f\n\x07licence\x18\x08 \x01(\t\x12\x13\n\x0bnative_size\x18\t \x01(\r\x12\x14\n\x0crandom_noise\x18\n \x01(\x08\x12\x17\n\x0f\x66idelity_weight\x18\x0b \x01(\x08*?\n\nBackground\x12\x16\n\x12\x42\x41\x43KGROUND_LANCZOS\x10\x00\x12\x19\n\x15\x42\x41\x43KGROUND_REALESRGAN\x10\x01*Q\n\tAlignment\x12\x14\n\x10\x41LIGNMENT_DETECT\x10\x00\x12\x15\n\x11\x41LIGNMENT_ALIGNED\x10\x01\x12\x17\n\x13\x41LIGNMENT_LANDMARKS\x10\x02*v\n\nFaceStatus\x12\x1b\n\x17\x46\x41\x43\x45_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x41\x43\x45_STATUS_ENHANCED\x10\x01\x12\x17\n\x13\x46\x41\x43\x45_STATUS_NO_FACE\x10\x02\x12\x18\n\x14\x46\x41\x43\x45_STATUS_FALLBACK\x10\x03\x32\xf7\x01\n\x0c\x46\x61\x63\x65\x45nhancer\x12S\n\x0c\x45nhanceBatch\x12\x1e.faceenhance.v1.EnhanceRequest\x1a\x1f.faceenhance.v1.EnhanceResponse(\x01\x30\x01\x12J\n\x07\x45nhance\x12\x1e.faceenhance.v1.EnhanceRequest\x1a\x1f.faceenhance.v1.EnhanceResponse\x12\x46\n\x07GetInfo\x12\x1e.faceenhance.v1.GetInfoRequest\x1a\x1b.faceenhance.v1.ServiceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'faceenhance.v1.face_enhance_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_BACKGROUND']._serialized_start=1603
-  _globals['_BACKGROUND']._serialized_end=1666
-  _globals['_ALIGNMENT']._serialized_start=1668
-  _globals['_ALIGNMENT']._serialized_end=1749
-  _globals['_FACESTATUS']._serialized_start=1751
-  _globals['_FACESTATUS']._serialized_end=1869
+  _globals['_BACKGROUND']._serialized_start=1623
+  _globals['_BACKGROUND']._serialized_end=1686
+  _globals['_ALIGNMENT']._serialized_start=1688
+  _globals['_ALIGNMENT']._serialized_end=1769
+  _globals['_FACESTATUS']._serialized_start=1771
+  _globals['_FACESTATUS']._serialized_end=1889
   _globals['_FACEBATCH']._serialized_start=53
   _globals['_FACEBATCH']._serialized_end=142
   _globals['_ENHANCEOPTIONS']._serialized_start=145
-  _globals['_ENHANCEOPTIONS']._serialized_end=477
-  _globals['_ENHANCEREQUEST']._serialized_start=480
-  _globals['_ENHANCEREQUEST']._serialized_end=646
-  _globals['_TIMINGS']._serialized_start=648
-  _globals['_TIMINGS']._serialized_end=695
-  _globals['_ERROR']._serialized_start=697
-  _globals['_ERROR']._serialized_end=735
-  _globals['_ENHANCERESPONSE']._serialized_start=738
-  _globals['_ENHANCERESPONSE']._serialized_end=946
-  _globals['_GETINFOREQUEST']._serialized_start=948
-  _globals['_GETINFOREQUEST']._serialized_end=964
-  _globals['_SERVICEINFO']._serialized_start=967
-  _globals['_SERVICEINFO']._serialized_end=1374
-  _globals['_RESTORER']._serialized_start=1377
-  _globals['_RESTORER']._serialized_end=1601
-  _globals['_FACEENHANCER']._serialized_start=1872
-  _globals['_FACEENHANCER']._serialized_end=2119
+  _globals['_ENHANCEOPTIONS']._serialized_end=497
+  _globals['_ENHANCEREQUEST']._serialized_start=500
+  _globals['_ENHANCEREQUEST']._serialized_end=666
+  _globals['_TIMINGS']._serialized_start=668
+  _globals['_TIMINGS']._serialized_end=715
+  _globals['_ERROR']._serialized_start=717
+  _globals['_ERROR']._serialized_end=755
+  _globals['_ENHANCERESPONSE']._serialized_start=758
+  _globals['_ENHANCERESPONSE']._serialized_end=966
+  _globals['_GETINFOREQUEST']._serialized_start=968
+  _globals['_GETINFOREQUEST']._serialized_end=984
+  _globals['_SERVICEINFO']._serialized_start=987
+  _globals['_SERVICEINFO']._serialized_end=1394
+  _globals['_RESTORER']._serialized_start=1397
+  _globals['_RESTORER']._serialized_end=1621
+  _globals['_FACEENHANCER']._serialized_start=1892
+  _globals['_FACEENHANCER']._serialized_end=2139
 # @@protoc_insertion_point(module_scope)

@@ -48,7 +48,7 @@ class FaceBatch(_message.Message):
     def __init__(self, count: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EnhanceOptions(_message.Message):
-    __slots__ = ("output_size", "alignment", "fidelity", "only_center_face", "random_noise", "steady_video", "detect_every", "model", "background", "fidelity_weight")
+    __slots__ = ("output_size", "alignment", "fidelity", "only_center_face", "random_noise", "steady_video", "detect_every", "model", "background", "fidelity_weight", "mask_every")
     OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     FIDELITY_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class EnhanceOptions(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     FIDELITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MASK_EVERY_FIELD_NUMBER: _ClassVar[int]
     output_size: int
     alignment: Alignment
     fidelity: float
@@ -69,7 +70,8 @@ class EnhanceOptions(_message.Message):
     model: str
     background: Background
     fidelity_weight: float
-    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ..., steady_video: bool = ..., detect_every: _Optional[int] = ..., model: _Optional[str] = ..., background: _Optional[_Union[Background, str]] = ..., fidelity_weight: _Optional[float] = ...) -> None: ...
+    mask_every: int
+    def __init__(self, output_size: _Optional[int] = ..., alignment: _Optional[_Union[Alignment, str]] = ..., fidelity: _Optional[float] = ..., only_center_face: bool = ..., random_noise: bool = ..., steady_video: bool = ..., detect_every: _Optional[int] = ..., model: _Optional[str] = ..., background: _Optional[_Union[Background, str]] = ..., fidelity_weight: _Optional[float] = ..., mask_every: _Optional[int] = ...) -> None: ...
 
 class EnhanceRequest(_message.Message):
     __slots__ = ("request_id", "faces", "options", "landmarks", "timeout_ms")
