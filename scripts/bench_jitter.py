@@ -194,10 +194,13 @@ def skip_detection_table(pipeline: FacePipeline, frames_count: int, batch: int) 
               f"{speed / base:.2f}x |")
 
 
-def run_reuse_mask(pipeline: FacePipeline, frames: np.ndarray, every: int, batch: int):
-    """Steady video, DETECT, `batch` frames per request, the paste mask computed on every
-    `every`-th frame: (faces/s, mask seconds per frame, masks computed, outputs)."""
-    options = EnhanceOptions(steady_video=True, mask_every=every)
+def run_reuse_mask(pipeline: FacePipeline, frames: np.ndarray, points: np.ndarray | None, every: int,
+                   batch: int):
+    """Steady video, `batch` frames per request, the paste mask computed on every `every`-th
+    frame; LANDMARKS with `points`, else DETECT: (faces/s, mask seconds per frame, masks
+    computed, outputs, the stream's VideoState)."""
+    alignment = Alignment.DETECT if points is None else Alignment.LANDMARKS
+    options = EnhanceOptions(alignment=alignment, steady_video=True, mask_every=every)
     video = VideoState()
     spent = {"s": 0.0, "faces": 0}
     parse = pipeline._fixed["parse"]
@@ -215,33 +218,33 @@ def run_reuse_mask(pipeline: FacePipeline, frames: np.ndarray, every: int, batch
     started = time.perf_counter()
     try:
         for t in range(0, len(frames), batch):
-            outputs.append(pipeline.enhance([Job(frames[t:t + batch], options, video=video)])[0].faces)
+            marks = None if points is None else points[t:t + batch]
+            outputs.append(pipeline.enhance([Job(frames[t:t + batch], options, marks, video=video)])[0].faces)
     finally:
         pipeline._fixed["parse"] = parse
     seconds = time.perf_counter() - started
-    return len(frames) / seconds, spent["s"] / len(frames), spent["faces"], np.concatenate(outputs)
+    return len(frames) / seconds, spent["s"] / len(frames), spent["faces"], np.concatenate(outputs), video
 
 
-def reuse_mask_table(pipeline: FacePipeline, frames_count: int, batch: int) -> None:
-    """The saving of mask_every on a still, perturbed face (MuseTalk's stable crops)."""
-    from tests.faces import make_faces
-
-    rng = np.random.default_rng(11)
-    face = make_faces(1, seed=1)[0]
-    frames = np.stack([perturb(face, rng) for _ in range(frames_count)])
+def reuse_mask_table(pipeline: FacePipeline, frames_count: int, batch: int, detect: bool,
+                     noise_px: float) -> None:
+    """The saving of mask_every on the static sequence (a still face, perturbed per frame)."""
+    frames, _, points, _ = sequences(frames_count, noise_px)["static"]
+    how = "DETECT" if detect else f"LANDMARKS (the face's own points, {noise_px:g} px detection noise)"
     print(f"\nreuse the paste mask: {frames_count} frames of a still face (perturbed per frame), "
-          f"{batch} per request, steady video, DETECT, ParseNet's mask:\n")
+          f"{batch} per request, steady video, {how}, ParseNet's mask:\n")
     print("| mask_every | masks computed | mask ms/frame | faces/s | faces/s vs every frame | "
-          "levels vs every frame: mean, max |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "levels vs every frame: mean, max | cuts |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     base = reference = None
     for every in (1, 2, 5, 10):
-        speed, mask_s, masks, outputs = run_reuse_mask(pipeline, frames, every, batch)
+        speed, mask_s, masks, outputs, video = run_reuse_mask(pipeline, frames, None if detect else points,
+                                                             every, batch)
         if base is None:
             base, reference = speed, outputs
         diff = np.abs(outputs.astype(int) - reference)
         print(f"| {every} | {masks}/{frames_count} | {1000 * mask_s:.1f} | {speed:.2f} | "
-              f"{speed / base:.2f}x | {diff.mean():.3f}, {diff.max()} |")
+              f"{speed / base:.2f}x | {diff.mean():.3f}, {diff.max()} | {video.resets} |")
 
 
 def gfpganer(weights: Path, narrow: float):
@@ -303,7 +306,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse-mask", action="store_true",
                         help="only the mask_every table: faces/s and ParseNet time per frame with "
                              "the paste mask computed on every 1st, 2nd, 5th and 10th frame "
-                             "(ParseNet's mask, whatever --paste-mask says)")
+                             "(ParseNet's mask, whatever --paste-mask says). With --alignment "
+                             "landmarks (the default) the still face's own points plus detection "
+                             "noise; a detector of random values moves its landmarks so far from "
+                             "frame to frame that steady video counts cuts, which drop the mask")
     parser.add_argument("--batch", type=int, default=8,
                         help="--skip-detection, --reuse-mask: frames per request (MuseTalk's batch, 8)")
     args = parser.parse_args(argv)
@@ -331,7 +337,7 @@ def main(argv=None) -> int:
     if args.reuse_mask:
         print(f"reuse the paste mask: CPU, torch {torch.__version__}, "
               f"{'random-valued weights' if args.weights_dir is None else weights}")
-        reuse_mask_table(pipeline, args.frames, args.batch)
+        reuse_mask_table(pipeline, args.frames, args.batch, args.alignment == "detect", args.detector_noise_px)
         return 0
     if args.skip_detection:
         print(f"skip detection: CPU, torch {torch.__version__}, "
