@@ -636,10 +636,15 @@ class FacePipeline:
             position = {row: k for k, row in enumerate(own)}
             stored = list({id(m): m for m in reused.values() if id(m) not in made_by}.values())
             stored_at = {id(m): len(own) + k for k, m in enumerate(stored)}
-            source = [position[row] if row not in reused
-                      else position[made_by[id(reused[row])]] if id(reused[row]) in made_by
-                      else stored_at[id(reused[row])]
-                      for row in range(faces.shape[0])]
+            source = []  # per row: where its mask is in cat([own_masks, *stored])
+            for row in range(faces.shape[0]):
+                mask = reused.get(row)
+                if mask is None:
+                    source.append(position[row])  # its own
+                elif id(mask) in made_by:
+                    source.append(position[made_by[id(mask)]])  # an earlier frame's in this batch
+                else:
+                    source.append(stored_at[id(mask)])  # kept from an earlier batch
             index = self._staging.upload(plan.key + "masks", np.array(own + source, np.int64))
             if own:
                 own_masks = self._face_masks(faces.index_select(0, index[:len(own)]))
