@@ -80,14 +80,8 @@ class EnhanceOptions:
         if not (isinstance(self.fidelity, (int, float)) and math.isfinite(self.fidelity)
                 and 0.0 <= self.fidelity <= 1.0):
             raise InvalidRequest(f"fidelity must be a number in [0, 1]; got {self.fidelity!r}")
-        if (isinstance(self.detect_every, bool) or not isinstance(self.detect_every, int)
-                or not 1 <= self.detect_every <= MAX_DETECT_EVERY):
-            raise InvalidRequest(f"detect_every must be a whole number in 1..{MAX_DETECT_EVERY} "
-                                 f"(1: every frame); got {self.detect_every!r}")
-        if (isinstance(self.mask_every, bool) or not isinstance(self.mask_every, int)
-                or not 1 <= self.mask_every <= MAX_MASK_EVERY):
-            raise InvalidRequest(f"mask_every must be a whole number in 1..{MAX_MASK_EVERY} "
-                                 f"(1: every frame); got {self.mask_every!r}")
+        _check_every(self.detect_every, "detect_every", MAX_DETECT_EVERY)
+        _check_every(self.mask_every, "mask_every", MAX_MASK_EVERY)
         if not isinstance(self.model, str) or not _MODEL_ID.fullmatch(self.model):
             raise InvalidRequest(f"model must be a restorer id like 'gfpgan-1.4' or 'restoreformer' "
                                  f"(letters, digits, '.', '_', '-'; at most 64), or empty for the "
@@ -111,6 +105,12 @@ class EnhanceOptions:
                 f"mask_every={self.mask_every} reuses a video's paste mask between frames: it needs "
                 "steady_video and alignment DETECT or LANDMARKS (ALIGNED pastes nothing)")
         return self
+
+
+def _check_every(value, name: str, maximum: int) -> None:
+    """A steady-video "every N-th frame" option: a whole number in 1..maximum."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidRequest(f"{name} must be a whole number in 1..{maximum} (1: every frame); got {value!r}")
 
 
 @dataclass

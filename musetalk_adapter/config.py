@@ -102,6 +102,18 @@ class GFPGANSettings:
                               model=self.model or "",
                               background=Background.REALESRGAN if self.bg_upsampler else Background.LANCZOS)
 
+    def _every(self, key: str, maximum: int, alignment: str, reuses: str) -> int:
+        """A steady-video "every N-th frame" setting: 1 (every frame) to `maximum`, and above 1
+        only with steady video and detection, since the frames between reuse `reuses`."""
+        value = getattr(self, key)
+        every = _number(value, key, int)
+        if not 1 <= every <= maximum:
+            raise SettingsError(f"gfpgan setting '{key}' must be 1 (every frame) to {maximum}; got {value!r}")
+        if every > 1 and not (self.steady and alignment == "detect"):
+            raise SettingsError(f"gfpgan setting '{key}: {every}' reuses {reuses}: it needs "
+                                f"'steady: true' and 'alignment: detect'")
+        return every
+
     def check(self) -> "GFPGANSettings":
         """Return the settings with values normalised; raise SettingsError for a bad one."""
         where = "gfpgan setting"
@@ -129,22 +141,10 @@ class GFPGANSettings:
         if alignment not in ALIGNMENTS:
             raise SettingsError(f"{where} 'alignment' must be one of {', '.join(ALIGNMENTS)}; got "
                                 f"{self.alignment!r} (MuseTalk has no 5-point landmarks to send)")
-        every = _number(self.detect_every, "detect_every", int)
-        if not 1 <= every <= MAX_DETECT_EVERY:
-            raise SettingsError(f"{where} 'detect_every' must be 1 (every frame) to "
-                                f"{MAX_DETECT_EVERY}; got {self.detect_every!r}")
-        if every > 1 and not (self.steady and alignment == "detect"):
-            raise SettingsError(f"{where} 'detect_every: {every}' reuses the steady video "
-                                f"alignment between detections: it needs 'steady: true' and "
-                                f"'alignment: detect'")
-        mask_every = _number(self.mask_every, "mask_every", int)
-        if not 1 <= mask_every <= MAX_MASK_EVERY:
-            raise SettingsError(f"{where} 'mask_every' must be 1 (every frame) to "
-                                f"{MAX_MASK_EVERY}; got {self.mask_every!r}")
-        if mask_every > 1 and not (self.steady and alignment == "detect"):
-            raise SettingsError(f"{where} 'mask_every: {mask_every}' reuses the steady video's "
-                                f"paste mask between frames: it needs 'steady: true' and "
-                                f"'alignment: detect'")
+        every = self._every("detect_every", MAX_DETECT_EVERY, alignment,
+                            "the steady video alignment between detections")
+        mask_every = self._every("mask_every", MAX_MASK_EVERY, alignment,
+                                 "the steady video's paste mask between frames")
         pending = _number(self.max_pending_batches, "max_pending_batches", int)
         if pending < 1:
             raise SettingsError(f"{where} 'max_pending_batches' must be 1 or more; got {pending}")
