@@ -91,6 +91,10 @@ class FaceEnhanceClient:
         finally:
             for future in self._still_in_flight():
                 future.cancel()
+            try:
+                self._run(_settle_tasks(), timeout=_CLOSE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - closing goes on: the loop stops either way
+                pass
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(_CLOSE_TIMEOUT_S)
             if not self._thread.is_alive():
@@ -104,3 +108,16 @@ class FaceEnhanceClient:
 
     def _run(self, coroutine, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+
+async def _settle_tasks() -> None:
+    """What asyncio.run does before it closes its loop: the loop's other tasks (gRPC's own
+    per-call status tasks among them) are cancelled and run to their end, and async generators
+    are closed, so that none is destroyed pending ("Task was destroyed but it is pending!" on
+    the caller's stderr, at exit or at the next garbage collection)."""
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
