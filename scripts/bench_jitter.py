@@ -148,50 +148,84 @@ def run_ours(pipeline: FacePipeline, frames: np.ndarray, steady: bool, given: np
     return np.stack(outputs), points, len(frames) / (time.perf_counter() - started)
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a stage's time is its own (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _frames_per_second(pipeline, frames: np.ndarray, options: EnhanceOptions, batch: int,
+                       points: np.ndarray | None = None) -> tuple[float, list[np.ndarray], VideoState]:
+    """One stream, `batch` frames per request: (faces/s, outputs, its VideoState)."""
+    video, outputs = VideoState(), []
+    _sync(pipeline.device)
+    started = time.perf_counter()
+    for t in range(0, len(frames), batch):
+        marks = None if points is None else points[t:t + batch]
+        outputs.append(pipeline.enhance([Job(frames[t:t + batch], options, marks, video=video)])[0].faces)
+    _sync(pipeline.device)
+    return len(frames) / (time.perf_counter() - started), outputs, video
+
+
+def _timed_calls(holder, name: str, device: torch.device, spent: dict):
+    """Replace holder[name] (a dict) or holder.name (an object), a network pass, by one that adds
+    its seconds and rows to `spent`; returns what puts it back. The device is waited for before
+    and after each call: on CUDA those waits make the run slower, so faces/s come from a second
+    run without them."""
+    if not isinstance(holder, dict):
+        original = getattr(holder, name)
+        calls = {name: original}
+        restore = _timed_calls(calls, name, device, spent)
+        setattr(holder, name, calls[name])
+        return lambda: (restore(), setattr(holder, name, original))
+    original = holder[name]
+
+    def timed(x):
+        _sync(device)
+        started = time.perf_counter()
+        out = original(x)
+        _sync(device)
+        spent["s"] += time.perf_counter() - started
+        spent["rows"] += x.shape[0]
+        return out
+
+    holder[name] = timed
+    return lambda: holder.__setitem__(name, original)
+
+
 def run_skip_detection(pipeline: FacePipeline, frames: np.ndarray, every: int, batch: int):
     """Steady video, DETECT, `batch` frames per request, detecting every `every`-th frame:
     (faces/s, detector seconds per frame, frames detected)."""
     options = EnhanceOptions(steady_video=True, detect_every=every)
-    video = VideoState()
-    spent = {"s": 0.0, "images": 0}
-    candidates = pipeline.detector.candidates
-
-    def timed(images):
-        started = time.perf_counter()
-        out = candidates(images)
-        out[0].image.cpu()  # the detector's work done, on any device
-        spent["s"] += time.perf_counter() - started
-        spent["images"] += images.shape[0]
-        return out
-
-    pipeline.detector.candidates = timed
-    started = time.perf_counter()
+    spent = {"s": 0.0, "rows": 0}
+    restore = _timed_calls(pipeline.detector, "candidates", pipeline.device, spent)
     try:
-        for t in range(0, len(frames), batch):
-            pipeline.enhance([Job(frames[t:t + batch], options, video=video)])
+        speed, _, _ = _frames_per_second(pipeline, frames, options, batch)
     finally:
-        pipeline.detector.candidates = candidates
-    seconds = time.perf_counter() - started
-    return len(frames) / seconds, spent["s"] / len(frames), spent["images"]
+        restore()
+    if pipeline.device.type != "cpu":
+        speed, _, _ = _frames_per_second(pipeline, frames, options, batch)
+    return speed, spent["s"] / len(frames), spent["rows"]
 
 
-def skip_detection_table(pipeline: FacePipeline, frames_count: int, batch: int) -> None:
+def skip_detection_table(pipeline: FacePipeline, frames_count: int, batch: int) -> list[str]:
     """The saving of detect_every on a still, perturbed face (MuseTalk's stable crops)."""
     from tests.faces import make_faces
 
     rng = np.random.default_rng(11)
     face = make_faces(1, seed=1)[0]
     frames = np.stack([perturb(face, rng) for _ in range(frames_count)])
-    print(f"\nskip detection: {frames_count} frames of a still face (perturbed per frame), "
-          f"{batch} per request, steady video, DETECT:\n")
-    print("| detect_every | frames detected | detector ms/frame | faces/s | faces/s vs every frame |")
-    print("| --- | --- | --- | --- | --- |")
+    lines = [f"skip detection: {frames_count} frames of a still face (perturbed per frame), "
+             f"{batch} per request, steady video, DETECT:", "",
+             "| detect_every | frames detected | detector ms/frame | faces/s | faces/s vs every frame |",
+             "| --- | --- | --- | --- | --- |"]
     base = None
     for every in (1, 2, 5, 10):
         speed, detect_s, detected = run_skip_detection(pipeline, frames, every, batch)
         base = base or speed
-        print(f"| {every} | {detected}/{frames_count} | {1000 * detect_s:.1f} | {speed:.2f} | "
-              f"{speed / base:.2f}x |")
+        lines.append(f"| {every} | {detected}/{frames_count} | {1000 * detect_s:.1f} | {speed:.2f} | "
+                     f"{speed / base:.2f}x |")
+    return lines
 
 
 def run_reuse_mask(pipeline: FacePipeline, frames: np.ndarray, points: np.ndarray | None, every: int,
@@ -201,41 +235,29 @@ def run_reuse_mask(pipeline: FacePipeline, frames: np.ndarray, points: np.ndarra
     computed, outputs, the stream's VideoState)."""
     alignment = Alignment.DETECT if points is None else Alignment.LANDMARKS
     options = EnhanceOptions(alignment=alignment, steady_video=True, mask_every=every)
-    video = VideoState()
-    spent = {"s": 0.0, "faces": 0}
-    parse = pipeline._fixed["parse"]
-
-    def timed(restored):
-        started = time.perf_counter()
-        out = parse(restored)
-        out.cpu()  # the mask's work done, on any device
-        spent["s"] += time.perf_counter() - started
-        spent["faces"] += restored.shape[0]
-        return out
-
-    pipeline._fixed["parse"] = timed
-    outputs = []
-    started = time.perf_counter()
+    spent = {"s": 0.0, "rows": 0}
+    # the pass the pipeline calls: its CUDA graph when it has one, else the network's forward
+    holder = pipeline._graphs if "parse" in pipeline._graphs else pipeline._fixed
+    restore = _timed_calls(holder, "parse", pipeline.device, spent)
     try:
-        for t in range(0, len(frames), batch):
-            marks = None if points is None else points[t:t + batch]
-            outputs.append(pipeline.enhance([Job(frames[t:t + batch], options, marks, video=video)])[0].faces)
+        speed, outputs, video = _frames_per_second(pipeline, frames, options, batch, points)
     finally:
-        pipeline._fixed["parse"] = parse
-    seconds = time.perf_counter() - started
-    return len(frames) / seconds, spent["s"] / len(frames), spent["faces"], np.concatenate(outputs), video
+        restore()
+    if pipeline.device.type != "cpu":
+        speed, _, _ = _frames_per_second(pipeline, frames, options, batch, points)
+    return speed, spent["s"] / len(frames), spent["rows"], np.concatenate(outputs), video
 
 
 def reuse_mask_table(pipeline: FacePipeline, frames_count: int, batch: int, detect: bool,
-                     noise_px: float) -> None:
+                     noise_px: float) -> list[str]:
     """The saving of mask_every on the static sequence (a still face, perturbed per frame)."""
     frames, _, points, _ = sequences(frames_count, noise_px)["static"]
     how = "DETECT" if detect else f"LANDMARKS (the face's own points, {noise_px:g} px detection noise)"
-    print(f"\nreuse the paste mask: {frames_count} frames of a still face (perturbed per frame), "
-          f"{batch} per request, steady video, {how}, ParseNet's mask:\n")
-    print("| mask_every | masks computed | mask ms/frame | faces/s | faces/s vs every frame | "
-          "levels vs every frame: mean, max | cuts |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    lines = [f"reuse the paste mask: {frames_count} frames of a still face (perturbed per frame), "
+             f"{batch} per request, steady video, {how}, ParseNet's mask:", "",
+             "| mask_every | masks computed | mask ms/frame | faces/s | faces/s vs every frame | "
+             "levels vs every frame: mean, max | cuts |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     base = reference = None
     for every in (1, 2, 5, 10):
         speed, mask_s, masks, outputs, video = run_reuse_mask(pipeline, frames, None if detect else points,
@@ -243,8 +265,9 @@ def reuse_mask_table(pipeline: FacePipeline, frames_count: int, batch: int, dete
         if base is None:
             base, reference = speed, outputs
         diff = np.abs(outputs.astype(int) - reference)
-        print(f"| {every} | {masks}/{frames_count} | {1000 * mask_s:.1f} | {speed:.2f} | "
-              f"{speed / base:.2f}x | {diff.mean():.3f}, {diff.max()} | {video.resets} |")
+        lines.append(f"| {every} | {masks}/{frames_count} | {1000 * mask_s:.1f} | {speed:.2f} | "
+                     f"{speed / base:.2f}x | {diff.mean():.3f}, {diff.max()} | {video.resets} |")
+    return lines
 
 
 def gfpganer(weights: Path, narrow: float):
@@ -292,8 +315,9 @@ def main(argv=None) -> int:
                              "(default: random-valued ones of the real architectures, made here, "
                              "with a detector calibrated to find the benchmark's faces)")
     parser.add_argument("--frames", type=int, default=16, help="frames per sequence")
-    parser.add_argument("--paste-mask", default="box", choices=["box", "parse"],
-                        help="our pipeline's paste mask (box: no ParseNet pass, much faster on a CPU)")
+    parser.add_argument("--paste-mask", default=None, choices=["box", "parse"],
+                        help="our pipeline's paste mask (box: no ParseNet pass, much faster on a CPU; "
+                             "the default without --device; with it, the service's default, parse)")
     parser.add_argument("--no-gfpganer", action="store_true", help="skip (a)")
     parser.add_argument("--alignment", default="landmarks", choices=["landmarks", "detect"],
                         help="landmarks: the faces' own points plus detection noise (default); "
@@ -312,7 +336,21 @@ def main(argv=None) -> int:
                              "frame to frame that steady video counts cuts, which drop the mask")
     parser.add_argument("--batch", type=int, default=8,
                         help="--skip-detection, --reuse-mask: frames per request (MuseTalk's batch, 8)")
+    parser.add_argument("--device", default=None,
+                        help="--skip-detection, --reuse-mask: run on this device (cuda, cpu) with the "
+                             "pipeline the service builds for it (its dtype and speed forms, CUDA "
+                             "graphs on CUDA); faces/s then come from a run of their own, without the "
+                             "waits that time the stages. Default: the CPU, float32, GFPGAN's own "
+                             "forms, one run (the rows in BENCHMARKS.md)")
+    parser.add_argument("--markdown-out", type=Path, default=None,
+                        help="--skip-detection, --reuse-mask: also write the tables here")
     args = parser.parse_args(argv)
+    if args.device is not None and not (args.skip_detection or args.reuse_mask):
+        parser.error("--device goes with --skip-detection and/or --reuse-mask")
+    if args.reuse_mask and args.paste_mask == "box":
+        parser.error("--reuse-mask measures ParseNet's mask: leave --paste-mask out (both tables then "
+                     "use ParseNet's)")
+    paste_mask = "parse" if args.reuse_mask else args.paste_mask or ("box" if args.device is None else "parse")
 
     narrow = 1.0
     weights = args.weights_dir
@@ -328,27 +366,44 @@ def main(argv=None) -> int:
     weights = weights.resolve()
     from server.model import load_gfpgan, load_parsenet, load_retinaface
 
-    device = torch.device("cpu")
-    pipeline = FacePipeline(load_gfpgan(weights / "GFPGANv1.4.pth", device).net,
-                            load_retinaface(weights / "detection_Resnet50_Final.pth", device),
-                            load_parsenet(weights / "parsing_parsenet.pth", device), device=device,
-                            dtype=torch.float32,
-                            speed=SpeedOptions(paste_mask="parse" if args.reuse_mask else args.paste_mask))
-    if args.reuse_mask:
-        print(f"reuse the paste mask: CPU, torch {torch.__version__}, "
-              f"{'random-valued weights' if args.weights_dir is None else weights}")
-        reuse_mask_table(pipeline, args.frames, args.batch, args.alignment == "detect", args.detector_noise_px)
-        return 0
-    if args.skip_detection:
-        print(f"skip detection: CPU, torch {torch.__version__}, "
-              f"{'random-valued weights' if args.weights_dir is None else weights}, paste mask "
-              f"{args.paste_mask}")
-        skip_detection_table(pipeline, args.frames, args.batch)
+    if args.device is not None:
+        from server.pipeline import build_pipeline
+        from server.settings import Settings
+
+        settings = Settings(model=str(weights / "GFPGANv1.4.pth"), weights_dir=str(weights),
+                            device=args.device, no_download=True, metrics_port=0,
+                            paste_mask=paste_mask,
+                            max_batch_faces=max(8, args.batch))
+        pipeline = build_pipeline(settings)
+        pipeline.warmup(faces=args.batch)
+        how = (f"{pipeline.device}, {pipeline.dtype} (the service's pipeline for it), "
+               f"torch {torch.__version__}")
+    else:
+        device = torch.device("cpu")
+        pipeline = FacePipeline(load_gfpgan(weights / "GFPGANv1.4.pth", device).net,
+                                load_retinaface(weights / "detection_Resnet50_Final.pth", device),
+                                load_parsenet(weights / "parsing_parsenet.pth", device), device=device,
+                                dtype=torch.float32,
+                                speed=SpeedOptions(paste_mask=paste_mask))
+        how = f"CPU, torch {torch.__version__}"
+    if args.skip_detection or args.reuse_mask:
+        source = "random-valued weights" if args.weights_dir is None else str(weights)
+        tables = []
+        if args.skip_detection:
+            tables.append(skip_detection_table(pipeline, args.frames, args.batch))
+        if args.reuse_mask:
+            tables.append(reuse_mask_table(pipeline, args.frames, args.batch, args.alignment == "detect",
+                                           args.detector_noise_px))
+        text = "\n\n".join("\n".join(lines) for lines in tables)
+        head = f"{how}, {source}, paste mask {paste_mask}"
+        print(f"{head}\n\n{text}")
+        if args.markdown_out is not None:
+            args.markdown_out.write_text(f"{head}\n\n{text}\n")
         return 0
     restorer = None if args.no_gfpganer else gfpganer(weights, narrow)
     print(f"jitter: {args.frames} frames per sequence, 256x256, CPU, torch {torch.__version__}, "
           f"{'random-valued weights' if args.weights_dir is None else weights}, paste mask "
-          f"{args.paste_mask}, alignment {args.alignment}"
+          f"{paste_mask}, alignment {args.alignment}"
           + (f" (detection noise {args.detector_noise_px} px)" if args.alignment == "landmarks" else ""))
     for name, (frames, shifts, marks, true) in sequences(args.frames, args.detector_noise_px).items():
         skip = {args.frames // 2} if name == "cut" else set()

@@ -164,12 +164,20 @@ def main() -> int:
         ("bench-fp32", [*bench, "--dtype", "float32", "--methods", "gfpganer,pipeline,service",
                         "--alignment", "detect", "--batch-sizes", big, "--iterations", str(iters),
                         "--markdown-out", str(out / "bench-fp32.md")], 90),
+        # Steady video's two savings on the device, with the service's pipeline for it: the
+        # detector on every N-th frame (detect_every) and the paste mask on every N-th frame
+        # (mask_every, ParseNet's 469 GFLOP a face), faces/s against every frame, MuseTalk's 8
+        # frames a request. Last: both are opt-in, and it needs no other step's results.
+        ("steady", [sys.executable, str(ROOT / "scripts" / "bench_jitter.py"), "--weights-dir", str(weights),
+                    "--device", args.device, "--skip-detection", "--reuse-mask",
+                    *(["--frames", "4", "--batch", "2"] if args.quick else ["--frames", "40"]),
+                    "--markdown-out", str(out / "steady.md")], 120),
     ]
     # kernels (a script of its own) before the bench steps, and the BEST ones together: the bench
     # steps from compile on are sections of one process, which compiles a compiled BEST once
     order = ["env", "weights", "tests", "tests-compile", *CACHE_STEPS, "batch-rounding", "kernels", "compile", "variants", "bench-detect",
              "bench-aligned", "profile-plain", "profile-best", "memory", "realtime", "bench-best",
-             "bench-best-aligned", "bench-fp32"]
+             "bench-best-aligned", "bench-fp32", "steady"]
     steps.sort(key=lambda step: order.index(step[0]))
     if args.quick:  # the CPU rehearsal: same steps, CPU speed (ParseNet alone is ~4 s a face)
         steps = [(name, command, limit * 10) for name, command, limit in steps]
@@ -475,6 +483,9 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
             share = re.search(r"convolutions (\d+%)", families)
             found[f"{network} {form}"] = (f"{tflops} TF/s" + (f", {of_floor} of floor" if of_floor != "-" else "")
                                           + (f", convolutions {share.group(1)}" if share else ""))
+    elif name == "steady":  # faces/s against every frame at N = 5, per saving
+        ratios = re.findall(r"(?m)^\| 5 \| \d+/\d+ \| [\d.]+ \| [\d.]+ \| ([\d.]+x) \|", text)
+        found.update(zip(("detect_every 5", "mask_every 5"), ratios))  # the tables' order
     elif name == "env":
         match = re.search(r"device: ([^\n]+)", text)
         if match:

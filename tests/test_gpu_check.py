@@ -172,6 +172,15 @@ SUMMARY_LINES = [
                "largest batch that ran: 64 faces (detect, ...)\n", {"largest batch": "64"}),
     ("memory", "| 2 | 781 | 390 |\n\na face adds 390 MiB; with the weights (518 MiB), a batch at that rate "
                "takes about 208 faces on 80 GiB, 61 faces on 24 GiB (detect, ...)\n", {"counted": "390 MiB a face"}),
+    # steady video's two savings at N = 5, in the order bench_jitter prints its tables
+    ("steady", "| detect_every | frames detected | detector ms/frame | faces/s | faces/s vs every frame |\n"
+               "| --- | --- | --- | --- | --- |\n| 1 | 40/40 | 2.1 | 90.00 | 1.00x |\n"
+               "| 5 | 15/40 | 0.9 | 99.00 | 1.10x |\n\n"
+               "| mask_every | masks computed | mask ms/frame | faces/s | faces/s vs every frame | "
+               "levels vs every frame: mean, max | cuts |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+               "| 1 | 40/40 | 4.3 | 90.00 | 1.00x | 0.000, 0 | 0 |\n"
+               "| 5 | 8/40 | 0.9 | 135.00 | 1.50x | 0.120, 9 | 0 |\n",
+     {"detect_every 5": "1.10x", "mask_every 5": "1.50x"}),
 ]
 
 
@@ -181,6 +190,25 @@ def test_the_summary_picks_each_steps_numbers_from_its_log(gpu_check, tmp_path, 
     path = tmp_path / f"{step}.log"
     path.write_text(log)
     assert gpu_check._highlights(step, tmp_path, path) == expected
+
+
+def test_the_steady_step_times_both_savings_on_the_service_pipeline_for_its_device(tmp_path, capsys):
+    """scripts/bench_jitter.py as the steady step runs it (--device: the pipeline the service
+    builds for that device), on the CPU with its own small weights. Counted, not timed: the
+    first request of a stream detects every frame, then every N-th; the mask is computed on
+    every N-th frame of the stream."""
+    jitter = load_script("bench_jitter")
+    out = tmp_path / "steady.md"
+    assert jitter.main(["--skip-detection", "--device", "cpu", "--paste-mask", "box", "--frames", "6",
+                        "--batch", "2", "--markdown-out", str(out)]) == 0
+    table = out.read_text()
+    assert table.startswith("cpu, torch.") and "(the service's pipeline for it)" in table
+    detected = re.findall(r"(?m)^\| (\d+) \| (\d+)/6 \| [\d.]+ \| [\d.]+ \| ([\d.]+)x \|$", table)
+    assert [(n, d) for n, d, _ in detected] == [("1", "6"), ("2", "4"), ("5", "3"), ("10", "2")]
+    assert detected[0][2] == "1.00"
+    assert table in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the mask table is ParseNet's: a box mask is refused
+        jitter.main(["--reuse-mask", "--paste-mask", "box"])
 
 
 def test_no_section_starts_after_the_budget(gpu_check, tmp_path):
