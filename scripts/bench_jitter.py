@@ -167,44 +167,41 @@ def _frames_per_second(pipeline, frames: np.ndarray, options: EnhanceOptions, ba
     return len(frames) / (time.perf_counter() - started), outputs, video
 
 
-def _timed_calls(holder, name: str, device: torch.device, spent: dict):
-    """Replace holder[name] (a dict) or holder.name (an object), a network pass, by one that adds
-    its seconds and rows to `spent`; returns what puts it back. The device is waited for before
-    and after each call: on CUDA those waits make the run slower, so faces/s come from a second
-    run without them."""
-    if not isinstance(holder, dict):
-        original = getattr(holder, name)
-        calls = {name: original}
-        restore = _timed_calls(calls, name, device, spent)
-        setattr(holder, name, calls[name])
-        return lambda: (restore(), setattr(holder, name, original))
-    original = holder[name]
+def _timed_run(pipeline, holder, name: str, run):
+    """`run()` (a _frames_per_second) with the network pass holder[name] (a dict of passes) or
+    holder.name (an object's) timed: (faces/s, run()'s result, {"s": the pass's seconds, "rows":
+    the rows it computed}). The device is waited for around each pass, so on a GPU those waits
+    would slow the run: faces/s come from a second run without them there."""
+    if isinstance(holder, dict):
+        get, put = holder.__getitem__, holder.__setitem__
+    else:
+        get, put = (lambda n: getattr(holder, n)), (lambda n, value: setattr(holder, n, value))
+    original, spent = get(name), {"s": 0.0, "rows": 0}
 
     def timed(x):
-        _sync(device)
+        _sync(pipeline.device)
         started = time.perf_counter()
         out = original(x)
-        _sync(device)
+        _sync(pipeline.device)
         spent["s"] += time.perf_counter() - started
         spent["rows"] += x.shape[0]
         return out
 
-    holder[name] = timed
-    return lambda: holder.__setitem__(name, original)
+    put(name, timed)
+    try:
+        result = run()
+    finally:
+        put(name, original)
+    speed = result[0] if pipeline.device.type == "cpu" else run()[0]
+    return speed, result, spent
 
 
 def run_skip_detection(pipeline: FacePipeline, frames: np.ndarray, every: int, batch: int):
     """Steady video, DETECT, `batch` frames per request, detecting every `every`-th frame:
     (faces/s, detector seconds per frame, frames detected)."""
     options = EnhanceOptions(steady_video=True, detect_every=every)
-    spent = {"s": 0.0, "rows": 0}
-    restore = _timed_calls(pipeline.detector, "candidates", pipeline.device, spent)
-    try:
-        speed, _, _ = _frames_per_second(pipeline, frames, options, batch)
-    finally:
-        restore()
-    if pipeline.device.type != "cpu":
-        speed, _, _ = _frames_per_second(pipeline, frames, options, batch)
+    speed, _, spent = _timed_run(pipeline, pipeline.detector, "candidates",
+                                 lambda: _frames_per_second(pipeline, frames, options, batch))
     return speed, spent["s"] / len(frames), spent["rows"]
 
 
@@ -235,16 +232,10 @@ def run_reuse_mask(pipeline: FacePipeline, frames: np.ndarray, points: np.ndarra
     computed, outputs, the stream's VideoState)."""
     alignment = Alignment.DETECT if points is None else Alignment.LANDMARKS
     options = EnhanceOptions(alignment=alignment, steady_video=True, mask_every=every)
-    spent = {"s": 0.0, "rows": 0}
     # the pass the pipeline calls: its CUDA graph when it has one, else the network's forward
     holder = pipeline._graphs if "parse" in pipeline._graphs else pipeline._fixed
-    restore = _timed_calls(holder, "parse", pipeline.device, spent)
-    try:
-        speed, outputs, video = _frames_per_second(pipeline, frames, options, batch, points)
-    finally:
-        restore()
-    if pipeline.device.type != "cpu":
-        speed, _, _ = _frames_per_second(pipeline, frames, options, batch, points)
+    speed, (_, outputs, video), spent = _timed_run(
+        pipeline, holder, "parse", lambda: _frames_per_second(pipeline, frames, options, batch, points))
     return speed, spent["s"] / len(frames), spent["rows"], np.concatenate(outputs), video
 
 

@@ -195,8 +195,9 @@ def test_the_summary_picks_each_steps_numbers_from_its_log(gpu_check, tmp_path, 
 def test_the_steady_step_times_both_savings_on_the_service_pipeline_for_its_device(tmp_path, capsys):
     """scripts/bench_jitter.py as the steady step runs it (--device: the pipeline the service
     builds for that device), on the CPU with its own small weights. Counted, not timed: the
-    first request of a stream detects every frame, then every N-th; the mask is computed on
-    every N-th frame of the stream."""
+    first request of a stream detects every frame, then every N-th. (The mask table's counts:
+    the rehearsal's steady step, with ParseNet at full size; tests/test_steady.py checks which
+    frames compute their masks.)"""
     jitter = load_script("bench_jitter")
     out = tmp_path / "steady.md"
     assert jitter.main(["--skip-detection", "--device", "cpu", "--paste-mask", "box", "--frames", "6",
