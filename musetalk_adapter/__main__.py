@@ -167,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"musetalk_adapter: error: {error}", file=sys.stderr)
         return 2
+    try:
+        return _run(settings, script_argv, launcher)
+    finally:
+        if stripped:  # the launcher's copy of the YAML, whether MuseTalk ran or the launcher refused
+            os.unlink(stripped)
+
+
+def _run(settings: GFPGANSettings, script_argv: list[str], launcher: argparse.Namespace) -> int:
     from musetalk_adapter.enhancer import GFPGANEnhancer
     from musetalk_adapter.hook import install
 
@@ -194,8 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         if uninstall is not None:
             uninstall()
         summary = enhancer.close()
-        if stripped:
-            os.unlink(stripped)
         if settings.enabled:
             print(summary, file=sys.stderr)
             if launcher.summary_json:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -175,9 +176,13 @@ def test_a_local_model_file_that_differs_from_the_services_stops_the_run(fake, t
         GFPGANEnhancer(address=fake.address, model_path="models/gfpgan/GFPGANv1.4.pth")
 
 
-def test_the_launcher_stops_before_musetalk_runs_when_the_model_differs(fake, project, capsys):
+def test_the_launcher_stops_before_musetalk_runs_when_the_model_differs(fake, project, capsys,
+                                                                      tmp_path, monkeypatch):
     fake.model = ("GFPGANv1.3.pth", "clean", 2)
     config = project.offline_yaml(3, gfpgan=PLAN_SECTION)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the launcher writes its YAML copy
     code = run_launcher(STANDIN, "run", "--gfpgan-address", fake.address, "--",
                         "scripts/inference.py", "--inference_config", config, "--result_dir",
                         str(project.dir / "out"))
@@ -187,6 +192,7 @@ def test_the_launcher_stops_before_musetalk_runs_when_the_model_differs(fake, pr
     assert "model_path names GFPGANv1.4.pth, but the service serves GFPGANv1.3" in err
     assert not (project.dir / "out").exists()  # MuseTalk never started
     assert fake.faces == 0
+    assert list(scratch.iterdir()) == []  # the gfpgan-free copy of the YAML is gone with the refusal
 
 
 def test_a_service_down_at_start_is_checked_before_its_first_batch(project, capsys):
