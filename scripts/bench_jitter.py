@@ -261,12 +261,12 @@ def reuse_mask_table(pipeline: FacePipeline, frames_count: int, batch: int, dete
     return lines
 
 
-def gfpganer(weights: Path, narrow: float):
-    """GFPGAN's own GFPGANer on our files, with its defaults (fresh noise every call)."""
+def gfpganer(weights: Path, narrow: float, workdir: Path):
+    """GFPGAN's own GFPGANer on our files, with its defaults (fresh noise every call); `workdir`
+    becomes the current folder (facexlib's weights are found from it)."""
     import gfpgan.utils
     from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
 
-    workdir = Path(tempfile.mkdtemp(prefix="gfpganer_"))
     (workdir / "gfpgan" / "weights").mkdir(parents=True)
     for name in ("detection_Resnet50_Final.pth", "parsing_parsenet.pth"):
         os.symlink(weights / name, workdir / "gfpgan" / "weights" / name)
@@ -336,6 +336,12 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown-out", type=Path, default=None,
                         help="--skip-detection, --reuse-mask: also write the tables here")
     args = parser.parse_args(argv)
+    # Made weights (300 MB) and GFPGANer's folder live as long as the run; so does its current folder.
+    with tempfile.TemporaryDirectory(prefix="bench_jitter_") as scratch, contextlib.chdir(os.getcwd()):
+        return run(parser, args, Path(scratch))
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, scratch: Path) -> int:
     if args.device is not None and not (args.skip_detection or args.reuse_mask):
         parser.error("--device goes with --skip-detection and/or --reuse-mask")
     if args.reuse_mask and args.paste_mask == "box":
@@ -349,7 +355,7 @@ def main(argv=None) -> int:
         from tests.checkpoints import SMALL_NARROW, make_weights_dir
         from tests.faces import weights_with_detector
 
-        base = Path(tempfile.mkdtemp(prefix="jitter_weights_"))
+        base = scratch / "weights"
         small = make_weights_dir(base / "small", narrow=SMALL_NARROW)
         (base / "detect").mkdir()
         weights = weights_with_detector(base / "detect", small)
@@ -391,7 +397,7 @@ def main(argv=None) -> int:
         if args.markdown_out is not None:
             args.markdown_out.write_text(f"{head}\n\n{text}\n")
         return 0
-    restorer = None if args.no_gfpganer else gfpganer(weights, narrow)
+    restorer = None if args.no_gfpganer else gfpganer(weights, narrow, scratch / "gfpganer")
     print(f"jitter: {args.frames} frames per sequence, 256x256, CPU, torch {torch.__version__}, "
           f"{'random-valued weights' if args.weights_dir is None else weights}, paste mask "
           f"{paste_mask}, alignment {args.alignment}"

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,7 +193,8 @@ def test_the_summary_picks_each_steps_numbers_from_its_log(gpu_check, tmp_path, 
     assert gpu_check._highlights(step, tmp_path, path) == expected
 
 
-def test_the_steady_step_times_both_savings_on_the_service_pipeline_for_its_device(tmp_path, capsys):
+def test_the_steady_step_times_both_savings_on_the_service_pipeline_for_its_device(tmp_path, capsys,
+                                                                                   monkeypatch):
     """scripts/bench_jitter.py as the steady step runs it (--device: the pipeline the service
     builds for that device), on the CPU with its own small weights. Counted, not timed: the
     first request of a stream detects every frame, then every N-th. (The mask table's counts:
@@ -200,6 +202,10 @@ def test_the_steady_step_times_both_savings_on_the_service_pipeline_for_its_devi
     frames compute their masks.)"""
     jitter = load_script("bench_jitter")
     out = tmp_path / "steady.md"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    cwd = os.getcwd()
     assert jitter.main(["--skip-detection", "--device", "cpu", "--paste-mask", "box", "--frames", "6",
                         "--batch", "2", "--markdown-out", str(out)]) == 0
     table = out.read_text()
@@ -208,6 +214,7 @@ def test_the_steady_step_times_both_savings_on_the_service_pipeline_for_its_devi
     assert [(n, d) for n, d, _ in detected] == [("1", "6"), ("2", "4"), ("5", "3"), ("10", "2")]
     assert detected[0][2] == "1.00"
     assert table in capsys.readouterr().out
+    assert list(scratch.iterdir()) == [] and os.getcwd() == cwd  # its made weights (300 MB) are gone
     with pytest.raises(SystemExit):  # the mask table is ParseNet's: a box mask is refused
         jitter.main(["--reuse-mask", "--paste-mask", "box"])
 
