@@ -251,15 +251,42 @@ class FaceEnhanceServer:
 async def serve(settings: Settings, pipeline_factory: PipelineFactory | None = None) -> int:
     """Run the service until SIGTERM/SIGINT, then drain. Returns the process exit status."""
     app = FaceEnhanceServer(settings, pipeline_factory)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, app.request_stop)
+    restore = stop_on_signals(asyncio.get_running_loop(), app.request_stop)
     try:
-        await app.start()
-    except (OSError, SecurityError) as exc:
-        log.error("could not start: %s", exc)
-        return 1
-    return await app.run()
+        try:
+            await app.start()
+        except (OSError, SecurityError) as exc:
+            log.error("could not start: %s", exc)
+            return 1
+        return await app.run()
+    finally:
+        restore()
+
+
+#: What stops the service: SIGTERM (docker stop, Kubernetes), Ctrl-C, and on Windows Ctrl-Break.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGBREAK") if hasattr(signal, name))
+
+
+def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> Callable[[], None]:
+    """Run `stop` on the loop for each of STOP_SIGNALS; returns what puts the handlers back.
+
+    Windows' event loops have no add_signal_handler (NotImplementedError): there a plain
+    handler hands the stop to the loop, which Ctrl-C wakes (asyncio's wakeup fd), so the service
+    drains there as it does on Linux instead of failing to start."""
+    restores = []
+    for signum in STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(signum, stop)
+            restores.append(lambda signum=signum: loop.remove_signal_handler(signum))
+        except NotImplementedError:
+            previous = signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop))
+            restores.append(lambda signum=signum, previous=previous: signal.signal(signum, previous))
+
+    def restore() -> None:
+        for undo in restores:
+            undo()
+
+    return restore
 
 
 def configure_logging(level: str) -> None:

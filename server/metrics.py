@@ -5,6 +5,7 @@ Each `Metrics` owns its registry, so tests can build many; `start_http_server` s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -89,7 +90,7 @@ class Metrics:
         self.device_memory = Gauge(
             "faceenhance_device_memory_bytes",
             "Memory in use: CUDA memory allocated by torch on a GPU, the process's resident "
-            "memory on the CPU.", registry=r)
+            "memory on the CPU (NaN where the platform does not say: Windows).", registry=r)
         self._device = "cpu"
         self.device_memory.set_function(self._memory_in_use)
         # Every series exists from the start, so rates and alerts work before the first error.
@@ -120,13 +121,17 @@ class Metrics:
         return float(_resident_bytes())
 
 
-def _resident_bytes() -> int:
-    """The process's resident set size, from /proc on Linux, else the peak from getrusage."""
+def _resident_bytes() -> float:
+    """The process's resident set size, from /proc on Linux, else the peak from getrusage (macOS),
+    else NaN ("unknown" to Prometheus; Windows has neither): never a scrape that fails."""
     try:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
+        pass
+    try:
         import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+    except ImportError:
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -2,7 +2,8 @@
 
 FAKE_DELAY_S: the fake's seconds per batch; FAKE_WARMUP_S: how long its warm-up takes;
 FAKE_LOAD_ERROR: the pipeline fails to load with this message; FAKE_OUT_OF_MEMORY_ABOVE: batches
-of more faces run out of device memory. The process keeps no copy of
+of more faces run out of device memory; FAKE_WINDOWS_LOOP=1: the event loop has no
+add_signal_handler, as on Windows. The process keeps no copy of
 the faces it sees (scripts/soak.py measures its memory).
 """
 from __future__ import annotations
@@ -36,6 +37,12 @@ def fake_factory(settings: Settings) -> FakePipeline:
 
 
 if __name__ == "__main__":
+    if os.environ.get("FAKE_WINDOWS_LOOP"):
+        import asyncio
+
+        # Windows' loops (Proactor and Selector) keep BaseEventLoop's: NotImplementedError
+        asyncio.SelectorEventLoop.add_signal_handler = asyncio.BaseEventLoop.add_signal_handler
+        asyncio.SelectorEventLoop.remove_signal_handler = asyncio.BaseEventLoop.remove_signal_handler
     settings = Settings.from_args()
     configure_logging(settings.log_level)
     run_process(settings, fake_factory)

@@ -604,6 +604,22 @@ def _sample(page: str, name: str, **labels) -> float:
     raise AssertionError(f"{name}{labels} not on the page")
 
 
+def test_the_metrics_page_serves_where_the_platform_gives_no_resident_memory(monkeypatch):
+    """Windows has neither /proc nor the resource module: the CPU's memory gauge says NaN
+    (unknown) and the page still renders, where it used to fail the whole scrape."""
+    import server.metrics as metrics_module
+    from prometheus_client import generate_latest
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/statm")
+
+    monkeypatch.setattr(metrics_module, "open", no_proc, raising=False)
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` raises ImportError
+    page = generate_latest(metrics_module.Metrics().registry).decode()
+    assert math.isnan(_sample(page, "faceenhance_device_memory_bytes"))
+    assert _sample(page, "faceenhance_queue_faces") == 0
+
+
 async def test_metrics_page_counts_requests_and_faces_and_passes_promtool(rng):
     async with running(FakePipeline()) as app, channel(app) as ch:
         stub = pb_grpc.FaceEnhancerStub(ch)
@@ -676,9 +692,14 @@ def _wait_for_port(process: subprocess.Popen, timeout: float = 20.0,
     return found[0], lines
 
 
-async def test_sigterm_finishes_work_in_flight_refuses_new_work_and_exits_zero(rng):
+@pytest.mark.parametrize("signum, env", [
+    (signal.SIGTERM, {}),
+    # Ctrl-C where the event loop has no add_signal_handler: Windows (it used to fail to start)
+    (signal.SIGINT, {"FAKE_WINDOWS_LOOP": "1"}),
+], ids=["sigterm", "ctrl-c-on-a-windows-loop"])
+async def test_sigterm_finishes_work_in_flight_refuses_new_work_and_exits_zero(rng, signum, env):
     process = _start_fake_server("--max-batch-faces", "2", "--max-delay-ms", "1",
-                                 "--drain-grace-s", "20", FAKE_DELAY_S="0.4")
+                                 "--drain-grace-s", "20", FAKE_DELAY_S="0.4", **env)
     try:
         port, lines = _wait_for_port(process)
         frames = [random_faces(rng, 2) for _ in range(3)]
@@ -694,7 +715,7 @@ async def test_sigterm_finishes_work_in_flight_refuses_new_work_and_exits_zero(r
             for i, faces in enumerate(frames):
                 queue.put_nowait(request(i, faces))
             first = await call.read()  # one batch done, two still queued or computing
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as probe:
                 while await _health(probe) != health_pb2.HealthCheckResponse.NOT_SERVING:
                     await asyncio.sleep(0.01)
