@@ -239,15 +239,19 @@ def service_batches_table(rows: list[tuple[int, list[tuple[int, int, float]], fl
     lines = ["| request faces | batches | faces per batch | jobs per batch | ms per batch | "
              "ms per face | pipeline busy |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for size, batches, elapsed in rows:
-        if not batches:
-            continue
-        faces = sum(f for f, _, _ in batches)
-        busy = sum(s for _, _, s in batches)
-        lines.append(f"| {size} | {len(batches)} | {faces / len(batches):.1f} | "
-                     f"{sum(j for _, j, _ in batches) / len(batches):.1f} | "
-                     f"{busy / len(batches) * 1000:.1f} | {busy / faces * 1000:.2f} | "
-                     f"{min(1.0, busy / elapsed):.0%} |")
+        if batches:
+            lines.append("| " + " | ".join(_batch_row(size, batches, elapsed)) + " |")
     return "\n".join(lines)
+
+
+def _batch_row(size: int, batches: list[tuple[int, int, float]], elapsed: float) -> list[str]:
+    """One row of the service batches table: the request size, how many batches, faces and
+    jobs a batch, ms a batch and a face, and the share of the wall time enhance() was busy."""
+    faces = sum(f for f, _, _ in batches)
+    busy = sum(s for _, _, s in batches)
+    return [str(size), str(len(batches)), f"{faces / len(batches):.1f}",
+            f"{sum(j for _, j, _ in batches) / len(batches):.1f}", f"{busy / len(batches) * 1000:.1f}",
+            f"{busy / faces * 1000:.2f}", f"{min(1.0, busy / elapsed):.0%}"]
 
 
 def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_flight,
@@ -287,6 +291,14 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
             elapsed = time.perf_counter() - started
             if log is not None:
                 log.per_size.append((b, log.batches[logged:], elapsed))
+                if log.batches[logged:]:
+                    # in the log at once: a bench step stopped later still tells the device
+                    # from the transport for the sizes it finished
+                    _, count, faces_each, jobs_each, ms_batch, ms_face, busy = _batch_row(
+                        b, log.batches[logged:], elapsed)
+                    print(f"service batches: request {b}: {count} batches of {faces_each} faces "
+                          f"and {jobs_each} jobs, {ms_batch} ms a batch ({ms_face} ms a face), "
+                          f"pipeline busy {busy}", file=sys.stderr, flush=True)
             if any(fell_back):
                 raise RuntimeError("the loopback service fell back during the run; raise --timeout")
             results.append(Measurement(METHODS[2], b, len(futures) * b / elapsed, list(latencies)))

@@ -14,7 +14,8 @@ def test_bench_prints_a_row_per_method_and_batch_size_with_positive_throughput(s
     main(["--model", str(small_weights / "GFPGANv1.4.pth"), "--weights-dir", str(small_weights),
           "--device", "cpu", "--no-download", "--alignment", "aligned", "--batch-sizes", "1,2",
           "--iterations", "2", "--faces", "3", "--face-size", "128", "--markdown-out", str(out)])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert out.read_text().strip() == printed.strip()
     rows = {}
     for line in printed.splitlines():
@@ -34,6 +35,12 @@ def test_bench_prints_a_row_per_method_and_batch_size_with_positive_throughput(s
     for size, (count, per_batch, per_face_ms, busy) in batches.items():
         assert round(count * per_batch) == 2 * size  # 2 iterations of `size` faces
         assert per_face_ms > 0 and 0 < busy <= 100
+    # ... and in the log as soon as each size is measured, the same figures: a bench step stopped
+    # before its table is written still tells the device from the transport
+    logged = {int(m[1]): (int(m[2]), float(m[3]), float(m[4]), int(m[5])) for m in re.finditer(
+        r"^service batches: request (\d+): (\d+) batches of ([\d.]+) faces and [\d.]+ jobs, [\d.]+ ms "
+        r"a batch \(([\d.]+) ms a face\), pipeline busy (\d+)%$", captured.err, flags=re.M)}
+    assert logged == batches
 
 
 def test_synthetic_faces_are_distinct_square_crops():
