@@ -268,10 +268,10 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
     return summary
 
 
-#: The variants step on the GPU: the forms not measured on a GPU yet, and the references they are
-#: compared with (the second H200 run measured the others: BENCHMARKS.md).
-STEP_VARIANTS = ["plain", "defaults", "defaults+decoder-channels-last", "all-forms+decoder-channels-last",
-                 "defaults+parse-border", "defaults+parse-phases", "defaults+parse-channels-last+border+phases",
+#: The variants step on the GPU: the CUDA defaults against those before the third H200 run
+#: (2026-11-30) and against each of that run's two changes undone, with plain, all forms and the
+#: box mask for reference (the second and third runs measured the others: BENCHMARKS.md).
+STEP_VARIANTS = ["plain", "defaults-before", "defaults", "defaults+decoder-nchw", "defaults+parse-own-forms",
                  "all-forms", "defaults+box"]
 #: The compile step: torch.compile's forms beside the defaults, built beforehand by the
 #: compile-cache step (the compiler's time must not cost the bench process its sections). Its

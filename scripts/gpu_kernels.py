@@ -37,11 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
-FORMS = ["plain", "defaults", "defaults+autocast-resample", "defaults+autocast-modulate",
-         "defaults+decoder-channels-last",
-         "defaults+parse-channels-last+fast-resample",
-         "defaults+parse-border", "defaults+parse-phases", "defaults+parse-channels-last+border+phases",
-         "defaults+compile"]
+#: The third H200 run (2026-11-30, BENCHMARKS.md) profiled the dtype, layout, padding and
+#: resampling forms one by one; what is left: GFPGAN's own forms, the CUDA defaults before and
+#: after it, and the compiled defaults (`--forms` takes any of gfpgan-bench's variants)
+FORMS = ["plain", "defaults-before", "defaults", "defaults+compile"]
 #: Kernel families by name, the first that matches: CUDA kernels as torch.profiler names them on
 #: the GPU, ATen operators on the CPU.
 FAMILIES = [

@@ -307,12 +307,15 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
 
 # -- (d) where the time goes, speed variants, memory ---------------------------------------------
 
-_CUDA_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, cuda_graphs=True, fold_norms=True,
-                              gfpgan_forward="lean", fixed_selection=True, resample_dtype="compute",
-                              modulate_dtype="compute")
 _CPU_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True, fold_norms=True,
                              gfpgan_forward="lean", parse_channels_last=True, parse_padding="border",
                              parse_upsample="phases", resample_dtype="compute", modulate_dtype="compute")
+#: The service's CUDA defaults: the CPU's forms, with CUDA graphs and fixed-size selection
+_CUDA_DEFAULTS = dataclasses.replace(_CPU_DEFAULTS, cuda_graphs=True, fixed_selection=True)
+#: ... and before 2026-11-30, what every H200 run until then called "defaults": the decoder and
+#: ParseNet in their own NCHW forms, ParseNet with its padding passes and upsampled copies
+_CUDA_BEFORE = dataclasses.replace(_CUDA_DEFAULTS, decoder_channels_last=False, parse_channels_last=False,
+                                   parse_padding="reflect", parse_upsample="nearest")
 #: The speed forms `--variants` compares, each against "plain" (GFPGAN's own forms) in one run.
 VARIANTS = {
     "plain": SpeedOptions(),
@@ -322,27 +325,19 @@ VARIANTS = {
     "bf16-activations": SpeedOptions(activations="compute"),
     # the service's CUDA defaults now (Settings.speed_options("cuda"))
     "defaults": _CUDA_DEFAULTS,
+    # ... and before the third H200 run (2026-11-30) made the decoder and ParseNet channels-last
+    # and took ParseNet's padding passes and upsampled copies away
+    "defaults-before": _CUDA_BEFORE,
+    # ... the defaults with either of those two changes undone: what each adds to the other
+    "defaults+decoder-nchw": dataclasses.replace(_CUDA_DEFAULTS, decoder_channels_last=False),
+    "defaults+parse-own-forms": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=False,
+                                                    parse_padding="reflect", parse_upsample="nearest"),
     # ... resampling bf16 maps in float32, as CUDA autocast does (the defaults before 2026-11-29)
     "defaults+autocast-resample": dataclasses.replace(_CUDA_DEFAULTS, resample_dtype="autocast"),
     # ... the style modulation writing float32 for autocast to cast (the defaults before 2026-11-30)
     "defaults+autocast-modulate": dataclasses.replace(_CUDA_DEFAULTS, modulate_dtype="autocast"),
-    # ParseNet channels-last, with PyTorch's padding and with padding from slices
-    "defaults+parse-channels-last": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=True),
-    "defaults+parse-channels-last+fast-resample": dataclasses.replace(
-        _CUDA_DEFAULTS, parse_channels_last=True, resample="fast"),
-    # ParseNet without its padding passes (border_conv2d), in NCHW and channels-last
-    "defaults+parse-border": dataclasses.replace(_CUDA_DEFAULTS, parse_padding="border"),
-    "defaults+parse-channels-last+border": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=True,
-                                                               parse_padding="border"),
-    # ... and its x2 layers as four 2x2 convolutions of their input (upsample_conv2d)
-    "defaults+parse-phases": dataclasses.replace(_CUDA_DEFAULTS, parse_upsample="phases"),
-    "defaults+parse-channels-last+border+phases": dataclasses.replace(
-        _CUDA_DEFAULTS, parse_channels_last=True, parse_padding="border", parse_upsample="phases"),
+    "defaults+fast-resample": dataclasses.replace(_CUDA_DEFAULTS, resample="fast"),
     "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
-    # the StyleGAN decoder channels-last too (its 5-D weights), alone and with all forms
-    "defaults+decoder-channels-last": dataclasses.replace(_CUDA_DEFAULTS, decoder_channels_last=True),
-    "all-forms+decoder-channels-last": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute",
-                                                           decoder_channels_last=True),
     "all-forms": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
     "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
     "plain+box": SpeedOptions(paste_mask="box"),

@@ -94,12 +94,12 @@ class Settings:
     def speed_options(self, device_type: str):
         """The pipeline's speed forms (server/speed.py) these settings choose on `device_type`.
 
-        "auto" picks what was measured faster on each device (BENCHMARKS.md). On CUDA, what the
-        H200 runs measured: the unfused modulated convolution, GFPGAN channels-last, CUDA graphs,
-        fixed-size selection; the forms no GPU has measured yet stay off. On the CPU (fp32,
-        torch 2.14, 2026-11-29): the unfused convolution with the whole of GFPGAN channels-last
-        (0.80x GFPGAN's time at batch 4) and ParseNet channels-last without padding passes and
-        with its x2 layers as phases (0.59x ParseNet's time)."""
+        "auto" picks what was measured faster on each device (BENCHMARKS.md). On both: the
+        unfused modulated convolution with the whole of GFPGAN channels-last, decoder included
+        (0.80x GFPGAN's time at batch 4 on the CPU, 0.87x at 16 on an H200), and ParseNet
+        channels-last without padding passes and with its x2 layers as phases (0.59x ParseNet's
+        time on the CPU, 0.68x on the H200). On CUDA also CUDA graphs and fixed-size selection;
+        torch.compile stays off until a GPU run checks its faces against the eager passes."""
         from server.speed import SpeedOptions
 
         cuda = device_type == "cuda"
@@ -117,10 +117,10 @@ class Settings:
                             activations=self.activations, fold_norms=on(self.fold_norms, True),
                             gfpgan_forward=pick(self.gfpgan_forward, "lean"),
                             fixed_selection=on(self.fixed_selection, cuda),
-                            parse_channels_last=on(self.parse_channels_last, not cuda),
-                            parse_padding=pick(self.parse_padding, "reflect" if cuda else "border"),
-                            parse_upsample=pick(self.parse_upsample, "nearest" if cuda else "phases"),
-                            decoder_channels_last=on(self.decoder_channels_last, not cuda) and unfused,
+                            parse_channels_last=on(self.parse_channels_last, True),
+                            parse_padding=pick(self.parse_padding, "border"),
+                            parse_upsample=pick(self.parse_upsample, "phases"),
+                            decoder_channels_last=on(self.decoder_channels_last, True) and unfused,
                             compile=self.compile == "on")
 
     def limits(self) -> RequestLimits:
@@ -403,9 +403,8 @@ SPECS: tuple[_Spec, ...] = (
           "restoration per faceless image. auto: on with CUDA, off on the CPU (where a wait costs "
           "nothing and a restoration seconds).", "auto", check=_choice("auto", "on", "off")),
     _Spec("parse_channels_last", _choice("auto", "on", "off"), "Run ParseNet's convolutions "
-          "channels-last too (NHWC). auto: on on the CPU (with the two ParseNet forms below, 0.59-0.61x "
-          "ParseNet's time there), off on CUDA (with PyTorch's padding it measured slower on an "
-          "H200; without padding passes it is not yet measured).", "auto",
+          "channels-last too (NHWC). auto: on (with the two ParseNet forms below, 0.59-0.61x ParseNet's "
+          "time on the CPU, 0.68x on an H200 in bf16 at batch 16).", "auto",
           check=_choice("auto", "on", "off")),
     _Spec("parse_padding", _choice("auto", "reflect", "border"), "ParseNet's reflection padding: "
           "reflect, a padding pass before each of its 46 convolutions (its own form); border, each "
@@ -413,26 +412,28 @@ SPECS: tuple[_Spec, ...] = (
           "first and last rows and columns, the only outputs the padding reaches, computed again "
           "from thin reflected strips (the same masks within float rounding; a third fewer bytes "
           "written, more, smaller kernels). The padding passes took over a third of ParseNet's "
-          "time on an H200. auto: border on the CPU, reflect on CUDA until a GPU run measures it.",
+          "time on an H200, and border 0.73x ParseNet's time there. auto: border.",
           "auto", check=_choice("auto", "reflect", "border")),
     _Spec("parse_upsample", _choice("auto", "nearest", "phases"), "ParseNet's 8 x2 layers: nearest, as "
           "it writes them (upsample to a copy 4 times the input, pad it, 3x3 convolution); phases, "
           "the same outputs as four 2x2 convolutions of the input itself, one per output phase: no "
           "upsampled copy and 16 taps per four outputs instead of 36 (those layers are 43 percent "
-          "of ParseNet's FLOPs). The same masks within float rounding. auto: phases on the CPU, "
-          "nearest on CUDA until a GPU run measures it.", "auto",
+          "of ParseNet's FLOPs). The same masks within float rounding. auto: phases (on an H200, on "
+          "its own, 0.92x ParseNet's time).", "auto",
           check=_choice("auto", "nearest", "phases")),
     _Spec("decoder_channels_last", _choice("auto", "on", "off"), "Run the StyleGAN decoder's modulated "
           "convolutions channels-last too (their weights; --channels-last lays out the others), so "
           "that the decoder, most of GFPGAN, runs NHWC instead of NCHW. Takes the unfused form "
-          "where --modconv is auto, and refuses fused. auto: on on the CPU (with the unfused form and "
-          "--channels-last, 0.80x GFPGAN's time there), off on CUDA until a GPU run measures it.",
+          "where --modconv is auto, and refuses fused. auto: on (with the unfused form and "
+          "--channels-last, 0.80x GFPGAN's time on the CPU, 0.87x on an H200 in bf16).",
           "auto", check=_choice("auto", "on", "off")),
     _Spec("compile", _choice("on", "off"), "Compile GFPGAN's and ParseNet's passes with "
           "torch.compile at warm-up (once for every batch size; the CUDA graphs, when on, capture "
           "the compiled code): the elementwise work, padding, resampling and layout changes "
           "between convolutions fused into fewer kernels. Warm-up takes minutes longer; a pass "
-          "that fails to compile runs as before and is logged. Not yet measured on a GPU: off.",
+          "that fails to compile runs as before and is logged. On an H200 (2026-11-30, beside the "
+          "defaults of then) 2.1-2.7x the faces/s at batch 8 and 32, 29 s more warm-up; off until "
+          "a GPU run checks its faces against the eager passes.",
           "off", check=_choice("on", "off")),
     _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
           "plaintext)"),

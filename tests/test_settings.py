@@ -117,20 +117,21 @@ def test_speed_forms_auto_and_overrides():
     from server.speed import SpeedOptions
 
     cpu, cuda = Settings().speed_options("cpu"), Settings().speed_options("cuda")
-    # both run the unfused convolution channels-last, fold the norm layers, resample bf16 maps in
-    # bf16, modulate float32 maps into bf16 and run lean GFPGAN; the CPU also runs the forms
-    # measured faster there and not yet on a GPU (BENCHMARKS.md)
+    # both run the unfused convolution with all of GFPGAN channels-last, ParseNet channels-last
+    # without padding passes and with its x2 layers as phases, fold the norm layers, resample bf16
+    # maps in bf16, modulate float32 maps into bf16 and run lean GFPGAN (measured faster on the
+    # CPU and on an H200: BENCHMARKS.md); CUDA also replays graphs and selects fixed-size rows
     assert cpu == SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True,
                                fold_norms=True, gfpgan_forward="lean", parse_channels_last=True,
                                parse_padding="border", parse_upsample="phases", resample_dtype="compute",
                                modulate_dtype="compute")
-    assert cuda == SpeedOptions(modconv="unfused", cuda_graphs=True, channels_last=True, fold_norms=True,
-                                gfpgan_forward="lean", fixed_selection=True, resample_dtype="compute",
-                                modulate_dtype="compute")
+    assert cuda == dataclasses.replace(cpu, cuda_graphs=True, fixed_selection=True)
     plain = Settings.from_args(["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
                                 "--fold-norms", "off", "--gfpgan-forward", "gfpgan", "--fixed-selection", "off",
-                                "--resample-dtype", "autocast", "--modulate-dtype", "autocast"])
-    assert plain.speed_options("cuda") == SpeedOptions()
+                                "--resample-dtype", "autocast", "--modulate-dtype", "autocast",
+                                "--parse-channels-last", "off", "--parse-padding", "reflect",
+                                "--parse-upsample", "nearest"])
+    assert plain.speed_options("cuda") == SpeedOptions() == plain.speed_options("cpu")
     with pytest.raises(SystemExit):
         Settings.from_args(["--fold-norms", "maybe"])
     # --compile and --decoder-channels-last need the unfused convolution (auto's), and refuse fused
@@ -139,8 +140,8 @@ def test_speed_forms_auto_and_overrides():
     assert Settings.from_args([], environ={"GFPGAN_COMPILE": "on"}).speed_options("cuda").compile
     with pytest.raises(ValueError, match="--compile on needs --modconv unfused"):
         Settings(compile="on", modconv="fused")
-    nhwc = Settings.from_args(["--decoder-channels-last", "on"], environ={})
-    assert nhwc.speed_options("cuda") == dataclasses.replace(cuda, decoder_channels_last=True)
+    nchw = Settings.from_args(["--decoder-channels-last", "off"], environ={})
+    assert nchw.speed_options("cuda") == dataclasses.replace(cuda, decoder_channels_last=False)
     with pytest.raises(ValueError, match="--decoder-channels-last on needs --modconv unfused"):
         Settings(decoder_channels_last="on", modconv="fused")
     # the fused convolution asked for: the channels-last forms left at auto turn off, not refuse
@@ -150,20 +151,20 @@ def test_speed_forms_auto_and_overrides():
     assert Settings.from_args(["--parse-padding", "reflect", "--parse-upsample", "nearest",
                                "--parse-channels-last", "off"], environ={}).speed_options("cpu") == \
         dataclasses.replace(cpu, parse_padding="reflect", parse_upsample="nearest", parse_channels_last=False)
-    assert Settings.from_args(["--modconv", "fused", "--parse-padding", "border"], environ={}) \
+    assert Settings.from_args(["--modconv", "fused", "--parse-padding", "reflect"], environ={}) \
         .speed_options("cuda") == dataclasses.replace(cuda, modconv="fused", channels_last=False,
-                                                       parse_padding="border")
-    assert Settings.from_args([], environ={"GFPGAN_PARSE_PADDING": "border"}).speed_options("cuda") \
-        .parse_padding == "border"
+                                                       decoder_channels_last=False, parse_padding="reflect")
+    assert Settings.from_args([], environ={"GFPGAN_PARSE_PADDING": "reflect"}).speed_options("cuda") \
+        .parse_padding == "reflect"
     assert Settings.from_args([], environ={"GFPGAN_PARSE_PADDING": "reflect"}).speed_options("cpu") \
         .parse_padding == "reflect"
     with pytest.raises(SystemExit):
         Settings.from_args(["--parse-padding", "zeros"], environ={})
-    assert Settings.from_args(["--parse-upsample", "phases"], environ={}).speed_options("cuda") \
-        .parse_upsample == "phases"
+    assert Settings.from_args(["--parse-upsample", "nearest"], environ={}).speed_options("cuda") \
+        .parse_upsample == "nearest"
     assert Settings.from_args([], environ={"GFPGAN_PARSE_UPSAMPLE": "nearest"}).speed_options("cpu") \
         .parse_upsample == "nearest"
-    assert Settings.from_args([], environ={"GFPGAN_PARSE_CHANNELS_LAST": "on"}).speed_options("cuda") \
+    assert not Settings.from_args([], environ={"GFPGAN_PARSE_CHANNELS_LAST": "off"}).speed_options("cuda") \
         .parse_channels_last
     assert not Settings.from_args([], environ={"GFPGAN_DECODER_CHANNELS_LAST": "off"}).speed_options("cpu") \
         .decoder_channels_last
