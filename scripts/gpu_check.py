@@ -7,28 +7,32 @@ On a lent GPU machine, after the kit is installed (scripts/gpu_device.sh does bo
 CPU rehearsal (`make gpu-rehearsal`) with `--device cpu --narrow 0.0625 --quick`. Writes logs,
 Markdown and a summary JSON into OUT (default: $OUT, else ./gpu-check-out) and prints a short
 table last. Each step has its own time limit, so that one failing or slow step still leaves the
-others' results. Steps other than gfpgan-bench's run as processes of their own; gfpgan-bench's
-as sections of one process on networks loaded once (server/bench_plan.py), each held to its
-limit, the rest going on in a fresh process after one that fails the device:
+others' results. One step runs at a time: on the third H200 run (2026-11-30) the tests' 4
+workers, the compile tests, two compiler builds and batch-rounding ran side by side, ran the
+card out of memory (processes of 16-42 GiB, graph captures failing) and all six timed out.
+Steps other than gfpgan-bench's run as processes of their own; gfpgan-bench's as sections of one
+process on networks loaded once (server/bench_plan.py), each held to its limit, the rest going
+on in a fresh process after one that fails the device. In order of value, so that a call cut
+short has the issue's figures first:
 
   env        the GPU, driver, torch and package versions
   weights    random-valued checkpoints of the real architectures (tests/checkpoints.py), full
              width on the GPU, and drawn test faces; nothing is downloaded
-  tests      pipeline, image-op, speed, model, end-to-end and out-of-memory tests on the device
-             (GFPGAN_TEST_DEVICE), bf16 against fp32 on the same weights included
+  bench-*    gfpgan-bench: GFPGANer one face at a time vs our pipeline vs our service over
+             loopback, DETECT and ALIGNED, bf16, the service's defaults; the realtime batch;
+             later the fastest forms found, and fp32 at one batch size
+  memory     peak device memory per batch size and the largest batch that fits
+  tests      pipeline, image-op, speed, model, end-to-end, out-of-memory and steady-video tests
+             on the device (GFPGAN_TEST_DEVICE), bf16 against fp32 on the same weights included
+  steady     steady video's two savings on the device (scripts/bench_jitter.py)
   tests-compile  the tests marked `compiles` (torch.compile through Inductor on CUDA), apart,
              so that a slow build cannot cost the other tests their results
-  compile-cache, compile-cache-2  beside those two: the compile step's compiled forms, a
-             process each, built into Inductor's on-disk cache, untimed, so that the steps that
-             time them do not wait for the build
-  batch-rounding  beside them too: how far bf16 moves a face with its network pass's size and
-             its place in it (scripts/batch_rounding.py)
-  bench-*    gfpgan-bench: GFPGANer one face at a time vs our pipeline vs our service over
-             loopback, ALIGNED and DETECT, bf16; fp32 at one batch size; the realtime batch
   compile    torch.compile's forms beside the defaults (gfpgan-bench --variants)
-  variants   each speed form on and off, side by side, in one process
+  variants   the defaults against those before and each speed form on and off, in one process
   profile-*  time per stage (CUDA events), operators and host syncs per batch
-  memory     peak device memory per batch size and the largest batch that fits
+  kernels    the top kernels of each network's pass, by family, against the card's floor
+  batch-rounding  how far bf16 moves a face with its network pass's size and its place in it
+             (scripts/batch_rounding.py)
 """
 from __future__ import annotations
 
@@ -97,9 +101,8 @@ def main() -> int:
         """pytest over test_files with the tests `marker` selects, results in OUT/<name>.xml, in
         `workers` processes (pytest-xdist, from the kit) when more than one."""
         spread = ["-n", str(workers)] if workers > 1 else []
-        # A test's limit: in the CPU rehearsal the compiled-pass test builds Inductor's C++ on the
-        # 2 cores the other tests and the compile-cache builds share (187-212 s alone there, past
-        # 240 s once those cores were busier)
+        # A test's limit: in the CPU rehearsal the compiled-pass test builds Inductor's C++ on
+        # 2 cores (187-292 s there)
         per_test = 720 if args.quick else 240
         return (name, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", f"timeout={per_test}",
                        "-m", marker, f"--junitxml={out / (name + '.xml')}", "-rfE",
@@ -107,27 +110,19 @@ def main() -> int:
 
     # Steps run in order of value (`order` below): a step not started within the budget can be
     # run by a second call with --only. In a bench step, "BEST" becomes the flags of the fastest
-    # variant the variants and compile steps found, "PLAIN" those of GFPGAN's own forms
-    # (server/bench_plan.py).
+    # variant the variants and compile steps found (the defaults before they ran), "PLAIN" those
+    # of GFPGAN's own forms (server/bench_plan.py); a step with neither runs the service's
+    # defaults for the device.
     steps = [
         ("env", [sys.executable, str(ROOT / "scripts" / "gpu_env.py")], 60),
         ("weights", [sys.executable, str(ROOT / "scripts" / "gpu_env.py"), "--make-weights",
                      str(weights), "--faces", str(faces), "--narrow", str(args.narrow)], 120),
         # The tests that build networks with Inductor run in a step of their own: a slow build
         # that hits the time limit cannot cost the other tests their results.
-        tests_step("tests", "not compiles", pytest_workers(os.cpu_count())),
+        tests_step("tests", "not compiles", pytest_workers()),
         tests_step("tests-compile", "compiles"),
-        # The compile step's compiled forms built once beside the tests, untimed, into Inductor's
-        # on-disk cache: the compile section, the kernels step and a compiled BEST then load
-        # them instead of building (on the CPU here: 135 s cold, 20 s from the cache). A process
-        # per form, so that the builds (mostly one thread each: tracing and lowering) overlap.
-        *[(name, [sys.executable, "-m", "server.bench", *bench[1:], "--methods", "",
-                  "--alignment", "aligned", "--batch-sizes", variant_sizes, "--iterations", "1",
-                  "--variants", form, "--variant-alignments", "aligned",
-                  "--markdown-out", str(work / f"{name}.md")], 240)
-          for name, form in zip(CACHE_STEPS, compiled_forms(compile_variants))],
         # How far bf16 moves a face with the size of its network pass and its place in it, on
-        # cuDNN and the CUDA-graph buckets (pixels, not time: it runs beside the tests)
+        # cuDNN and the CUDA-graph buckets (pixels, not time)
         ("batch-rounding", [sys.executable, str(ROOT / "scripts" / "batch_rounding.py"), str(weights),
                             str(faces), "--device", args.device, "--sizes", "1,2" if args.quick else "1,2,3,4,6,8",
                             "--markdown-out", str(out / "batch-rounding.md")], 120),
@@ -149,10 +144,10 @@ def main() -> int:
         ("profile-best", [*bench, "BEST", "--methods", "", "--alignment", "detect",
                           "--batch-sizes", f"1,{big}", "--iterations", "3", "--profile",
                           "--markdown-out", str(out / "profile-best.md")], 60),
-        ("memory", [*bench, "BEST", "--methods", "", "--alignment", "detect", "--batch-sizes", sizes,
+        ("memory", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", sizes,
                     "--iterations", "1", "--memory", "8" if args.quick else "1024",
                     "--markdown-out", str(out / "memory.md")], 90),
-        ("realtime", [*bench, "BEST", "--methods", "service", "--alignment", "detect", "--batch-sizes", rt,
+        ("realtime", [*bench, "--methods", "service", "--alignment", "detect", "--batch-sizes", rt,
                       "--in-flight", "1", "--iterations", "5" if args.quick else "100",
                       "--markdown-out", str(out / "realtime.md")], 60),
         ("bench-best", [*bench, "BEST", "--methods", "pipeline,service", "--alignment", "detect",
@@ -167,17 +162,21 @@ def main() -> int:
         # Steady video's two savings on the device, with the service's pipeline for it: the
         # detector on every N-th frame (detect_every) and the paste mask on every N-th frame
         # (mask_every, ParseNet's 469 GFLOP a face), faces/s against every frame, MuseTalk's 8
-        # frames a request. Last: both are opt-in, and it needs no other step's results.
+        # frames a request. It needs no other step's results.
         ("steady", [sys.executable, str(ROOT / "scripts" / "bench_jitter.py"), "--weights-dir", str(weights),
                     "--device", args.device, "--skip-detection", "--reuse-mask",
                     *(["--frames", "4", "--batch", "2"] if args.quick else ["--frames", "40"]),
                     "--markdown-out", str(out / "steady.md")], 120),
     ]
-    # kernels (a script of its own) before the bench steps, and the BEST ones together: the bench
-    # steps from compile on are sections of one process, which compiles a compiled BEST once
-    order = ["env", "weights", "tests", "tests-compile", *CACHE_STEPS, "batch-rounding", "kernels", "compile", "variants", "bench-detect",
-             "bench-aligned", "profile-plain", "profile-best", "memory", "realtime", "bench-best",
-             "bench-best-aligned", "bench-fp32", "steady"]
+    # The issue's figures first (DETECT, ALIGNED, realtime and memory with the service's
+    # defaults: one bench process), then the tests, steady video, the compiled forms' tests and
+    # figures and what the compile and variants steps pick (a second bench process, which
+    # compiles a compiled BEST once), then the kernels and bf16's rounding. On the third H200 run
+    # the first call's budget was spent before the bench steps that came after the tests, the
+    # kernels, compile and variants, and the second call's before it reached bench-detect.
+    order = ["env", "weights", "bench-detect", "bench-aligned", "realtime", "memory", "tests", "steady",
+             "tests-compile", "compile", "variants", "profile-plain", "profile-best", "bench-best",
+             "bench-best-aligned", "bench-fp32", "kernels", "batch-rounding"]
     steps.sort(key=lambda step: order.index(step[0]))
     if args.quick:  # the CPU rehearsal: same steps, CPU speed (ParseNet alone is ~4 s a face)
         steps = [(name, command, limit * 10) for name, command, limit in steps]
@@ -214,15 +213,14 @@ def main() -> int:
     return 0 if all(e["status"] == "ok" for e in summary) else 1
 
 
-def pytest_workers(cores: int | None) -> int:
-    """Processes for the tests step. It is on the run's critical path (96 s in one process on
-    the H200, with 16 cores there): 4 on 16 cores, leaving the rest to the compiler's builds
-    beside it; 2 on the rehearsal's 2, so that the rehearsal runs the tests the same way. 1
-    (one process) where pytest-xdist is not installed (a development environment's own run:
-    the kit carries it to the GPU machine)."""
-    if importlib.util.find_spec("xdist") is None:
-        return 1
-    return max(2, min(4, (cores or 1) // 4))
+def pytest_workers() -> int:
+    """Processes for the tests step (96 s in one process on the second H200 run, with half the
+    tests of now): 2, which the card's memory holds (on the third run 4 of them, beside 4 other
+    processes, ran it out: they capture CUDA graphs of full-size networks, up to 42 GiB a
+    process), and the rehearsal's 2 cores run the same way. 1 (one process) where pytest-xdist
+    is not installed (a development environment's own run: the kit carries it to the GPU
+    machine)."""
+    return 1 if importlib.util.find_spec("xdist") is None else 2
 
 
 def left_for_a_second_call(summary: list[dict]) -> list[str]:
@@ -248,10 +246,7 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
             todo.pop(0)
             continue
         if command[0] != BENCH:
-            group = [todo.pop(0)]
-            while todo and todo[0][0] in BESIDE.get(group[0][0], ()):
-                group.append(todo.pop(0))
-            summary += _run_processes(group, out, env, end_at)
+            summary += _run_processes([todo.pop(0)], out, env, end_at)
             continue
         # the bench steps from here up to the next other step, in one process; what it did not
         # finish (a section over its time limit, a crash) goes on in a fresh one
@@ -273,9 +268,9 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
 #: box mask for reference (the second and third runs measured the others: BENCHMARKS.md).
 STEP_VARIANTS = ["plain", "defaults-before", "defaults", "defaults+decoder-nchw", "defaults+parse-own-forms",
                  "all-forms", "defaults+box"]
-#: The compile step: torch.compile's forms beside the defaults, built beforehand by the
-#: compile-cache step (the compiler's time must not cost the bench process its sections). Its
-#: ratios are against the defaults, the choice it informs; plain is timed in the variants step.
+#: The compile step: torch.compile's forms beside the defaults. Its ratios are against the
+#: defaults, the choice it informs; plain is timed in the variants step. On the third H200 run
+#: (the defaults of then) its section took 103 s, 29 s and 7 s of it the two forms' warm-ups.
 #: Not all-forms+compile: compiled, `--activations compute` moves the same bytes as the
 #: defaults and `--resample fast` twice as many (its slices and concatenations are not fused:
 #: scripts/gpu_kernels.py --counts-only, BENCHMARKS.md "The floor"); the box mask instead, the
@@ -285,14 +280,8 @@ COMPILE_VARIANTS = ["defaults", "defaults+compile", "defaults+box+compile"]
 QUICK_COMPILE_VARIANTS = ["plain", "lean+compile"]
 
 
-def compiled_forms(names: list[str]) -> list[str]:
-    """The variants among `names` that torch.compile builds (what the compile-cache step warms)."""
-    return [name for name in names if name.endswith("+compile")]
-
-
 #: Seconds more for a bench section that runs a compiled variant: it compiles at warm-up (from
-#: Inductor's on-disk cache after the compile-cache step, but the trace is redone; the whole
-#: build if that step did not finish).
+#: Inductor's on-disk cache when an earlier section built the same form, but the trace is redone).
 COMPILE_ALLOWANCE_S = 90
 
 #: A step's status when the budget was spent before it started, and when the call's end
@@ -301,12 +290,6 @@ NOT_RUN = "not run (budget spent)"
 STOPPED_AT_END = "stopped at the call's end"
 #: The first argument of a step that is a gfpgan-bench report (a section of a bench process).
 BENCH = "gfpgan-bench"
-#: The compile-cache steps, one per compiled form of the compile step (COMPILE_VARIANTS has two).
-CACHE_STEPS = ["compile-cache", "compile-cache-2"]
-#: Steps started together with a step (those of them that follow it in the run): the compiler's
-#: builds (CPU work: tests-compile's, and the compile-cache steps' of the bench's compiled forms)
-#: and batch-rounding's pixel comparisons overlap the tests' (none of them times anything).
-BESIDE = {"tests": ("tests-compile", *CACHE_STEPS, "batch-rounding")}
 
 
 def _ended(end_at: float | None) -> bool:
@@ -450,9 +433,14 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         for size, per_batch, ms, busy in re.findall(
                 r"(?m)^\| (\d+) \| \d+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| (\d+%) \|$", text):
             found[f"service batches@{size}"] = f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}"
-    if name.startswith("compile") or name in ("variants", "bench-best"):
+        # ... or, for a step stopped before its table, from the line gfpgan-bench logs per size
+        for size, per_batch, ms, busy in re.findall(
+                r"(?m)^service batches: request (\d+): \d+ batches of ([\d.]+) faces and [\d.]+ jobs, "
+                r"([\d.]+) ms a batch .*pipeline busy (\d+%)$", text):
+            found.setdefault(f"service batches@{size}", f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}")
+    if name in ("compile", "variants", "bench-best"):
         # how long each form took to warm up: graphs captured, and for a compiled form its build
-        # (cold in compile-cache, from Inductor's cache after it)
+        # (or its load from Inductor's cache, where an earlier process built it)
         for variant, seconds in re.findall(r"(?m)^warmed up: variant ([\w+-]+) in ([\d.]+) s", text):
             if variant.endswith("+compile"):
                 found[f"warm-up {variant}"] = f"{float(seconds):.0f} s"

@@ -59,7 +59,7 @@ def compiles(flags: list[str]) -> bool:
 def best_variant(tables: list[Path]) -> str:
     """The variant with the most DETECT faces/s at the largest batch measured in the variants
     tables that exist (gfpgan-bench --variants), with the ParseNet mask (the box mask changes the
-    pixels, so it is not picked as a default); "plain" if none. A table that is missing because
+    pixels, so it is not picked as a default); the service's CUDA defaults ("defaults") if none. A table that is missing because
     its step was stopped at its time limit is read from the step's log instead (NAME.log beside
     NAME.md), which has a line per cell measured before that."""
     text = ""
@@ -73,7 +73,7 @@ def best_variant(tables: list[Path]) -> str:
     rows = re.findall(r"\| ([\w+-]+) \| detect \| (\d+) \| ([\d.e+]+) \|", text)
     rows = [(int(b), float(rate), name) for name, b, rate in rows if "box" not in name]
     if not rows:
-        return "plain"
+        return "defaults"
     largest = max(b for b, _, _ in rows)
     return max((rate, name) for b, rate, name in rows if b == largest)[1]
 
