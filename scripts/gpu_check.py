@@ -427,17 +427,17 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         rows = re.findall(r"\| (GFPGANer[^|]*|FacePipeline[^|]*|gRPC[^|]*) \| (\d+) \| ([\d.]+) \| ([^|]*) \|"
                           r" [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \|", text)
         for method, batch, rate, _ratio, p50, p99 in rows:
-            key = {"G": "gfpganer", "F": "pipeline", "g": "service"}[method[0]] + f"@{batch}"
+            key = ("gfpganer" if method.startswith("GFPGANer") else "pipeline" if method.startswith("FacePipeline")
+                   else "service-process" if "client process" in method else "service") + f"@{batch}"
             found[key] = f"{float(rate):.0f}/s" + (f" p99 {p99} ms" if name == "realtime" else "")
-        # the service's batches: is a slow service row the device or the transport?
-        for size, per_batch, ms, busy in re.findall(
-                r"(?m)^\| (\d+) \| \d+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| [\d.]+ \| (\d+%) \|$", text):
-            found[f"service batches@{size}"] = f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}"
-        # ... or, for a step stopped before its table, from the line gfpgan-bench logs per size
-        for size, per_batch, ms, busy in re.findall(
-                r"(?m)^service batches: request (\d+): \d+ batches of ([\d.]+) faces and [\d.]+ jobs, "
-                r"([\d.]+) ms a batch .*pipeline busy (\d+%)$", text):
-            found.setdefault(f"service batches@{size}", f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}")
+        # the service's batches: is a slow service row the device or the transport? (the line
+        # gfpgan-bench logs per method and size as soon as it is measured: a step stopped
+        # before its tables has them too)
+        for label, size, per_batch, ms, busy in re.findall(
+                r"(?m)^service batches(, client process)?: request (\d+): \d+ batches of ([\d.]+) faces and "
+                r"[\d.]+ jobs, ([\d.]+) ms a batch .*pipeline busy (\d+%)$", text):
+            key = f"service{'-process' if label else ''} batches@{size}"
+            found[key] = f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}"
     if name in ("compile", "variants", "bench-best"):
         # how long each form took to warm up: graphs captured, and for a compiled form its build
         # (or its load from Inductor's cache, where an earlier process built it)

@@ -33,7 +33,12 @@ from server.jobs import DeviceOutOfMemory, Job
 from server.settings import Settings, default_weights_dir
 from server.speed import SpeedOptions
 
-METHODS = ("GFPGANer, one face at a time", "FacePipeline, in-process", "gRPC service, loopback")
+METHODS = ("GFPGANer, one face at a time", "FacePipeline, in-process", "gRPC service, loopback",
+           "gRPC service, client process")
+#: --methods' names, in METHODS' order: the service's loopback client runs in the bench's own
+#: process (its threads share the interpreter with the server's event loop and the device
+#: thread); "service-process" runs it in a child process, as a caller's program would.
+METHOD_NAMES = ("gfpganer", "pipeline", "service", "service-process")
 
 
 @dataclass
@@ -220,18 +225,34 @@ class _BatchLog:
     def __init__(self, pipeline):
         self._pipeline = pipeline
         self.batches: list[tuple[int, int, float]] = []  # (faces, jobs, seconds)
-        #: per measured request size: (size, its batches, the measurement's wall seconds)
-        self.per_size: list[tuple[int, list[tuple[int, int, float]], float]] = []
+        self.started: list[float] = []  # each batch's time.monotonic() at its start
+        #: per method and measured request size: (method, size, its batches, the wall seconds)
+        self.per_size: list[tuple[str, int, list[tuple[int, int, float]], float]] = []
 
     def __getattr__(self, name):
         return getattr(self._pipeline, name)
 
     def enhance(self, jobs):
         started = time.perf_counter()
+        self.started.append(time.monotonic())
         results = self._pipeline.enhance(jobs)
         self.batches.append((sum(job.faces.shape[0] for job in jobs), len(jobs),
                              time.perf_counter() - started))
         return results
+
+    def measured(self, method: str, size: int, since: float, until: float) -> None:
+        """The batches that started between two time.monotonic() readings (the clock is the
+        machine's, so a child process's readings work too) were `size`'s, measured by `method`:
+        kept for the table, and logged at once, so that a bench step stopped later still tells
+        the device from the transport for the sizes it finished."""
+        batches = [batch for batch, at in zip(self.batches, self.started) if since <= at <= until]
+        self.per_size.append((method, size, batches, until - since))
+        if batches:
+            _, count, faces_each, jobs_each, ms_batch, ms_face, busy = _batch_row(size, batches, until - since)
+            label = "" if method == METHODS[2] else ", client process"
+            print(f"service batches{label}: request {size}: {count} batches of {faces_each} faces "
+                  f"and {jobs_each} jobs, {ms_batch} ms a batch ({ms_face} ms a face), "
+                  f"pipeline busy {busy}", file=sys.stderr, flush=True)
 
 
 def service_batches_table(rows: list[tuple[int, list[tuple[int, int, float]], float]]) -> str:
@@ -254,54 +275,103 @@ def _batch_row(size: int, batches: list[tuple[int, int, float]], elapsed: float)
             f"{busy / faces * 1000:.2f}", f"{min(1.0, busy / elapsed):.0%}"]
 
 
+def _time_service(client, faces, size, iterations, seconds, in_flight) -> tuple[float, list[float], float, float]:
+    """`iterations` requests of `size` faces (fewer once `seconds` passed), `in_flight` on the
+    wire at once, after one untimed; (faces/s, latencies in ms, time.monotonic() at the start
+    and at the end)."""
+    outcome = client.enhance(_batch(faces, 0, size))  # warm-up, and a check that it is served
+    if outcome.fell_back:
+        raise RuntimeError(f"the loopback service did not answer: {outcome.fallback_reason} "
+                           f"{outcome.extra.get('fallback_detail', '')}")
+    latencies, window = [], threading.Semaphore(in_flight)
+    lock = threading.Lock()
+    fell_back = []
+
+    def done(future, t0):
+        with lock:
+            latencies.append((time.perf_counter() - t0) * 1000)
+            fell_back.append(future.result().fell_back)
+        window.release()
+
+    since, started, futures = time.monotonic(), time.perf_counter(), []
+    for index in range(iterations):
+        window.acquire()  # keep `in_flight` batches on the wire, no more
+        t0 = time.perf_counter()
+        future = client.submit(_batch(faces, index * size, size))
+        future.add_done_callback(lambda f, t0=t0: done(f, t0))
+        futures.append(future)
+        if seconds is not None and time.perf_counter() - started >= seconds:
+            break
+    for future in futures:
+        future.result()
+    elapsed, until = time.perf_counter() - started, time.monotonic()
+    if any(fell_back):
+        raise RuntimeError("the loopback service fell back during the run; raise --timeout")
+    return len(futures) * size / elapsed, list(latencies), since, until
+
+
 def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_flight,
                   log: _BatchLog | None = None) -> list[Measurement]:
-    """`log`: the service's pipeline, wrapped; each size's batches go into its `per_size`."""
+    """The client in this process; `log`: the service's pipeline, wrapped (each size's batches
+    go into its `per_size` and the log)."""
     from client.sync import FaceEnhanceClient
 
     results = []
     with FaceEnhanceClient(address, options=options, timeout_ms=600_000, max_in_flight=in_flight) as client:
         for b in batch_sizes:
-            outcome = client.enhance(_batch(faces, 0, b))  # warm-up, and a check that it is served
-            if outcome.fell_back:
-                raise RuntimeError(f"the loopback service did not answer: {outcome.fallback_reason} "
-                                   f"{outcome.extra.get('fallback_detail', '')}")
-            latencies, window = [], threading.Semaphore(in_flight)
-            lock = threading.Lock()
-            fell_back = []
-
-            def done(future, t0):
-                with lock:
-                    latencies.append((time.perf_counter() - t0) * 1000)
-                    fell_back.append(future.result().fell_back)
-                window.release()
-
-            started, futures = time.perf_counter(), []
-            logged = len(log.batches) if log is not None else 0
-            for index in range(iterations):
-                window.acquire()  # keep `in_flight` batches on the wire, no more
-                t0 = time.perf_counter()
-                future = client.submit(_batch(faces, index * b, b))
-                future.add_done_callback(lambda f, t0=t0: done(f, t0))
-                futures.append(future)
-                if seconds is not None and time.perf_counter() - started >= seconds:
-                    break
-            for future in futures:
-                future.result()
-            elapsed = time.perf_counter() - started
+            rate, latencies, since, until = _time_service(client, faces, b, iterations, seconds, in_flight)
             if log is not None:
-                log.per_size.append((b, log.batches[logged:], elapsed))
-                if log.batches[logged:]:
-                    # in the log at once: a bench step stopped later still tells the device
-                    # from the transport for the sizes it finished
-                    _, count, faces_each, jobs_each, ms_batch, ms_face, busy = _batch_row(
-                        b, log.batches[logged:], elapsed)
-                    print(f"service batches: request {b}: {count} batches of {faces_each} faces "
-                          f"and {jobs_each} jobs, {ms_batch} ms a batch ({ms_face} ms a face), "
-                          f"pipeline busy {busy}", file=sys.stderr, flush=True)
-            if any(fell_back):
-                raise RuntimeError("the loopback service fell back during the run; raise --timeout")
-            results.append(Measurement(METHODS[2], b, len(futures) * b / elapsed, list(latencies)))
+                log.measured(METHODS[2], b, since, until)
+            results.append(Measurement(METHODS[2], b, rate, latencies))
+    return results
+
+
+def _client_process(connection, address, faces, batch_sizes, options, iterations, seconds, in_flight) -> None:
+    """The child process of bench_service_process: each size's (faces/s, latencies, start,
+    end), or the error that stopped it, sent back over `connection`."""
+    try:
+        from client.sync import FaceEnhanceClient
+
+        with FaceEnhanceClient(address, options=options, timeout_ms=600_000, max_in_flight=in_flight) as client:
+            connection.send([(b, *_time_service(client, faces, b, iterations, seconds, in_flight))
+                             for b in batch_sizes])
+    except BaseException as exc:  # noqa: BLE001 - the parent reports it
+        connection.send(f"{type(exc).__name__}: {exc}")
+    finally:
+        connection.close()
+
+
+def bench_service_process(address, faces, batch_sizes, options, iterations, seconds, in_flight,
+                          log: _BatchLog | None = None, timeout_s: float = 1800.0) -> list[Measurement]:
+    """The same requests as bench_service, from a client in a child process (spawned: a fresh
+    interpreter, as a caller's program is). Its rows beside bench_service's tell what sharing
+    one interpreter with the server costs the loopback rows."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_client_process, name="bench-client",
+                            args=(send, address, faces, list(batch_sizes), options, iterations, seconds,
+                                  in_flight), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(timeout_s):
+            raise RuntimeError(f"the client process sent nothing in {timeout_s:.0f} s")
+        answer = receive.recv()
+    except EOFError:
+        answer = f"the client process ended (exit {child.exitcode}) without an answer"
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    if isinstance(answer, str):
+        raise RuntimeError(f"the client process failed: {answer}")
+    results = []
+    for b, rate, latencies, since, until in answer:
+        if log is not None:
+            log.measured(METHODS[3], b, since, until)
+        results.append(Measurement(METHODS[3], b, rate, latencies))
     return results
 
 
@@ -613,8 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--faces", type=int, default=16, help="synthetic faces to cycle through, default 16")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading weights")
     parser.add_argument("--markdown-out", default=None, help="also write the report to this file")
-    parser.add_argument("--methods", default="gfpganer,pipeline,service",
-                        help="which of gfpganer, pipeline, service to time (default all three)")
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES),
+                        help="which of gfpganer, pipeline, service (its client in this process) and "
+                             "service-process (its client in a child process) to time (default all)")
     parser.add_argument("--modconv", default="auto", choices=["auto", "fused", "unfused"],
                         help="our pipeline's speed forms, as gfpgan-serve takes them (default: "
                              "the service's defaults)")
@@ -728,8 +799,8 @@ def run(argv: Sequence[str] | None = None, loaded: Loaded | None = None) -> str:
              else synthetic_faces(args.faces, args.face_size))
 
     methods = {m.strip() for m in args.methods.split(",") if m.strip()}
-    if not methods <= {"gfpganer", "pipeline", "service"}:
-        parser.error(f"--methods: expected gfpganer, pipeline and/or service, got {args.methods!r}")
+    if not methods <= set(METHOD_NAMES):
+        parser.error(f"--methods: expected some of {', '.join(METHOD_NAMES)}, got {args.methods!r}")
     variants = list(VARIANTS) if args.variants == "all" else \
         [v.strip() for v in (args.variants or "").split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -783,10 +854,14 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
         del restorer
     if "pipeline" in methods:
         measurements += bench_pipeline(pipeline, faces, sizes, options, args.iterations, args.seconds, sync)
-    if "service" in methods:
+    if methods & {"service", "service-process"}:
         with _loopback_service(log, max(8, max(sizes))) as address:
-            measurements += bench_service(address, faces, sizes, options, args.iterations, args.seconds,
-                                          args.in_flight, log)
+            if "service" in methods:
+                measurements += bench_service(address, faces, sizes, options, args.iterations, args.seconds,
+                                              args.in_flight, log)
+            if "service-process" in methods:
+                measurements += bench_service_process(address, faces, sizes, options, args.iterations,
+                                                      args.seconds, args.in_flight, log)
 
     sections = [header(argv, device, pipeline.dtype, settings.model, faces, options)
                 + f"\n- pipeline speed forms: {pipeline.speed.describe()}" + gfpganer_note]
@@ -796,11 +871,13 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                        f"({info.arch})\n\n" + sections[0])
     if measurements:
         sections.append(markdown_table(measurements))
-    if log.per_size:
-        sections.append("### Service batches\n\nThe batches the loopback service's batcher formed "
-                        "while each request size was measured, and the time enhance() took for "
-                        "them (busy: that time over the measurement's wall time).\n\n"
-                        + service_batches_table(log.per_size))
+    for method in METHODS[2:]:
+        rows = [(size, batches, elapsed) for m, size, batches, elapsed in log.per_size if m == method]
+        if rows:
+            sections.append(f"### Service batches ({method})\n\nThe batches the loopback service's "
+                            "batcher formed while each request size was measured, and the time "
+                            "enhance() took for them (busy: that time over the measurement's wall "
+                            "time).\n\n" + service_batches_table(rows))
     if args.profile:
         sections.append("### Stages\n\n" + profile_stages(pipeline, faces, sizes, options,
                                                           max(3, args.iterations), sync))

@@ -27,20 +27,25 @@ def test_bench_prints_a_row_per_method_and_batch_size_with_positive_throughput(s
     # GFPGANer is the baseline of the ratio column.
     assert rows[(METHODS[0], 1)][1] == 1.0 and rows[(METHODS[0], 2)][1] == 1.0
     assert "- device: CPU" in printed and "- command: `gfpgan-bench --model" in printed
-    # The service's batches, per request size: every timed face went through them, none twice.
-    batches = {int(m[1]): (int(m[2]), float(m[3]), float(m[4]), int(m[5]))
-               for m in re.finditer(r"^\| (\d+) \| (\d+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| "
-                                    r"([\d.]+) \| (\d+)% \|$", printed, flags=re.M)}
-    assert set(batches) == {1, 2}
-    for size, (count, per_batch, per_face_ms, busy) in batches.items():
-        assert round(count * per_batch) == 2 * size  # 2 iterations of `size` faces
-        assert per_face_ms > 0 and 0 < busy <= 100
+    # The service's batches, per client and request size: every timed face went through them,
+    # none twice, and none of the other client's (its client in this process, then in a child)
+    tables = {}
+    for method, table in re.findall(r"(?ms)^### Service batches \((.+?)\)\n(.*?)(?=^### |\Z)", printed):
+        tables[method] = {int(m[1]): (int(m[2]), float(m[3]), float(m[4]), int(m[5])) for m in re.finditer(
+            r"^\| (\d+) \| (\d+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| (\d+)% \|$", table, flags=re.M)}
+    assert set(tables) == {METHODS[2], METHODS[3]}
+    for method, batches in tables.items():
+        assert set(batches) == {1, 2}, method
+        for size, (count, per_batch, per_face_ms, busy) in batches.items():
+            assert round(count * per_batch) == 2 * size  # 2 iterations of `size` faces
+            assert per_face_ms > 0 and 0 < busy <= 100
     # ... and in the log as soon as each size is measured, the same figures: a bench step stopped
     # before its table is written still tells the device from the transport
-    logged = {int(m[1]): (int(m[2]), float(m[3]), float(m[4]), int(m[5])) for m in re.finditer(
-        r"^service batches: request (\d+): (\d+) batches of ([\d.]+) faces and [\d.]+ jobs, [\d.]+ ms "
-        r"a batch \(([\d.]+) ms a face\), pipeline busy (\d+)%$", captured.err, flags=re.M)}
-    assert logged == batches
+    for label, method in (("", METHODS[2]), (", client process", METHODS[3])):
+        logged = {int(m[1]): (int(m[2]), float(m[3]), float(m[4]), int(m[5])) for m in re.finditer(
+            rf"^service batches{label}: request (\d+): (\d+) batches of ([\d.]+) faces and [\d.]+ jobs, "
+            r"[\d.]+ ms a batch \(([\d.]+) ms a face\), pipeline busy (\d+)%$", captured.err, flags=re.M)}
+        assert logged == tables[method], method
 
 
 def test_synthetic_faces_are_distinct_square_crops():
@@ -181,3 +186,21 @@ def test_memory_off_cuda_is_the_counted_peak_of_a_batch_s_tensors(small_weights,
     assert abs(face - (rows[3][0] - rows[1][0]) / 2) <= 1
     assert re.search(r"about \d+ faces on 80 GiB, \d+ faces on 24 GiB \(aligned, modconv=", section)
     assert "counted on cpu" in section
+
+
+def test_a_client_process_that_cannot_reach_the_service_fails_the_method_with_its_reason():
+    """The service-process method's child reports what stopped it; a fallback is no measurement."""
+    import socket
+
+    import pytest
+
+    from client.types import EnhanceOptions
+    from server.bench import bench_service_process
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RuntimeError, match=r"the client process failed: RuntimeError: the loopback "
+                                           r"service did not answer: unavailable"):
+        bench_service_process(f"127.0.0.1:{port}", synthetic_faces(2, 64), [1], EnhanceOptions(), 2, None, 1,
+                              timeout_s=120)

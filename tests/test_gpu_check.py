@@ -144,6 +144,15 @@ SUMMARY_LINES = [
                      "service batches: request 32: 10 batches of 64.0 faces and 2.0 jobs, 1300.0 ms a batch "
                      "(20.31 ms a face), pipeline busy 98%\n",
      {"service batches@32": "64 faces, 1300 ms, busy 98%"}),
+    # ... both clients': in the bench's own process, and in a child process (the rows of each)
+    ("bench-detect", "| gRPC service, loopback | 32 | 46.15 | 6.0x | 2500.0 | 2508.3 | 2600.0 | 2700.0 |\n"
+                     "| gRPC service, client process | 32 | 95.00 | 12.3x | 1300.0 | 1290.0 | 1400.0 | 1450.0 |\n"
+                     "service batches: request 32: 10 batches of 64.0 faces and 2.0 jobs, 1300.0 ms a batch "
+                     "(20.31 ms a face), pipeline busy 48%\n"
+                     "service batches, client process: request 32: 10 batches of 64.0 faces and 2.0 jobs, "
+                     "650.0 ms a batch (10.16 ms a face), pipeline busy 97%\n",
+     {"service@32": "46/s", "service-process@32": "95/s", "service batches@32": "64 faces, 1300 ms, busy 48%",
+      "service-process batches@32": "64 faces, 650 ms, busy 97%"}),
     # how long a compiled form took to warm up (its build, or its load from Inductor's cache)
     ("compile", "warmed up: variant defaults in 4.2 s\nwarmed up: variant defaults+compile in 97.6 s\n"
                       "measured: variant defaults+compile, aligned, batch 8: 250.00 faces/s\n",
