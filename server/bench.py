@@ -233,11 +233,11 @@ class _BatchLog:
         return getattr(self._pipeline, name)
 
     def enhance(self, jobs):
-        started = time.perf_counter()
-        self.started.append(time.monotonic())
-        results = self._pipeline.enhance(jobs)
+        at, started = time.monotonic(), time.perf_counter()
+        results = self._pipeline.enhance(jobs)  # (a batch that raises, as out of memory, is not logged)
         self.batches.append((sum(job.faces.shape[0] for job in jobs), len(jobs),
                              time.perf_counter() - started))
+        self.started.append(at)
         return results
 
     def measured(self, method: str, size: int, since: float, until: float) -> None:
