@@ -99,6 +99,9 @@ def test_the_plan_runs_the_issue_s_figures_first_then_the_tests_then_the_compile
         assert not any(compiles(steps[name][1:]) for name in first)
         assert steps["tests"][0] != gpu_check.BENCH  # ... which the tests end
         assert "BEST" in steps["bench-best"] and "PLAIN" in steps["profile-plain"]
+        # the realtime batch from both clients: the bench's process and a caller's own
+        realtime = steps["realtime"]
+        assert realtime[realtime.index("--methods") + 1] == "service,service-process"
         # the compile section times exactly the compiled forms listed, beside the defaults
         variants = steps["compile"][steps["compile"].index("--variants") + 1].split(",")
         assert variants == listed and any(VARIANTS[name].compile for name in variants)
