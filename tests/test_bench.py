@@ -204,3 +204,16 @@ def test_a_client_process_that_cannot_reach_the_service_fails_the_method_with_it
                                            r"service did not answer: unavailable"):
         bench_service_process(f"127.0.0.1:{port}", synthetic_faces(2, 64), [1], EnhanceOptions(), 2, None, 1,
                               timeout_s=120)
+
+
+def test_the_client_probe_times_both_clients_against_a_device_that_holds_the_gil(capsys):
+    """scripts/service_client_probe.py: a row per held time, client and request size, each at
+    most the fake device's own rate (every face costs face-ms, whoever asks)."""
+    from tests.helpers import load_script
+
+    table = load_script("service_client_probe").main(["--held-ms", "0,2", "--face-ms", "4", "--sizes", "2,4",
+                                                      "--iterations", "3"])
+    rows = re.findall(r"^\| ([\d.]+) \| (gRPC service, [^|]+) \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", table, re.M)
+    assert {(held, method, int(size)) for held, method, size, _, _ in rows} == \
+        {(held, method, size) for held in ("0", "2") for method in METHODS[2:] for size in (2, 4)}
+    assert all(0 < float(ratio) <= 1.05 for *_, ratio in rows)
