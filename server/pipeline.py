@@ -211,8 +211,9 @@ class FacePipeline:
         """Switch the networks to `speed`'s forms; CUDA graphs are (re)captured by warmup()."""
         self._graphs = {}
         self.detector.graphed = {}
-        # GFPGAN channels-last with the unfused form; ParseNet only when asked (it measured slower
-        # in NHWC on an H200 with PyTorch's padding: BENCHMARKS.md).
+        # GFPGAN channels-last with the unfused form (its decoder too when asked); ParseNet when
+        # asked (slower in NHWC on an H200 with its own padding, faster with the border form:
+        # BENCHMARKS.md).
         if isinstance(self.gfpgan, torch.nn.Module):
             set_memory_format(self.gfpgan, speed.channels_last, modulated=speed.decoder_channels_last)
         if isinstance(self.parser, torch.nn.Module):

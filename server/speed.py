@@ -99,22 +99,25 @@ class SpeedOptions:
     #: wait fewer per batch, at the price of restoring a placeholder for each faceless image.
     fixed_selection: bool = False
     #: Run ParseNet channels-last too. Its reflection padding and layout conversions were over
-    #: half its time on the H200 in NCHW; in NHWC with PyTorch's padding it measured slower,
-    #: and with `resample="fast"` (padding from slices) it is not yet measured.
+    #: half its time on the H200 in NCHW; in NHWC with PyTorch's padding it measured slower, and
+    #: with parse_padding "border" and parse_upsample "phases" its pass of 16 took 46.2 ms
+    #: against 68.5 in its own forms (third H200 run: the service's defaults since).
     parse_channels_last: bool = False
     #: Lay out the StyleGAN decoder's modulated convolutions channels-last too (their 5-D
     #: weights, which `channels_last` leaves NCHW): the decoder, most of GFPGAN, then runs NHWC
     #: like the encoder instead of NCHW, where on the H200 its x2 upsamplings took 1.07 ms each
     #: against 0.37 in NHWC, cuDNN converted layouts around its convolutions, and its
     #: activations met the encoder's NHWC conditions in mixed-layout elementwise kernels. Needs
-    #: the unfused form; not yet measured on a GPU.
+    #: the unfused form. On the third H200 run GFPGAN's pass of 16 took 64.0 ms with it against
+    #: 73.4 without (the service's defaults since).
     decoder_channels_last: bool = False
     #: "reflect": ParseNet's own reflection-padding pass before each of its 46 convolutions;
     #: "border": each convolution on a map of BORDER_MIN_SIZE or more zero-padded (no padding
     #: pass), its first and last rows and columns, the only outputs the padding reaches, then
     #: computed again from thin reflected strips (border_conv2d). On the H200 the padding
     #: passes took 37% of ParseNet's time (NCHW) and made channels-last ParseNet slower;
-    #: counted here they write 39% of its bytes.
+    #: counted here they write 39% of its bytes. "border" took the pass of 16 from 68.5 to
+    #: 49.7 ms on the third H200 run.
     parse_padding: str = "reflect"
     #: "nearest": ParseNet's x2 layers as it writes them: upsample (a copy 4 times the input),
     #: pad, 3x3 convolution; "phases": the same outputs as four 2x2 convolutions of the input
