@@ -104,7 +104,9 @@ def main() -> int:
         # A test's limit: in the CPU rehearsal the compiled-pass test builds Inductor's C++ on
         # 2 cores (187-292 s there)
         per_test = 720 if args.quick else 240
-        return (name, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", f"timeout={per_test}",
+        # -v: a line per test as it ends, so that a step stopped at its limit still names its
+        # failures (the third H200 run's killed step left five Fs among dots, and no junit file)
+        return (name, [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", f"timeout={per_test}",
                        "-m", marker, f"--junitxml={out / (name + '.xml')}", "-rfE",
                        "--durations=15", *spread, *test_files], 240)
 
@@ -286,6 +288,9 @@ QUICK_COMPILE_VARIANTS = ["plain", "lean+compile"]
 #: Inductor's on-disk cache when an earlier section built the same form, but the trace is redone).
 COMPILE_ALLOWANCE_S = 90
 
+#: pytest -v's outcome words on a test's line.
+_OUTCOMES = "PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS"
+
 #: A step's status when the budget was spent before it started, and when the call's end
 #: (--end-s) stopped it: both are what a second call runs.
 NOT_RUN = "not run (budget spent)"
@@ -421,6 +426,18 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         match = re.search(r"(\d+ (?:passed|failed)[^\n]*) in [\d.]+s", text)
         if match:
             found["result"] = match.group(1)
+        # -v's line per test, also there when the step was stopped before pytest's summary:
+        # "[gw0] [ 50%] FAILED tests/x.py::y" with xdist, else "tests/x.py::y FAILED [ 50%]"
+        ended: dict[str, str] = {}  # test -> its outcome
+        for xdist_outcome, xdist_test, test, outcome in re.findall(
+                rf"(?m)^(?:\[gw\d+\] \[ *\d+%\] ({_OUTCOMES}) (\S+::\S+)|(\S+::\S+) ({_OUTCOMES})\b)", text):
+            ended[xdist_test or test] = xdist_outcome or outcome
+        failed = [test.split("::", 1)[1] for test, outcome in ended.items() if outcome in ("FAILED", "ERROR")]
+        if failed:
+            found["failed"] = f"{len(failed)}: " + ", ".join(t[:60] for t in failed[:5]) + \
+                (", ..." if len(failed) > 5 else "")
+        if ended and not match:  # stopped before its summary: how far it got
+            found["ended"] = f"{len(ended)} tests"
         # pytest --durations: where the step's time went (its share of the plan's critical path)
         slowest = re.search(r"(?m)^([\d.]+)s (?:call|setup|teardown) +\S*::(\S+)", text)
         if slowest:

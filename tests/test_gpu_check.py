@@ -142,6 +142,19 @@ SUMMARY_LINES = [
               "4.50s setup    tests/test_pipeline.py::test_batches\n"
               "113 passed, 2 skipped in 96.12s (0:01:36)\n",
      {"result": "113 passed, 2 skipped", "slowest": "test_served_faces_match_gfpganer[detect] 21 s"}),
+    # -v's line per test names the failures, also when the step was stopped before its summary
+    # (pytest-xdist's form; a test that failed at teardown after passing counts as failed)
+    ("tests", "[gw1] [ 20%] SKIPPED tests/test_s.py::test_c \n[gw0] [ 40%] PASSED tests/test_s.py::test_a \n"
+              "[gw1] [ 60%] FAILED tests/test_s.py::test_d[2] \n[gw0] [ 80%] PASSED tests/test_s.py::test_b \n"
+              "[gw0] [ 80%] ERROR tests/test_s.py::test_b \n",
+     {"failed": "2: test_d[2], test_b", "ended": "4 tests"}),
+    # ... and pytest's own form without xdist, with its summary
+    ("tests", "tests/test_s.py::test_a PASSED                                                 [ 20%]\n"
+              "tests/test_s.py::test_b FAILED                                                 [ 40%]\n"
+              "tests/test_s.py::test_c SKIPPED (unconditional skip)                           [ 60%]\n"
+              "FAILED tests/test_s.py::test_b - assert False\n"
+              "==================== 1 failed, 1 passed, 1 skipped in 0.02s ====================\n",
+     {"result": "1 failed, 1 passed, 1 skipped", "failed": "1: test_b"}),
     # a bench step stopped before its table: the service's batches from the line logged per size
     ("bench-detect", "measured: gRPC service, loopback, batch 32: 46.15 faces/s, p50 2508.3 ms\n"
                      "service batches: request 32: 10 batches of 64.0 faces and 2.0 jobs, 1300.0 ms a batch "
