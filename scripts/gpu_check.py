@@ -9,7 +9,7 @@ Markdown and a summary JSON into OUT (default: $OUT, else ./gpu-check-out) and p
 table last. Each step has its own time limit, so that one failing or slow step still leaves the
 others' results. One step runs at a time: on the third H200 run (2026-11-30) the tests' 4
 workers, the compile tests, two compiler builds and batch-rounding ran side by side, ran the
-card out of memory (processes of 16-42 GiB, graph captures failing) and all six timed out.
+card out of memory (processes of 16-42 GiB, graph captures failing) and all five steps timed out.
 Steps other than gfpgan-bench's run as processes of their own; gfpgan-bench's as sections of one
 process on networks loaded once (server/bench_plan.py), each held to its limit, the rest going
 on in a fresh process after one that fails the device. In order of value, so that a call cut
