@@ -250,7 +250,7 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
             todo.pop(0)
             continue
         if command[0] != BENCH:
-            summary += _run_processes([todo.pop(0)], out, env, end_at)
+            summary.append(_run_process(*todo.pop(0), out, env, end_at))
             continue
         # the bench steps from here up to the next other step, in one process; what it did not
         # finish (a section over its time limit, a crash) goes on in a fresh one
@@ -304,37 +304,27 @@ def _ended(end_at: float | None) -> bool:
     return end_at is not None and time.monotonic() >= end_at
 
 
-def _run_processes(steps: list, out: Path, env: dict, end_at: float | None = None) -> list[dict]:
-    """Steps (name, command, limit) as processes of their own, started together, each held to
-    its limit and to the call's end (`end_at`, monotonic); their summary entries."""
-    running = []
-    for name, command, limit in steps:
-        print(f"== {name}: {shlex.join(command[1:])[:200]}", flush=True)
-        handle = open(out / f"{name}.log", "w")
+def _run_process(name: str, command: list, limit: float, out: Path, env: dict,
+                 end_at: float | None = None) -> dict:
+    """A step as a process of its own, held to its limit and to the call's end (`end_at`,
+    monotonic); its summary entry."""
+    print(f"== {name}: {shlex.join(command[1:])[:200]}", flush=True)
+    t0 = time.monotonic()
+    with open(out / f"{name}.log", "w") as handle:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # a group: its workers go with it
-        running.append((name, limit, process, handle, time.monotonic()))
-    entries = {}
-    while len(entries) < len(running):
-        for name, limit, process, handle, t0 in running:
-            if name in entries:
-                continue
-            code = process.poll()
-            if code is None and time.monotonic() - t0 <= limit and not _ended(end_at):
-                continue
-            if code is None:
-                status = f"timed out after {limit} s" if time.monotonic() - t0 > limit else STOPPED_AT_END
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            else:
-                status = "ok" if code == 0 else f"exit {code}"
-            handle.close()
-            entry = {"step": name, "status": status, "seconds": round(time.monotonic() - t0, 1)}
-            entry.update(_highlights(name, out, out / f"{name}.log"))
-            entries[name] = entry
-            print(f"   {name}: {status} in {entry['seconds']:.0f} s {_brief(entry)}", flush=True)
-        time.sleep(0.2)
-    return [entries[name] for name, _, _ in steps]
+        while (code := process.poll()) is None and time.monotonic() - t0 <= limit and not _ended(end_at):
+            time.sleep(0.2)
+        if code is None:
+            status = f"timed out after {limit} s" if time.monotonic() - t0 > limit else STOPPED_AT_END
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        else:
+            status = "ok" if code == 0 else f"exit {code}"
+    entry = {"step": name, "status": status, "seconds": round(time.monotonic() - t0, 1)}
+    entry.update(_highlights(name, out, out / f"{name}.log"))
+    print(f"   {name}: {status} in {entry['seconds']:.0f} s {_brief(entry)}", flush=True)
+    return entry
 
 
 def _run_bench_process(group: list, number: int, out: Path, env: dict, deadline: float,
