@@ -151,21 +151,43 @@ def similarity_transform(src: torch.Tensor, dst: torch.Tensor, weights: torch.Te
     src: (N, K, 2), dst: (K, 2) or (N, K, 2), weights: (N, K) (1 keeps a point, 0 drops it)
     -> (N, 2, 3) matrices in cv2's convention.
     """
-    src = src.to(torch.float64)
-    dst = dst.to(device=src.device, dtype=torch.float64).expand_as(src)
-    w = torch.ones(src.shape[:2], dtype=torch.float64, device=src.device) if weights is None \
-        else weights.to(torch.float64)
-    total = w.sum(dim=1).view(-1, 1, 1)
-    src_mean = (src * w.unsqueeze(-1)).sum(dim=1, keepdim=True) / total
-    dst_mean = (dst * w.unsqueeze(-1)).sum(dim=1, keepdim=True) / total
-    s = (src - src_mean) * w.sqrt().unsqueeze(-1)
-    d = (dst - dst_mean) * w.sqrt().unsqueeze(-1)
-    norm = (s * s).sum(dim=(1, 2))
-    a = (s[..., 0] * d[..., 0] + s[..., 1] * d[..., 1]).sum(dim=1) / norm
-    b = (s[..., 0] * d[..., 1] - s[..., 1] * d[..., 0]).sum(dim=1) / norm
-    rot = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], dim=1)  # (N, 2, 2)
-    shift = dst_mean.squeeze(1) - torch.einsum("nij,nj->ni", rot, src_mean.squeeze(1))
-    return torch.cat([rot, shift.unsqueeze(-1)], dim=2)
+    z = _complex_points(src)
+    return _similarity_matrices(*_similarity(z, _complex_points(dst.to(device=src.device)), weights))
+
+
+def _complex_points(points: torch.Tensor) -> torch.Tensor:
+    """(..., K, 2) points -> (..., K) complex128 x + iy."""
+    return torch.view_as_complex(points.to(torch.float64).contiguous())
+
+
+def _similarity(z: torch.Tensor, t: torch.Tensor, weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares similarity z -> c z + shift onto t, for complex points z: (N, K) and
+    t: (K,) or (N, K), optionally weighted (N, K): (c, shift), each (N,) complex.
+
+    A rotation with a uniform scale is a multiplication by one complex number, so the fit is
+    one complex least squares: c = sum w conj(z - mean z) (t - mean t) / sum w |z - mean z|^2.
+    The same sums as the real form (a = sum s.d / |s|^2, b = sum s x d / |s|^2), in a third
+    of the operators: on the device each is a launch for a few dozen numbers."""
+    if weights is None:
+        z_mean, t_mean = z.mean(dim=1, keepdim=True), t.mean(dim=-1, keepdim=True)
+        zc, tc = z - z_mean, t - t_mean
+        conj = zc.conj_physical()  # (a lazy conj() is made physical by each product reading it)
+        c = (conj * tc).sum(dim=1) / (conj * zc).real.sum(dim=1)
+    else:
+        w = weights.to(torch.float64)
+        total = w.sum(dim=1, keepdim=True)
+        z_mean, t_mean = (z * w).sum(dim=1, keepdim=True) / total, (t * w).sum(dim=1, keepdim=True) / total
+        zc, tc = z - z_mean, t - t_mean
+        wz = zc.conj() * w
+        c = (wz * tc).sum(dim=1) / (wz * zc).real.sum(dim=1)
+    return c, (t_mean - c.unsqueeze(1) * z_mean).squeeze(1)
+
+
+def _similarity_matrices(c: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(N,) complex c and shift -> (N, 2, 3) matrices [[a, -b, x], [b, a, y]] (c = a + ib)."""
+    a, b = c.real, c.imag
+    return torch.stack([a, -b, shift.real, b, a, shift.imag], dim=-1).view(-1, 2, 3)
 
 
 def _opencv_lmeds_pairs(count: int = 5, iterations: int = 13) -> list[tuple[int, int]]:
@@ -207,31 +229,39 @@ def robust_similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.T
     src: (N, 5, 2), dst: (5, 2) -> (N, 2, 3).
     """
     n, k, _ = src.shape
-    pts = src.to(torch.float32).to(torch.float64)  # OpenCV works on float32 points
-    target = dst.to(device=src.device, dtype=torch.float32).to(torch.float64)
+    z = _complex_points(src.to(torch.float32))  # OpenCV works on float32 points
+    t = _complex_points(dst.to(device=src.device, dtype=torch.float32))
     pairs = _lmeds_pairs(src.device)
-    models = similarity_transform(pts[:, pairs].reshape(-1, 2, 2),
-                                  target[pairs].repeat(n, 1, 1)).view(n, pairs.shape[0], 2, 3)
-    projected = torch.einsum("nmij,nkj->nmki", models[..., :2], pts) + models[..., 2].unsqueeze(2)
-    errors = ((projected - target) ** 2).sum(-1).to(torch.float32)  # (N, pairs, K)
+    m = pairs.shape[0]
+    c, shift = _similarity(z[:, pairs].reshape(n * m, 2), t[pairs].repeat(n, 1))
+    projected = c.view(n, m, 1) * z.unsqueeze(1) + shift.view(n, m, 1)  # (N, pairs, K)
+    errors = torch.view_as_real(projected - t).pow(2).sum(-1).to(torch.float32)
     medians = errors.kthvalue(k // 2 + 1, dim=-1).values
     best = medians.argmin(dim=1)  # first minimum, as OpenCV keeps the first
     rows = torch.arange(n, device=src.device)
     sigma = (2.5 * 1.4826 * (1 + 5.0 / (k - 2)) * medians[rows, best].double().sqrt()).clamp_min(0.001)
     inliers = errors[rows, best] <= (sigma * sigma).to(torch.float32).unsqueeze(-1)
-    return similarity_transform(pts, target, inliers)
+    return _similarity_matrices(*_similarity(z, t, inliers))
 
 
 def invert_affine(matrices: torch.Tensor) -> torch.Tensor:
     """Inverse of (N, 2, 3) affine matrices (cv2.invertAffineTransform, batched)."""
     # The 2x2 inverse in closed form: torch.linalg.inv checks for singular input on the host,
-    # which would stall the device queue once per call.
-    a, b = matrices[:, 0, 0], matrices[:, 0, 1]
-    c, d = matrices[:, 1, 0], matrices[:, 1, 1]
-    det = a * d - b * c
-    inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], 1) / det.view(-1, 1, 1)
-    shift = -torch.einsum("nij,nj->ni", inv, matrices[:, :, 2])
-    return torch.cat([inv, shift.unsqueeze(-1)], dim=2)
+    # which would stall the device queue once per call. [[a, b], [c, d]] -> [[d, -b], [-c, a]] / det,
+    # the adjugate in one gather and one multiply by its signs.
+    flat = matrices.reshape(-1, 6)  # a, b, x, c, d, y
+    order, signs = _adjugate(matrices.device, matrices.dtype)
+    det = flat[:, 0] * flat[:, 4] - flat[:, 1] * flat[:, 3]
+    inv = (flat.index_select(1, order) * signs / det.unsqueeze(1)).view(-1, 2, 2)
+    shift = torch.bmm(inv, matrices[:, :, 2:]).neg_()
+    return torch.cat([inv, shift], dim=2)
+
+
+@functools.lru_cache(maxsize=16)
+def _adjugate(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """invert_affine's constants on `device`, made once: which entries of (a, b, x, c, d, y)
+    make the adjugate (d, b, c, a), and their signs."""
+    return (torch.tensor([4, 1, 3, 0]).to(device), torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype).to(device))
 
 
 @functools.lru_cache(maxsize=64)

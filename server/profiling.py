@@ -39,7 +39,8 @@ _NOT_LAUNCHES = {"aten::view", "aten::_unsafe_view", "aten::expand", "aten::perm
                  "aten::alias", "aten::detach", "aten::reshape", "aten::as_strided", "aten::unbind",
                  "aten::split", "aten::chunk", "aten::lift_fresh", "aten::_local_scalar_dense",
                  "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::_reshape_alias",
-                 "aten::view_as", "aten::expand_as", "aten::narrow"}
+                 "aten::view_as", "aten::expand_as", "aten::narrow", "aten::view_as_real",
+                 "aten::view_as_complex", "aten::_conj", "aten::real", "aten::imag"}
 
 
 def _is_sync(func, args) -> bool:
