@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -331,13 +332,13 @@ class FacePipeline:
             groups[job.faces.shape[1]].append(index)
         plans = [self._prepare(jobs, indices, f"g{number}") for number, indices in enumerate(groups.values())]
         options = [o for plan in plans for o in plan.options]
-        crops = torch.cat([c for plan in plans for c in (plan.warped, plan.aligned_inputs)])
+        crops = _joined([c for plan in plans for c in (plan.warped, plan.aligned_inputs)])
         with self._stage("gfpgan"):
             if getattr(self.gfpgan, "takes_fidelity_weight", False):
-                restored = self._restore_weighted(crops, torch.cat([plan.weights for plan in plans]),
+                restored = self._restore_weighted(crops, _joined([plan.weights for plan in plans]),
                                                   sorted({_network_weight(o) for o in options}))
             else:
-                restored = self._restore(crops, torch.cat([plan.noise for plan in plans]),
+                restored = self._restore(crops, _joined([plan.noise for plan in plans]),
                                          any(o.random_noise for o in options),
                                          all(o.random_noise for o in options))
         pending = []  # (plan, {size: device uint8 NHWC}, device status)
@@ -410,34 +411,42 @@ class FacePipeline:
             points = self._staging.upload(key + "points", given_points.reshape(-1, 5, 2))
         na, nd = len(aligned_host), len(detect_host)
         aligned_index, detect_index, given_index = index[:na], index[na:na + nd], index[na + nd:]
-        centre_only, random_noise, fidelity, weight = meta[:, 2] > 0.5, meta[:, 3] > 0.5, meta[:, 4], meta[:, 5]
+        fidelity = meta[:, 4]
 
         video = any(jobs[i].video is not None for i in indices)
-        faces = self._locate(images, detect_index, given_index, points, centre_only,
+        faces = self._locate(images, detect_index, given_index, points, meta[:, 2],
                              all_centre=all(options[i].only_center_face for i in detect_host),
                              fixed=self.speed.fixed_selection and not video)
         mask_made, mask_reused = {}, {}
         if video:
             faces, mask_made, mask_reused = self._steady(jobs, indices, faces, set(held))
-        with self._stage("align"):
-            affines, aligns = _usable_alignments(
-                imageops.robust_similarity_transform(faces.landmarks, self._template), size=images.shape[-1])
-            if faces.present is not None:  # an image without a face: its placeholder row is not pasted
-                aligns = aligns & faces.present
+        if faces.image.shape[0]:
+            with self._stage("align"):
+                affines, aligns = _usable_alignments(
+                    imageops.robust_similarity_transform(faces.landmarks, self._template), size=images.shape[-1])
+                if faces.present is not None:  # an image without a face: its placeholder row is not pasted
+                    aligns = aligns & faces.present
+            with self._stage("warp"):
+                warped = imageops.warp_affine(images[faces.image], affines, FACE_SIZE, self._border)
+                # facexlib and cv2 hand GFPGAN uint8 crops: round like they do.
+                warped = warped.round().clamp(0, 255)
+        else:  # no face to align (an ALIGNED batch): no stage runs on empty tensors
+            affines = torch.empty((0, 2, 3), dtype=torch.float64, device=self.device)
+            aligns = torch.empty(0, dtype=torch.bool, device=self.device)
+            warped = torch.empty((0, 3, FACE_SIZE, FACE_SIZE), dtype=images.dtype, device=self.device)
         with self._stage("warp"):
-            warped = imageops.warp_affine(images[faces.image], affines, FACE_SIZE, self._border)
-            resized = imageops.resize(images[aligned_index], FACE_SIZE, "linear")
-            # facexlib and cv2 hand GFPGAN uint8 crops: round like they do.
-            warped, resized = warped.round().clamp(0, 255), resized.round().clamp(0, 255)
+            resized = imageops.resize(images[aligned_index], FACE_SIZE, "linear").round().clamp(0, 255) \
+                if na else warped[:0]  # (no work on empty tensors: the host knows there are none)
+        # per crop (faces, then aligned images): its image's flags, in one gather
+        crop_meta = meta[_joined([faces.image, aligned_index])]
         return _Group(key=key, indices=indices, images=images, options=options, faces=faces,
                       affines=affines, aligns=aligns,
                       aligned_index=aligned_index, aligned_host=aligned_host, warped=warped,
                       aligned_inputs=resized, fidelity=fidelity,
-                      noise=torch.cat([random_noise[faces.image], random_noise[aligned_index]]),
-                      weights=torch.cat([weight[faces.image], weight[aligned_index]]),
+                      noise=crop_meta[:, 3] > 0.5, weights=crop_meta[:, 5],
                       mask_made=mask_made, mask_reused=mask_reused)
 
-    def _locate(self, images, detect_index, given_index, given_points, centre_only, all_centre,
+    def _locate(self, images, detect_index, given_index, given_points, centre_flags, all_centre,
                 fixed: bool = True) -> Faces:
         """5-point landmarks of every face to restore: detected, or given by the caller.
 
@@ -454,13 +463,14 @@ class FacePipeline:
                 if all_centre and fixed:
                     found, present = centre_choice(found, size, size, detect_index.numel(), usable)
                     found.present = present
+                    found.image = detect_index  # a row per detected image, in their order
                 else:
-                    keep = centre_mask(found, size, size, centre_only[detect_index], among=usable)
+                    keep = centre_mask(found, size, size, centre_flags[detect_index] > 0.5, among=usable)
                     if not all_centre:  # at most MAX_FACES_PER_IMAGE faces of one image
                         keep = keep & (_rank_within_image(found.image, detect_index.numel(), keep)
                                        < MAX_FACES_PER_IMAGE)
                     found = found.take(keep)  # the one selection: every filter folded into `keep`
-                found.image = detect_index[found.image]
+                    found.image = detect_index[found.image]
                 parts.append(found)
         if given_index.numel():
             zeros = torch.zeros(given_index.shape[0], device=self.device)
@@ -470,6 +480,8 @@ class FacePipeline:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             return Faces(empty, torch.zeros(0, 4, device=self.device), torch.zeros(0, device=self.device),
                          torch.zeros(0, 5, 2, device=self.device))
+        if len(parts) == 1 and all_centre and fixed and detect_index.numel():
+            return parts[0]  # already image by image (detect_index is in the images' order)
         present = None
         if any(p.present is not None for p in parts):
             present = torch.cat([p.present if p.present is not None
@@ -665,9 +677,13 @@ class FacePipeline:
             with self._stage("parse"):
                 plan.masks = self._planned_masks(plan)
         # ENHANCED: an image with at least one face aligned and pasted (or given as aligned).
-        pasted = torch.zeros(plan.n, device=self.device).index_add_(0, faces.image, plan.aligns.float())
-        status = torch.where(pasted > 0, int(FaceStatus.ENHANCED), int(FaceStatus.NO_FACE)).to(torch.uint8)
-        status[plan.aligned_index] = int(FaceStatus.ENHANCED)
+        if num_faces:
+            pasted = torch.zeros(plan.n, device=self.device).index_add_(0, faces.image, plan.aligns.float())
+            status = torch.where(pasted > 0, int(FaceStatus.ENHANCED), int(FaceStatus.NO_FACE)).to(torch.uint8)
+        else:
+            status = torch.full((plan.n,), int(FaceStatus.NO_FACE), dtype=torch.uint8, device=self.device)
+        if plan.aligned_host:
+            status[plan.aligned_index] = int(FaceStatus.ENHANCED)
         outputs = {size: _to_uint8_nhwc(self._compose(plan, size))
                    for size in sorted({o.output_size for o in plan.options})}
         return plan, outputs, status
@@ -713,9 +729,9 @@ class FacePipeline:
                 target = row_of[faces.image]  # -1: this face's image wants another size
                 face_alpha = face_alpha * ((target >= 0) & plan.aligns).view(-1, 1, 1, 1)
                 target = target.clamp_min(0)
-                rank = _rank_within_image(faces.image, plan.n)
                 all_centre = all(o.only_center_face or o.alignment is not Alignment.DETECT
                                  for o in plan.options)
+                rank = None if all_centre else _rank_within_image(faces.image, plan.n)
                 # One face per image and pass: several faces of one image paste in turn.
                 for r in range(1 if all_centre else MAX_FACES_PER_IMAGE):
                     alpha = face_alpha if all_centre else face_alpha * (rank == r).view(-1, 1, 1, 1)
@@ -734,6 +750,13 @@ class FacePipeline:
                 blended = (1 - f) * plan.aligned_faces[sel] + f * plan.aligned_inputs[sel]
                 canvas = canvas.index_copy(0, rows, imageops.resize_for_output(blended, out_size))
         return canvas
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(tensors), without the copy when all but one are empty (a DETECT-only batch has
+    no ALIGNED crops, a batch of one size group one piece)."""
+    pieces = [t for t in tensors if t.shape[0]]
+    return pieces[0] if len(pieces) == 1 else torch.cat(tensors)
 
 
 def _first_line(error: Exception) -> str:
@@ -859,12 +882,17 @@ def _usable_alignments(affines: torch.Tensor, size: int) -> tuple[torch.Tensor, 
     """(affines, usable): each fit checked (finite, scale in ALIGN_SCALE_RANGE) on the device,
     without a wait; an unusable one is replaced by the plain resize to the template, so that
     the batch's warps stay finite, and is left out of the paste and the status."""
-    scale = affines[:, :, 0].norm(dim=1)
-    usable = torch.isfinite(affines).all(dim=2).all(dim=1) & (scale >= ALIGN_SCALE_RANGE[0]) \
-        & (scale <= ALIGN_SCALE_RANGE[1])
-    # made on the device (torch.tensor from a list would be a blocking upload)
-    resize = torch.eye(2, 3, dtype=affines.dtype, device=affines.device) * (FACE_SIZE / size)
-    return torch.where(usable.view(-1, 1, 1), affines, resize), usable
+    scale = affines[:, :, 0].norm(dim=1)  # NaN fails both comparisons
+    total = affines.sum(dim=(1, 2))  # x - x is 0 for a finite x, NaN for an infinite or NaN one
+    usable = ((total - total) == 0) & (scale >= ALIGN_SCALE_RANGE[0]) & (scale <= ALIGN_SCALE_RANGE[1])
+    return torch.where(usable.view(-1, 1, 1), affines, _plain_resize(size, affines.dtype, affines.device)), usable
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_resize(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(2, 3): the resize of a size x size image to the template, made on the device once
+    (torch.tensor from a list would be a blocking upload)."""
+    return torch.eye(2, 3, dtype=dtype, device=device) * (FACE_SIZE / size)
 
 
 def _download(parts, device: torch.device):
