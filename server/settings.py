@@ -416,8 +416,8 @@ SPECS: tuple[_Spec, ...] = (
           "auto", check=_choice("auto", "reflect", "border")),
     _Spec("parse_upsample", _choice("auto", "nearest", "phases"), "ParseNet's 8 x2 layers: nearest, as "
           "it writes them (upsample to a copy 4 times the input, pad it, 3x3 convolution); phases, "
-          "the same outputs as four 2x2 convolutions of the input itself, one per output phase: no "
-          "upsampled copy and 16 taps per four outputs instead of 36 (those layers are 43 percent "
+          "the same outputs as four 2x2 convolutions of the input itself, one per output phase, run as "
+          "one convolution: no upsampled copy and 16 taps per four outputs instead of 36 (those layers are 43 percent "
           "of ParseNet's FLOPs). The same masks within float rounding. auto: phases (on an H200, on "
           "its own, 0.92x ParseNet's time).", "auto",
           check=_choice("auto", "nearest", "phases")),

@@ -9,7 +9,7 @@
 - `NormFolding`: RetinaFace's and ParseNet's batch norms folded into their convolutions, and
   ParseNet's `x * 1.0` layers dropped.
 - `set_parse_forms`: ParseNet's convolutions without their padding passes (`border_conv2d`),
-  and its x2 layers as four 2x2 convolutions of their input (`upsample_conv2d`).
+  and its x2 layers as four 2x2 convolutions of their input, run as one (`upsample_conv2d`).
 - `resampling_forms`: the networks' x2 / x0.5 resampling and reflection padding as plain
   elementwise ops (fast). On an H200, PyTorch's NCHW bilinear upsampling and reflection padding
   took 37% of GFPGAN's and 37% of ParseNet's time at batch 16 (BENCHMARKS.md, kernels), far
@@ -27,6 +27,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -121,8 +122,9 @@ class SpeedOptions:
     parse_padding: str = "reflect"
     #: "nearest": ParseNet's x2 layers as it writes them: upsample (a copy 4 times the input),
     #: pad, 3x3 convolution; "phases": the same outputs as four 2x2 convolutions of the input
-    #: itself, one per output phase (upsample_conv2d): no upsampled copy, 16 taps per four
-    #: outputs instead of 36. Its 8 x2 layers are 43% of ParseNet's 469 GFLOP a face.
+    #: itself, one per output phase, run as one convolution (upsample_conv2d): no upsampled
+    #: copy, 16 taps per four outputs instead of 36. Its 8 x2 layers are 43% of ParseNet's
+    #: 469 GFLOP a face.
     parse_upsample: str = "nearest"
     #: Compile GFPGAN's and ParseNet's fixed-shape passes with torch.compile (Inductor) at
     #: warm-up, once for every batch size (CompiledForward): elementwise work, padding,
@@ -270,24 +272,16 @@ def _compute_dtype_styleconv_forward(self, x, style, noise=None):
 
 def _halved_energy(conv) -> tuple[torch.Tensor, torch.Tensor]:
     """((c_in, c_out), (1,)) float32: half the sum over the kernel of the squared shared weight,
-    and half of eps, made once per weight on its device (the weights do not change while
-    serving; a reload makes a new tensor)."""
+    and half of eps, made once per weight on its device (_derived). Traced by torch.compile,
+    they are computed in the graph: one read of the decoder's weights a pass, well under a
+    percent of it."""
+    return _derived(conv, "_halved_energy", _make_halved_energy)
+
+
+def _make_halved_energy(conv) -> tuple[torch.Tensor, torch.Tensor]:
     weight = conv.weight
-    if torch.compiler.is_compiling():
-        # Traced code cannot read data_ptr() for the cache key: compute it in the graph (one
-        # read of the decoder's weights a pass, well under a percent of it), so a compiled
-        # pass is right whatever happened to the weights since.
-        energy = weight[0].float().pow(2).sum(dim=(2, 3)).t() / 2
-        return energy, torch.full((1,), conv.eps / 2, dtype=torch.float32, device=weight.device)
-    key = (weight.data_ptr(), weight._version, weight.device)
-    cached = conv.__dict__.get("_halved_energy")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            energy = weight[0].detach().float().pow(2).sum(dim=(2, 3)).t().contiguous() / 2
-            half_eps = torch.full((1,), conv.eps / 2, dtype=torch.float32, device=weight.device)
-        cached = (key, energy, half_eps)
-        conv.__dict__["_halved_energy"] = cached
-    return cached[1], cached[2]
+    energy = weight[0].detach().float().pow(2).sum(dim=(2, 3)).t().contiguous() / 2
+    return energy, torch.full((1,), conv.eps / 2, dtype=torch.float32, device=weight.device)
 
 
 def _lean_styleconv_forward(self, x, style, noise=None):
@@ -841,6 +835,14 @@ def border_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d, pad: int) -> torch.Ten
             if dim == 3:  # the columns, reflected along their length: right at the corners
                 strip = _cat(_reflected(strip, 2, 0, x.shape[2] + 2 * pad, pad), 2)
             part = F.conv2d(strip, weight, bias, s, (0, pad) if dim == 2 else 0, dilation, groups)
+            if len(together) == 2 and all(hi - lo == 1 for lo, hi in together):
+                # one output at each end (a 3x3 window), the strip's first and last: one copy
+                # through views that step from the one to the other
+                (start, _), (end, _) = together
+                every = (slice(None),) * dim
+                out.narrow(dim, start, end - start + 1)[every + (slice(None, None, end - start),)].copy_(
+                    part[every + (slice(None, None, part.shape[dim] - 1),)])
+                continue
             lo, hi = together[0]
             out.narrow(dim, lo, hi - lo).copy_(part.narrow(dim, 0, hi - lo))
             if len(together) == 2:  # the end's outputs are the strip's last ones
@@ -865,25 +867,84 @@ def upsample_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     i, i, i+1: (w0 + w1, w2). The same holds across columns, so each of the four output phases
     (even or odd row, even or odd column) is a 2x2 convolution of x. At the edges the
     upsampled image's reflection repeats the source's edge pixel, which is x padded by
-    replication (on x, a quarter of the upsampled size). The phases are written interleaved
-    into an output of x's layout. Float rounding differs (summed weights, other sums)."""
+    replication (on x, a quarter of the upsampled size).
+
+    The four phases run as one convolution with four times the output channels (phase_weights,
+    made once per weight), each phase's outputs offset by one row or column from the next's;
+    one copy through a strided view of that output interleaves them into an output of x's
+    layout. Three operators (pad, convolution, copy) where four convolutions and four strided
+    writes ran, with the taps summed on every call; the shared output costs (h+1)(w+1) instead
+    of h*w outputs per phase. Float rounding differs from the upsampled form (summed weights,
+    other sums)."""
     n, _, h, w = x.shape
-    weight = conv.weight
+    weight, bias = _derived(conv, "_phase_weights", phase_weights)
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    phases = F.conv2d(padded, weight, bias, 1, 0, 1, conv.groups)  # (n, 4 c, h + 1, w + 1)
+    c = phases.shape[1] // 4
+    # out[:, k, 2i + a, 2j + b] = phases[:, 4k + 2a + b, i + a, j + b]: linear in (k, i, a, j, b)
+    sn, sc, sh, sw = phases.stride()
+    interleaved = phases.as_strided((n, c, h, 2, w, 2), (sn, 4 * sc, sh, 2 * sc + sh, sw, sc + sw),
+                                    phases.storage_offset())
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
+        not x.is_contiguous() else torch.contiguous_format
+    out = torch.empty((n, c, 2 * h, 2 * w), dtype=phases.dtype, device=phases.device, memory_format=layout)
+    out.view(n, c, h, 2, w, 2).copy_(interleaved)
+    return out
+
+
+def phase_weights(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """upsample_conv2d's weights for a 3x3 convolution: (4 c_out, c_in, 2, 2), output channel
+    4k + 2a + b holding channel k's taps for output phase (a, b) (row parity a, column parity
+    b), in the weight's layout; and its bias, each entry four times."""
     def halves(t: torch.Tensor, dim: int) -> list[torch.Tensor]:  # (even phase, odd phase) taps
         k0, k1, k2 = t.unbind(dim)
         return [torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)]
-    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
-        not x.is_contiguous() else torch.contiguous_format
-    out = None
-    for a, rows in enumerate(halves(weight, 2)):
-        for b, taps in enumerate(halves(rows, 3)):
-            phase = F.conv2d(padded[:, :, a:a + h + 1, b:b + w + 1], taps, conv.bias, 1, 0, 1, conv.groups)
-            if out is None:
-                out = torch.empty((n, phase.shape[1], 2 * h, 2 * w), dtype=phase.dtype,
-                                  device=phase.device, memory_format=layout)
-            out[:, :, a::2, b::2] = phase
-    return out
+    weight = conv.weight
+    taps = torch.stack([taps for rows in halves(weight, 2) for taps in halves(rows, 3)], 1)
+    taps = taps.reshape(4 * weight.shape[0], *weight.shape[1:2], 2, 2).contiguous(memory_format=_layout_of(weight))
+    return taps, None if conv.bias is None else conv.bias.repeat_interleave(4)
+
+
+def _derived(conv: torch.nn.Module, name: str, make: Callable):
+    """make(conv): tensors derived from a layer's weight and bias, kept in the layer under
+    `name` until either is replaced or changed (norm folding swaps them, a layout change or an
+    in-place load rewrites them).
+
+    Computed in place, not kept, where a kept value would be wrong: in code torch.compile
+    traces (it cannot read the key; the graph then computes them every pass, fused) and during
+    a CUDA graph capture (the capture records kernels without running them, so the kept tensor
+    would hold nothing until the first replay; GraphedForward's warm-up passes run first, so a
+    capture finds them made)."""
+    if torch.compiler.is_compiling():
+        return make(conv)
+    sources = (conv.weight, getattr(conv, "bias", None))
+    key = tuple(_tensor_key(t) for t in sources)
+    cached = conv.__dict__.get(name)
+    if cached is not None and cached[0] == key and all(
+            ref is None or ref() is tensor for ref, tensor in zip(cached[1], sources)):
+        return cached[2]
+    with torch.no_grad():
+        value = make(conv)
+    if not _capturing(conv.weight.device):
+        conv.__dict__[name] = (key, tuple(None if t is None else weakref.ref(t) for t in sources), value)
+    return value
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph capture is under way on `device`'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple | None:
+    """What identifies a tensor's current values: its memory, its in-place writes (an inference
+    tensor counts none), its type, device and layout."""
+    if t is None:
+        return None
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor: it cannot be written outside inference mode
+        version = None
+    return (t.data_ptr(), version, t.dtype, t.device, tuple(t.shape), t.stride())
 
 
 def _is_upsampling(scale_func) -> bool:
