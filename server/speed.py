@@ -883,8 +883,8 @@ def upsample_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     c = phases.shape[1] // 4
     # out[:, k, 2i + a, 2j + b] = phases[:, 4k + 2a + b, i + a, j + b]: linear in (k, i, a, j, b)
     sn, sc, sh, sw = phases.stride()
-    interleaved = phases.as_strided((n, c, h, 2, w, 2), (sn, 4 * sc, sh, 2 * sc + sh, sw, sc + sw),
-                                    phases.storage_offset())
+    # (from phases' own storage offset, which torch.compile cannot read as a number)
+    interleaved = phases.as_strided((n, c, h, 2, w, 2), (sn, 4 * sc, sh, 2 * sc + sh, sw, sc + sw))
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
         not x.is_contiguous() else torch.contiguous_format
     out = torch.empty((n, c, 2 * h, 2 * w), dtype=phases.dtype, device=phases.device, memory_format=layout)
@@ -901,7 +901,7 @@ def phase_weights(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | N
         return [torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)]
     weight = conv.weight
     taps = torch.stack([taps for rows in halves(weight, 2) for taps in halves(rows, 3)], 1)
-    taps = taps.reshape(4 * weight.shape[0], *weight.shape[1:2], 2, 2).contiguous(memory_format=_layout_of(weight))
+    taps = taps.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).contiguous(memory_format=_layout_of(weight))
     return taps, None if conv.bias is None else conv.bias.repeat_interleave(4)
 
 

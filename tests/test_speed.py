@@ -756,6 +756,33 @@ def test_compiled_forward_is_one_graph_for_every_batch_size_and_never_compiles_a
 
 
 @pytest.mark.compiles
+def test_parsenets_cuda_forms_compile_into_one_graph_and_give_the_eager_values():
+    """The CUDA defaults' ParseNet forms under --compile: an x2 layer as phases (one convolution
+    read through a strided view) and a border convolution, channels-last, compile into one
+    graph for every batch size with the eager values; the phase weights are computed inside the
+    graph, not kept from the trace (a value kept from tracing would be a fake tensor)."""
+    torch.manual_seed(53)
+    up, conv = torch.nn.Conv2d(4, 6, 3).to(TEST_DEVICE), torch.nn.Conv2d(6, 5, 3).to(TEST_DEVICE)
+    up, conv = up.to(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+
+    def fn(x):
+        x = upsample_conv2d(x.contiguous(memory_format=torch.channels_last), up)
+        return torch.nn.functional.leaky_relu(border_conv2d(x, conv, 1), 0.2)
+
+    forward = CompiledForward(fn, "parse-forms", backend=COMPILE_BACKEND)
+    before = _graphs_made()
+    forward.warm(torch.rand(2, 4, 9, 7, device=TEST_DEVICE))
+    assert "_phase_weights" not in up.__dict__
+    with torch.no_grad():
+        for n in (1, 3):
+            x = torch.rand(n, 4, 9, 7, device=TEST_DEVICE)
+            got, want = forward(x), fn(x)
+            assert got.shape == want.shape == (n, 5, 18, 14)
+            assert (got - want).abs().max().item() < 1e-4, n
+    assert forward.eager_calls == 0 and _graphs_made() - before == 1
+
+
+@pytest.mark.compiles
 def test_a_pass_that_fails_to_compile_runs_eagerly_and_is_reported(nets, monkeypatch):
     """The service still starts and serves the same faces; `fallbacks` names what did not take
     effect (gfpgan-bench marks such a variant failed rather than timing the eager form)."""
