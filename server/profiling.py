@@ -375,8 +375,12 @@ class Traffic:
 
 def pass_traffic(fn, face: torch.Tensor) -> Traffic:
     """fn's Traffic over a batch, from its launches at one and at two copies of `face` (a batch
-    of one): the same launches, whose bytes grow by a face's and FLOPs double."""
+    of one): the same launches, whose bytes grow by a face's and FLOPs double. After one call
+    not counted: what a pass makes once and keeps (ParseNet's phase weights: speed._derived) is
+    made at warm-up, not in the passes a service runs."""
     one, two = face[:1], face[:1].expand(2, *face.shape[1:]).contiguous()
+    with torch.no_grad():
+        fn(one)
     small, large = count_pass(fn, one).entries, count_pass(fn, two).entries
     if [name for name, _, _ in small] != [name for name, _, _ in large]:
         raise ValueError("the pass launches other operators for two faces than for one; its "

@@ -473,6 +473,13 @@ def test_the_kernels_step_splits_a_pass_s_bytes_into_those_of_a_face_and_those_o
     # ... and at 1 GFLOP/s the convolution is bound by its FLOPs (15.6 us a pass)
     assert traffic.floor_ms(2, 0.001, 1.0) == pytest.approx((2 * 1152 + 648) / 1e6 / 2 + 2 * conv_flops / 1e6 / 2)
     assert gpu_kernels.pass_traffic(run, torch.rand(1, 3, 8, 8), compiled=True, inductor=False) is None
+    # a pass that makes something once and keeps it (ParseNet's x2 phases, their weights) is
+    # counted as served: after warm-up, the same launches for one face and for two
+    from server.speed import upsample_conv2d
+    up = torch.nn.Conv2d(3, 2, 3)
+    traffic = gpu_kernels.pass_traffic(lambda x: upsample_conv2d(x, up), torch.rand(1, 3, 8, 8),
+                                       compiled=False, inductor=False)
+    assert [name for name, *_ in traffic.launches] == ["aten::replication_pad2d", "aten::convolution", "aten::copy_"]
     matrix, memory = gpu_kernels.card_rates(torch.device("cpu"), torch.float32)
     assert matrix > 0 and memory > 0
     # the rates as the table's note gives them: a CPU's fraction of a TFLOP/s is not "0"
