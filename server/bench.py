@@ -418,6 +418,9 @@ VARIANTS = {
     # torch.compile (Inductor) of GFPGAN's and ParseNet's passes: alone (any device), and inside
     # the CUDA graphs
     "lean+compile": SpeedOptions(modconv="unfused", fold_norms=True, gfpgan_forward="lean", compile=True),
+    # ... the CPU defaults compiled: the CUDA defaults' network forms (ParseNet's border and
+    # phases, channels-last) without CUDA graphs, so the CPU rehearsal compiles what a GPU does
+    "cpu+compile": dataclasses.replace(_CPU_DEFAULTS, compile=True),
     "defaults+compile": dataclasses.replace(_CUDA_DEFAULTS, compile=True),
     "all-forms+compile": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute",
                                              compile=True),
