@@ -110,7 +110,19 @@ def apply_separable(images: torch.Tensor, factory, rows_args: tuple, cols_args: 
 def apply_matrices(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """rows @ image @ cols.T for every image and channel: apply_separable with matrices made
     beforehand (code compiled by torch.compile must not build them: it would trace the Python
-    loops that do)."""
+    loops that do).
+
+    A channels-last batch (the upload, a channels-last network's output) is multiplied in that
+    layout: each image is an (H, W*C) matrix there, then (H'*W, C) rows of W' columns, so no
+    layout copy is made (matmul would copy every image of a batch of more than one to NCHW
+    first: an operator and a pass over the batch that a batch of one does not take). The
+    result stays channels-last."""
+    if images.dim() == 4 and images.shape[1] > 1 and not images.is_contiguous() and \
+            images.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = images.shape
+        tall = torch.matmul(rows, images.permute(0, 2, 3, 1).reshape(n, h, w * c))  # (n, h', w c)
+        out = torch.matmul(cols, tall.view(n * rows.shape[0], w, c))  # (n h', w', c)
+        return out.view(n, rows.shape[0], cols.shape[0], c).permute(0, 3, 1, 2)
     return torch.matmul(torch.matmul(rows, images), cols.transpose(0, 1))
 
 

@@ -32,6 +32,37 @@ def test_resize_equals_cv2(size, method, flag):
     assert np.abs(ours - expected).max() < 1e-3
 
 
+def test_a_channels_last_batch_is_resized_in_its_layout_with_the_same_pixels():
+    """The upload and a channels-last network's output are channels-last: resized in that
+    layout, a batch gives every image's NCHW result (float rounding only), stays channels-last,
+    and runs the same two products for one image as for three, no copy to NCHW first."""
+    faces = torch.from_numpy(make_faces(3, seed=12).astype(np.float32)).to(TEST_DEVICE)
+    nhwc = faces.permute(0, 3, 1, 2)  # channels-last (N, C, H, W), as the pipeline uploads
+    imageops.resize(nhwc[:1], 512, "linear")  # its matrices are made once, here
+    ops = {}
+    for n in (1, 3):
+        with _Ops() as counted:
+            got = imageops.resize(nhwc[:n], 512, "linear")
+        ops[n] = counted.names
+        want = imageops.resize(nhwc[:n].contiguous(), 512, "linear")
+        assert got.shape == want.shape == (n, 3, 512, 512)
+        assert (got - want).abs().max().item() < 1e-3
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    assert ops[1] == ops[3] and "clone" not in ops[3], ops
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in ("view", "permute", "_unsafe_view", "expand", "t",
+                                                 "transpose", "_reshape_alias", "slice"):
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_gaussian_blur_equals_cv2_twice():
     mask = (np.random.default_rng(0).random((512, 512)) > 0.5) * 255.0
     expected = cv2.GaussianBlur(cv2.GaussianBlur(mask, (101, 101), 11), (101, 101), 11)

@@ -822,8 +822,11 @@ def test_profile_counts_launches_and_syncs_per_stage(nets):
             assert {"upload", "gfpgan", "download"} <= set(stages[name, n])
     pipeline.profiler = None
     print(counts)
-    # launches do not grow with the number of faces
+    # launches do not grow with the number of faces (on the CPU not by one: a channels-last
+    # batch is resized in its layout, without the copy to NCHW that a batch of one skipped)
     assert abs(counts["aligned", 1][0] - counts["aligned", 4][0]) <= 0.01 * counts["aligned", 1][0]
+    if TEST_DEVICE.type == "cpu":
+        assert counts["aligned", 1][0] == counts["aligned", 4][0], counts
     assert abs(counts["detect", 1][0] - counts["detect", 4][0]) <= 0.05 * counts["detect", 1][0]
     # an ALIGNED batch waits for the device once, for its results; DETECT also waits on the
     # detections (the threshold's nonzero, the NMS, the face selection)
