@@ -50,14 +50,11 @@ def load_speed(revision: str):
     return module
 
 
-def best_ms(fn, repeats: int) -> float:
+def ms(fn) -> float:
+    """One timed call of fn (each form has run once before: its checks warm it up)."""
+    started = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best * 1000
+    return (time.perf_counter() - started) * 1000
 
 
 def layers(before, repeats: int) -> str:
@@ -78,8 +75,8 @@ def layers(before, repeats: int) -> str:
                 times = {}
                 for _ in range(repeats):  # alternate the two
                     for form in (before, speed):
-                        ms = best_ms(lambda: form.upsample_conv2d(x, conv), 1)
-                        times[form] = min(times.get(form, ms), ms)
+                        took = ms(lambda: form.upsample_conv2d(x, conv))
+                        times[form] = min(times.get(form, took), took)
             lines.append(f"| {c_in} -> {c_out}, {size}x{size}, {batch} | {'channels-last' if nhwc else 'NCHW'} | "
                          f"{times[before]:.1f} | {times[speed]:.1f} | {times[speed] / times[before]:.2f} |")
     return "\n".join(lines)
@@ -111,8 +108,8 @@ def whole_pass(before, batch: int, repeats: int) -> str:
             for _ in range(repeats):
                 for form in (before, speed):
                     use(form)
-                    ms = best_ms(lambda: parser(x), 1)
-                    times[form] = min(times.get(form, ms), ms)
+                    took = ms(lambda: parser(x))
+                    times[form] = min(times.get(form, took), took)
     finally:
         use(speed)
     worst = (logits[before] - logits[speed]).abs().max().item()

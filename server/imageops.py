@@ -262,18 +262,18 @@ def invert_affine(matrices: torch.Tensor) -> torch.Tensor:
     # which would stall the device queue once per call. [[a, b], [c, d]] -> [[d, -b], [-c, a]] / det,
     # the adjugate in one gather and one multiply by its signs.
     flat = matrices.reshape(-1, 6)  # a, b, x, c, d, y
-    order, signs = _adjugate(matrices.device, matrices.dtype)
+    order = _device_matrix(_adjugate, ("order",), matrices.device, torch.int64)
+    signs = _device_matrix(_adjugate, ("signs",), matrices.device, matrices.dtype)
     det = flat[:, 0] * flat[:, 4] - flat[:, 1] * flat[:, 3]
     inv = (flat.index_select(1, order) * signs / det.unsqueeze(1)).view(-1, 2, 2)
     shift = torch.bmm(inv, matrices[:, :, 2:]).neg_()
     return torch.cat([inv, shift], dim=2)
 
 
-@functools.lru_cache(maxsize=16)
-def _adjugate(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """invert_affine's constants on `device`, made once: which entries of (a, b, x, c, d, y)
-    make the adjugate (d, b, c, a), and their signs."""
-    return (torch.tensor([4, 1, 3, 0]).to(device), torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype).to(device))
+def _adjugate(part: str) -> list:
+    """invert_affine's constants (kept on each device by _device_matrix): which entries of
+    (a, b, x, c, d, y) make the adjugate (d, b, c, a) ("order"), and their signs."""
+    return [4, 1, 3, 0] if part == "order" else [1.0, -1.0, -1.0, 1.0]
 
 
 @functools.lru_cache(maxsize=64)
