@@ -268,10 +268,12 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
 
 
 #: The variants step on the GPU: the CUDA defaults against those before the third H200 run
-#: (2026-11-30) and against each of that run's two changes undone, with plain, all forms and the
-#: box mask for reference (the second and third runs measured the others: BENCHMARKS.md).
+#: (2026-11-30) and against each of that run's two changes undone, the fast resampling (rebuilt
+#: since to keep channels-last maps channels-last) and bf16 activations each alone and together
+#: (all-forms), with plain and the box mask for reference (the second and third runs measured
+#: the others: BENCHMARKS.md).
 STEP_VARIANTS = ["plain", "defaults-before", "defaults", "defaults+decoder-nchw", "defaults+parse-own-forms",
-                 "all-forms", "defaults+box"]
+                 "defaults+fast-resample", "defaults+bf16-activations", "all-forms", "defaults+box"]
 #: The compile step: torch.compile's forms beside the defaults. Its ratios are against the
 #: defaults, the choice it informs; plain is timed in the variants step. On the third H200 run
 #: (the defaults of then) its section took 103 s, 29 s and 7 s of it the two forms' warm-ups.

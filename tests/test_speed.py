@@ -23,6 +23,7 @@ from server.pipeline import FacePipeline
 from server.profiling import StageProfiler
 import server.speed as speed_module
 from server.pipeline import parse_logits
+from server.settings import Settings
 from server.speed import (MODULATE_DTYPES, RESAMPLE_DTYPES, CompiledForward, GraphedForward, SpeedOptions,
                           border_conv2d, box_paste_mask, downsample2x_bilinear, graph_buckets, reflection_pad,
                           resampling_forms, set_activation_form, set_modconv_form, set_norm_folding,
@@ -98,9 +99,10 @@ def plain_forms_results(nets):
                                    SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True,
                                                 gfpgan_forward="lean"),
                                    SpeedOptions(resample="fast"),
+                                   dataclasses.replace(Settings().speed_options("cpu"), resample="fast"),
                                    SpeedOptions(fold_norms=True, gfpgan_forward="lean")],
                          ids=["unfused", "unfused-channels-last", "unfused-channels-last-decoder+lean",
-                              "fast-resample", "fold-norms+lean"])
+                              "fast-resample", "cpu-defaults+fast-resample", "fold-norms+lean"])
 def test_speed_forms_give_the_plain_pipelines_faces(nets, plain_forms_results, speed):
     jobs, plain = plain_forms_results
     fast = make_pipeline(nets, speed).enhance(jobs)
@@ -110,6 +112,40 @@ def test_speed_forms_give_the_plain_pipelines_faces(nets, plain_forms_results, s
         mean, worst = levels(a.faces, b.faces)
         print(f"{speed.describe()}: mean {mean:.4f} max {worst:.0f}")
         assert mean < 0.02 and worst <= 2, (mean, worst)
+
+
+def test_fast_resampling_keeps_gfpgans_channels_last_maps_channels_last(nets, monkeypatch):
+    """With the service's forms (GFPGAN's encoder and decoder channels-last) and fast
+    resampling, every map GFPGAN resamples, in its U-Net and its StyleGAN decoder, keeps its
+    layout, and every one of 8x8 or more is NHWC: no convolution after a resampling meets an
+    NCHW input. (At 4x4 the U-Net's bottom map is NCHW in every form: GFPGAN flattens it.)"""
+    gfpgan = nets[0]
+    seen = []
+
+    def nhwc(t):
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+    for name in ("upsample2x_bilinear", "downsample2x_bilinear"):
+        original = getattr(speed_module, name)
+
+        def recorded(x, _f=original, _n=name):
+            out = _f(x)
+            seen.append((_n, tuple(x.shape[1:]), nhwc(x), nhwc(out)))
+            return out
+        monkeypatch.setattr(speed_module, name, recorded)
+    pipeline = make_pipeline(nets, dataclasses.replace(Settings().speed_options("cpu"), resample="fast"))
+    crops = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(4)).to(TEST_DEVICE) * 255
+    try:
+        with torch.no_grad(), pipeline.speed.resampling():
+            gfpgan(pipeline._network_input(crops), return_rgb=False, randomize_noise=False)
+    finally:
+        make_pipeline(nets)  # leave the shared networks in their plain form
+    wide = [entry for entry in seen if entry[1][0] > 3]  # a 3-channel RGB map is both layouts
+    # GFPGAN v1.4: two x0.5 a U-Net down block, two x2 an up block, one x2 a decoder level
+    assert sum(name == "downsample2x_bilinear" for name, *_ in wide) >= 12, seen
+    assert sum(name == "upsample2x_bilinear" for name, *_ in wide) >= 18, seen
+    assert all(before == after for _, _, before, after in wide), seen
+    assert all(before for _, (_, h, _), before, _ in wide if h >= 8), seen
 
 
 def test_decoder_channels_last_runs_the_stylegan_decoder_in_nhwc_and_gives_the_same_faces(nets):
@@ -402,20 +438,53 @@ def test_norm_folding_drops_the_layers_and_keeps_the_networks_outputs(nets):
             assert torch.equal(plain[1][..., 1] > 0.97, folded[1][..., 1] > 0.97)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (1, 5, 7, 9), (2, 2, 16, 1)])
-def test_fast_resampling_equals_torchs(shape):
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (1, 5, 7, 9), (2, 2, 16, 1), (2, 6, 1, 5)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_fast_resampling_equals_torchs(shape, layout):
+    """The fast forms give F.interpolate's and ReflectionPad2d's values (float32 rounding) and
+    keep the input's layout: a channels-last map comes out channels-last, for the convolution
+    after it (an NCHW result there costs a layout conversion or two on cuDNN)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))).to(TEST_DEVICE)
+    x = x.contiguous(memory_format=layout)
     F = torch.nn.functional
-    assert (upsample2x_bilinear(x) - F.interpolate(x, scale_factor=2, mode="bilinear",
-                                                   align_corners=False)).abs().max() < 1e-6
-    assert torch.equal(upsample2x_nearest(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+
+    def kept_layout(out):
+        return out.is_contiguous(memory_format=layout)
+
+    up = upsample2x_bilinear(x)
+    assert (up - F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)).abs().max() < 1e-6
+    nearest = upsample2x_nearest(x)
+    assert torch.equal(nearest, F.interpolate(x, scale_factor=2, mode="nearest"))
+    assert kept_layout(up) and kept_layout(nearest)
     if x.shape[2] > 2 and x.shape[3] > 2:
         assert torch.equal(reflection_pad(x, 1), torch.nn.ReflectionPad2d(1)(x))
         assert torch.equal(reflection_pad(x, 2), torch.nn.ReflectionPad2d(2)(x))
     even = x[..., : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2]
     if even.numel():
-        assert (downsample2x_bilinear(even) - F.interpolate(even, scale_factor=0.5, mode="bilinear",
-                                                            align_corners=False)).abs().max() < 1e-6
+        down = downsample2x_bilinear(even)
+        assert (down - F.interpolate(even, scale_factor=0.5, mode="bilinear", align_corners=False)).abs().max() < 1e-6
+        assert kept_layout(down)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_fast_resampling_in_bf16_rounds_at_most_once_more_than_torch(layout):
+    """In bf16 the fast x2 and x0.5 resamplings round once per dimension where PyTorch's kernel
+    rounds once: within two half-steps of bf16 (2^-8 of the largest input each) of the exact
+    values, where PyTorch's is within one. Measured on float32 interpolation of the same bf16
+    map."""
+    x = torch.randn(2, 16, 12, 10, generator=torch.Generator().manual_seed(5)).to(TEST_DEVICE)
+    x = x.bfloat16().contiguous(memory_format=layout)
+    F = torch.nn.functional
+    scale = float(x.abs().max())
+    for fast, factor in ((upsample2x_bilinear, 2), (downsample2x_bilinear, 0.5)):
+        exact = F.interpolate(x.float(), scale_factor=factor, mode="bilinear", align_corners=False)
+        torchs = F.interpolate(x.float(), scale_factor=factor, mode="bilinear", align_corners=False).bfloat16()
+        out = fast(x)
+        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=layout)
+        assert float((torchs.float() - exact).abs().max()) <= 2 ** -8 * scale
+        worst = float((out.float() - exact).abs().max())
+        assert worst <= 2 * 2 ** -8 * scale, (fast.__name__, worst, scale)
+        assert worst > 0  # (bf16 does round here: the bound is not met by exactness)
 
 
 def test_fast_resampling_is_what_the_networks_run_and_gives_their_output(nets, monkeypatch):
