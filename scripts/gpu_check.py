@@ -129,7 +129,7 @@ def main() -> int:
                             str(faces), "--device", args.device, "--sizes", "1,2" if args.quick else "1,2,3,4,6,8",
                             "--markdown-out", str(out / "batch-rounding.md")], 120),
         ("kernels", [sys.executable, str(ROOT / "scripts" / "gpu_kernels.py"), str(weights),
-                     "--device", args.device, "--batch", big, "--trace-dir", str(out / "traces")], 150),
+                     "--device", args.device, "--batch", big, "--trace-dir", str(out / "traces")], 180),
         ("bench-detect", [*bench, "--alignment", "detect", "--batch-sizes", sizes, *gfpganer_sizes,
                           "--iterations", str(iters), "--markdown-out", str(out / "bench-detect.md")], 240),
         ("bench-aligned", [*bench, "--alignment", "aligned", "--batch-sizes", sizes, *gfpganer_sizes,
@@ -139,7 +139,7 @@ def main() -> int:
                      "--variant-alignments", "aligned,detect", "--markdown-out", str(out / "compile.md")], 240),
         ("variants", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", variant_sizes,
                       "--iterations", str(iters), "--variants",
-                      "plain,fast-resample,defaults,plain+box" if args.quick else ",".join(STEP_VARIANTS),
+                      "plain,fast-resample,defaults,defaults+gfpgan-phases,plain+box" if args.quick else ",".join(STEP_VARIANTS),
                       "--variant-alignments", "aligned,detect", "--markdown-out", str(out / "variants.md")], 240),
         ("profile-plain", [*bench, "PLAIN", "--methods", "", "--alignment", "detect", "--batch-sizes", f"1,{big}",
                            "--iterations", "3", "--profile", "--markdown-out", str(out / "profile-plain.md")], 60),
@@ -270,10 +270,12 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
 #: The variants step on the GPU: the CUDA defaults against those before the third H200 run
 #: (2026-11-30) and against each of that run's two changes undone, the fast resampling (rebuilt
 #: since to keep channels-last maps channels-last) and bf16 activations each alone and together
-#: (all-forms), with plain and the box mask for reference (the second and third runs measured
+#: (all-forms), GFPGAN's x2 layers as phases (alone and with all-forms), with plain and the box
+#: mask for reference (the second and third runs measured
 #: the others: BENCHMARKS.md).
 STEP_VARIANTS = ["plain", "defaults-before", "defaults", "defaults+decoder-nchw", "defaults+parse-own-forms",
-                 "defaults+fast-resample", "defaults+bf16-activations", "all-forms", "defaults+box"]
+                 "defaults+fast-resample", "defaults+bf16-activations", "all-forms", "defaults+gfpgan-phases",
+                 "all-forms+gfpgan-phases", "defaults+box"]
 #: The compile step: torch.compile's forms beside the defaults. Its ratios are against the
 #: defaults, the choice it informs; plain is timed in the variants step. On the third H200 run
 #: (the defaults of then) its section took 103 s, 29 s and 7 s of it the two forms' warm-ups.

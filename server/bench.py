@@ -407,6 +407,11 @@ VARIANTS = {
     # ... the style modulation writing float32 for autocast to cast (the defaults before 2026-11-30)
     "defaults+autocast-modulate": dataclasses.replace(_CUDA_DEFAULTS, modulate_dtype="autocast"),
     "defaults+fast-resample": dataclasses.replace(_CUDA_DEFAULTS, resample="fast"),
+    # ... GFPGAN's x2 layers as phase convolutions of their input (no upsampled map); with the
+    # fast resampling and bf16 activations too, for the x2 and x0.5 resamplings left
+    "defaults+gfpgan-phases": dataclasses.replace(_CUDA_DEFAULTS, gfpgan_upsample="phases"),
+    "all-forms+gfpgan-phases": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute",
+                                                   gfpgan_upsample="phases"),
     "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
     "all-forms": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
     "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
@@ -705,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parse-channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--parse-padding", default="auto", choices=["auto", "reflect", "border"])
     parser.add_argument("--parse-upsample", default="auto", choices=["auto", "nearest", "phases"])
+    parser.add_argument("--gfpgan-upsample", default="auto", choices=["auto", "resample", "phases"])
     parser.add_argument("--decoder-channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile", default="off", choices=["on", "off"])
     parser.add_argument("--profile", action="store_true",
@@ -834,7 +840,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             activations=args.activations, fold_norms=args.fold_norms,
                             gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
                             parse_channels_last=args.parse_channels_last, parse_padding=args.parse_padding,
-                            parse_upsample=args.parse_upsample,
+                            parse_upsample=args.parse_upsample, gfpgan_upsample=args.gfpgan_upsample,
                             decoder_channels_last=args.decoder_channels_last, compile=args.compile,
                             enable_codeformer=args.enable_codeformer)
     except ValueError as error:

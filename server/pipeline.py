@@ -222,7 +222,8 @@ class FacePipeline:
             set_memory_format(self.parser, speed.parse_channels_last)
         if isinstance(self.gfpgan, torch.nn.Module) and hasattr(self.gfpgan, "stylegan_decoder"):
             set_modconv_form(self.gfpgan, speed.modconv, speed.modulate_dtype)
-            set_activation_form(self.gfpgan, speed.activations, speed.gfpgan_forward, speed.modconv)
+            set_activation_form(self.gfpgan, speed.activations, speed.gfpgan_forward, speed.modconv,
+                                speed.gfpgan_upsample)
             _keep_style_input_contiguous(self.gfpgan)
         prepare_resampling(self.parser)
         set_parse_forms(self.parser, speed.parse_padding, speed.parse_upsample)

@@ -63,6 +63,7 @@ class Settings:
     parse_channels_last: str = "auto"
     parse_padding: str = "auto"
     parse_upsample: str = "auto"
+    gfpgan_upsample: str = "auto"
     decoder_channels_last: str = "auto"
     compile: str = "off"
     tls_cert: str = ""
@@ -120,6 +121,7 @@ class Settings:
                             parse_channels_last=on(self.parse_channels_last, True),
                             parse_padding=pick(self.parse_padding, "border"),
                             parse_upsample=pick(self.parse_upsample, "phases"),
+                            gfpgan_upsample=pick(self.gfpgan_upsample, "resample"),
                             decoder_channels_last=on(self.decoder_channels_last, True) and unfused,
                             compile=self.compile == "on")
 
@@ -265,6 +267,9 @@ def _cross_check(s: Settings) -> str | None:
     if s.decoder_channels_last == "on" and s.modconv == "fused":
         return ("--decoder-channels-last on needs --modconv unfused (or auto): the fused form "
                 "builds a weight per face and views it as groups, which NHWC cannot take")
+    if s.gfpgan_upsample == "phases" and (s.modconv == "fused" or s.gfpgan_forward == "gfpgan"):
+        return ("--gfpgan-upsample phases needs --modconv unfused and --gfpgan-forward lean (or "
+                "auto): it is part of the lean forward of the unfused modulated convolution")
     if s.compile == "on" and s.modconv == "fused":
         return ("--compile on needs --modconv unfused (or auto): the fused form's grouped "
                 "convolution has a group per face, another compiled graph for every batch size")
@@ -421,6 +426,14 @@ SPECS: tuple[_Spec, ...] = (
           "of ParseNet's FLOPs). The same masks within float rounding. auto: phases (on an H200, on "
           "its own, 0.92x ParseNet's time).", "auto",
           check=_choice("auto", "nearest", "phases")),
+    _Spec("gfpgan_upsample", _choice("auto", "resample", "phases"), "GFPGAN's 14 x2 layers (its U-Net's "
+          "up blocks, its decoder's upsampling StyleConvs): resample, as it writes them (a bilinear x2 "
+          "to a map 4 times the input, then a 3x3 convolution); phases, the same outputs as four "
+          "3x3 convolutions of the input itself, one per output phase, run as one convolution (no "
+          "upsampled map; an up block's 1x1 skip before its x2). The same faces within float "
+          "rounding. Those x2 resamplings took a third of GFPGAN's time on an H200. Needs the "
+          "unfused modulated convolution and the lean forward. auto: resample (until a GPU run "
+          "times phases).", "auto", check=_choice("auto", "resample", "phases")),
     _Spec("decoder_channels_last", _choice("auto", "on", "off"), "Run the StyleGAN decoder's modulated "
           "convolutions channels-last too (their weights; --channels-last lays out the others), so "
           "that the decoder, most of GFPGAN, runs NHWC instead of NCHW. Takes the unfused form "

@@ -45,6 +45,7 @@ RESAMPLE_DTYPES = ("autocast", "compute")
 MODULATE_DTYPES = ("autocast", "compute")
 GFPGAN_FORWARDS = ("gfpgan", "lean")
 PARSE_PADDINGS = ("reflect", "border")
+GFPGAN_UPSAMPLES = ("resample", "phases")
 PARSE_UPSAMPLES = ("nearest", "phases")
 
 
@@ -126,6 +127,14 @@ class SpeedOptions:
     #: copy, 16 taps per four outputs instead of 36. Its 8 x2 layers are 43% of ParseNet's
     #: 469 GFLOP a face.
     parse_upsample: str = "nearest"
+    #: "resample": GFPGAN's 14 x2 layers (the U-Net's up blocks and the decoder's upsampling
+    #: StyleConvs) as it writes them: a bilinear x2 to a map 4 times the input, then a 3x3
+    #: convolution of it; "phases": the same outputs as four 3x3 convolutions of the input
+    #: itself, one per output phase, run as one (bilinear_upsample_conv2d): no upsampled copy,
+    #: and an up block's 1x1 skip convolution before its x2 instead of after (fewer channels to
+    #: resample). Those resamplings were 20 of GFPGAN's 62 ms a pass of 16 on the third H200
+    #: run. Needs the lean forward and the unfused modulated convolution.
+    gfpgan_upsample: str = "resample"
     #: Compile GFPGAN's and ParseNet's fixed-shape passes with torch.compile (Inductor) at
     #: warm-up, once for every batch size (CompiledForward): elementwise work, padding,
     #: resampling and layout changes fused into the kernels around the convolutions. Needs the
@@ -146,6 +155,11 @@ class SpeedOptions:
             raise ValueError(f"parse_padding must be one of {PARSE_PADDINGS}, got {self.parse_padding!r}")
         if self.parse_upsample not in PARSE_UPSAMPLES:
             raise ValueError(f"parse_upsample must be one of {PARSE_UPSAMPLES}, got {self.parse_upsample!r}")
+        if self.gfpgan_upsample not in GFPGAN_UPSAMPLES:
+            raise ValueError(f"gfpgan_upsample must be one of {GFPGAN_UPSAMPLES}, got {self.gfpgan_upsample!r}")
+        if self.gfpgan_upsample == "phases" and (self.gfpgan_forward != "lean" or self.modconv != "unfused"):
+            raise ValueError("gfpgan_upsample='phases' needs gfpgan_forward='lean' and modconv='unfused' "
+                             "(it is part of the lean forward of the unfused modulated convolution)")
         if self.resample not in RESAMPLE_FORMS:
             raise ValueError(f"resample must be one of {RESAMPLE_FORMS}, got {self.resample!r}")
         if self.resample_dtype not in RESAMPLE_DTYPES:
@@ -208,15 +222,18 @@ def _unfused_forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _modulated(conv, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _modulated(conv, x: torch.Tensor, s: torch.Tensor, straight: bool = False) -> torch.Tensor:
     """x (b, c_in, h, w) scaled by the style s (b, c_in), for `conv`'s unfused convolution.
 
     With modulate_dtype "compute" (set_modconv_form), a float32 map that goes straight into
     the convolution under autocast is written in autocast's dtype by the multiply itself: the
     float32 product rounded once, as autocast's cast of it would be, in one pass instead of a
-    multiply and a cast. Compiled code multiplies as written: the compiler fuses the cast."""
+    multiply and a cast. `straight`: the product goes to a convolution whatever the layer's
+    sample mode (an x2 by phases pads it, a copy, and convolves it). Compiled code multiplies
+    as written: the compiler fuses the cast."""
     scale = s.view(*s.shape, 1, 1).to(x.dtype)
-    if (x.dtype == torch.float32 and conv.sample_mode is None and conv.__dict__.get("_modulate_compute", False)
+    if (x.dtype == torch.float32 and (straight or conv.sample_mode is None)
+            and conv.__dict__.get("_modulate_compute", False)
             and not torch.compiler.is_compiling() and torch.is_autocast_enabled(x.device.type)):
         dtype = torch.get_autocast_dtype(x.device.type)
         if dtype != torch.float32:
@@ -300,7 +317,11 @@ def _lean_styleconv_forward(self, x, style, noise=None):
     s = conv.modulation(style)  # (b, c_in)
     energy, half_eps = _halved_energy(conv)
     gain = torch.rsqrt(torch.addmm(half_eps, s.float().pow(2), energy))  # (b, c_out)
-    if self.__dict__.get("_unfused_conv", False):
+    if self.__dict__.get("_unfused_conv", False) and conv.sample_mode == "upsample" \
+            and self.__dict__.get("_upsample_phases", False):
+        phases, _ = _derived(conv, "_bilinear_phases", _modulated_phase_weights)
+        out = bilinear_upsample_conv2d(_modulated(conv, x, s, straight=True), conv.weight[0], None, phases, None)
+    elif self.__dict__.get("_unfused_conv", False):
         x = _resample(_modulated(conv, x, s), conv.sample_mode)
         out = F.conv2d(x, conv.weight[0].to(x.dtype), padding=conv.padding)
     else:
@@ -383,26 +404,40 @@ def _lean_decoder_forward(self, styles, conditions, input_is_latent=False, noise
 
 
 def set_activation_form(net: torch.nn.Module, form: str, gfpgan_forward: str = "gfpgan",
-                        modconv: str = "fused") -> int:
+                        modconv: str = "fused", upsample: str = "resample") -> int:
     """Switch every StyleConv in `net` to `form` ("promote" or "compute"), and `net` (GFPGAN v1.2-
     v1.4) to `gfpgan_forward` ("gfpgan": its own forwards; "lean": _lean_gfpgan_forward,
     _lean_decoder_forward and _lean_styleconv_forward with the modulated convolution in
-    `modconv`'s form); returns how many StyleConvs."""
+    `modconv`'s form, and its x2 layers in `upsample`'s (SpeedOptions.gfpgan_upsample));
+    returns how many StyleConvs."""
     if form not in ACTIVATION_FORMS:
         raise ValueError(f"activations must be one of {ACTIVATION_FORMS}, got {form!r}")
     if gfpgan_forward not in GFPGAN_FORWARDS:
         raise ValueError(f"gfpgan_forward must be one of {GFPGAN_FORWARDS}, got {gfpgan_forward!r}")
-    from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean, StyleGAN2GeneratorCSFT
+    if upsample not in GFPGAN_UPSAMPLES:
+        raise ValueError(f"gfpgan_upsample must be one of {GFPGAN_UPSAMPLES}, got {upsample!r}")
+    from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean, ResBlock, StyleGAN2GeneratorCSFT
     from gfpgan.archs.stylegan2_clean_arch import StyleConv
     lean = gfpgan_forward == "lean"
+    phases = lean and modconv == "unfused" and upsample == "phases"
     _swap_forward(net, GFPGANv1Clean, _lean_gfpgan_forward if lean else None)
     _swap_forward(net, StyleGAN2GeneratorCSFT, _lean_decoder_forward if lean else None)
+    for module in net.modules():
+        if isinstance(module, ResBlock) and module.scale_factor == 2:
+            if phases:
+                module.forward = _phases_up_block_forward.__get__(module)
+                _derived(module.conv2, "_bilinear_phases", _conv_phase_weights)  # made now
+            else:
+                module.__dict__.pop("forward", None)
     if lean:
         for module in net.modules():
             if isinstance(module, StyleConv):
                 module.__dict__["_unfused_conv"] = modconv == "unfused"
                 module.__dict__["_compute_dtype"] = form == "compute"
+                module.__dict__["_upsample_phases"] = phases
                 _halved_energy(module.modulated_conv)  # made now, not on the first request
+                if phases and module.modulated_conv.sample_mode == "upsample":
+                    _derived(module.modulated_conv, "_bilinear_phases", _modulated_phase_weights)
         return _swap_forward(net, StyleConv, _lean_styleconv_forward)
     return _swap_forward(net, StyleConv, _compute_dtype_styleconv_forward if form == "compute" else None)
 
@@ -704,10 +739,10 @@ def upsample2x_bilinear(x: torch.Tensor) -> torch.Tensor:
     return _upsample_dim(_upsample_dim(x, 3), 2)
 
 
-def _like(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def _like(x: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised tensor of `shape` laid out as x is (channels-last stays channels-last)."""
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.empty(shape, dtype=x.dtype, device=x.device,
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device,
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -950,6 +985,83 @@ def phase_weights(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | N
     taps = torch.stack([taps for rows in halves(weight, 2) for taps in halves(rows, 3)], 1)
     taps = taps.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).contiguous(memory_format=_layout_of(weight))
     return taps, None if conv.bias is None else conv.bias.repeat_interleave(4)
+
+
+#: Bilinear x2 (align_corners=False) then a 3x3 convolution, per output phase: output row 2i
+#: reads upsampled rows 2i-1, 2i, 2i+1, which mix source rows i-1, i, i+1 with weights 3/4 and
+#: 1/4; [phase][tap][k] is how much kernel row k puts on source row i-1+tap (even, odd phase).
+_BILINEAR_PHASES = ((((0.75, 0.25, 0.0), (0.25, 0.75, 0.75), (0.0, 0.0, 0.25))),
+                    (((0.25, 0.0, 0.0), (0.75, 0.75, 0.25), (0.0, 0.25, 0.75))))
+
+
+def bilinear_phase_weights(weight: torch.Tensor) -> torch.Tensor:
+    """bilinear_upsample_conv2d's weights for a 3x3 weight (c_out, c_in, 3, 3): (4 c_out, c_in,
+    3, 3) float32, output channel 4k + 2a + b holding channel k's taps on the source for output
+    phase (a, b) (row parity a, column parity b), in the weight's layout."""
+    mix = torch.tensor(_BILINEAR_PHASES, dtype=torch.float32, device=weight.device)  # (2, 3, 3)
+    taps = torch.einsum("atk,bul,oikl->oabitu", mix, mix, weight.detach().float())
+    return taps.reshape(4 * weight.shape[0], *weight.shape[1:]).contiguous(memory_format=_layout_of(weight))
+
+
+def _conv_phase_weights(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return bilinear_phase_weights(conv.weight), None if conv.bias is None else conv.bias.repeat_interleave(4)
+
+
+def _modulated_phase_weights(conv) -> tuple[torch.Tensor, None]:
+    return bilinear_phase_weights(conv.weight[0]), None
+
+
+def bilinear_upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             phases: torch.Tensor, phase_bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv2d(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), weight,
+    bias, padding=1) for a 3x3 weight, from x itself: no upsampled copy (4 times x) to write and
+    read again. `phases`, `phase_bias`: bilinear_phase_weights(weight) and the bias four times.
+
+    Each output phase (even or odd row, even or odd column) is a 3x3 convolution of x whose
+    taps mix the kernel's (_BILINEAR_PHASES); the four run as one convolution of x padded by
+    replication (the x2 repeats the edge pixel), with four times the output channels, and one
+    copy through a strided view interleaves them into an output of x's layout. The same FLOPs.
+    Only the first and last output rows and columns differ: there the convolution's zero
+    padding meets the upsampled map, not a replicated edge. They are computed again from the
+    upsampled ends of x (two rows or columns at each end, x2 as F.interpolate does), rows
+    first, then columns, corners included. Float rounding differs from the upsampled form."""
+    n, _, h, w = x.shape
+    if h < 2 or w < 2:
+        return F.conv2d(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), weight, bias,
+                        padding=1)
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    four = F.conv2d(padded, phases, phase_bias)  # (n, 4 c, h, w)
+    c = four.shape[1] // 4
+    # out[:, k, 2i + a, 2j + b] = four[:, 4k + 2a + b, i, j]
+    sn, sc, sh, sw = four.stride()
+    out = _like(x, (n, c, 2 * h, 2 * w), four.dtype)
+    out.view(n, c, h, 2, w, 2).copy_(four.as_strided((n, c, h, 2, w, 2), (sn, 4 * sc, sh, 2 * sc, sw, sc)))
+    for dim in (2, 3):
+        size = x.shape[dim]
+        ends = torch.cat([x.narrow(dim, 0, 2), x.narrow(dim, size - 2, 2)], dim)
+        up = F.interpolate(ends, scale_factor=2, mode="bilinear", align_corners=False)  # 8 along dim
+        # upsampled rows 0, 1 and 2h-2, 2h-1 (x2 of two rows gives the first two exactly, of the
+        # last two the last two); zero-padded, the first output is row 0's, the last row 2h-1's
+        strip = torch.cat([up.narrow(dim, 0, 2), up.narrow(dim, 6, 2)], dim)
+        edge = F.conv2d(strip, weight, bias, padding=1)
+        take = [slice(None)] * 4
+        take[dim] = slice(None, None, 3)
+        put = [slice(None)] * 4
+        put[dim] = slice(None, None, out.shape[dim] - 1)
+        out[tuple(put)] = edge[tuple(take)]
+    return out
+
+
+def _phases_up_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """GFPGAN's ResBlock (mode "up") with its x2 and second convolution as
+    bilinear_upsample_conv2d, and its 1x1 skip convolution before the x2 instead of after it
+    (both are linear per pixel, so they commute): the skip's x2 resamples its output channels,
+    half of its input's or as many."""
+    out = F.leaky_relu_(self.conv1(x), negative_slope=0.2)
+    phases, phase_bias = _derived(self.conv2, "_bilinear_phases", _conv_phase_weights)
+    out = F.leaky_relu_(bilinear_upsample_conv2d(out, self.conv2.weight, self.conv2.bias, phases, phase_bias),
+                        negative_slope=0.2)
+    return out + _interpolate(self.skip(x), scale_factor=2, mode="bilinear", align_corners=False)
 
 
 def _derived(conv: torch.nn.Module, name: str, make: Callable):

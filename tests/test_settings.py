@@ -168,3 +168,17 @@ def test_speed_forms_auto_and_overrides():
         .parse_channels_last
     assert not Settings.from_args([], environ={"GFPGAN_DECODER_CHANNELS_LAST": "off"}).speed_options("cpu") \
         .decoder_channels_last
+    # GFPGAN's x2 layers: as it writes them unless asked (no GPU has timed the phases yet); the
+    # phases by flag or variable, refused with the forms they are part of turned off
+    assert cpu.gfpgan_upsample == cuda.gfpgan_upsample == "resample"
+    assert Settings.from_args(["--gfpgan-upsample", "phases"], environ={}).speed_options("cuda") == \
+        dataclasses.replace(cuda, gfpgan_upsample="phases")
+    assert Settings.from_args([], environ={"GFPGAN_GFPGAN_UPSAMPLE": "phases"}).speed_options("cpu") \
+        .gfpgan_upsample == "phases"
+    for other in ({"modconv": "fused"}, {"gfpgan_forward": "gfpgan"}):
+        with pytest.raises(ValueError, match="--gfpgan-upsample phases needs --modconv unfused"):
+            Settings(gfpgan_upsample="phases", **other)
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--gfpgan-upsample", "phases", "--modconv", "fused"], environ={})
+    with pytest.raises(ValueError, match="gfpgan_upsample='phases' needs gfpgan_forward='lean'"):
+        SpeedOptions(modconv="unfused", gfpgan_upsample="phases")

@@ -25,7 +25,7 @@ import server.speed as speed_module
 from server.pipeline import parse_logits
 from server.settings import Settings
 from server.speed import (MODULATE_DTYPES, RESAMPLE_DTYPES, CompiledForward, GraphedForward, SpeedOptions,
-                          border_conv2d, box_paste_mask, downsample2x_bilinear, graph_buckets, reflection_pad,
+                          bilinear_phase_weights, bilinear_upsample_conv2d, border_conv2d, box_paste_mask, downsample2x_bilinear, graph_buckets, reflection_pad,
                           resampling_forms, set_activation_form, set_modconv_form, set_norm_folding,
                           upsample2x_bilinear, upsample2x_nearest, upsample_conv2d)
 from tests.device import TEST_DEVICE, needs_cuda
@@ -100,9 +100,11 @@ def plain_forms_results(nets):
                                                 gfpgan_forward="lean"),
                                    SpeedOptions(resample="fast"),
                                    dataclasses.replace(Settings().speed_options("cpu"), resample="fast"),
+                                   dataclasses.replace(Settings().speed_options("cpu"), gfpgan_upsample="phases"),
                                    SpeedOptions(fold_norms=True, gfpgan_forward="lean")],
                          ids=["unfused", "unfused-channels-last", "unfused-channels-last-decoder+lean",
-                              "fast-resample", "cpu-defaults+fast-resample", "fold-norms+lean"])
+                              "fast-resample", "cpu-defaults+fast-resample", "cpu-defaults+gfpgan-phases",
+                              "fold-norms+lean"])
 def test_speed_forms_give_the_plain_pipelines_faces(nets, plain_forms_results, speed):
     jobs, plain = plain_forms_results
     fast = make_pipeline(nets, speed).enhance(jobs)
@@ -265,6 +267,75 @@ def test_upsampling_convolution_from_phases_is_upsample_pad_convolve(size, nhwc)
     assert got.shape == expected.shape == (2, 5, 2 * size[0], 2 * size[1])
     assert (got - expected).abs().max().item() < 1e-5
     assert got.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (5, 7), (2, 3), (1, 4)])
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_bilinear_upsampling_convolution_from_phases_is_upsample_then_convolve(size, nhwc, with_bias):
+    """bilinear_upsample_conv2d (--gfpgan-upsample phases): four 3x3 convolutions of the input,
+    one per output phase, equal GFPGAN's x2 layer (bilinear x2, then a zero-padded 3x3
+    convolution), the edges and corners too, the output in the input's layout; a map too small
+    for the edge strips (one row) takes the upsampled form. Float rounding only."""
+    torch.manual_seed(size[0] * 10 + size[1])
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1, bias=with_bias).to(TEST_DEVICE)
+    x = torch.randn(2, 6, *size, device=TEST_DEVICE)
+    if nhwc:
+        x, conv = x.contiguous(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        phases = bilinear_phase_weights(conv.weight)
+        assert phases.shape == (20, 6, 3, 3)
+        got = bilinear_upsample_conv2d(x, conv.weight, conv.bias, phases,
+                                       None if conv.bias is None else conv.bias.repeat_interleave(4))
+    assert got.shape == expected.shape == (2, 5, 2 * size[0], 2 * size[1])
+    assert (got - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
+    if size[0] > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+
+def test_gfpgan_upsample_phases_runs_every_x2_layer_from_its_input_and_gives_gfpgans_output(nets, monkeypatch):
+    """--gfpgan-upsample phases: each of GFPGAN v1.4's x2 layers, its U-Net's 7 up blocks and
+    its decoder's 7 upsampling StyleConvs, runs as bilinear_upsample_conv2d, and the only x2
+    resamplings left are the RGB skips' and the up blocks' skips (after their 1x1 convolution:
+    its output channels, not its input's). GFPGAN's output is the upsampled forms' within float32 rounding, and
+    switching back runs GFPGAN's own ResBlock forward again."""
+    gfpgan = nets[0]
+    calls, resampled = [], []
+    original = speed_module.bilinear_upsample_conv2d
+    monkeypatch.setattr(speed_module, "bilinear_upsample_conv2d",
+                        lambda x, *a: calls.append(tuple(x.shape[1:])) or original(x, *a))
+    resample = speed_module._resampled  # (what GFPGAN's F.interpolate and the lean forwards call)
+    monkeypatch.setattr(speed_module, "_resampled",
+                        lambda x, size, scale, *a, **k: resampled.append((tuple(x.shape[1:]), scale))
+                        or resample(x, size, scale, *a, **k))
+    x = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(8)).to(TEST_DEVICE) * 2 - 1
+    cpu = Settings().speed_options("cpu")
+    outputs = {}
+    try:
+        for form in ("resample", "phases"):
+            pipeline = make_pipeline(nets, dataclasses.replace(cpu, gfpgan_upsample=form))
+            calls.clear()
+            resampled.clear()
+            with torch.no_grad(), pipeline.speed.resampling():
+                outputs[form] = gfpgan(pipeline._network_input(x * 127.5 + 127.5), return_rgb=False,
+                                       randomize_noise=False)[0]
+            ups = [shape for shape, scale in resampled if scale == 2]
+            # x2 resamplings: each ToRGB's RGB skip (7) in both forms; as GFPGAN writes it, each up
+            # block's main path and skip (14) and each upsampling StyleConv (7); with phases, the
+            # up blocks' skips alone, after their 1x1 convolution (the test's narrow GFPGAN has
+            # 2 output channels in the last, which is why channels alone cannot tell them apart)
+            if form == "resample":
+                assert calls == [] and len(ups) == 7 + 14 + 7, ups
+            else:
+                assert len(calls) == 14 and len(ups) == 7 + 7, (calls, ups)
+    finally:
+        make_pipeline(nets)  # leave the shared networks in their plain form
+    from gfpgan.archs.gfpganv1_clean_arch import ResBlock
+    assert all("forward" not in m.__dict__ for m in gfpgan.modules() if isinstance(m, ResBlock))
+    worst = (outputs["phases"] - outputs["resample"]).abs().max().item()
+    print(f"gfpgan upsample phases: max {worst:.2e} of {outputs['resample'].abs().max().item():.2f}")
+    assert worst < 1e-4 * max(1.0, outputs["resample"].abs().max().item()), worst
 
 
 def _launches(fn) -> dict[str, int]:
