@@ -117,7 +117,8 @@ def test_every_speed_variant_is_chosen_by_its_flags():
 
 def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_not_timed(capsys):
     """gfpgan-bench --variants times what a form runs: a compile that fell back at warm-up, or
-    compiled passes that ran eagerly while being timed, make the row a failure, not a number."""
+    compiled passes that ran eagerly while being timed, make the row a failure, not a number;
+    off CUDA a variant's CUDA graphs are off, and its row's name says so."""
     import dataclasses
 
     import torch
@@ -167,6 +168,15 @@ def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_no
     table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["all-forms+compile", "cpu"],
                            iterations=1, seconds=None, sync=lambda: None)
     assert re.search(r"^\| cpu \| aligned \| 2 \| [\d.]+ \| - \|", table, flags=re.M) and "nan" not in table
+    # off CUDA a variant with CUDA graphs runs its network forms without them, and says so
+    stub.device = torch.device("cpu")
+    speeds = []
+    stub.set_speed = lambda speed: speeds.append(speed) or setattr(stub, "speed", speed)
+    table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["plain", "defaults+gfpgan-phases"],
+                           iterations=1, seconds=None, sync=lambda: None)
+    assert re.search(r"^\| defaults\+gfpgan-phases \(no CUDA graphs off CUDA\) \| aligned \| 2 \| [\d.]+ \| "
+                     r"[\d.]+x \|", table, flags=re.M), table
+    assert speeds[1] == dataclasses.replace(VARIANTS["defaults+gfpgan-phases"], cuda_graphs=False)
 
 
 def test_memory_off_cuda_is_the_counted_peak_of_a_batch_s_tensors(small_weights, capsys):
