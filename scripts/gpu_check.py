@@ -271,8 +271,7 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
 #: (2026-11-30) and against each of that run's two changes undone, the fast resampling (rebuilt
 #: since to keep channels-last maps channels-last) and bf16 activations each alone and together
 #: (all-forms), GFPGAN's x2 layers as phases (alone and with all-forms), with plain and the box
-#: mask for reference (the second and third runs measured
-#: the others: BENCHMARKS.md).
+#: mask for reference (the second and third runs measured the others: BENCHMARKS.md).
 STEP_VARIANTS = ["plain", "defaults-before", "defaults", "defaults+decoder-nchw", "defaults+parse-own-forms",
                  "defaults+fast-resample", "defaults+bf16-activations", "all-forms", "defaults+gfpgan-phases",
                  "all-forms+gfpgan-phases", "defaults+box"]

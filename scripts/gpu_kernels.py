@@ -40,7 +40,8 @@ GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
 #: The third H200 run (2026-11-30, BENCHMARKS.md) profiled the dtype, layout, padding and
 #: resampling forms one by one; what is left: GFPGAN's own forms, the CUDA defaults before and
 #: after it, the fast resampling rebuilt since and GFPGAN's x2 layers as phases (each alone,
-#: and together with bf16 activations), and the compiled defaults (`--forms` takes any of gfpgan-bench's variants)
+#: and together with bf16 activations), and the compiled defaults (`--forms` takes any of
+#: gfpgan-bench's variants)
 FORMS = ["plain", "defaults-before", "defaults", "defaults+fast-resample", "defaults+gfpgan-phases",
          "all-forms+gfpgan-phases", "defaults+compile"]
 #: Kernel families by name, the first that matches: CUDA kernels as torch.profiler names them on

@@ -500,11 +500,16 @@ def bench_variants(pipeline, faces, batch_sizes, alignments, names, iterations, 
     less the graphs)."""
     rows, failures = {}, {}
     original = pipeline.speed
+    graphless = pipeline.device.type != "cuda"
+
+    def label(variant: str) -> str:
+        return f"{variant} (no CUDA graphs off CUDA)" if graphless and VARIANTS[variant].cuda_graphs else variant
+
     try:
         for variant in names:
-            speed, name = VARIANTS[variant], variant
-            if speed.cuda_graphs and pipeline.device.type != "cuda":
-                speed, name = dataclasses.replace(speed, cuda_graphs=False), f"{variant} (no CUDA graphs off CUDA)"
+            speed, name = VARIANTS[variant], label(variant)
+            if speed.cuda_graphs and graphless:
+                speed = dataclasses.replace(speed, cuda_graphs=False)
             try:
                 pipeline.set_speed(speed)
                 started = time.perf_counter()
@@ -532,7 +537,7 @@ def bench_variants(pipeline, faces, batch_sizes, alignments, names, iterations, 
                 failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     finally:
         pipeline.set_speed(original)
-    reference = "plain" if "plain" in names else next(iter(rows), (names[0],))[0]  # what the ratios are against
+    reference = "plain" if "plain" in names else label(names[0])  # what the ratios are against
     lines = [f"| variant | alignment | batch | faces/s | vs {reference} | p50 ms |", "|---|---|---:|---:|---:|---:|"]
     for (name, alignment, b), (rate, p50) in rows.items():
         if alignment == "failed":

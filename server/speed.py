@@ -317,8 +317,7 @@ def _lean_styleconv_forward(self, x, style, noise=None):
     s = conv.modulation(style)  # (b, c_in)
     energy, half_eps = _halved_energy(conv)
     gain = torch.rsqrt(torch.addmm(half_eps, s.float().pow(2), energy))  # (b, c_out)
-    if self.__dict__.get("_unfused_conv", False) and conv.sample_mode == "upsample" \
-            and self.__dict__.get("_upsample_phases", False):
+    if self.__dict__.get("_upsample_phases", False):  # (an unfused x2 layer: set_activation_form)
         phases, _ = _derived(conv, "_bilinear_phases", _modulated_phase_weights)
         out = bilinear_upsample_conv2d(_modulated(conv, x, s, straight=True), conv.weight[0], None, phases, None)
     elif self.__dict__.get("_unfused_conv", False):
@@ -434,9 +433,9 @@ def set_activation_form(net: torch.nn.Module, form: str, gfpgan_forward: str = "
             if isinstance(module, StyleConv):
                 module.__dict__["_unfused_conv"] = modconv == "unfused"
                 module.__dict__["_compute_dtype"] = form == "compute"
-                module.__dict__["_upsample_phases"] = phases
+                module.__dict__["_upsample_phases"] = phases and module.modulated_conv.sample_mode == "upsample"
                 _halved_energy(module.modulated_conv)  # made now, not on the first request
-                if phases and module.modulated_conv.sample_mode == "upsample":
+                if module.__dict__["_upsample_phases"]:
                     _derived(module.modulated_conv, "_bilinear_phases", _modulated_phase_weights)
         return _swap_forward(net, StyleConv, _lean_styleconv_forward)
     return _swap_forward(net, StyleConv, _compute_dtype_styleconv_forward if form == "compute" else None)
@@ -741,9 +740,7 @@ def upsample2x_bilinear(x: torch.Tensor) -> torch.Tensor:
 
 def _like(x: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised tensor of `shape` laid out as x is (channels-last stays channels-last)."""
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device,
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=_layout_of(x))
 
 
 def _upsample_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -967,9 +964,7 @@ def upsample_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     sn, sc, sh, sw = phases.stride()
     # (from phases' own storage offset, which torch.compile cannot read as a number)
     interleaved = phases.as_strided((n, c, h, 2, w, 2), (sn, 4 * sc, sh, 2 * sc + sh, sw, sc + sw))
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
-        not x.is_contiguous() else torch.contiguous_format
-    out = torch.empty((n, c, 2 * h, 2 * w), dtype=phases.dtype, device=phases.device, memory_format=layout)
+    out = _like(x, (n, c, 2 * h, 2 * w), phases.dtype)
     out.view(n, c, h, 2, w, 2).copy_(interleaved)
     return out
 
@@ -990,8 +985,8 @@ def phase_weights(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | N
 #: Bilinear x2 (align_corners=False) then a 3x3 convolution, per output phase: output row 2i
 #: reads upsampled rows 2i-1, 2i, 2i+1, which mix source rows i-1, i, i+1 with weights 3/4 and
 #: 1/4; [phase][tap][k] is how much kernel row k puts on source row i-1+tap (even, odd phase).
-_BILINEAR_PHASES = ((((0.75, 0.25, 0.0), (0.25, 0.75, 0.75), (0.0, 0.0, 0.25))),
-                    (((0.25, 0.0, 0.0), (0.75, 0.75, 0.25), (0.0, 0.25, 0.75))))
+_BILINEAR_PHASES = (((0.75, 0.25, 0.0), (0.25, 0.75, 0.75), (0.0, 0.0, 0.25)),
+                    ((0.25, 0.0, 0.0), (0.75, 0.75, 0.25), (0.0, 0.25, 0.75)))
 
 
 def bilinear_phase_weights(weight: torch.Tensor) -> torch.Tensor:
