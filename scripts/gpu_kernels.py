@@ -38,12 +38,12 @@ sys.path.insert(0, str(ROOT))
 
 GFLOP_PER_FACE = {"gfpgan": 395.5, "parse": 469.0}
 #: The third H200 run (2026-11-30, BENCHMARKS.md) profiled the dtype, layout, padding and
-#: resampling forms one by one; what is left: GFPGAN's own forms, the CUDA defaults before and
-#: after it, the fast resampling rebuilt since and GFPGAN's x2 layers as phases (each alone,
-#: and together with bf16 activations), and the compiled defaults (`--forms` takes any of
-#: gfpgan-bench's variants)
-FORMS = ["plain", "defaults-before", "defaults", "defaults+fast-resample", "defaults+gfpgan-phases",
-         "all-forms+gfpgan-phases", "defaults+compile"]
+#: resampling forms one by one; what is left: GFPGAN's own forms, the CUDA forms uncompiled
+#: before and after it, the fast resampling rebuilt since and GFPGAN's x2 layers as phases (each
+#: alone, and together with bf16 activations), and the service's defaults, compiled, alone and
+#: with the phases (`--forms` takes any of gfpgan-bench's variants)
+FORMS = ["plain", "eager-before", "eager", "eager+fast-resample", "eager+gfpgan-phases",
+         "all-forms+gfpgan-phases", "defaults", "defaults+gfpgan-phases"]
 #: Kernel families by name, the first that matches: CUDA kernels as torch.profiler names them on
 #: the GPU, ATen operators on the CPU.
 FAMILIES = [

@@ -380,41 +380,49 @@ def bench_service_process(address, faces, batch_sizes, options, iterations, seco
 _CPU_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True, fold_norms=True,
                              gfpgan_forward="lean", parse_channels_last=True, parse_padding="border",
                              parse_upsample="phases", resample_dtype="compute", modulate_dtype="compute")
-#: The service's CUDA defaults: the CPU's forms, with CUDA graphs and fixed-size selection
-_CUDA_DEFAULTS = dataclasses.replace(_CPU_DEFAULTS, cuda_graphs=True, fixed_selection=True)
+#: The service's CUDA forms run eagerly: the CPU's forms, with CUDA graphs and fixed-size
+#: selection (the CUDA defaults until 2026-12-01, when the defaults began compiling them)
+_CUDA_EAGER = dataclasses.replace(_CPU_DEFAULTS, cuda_graphs=True, fixed_selection=True)
+#: The service's CUDA defaults: those forms compiled by torch.compile, inside the graphs
+_CUDA_DEFAULTS = dataclasses.replace(_CUDA_EAGER, compile=True)
 #: ... and before 2026-11-30, what every H200 run until then called "defaults": the decoder and
 #: ParseNet in their own NCHW forms, ParseNet with its padding passes and upsampled copies
-_CUDA_BEFORE = dataclasses.replace(_CUDA_DEFAULTS, decoder_channels_last=False, parse_channels_last=False,
+_CUDA_BEFORE = dataclasses.replace(_CUDA_EAGER, decoder_channels_last=False, parse_channels_last=False,
                                    parse_padding="reflect", parse_upsample="nearest")
 #: The speed forms `--variants` compares, each against "plain" (GFPGAN's own forms) in one run.
+#: "defaults" is what the service runs on CUDA; "eager" the same forms uncompiled, which the
+#: H200 runs until 2026-11-30 called "defaults" ("eager+X" was "defaults+X" there, and
+#: "defaults+X" now was "defaults+X+compile").
 VARIANTS = {
     "plain": SpeedOptions(),
     "fold-norms": SpeedOptions(fold_norms=True),
     "lean": SpeedOptions(gfpgan_forward="lean"),
     "fast-resample": SpeedOptions(resample="fast"),
     "bf16-activations": SpeedOptions(activations="compute"),
-    # the service's CUDA defaults now (Settings.speed_options("cuda"))
+    # the service's CUDA defaults (Settings.speed_options("cuda") where Triton can build)
     "defaults": _CUDA_DEFAULTS,
+    # ... uncompiled (the service's CUDA forms where Triton cannot build, or --compile off)
+    "eager": _CUDA_EAGER,
     # ... and before the third H200 run (2026-11-30) made the decoder and ParseNet channels-last
     # and took ParseNet's padding passes and upsampled copies away
-    "defaults-before": _CUDA_BEFORE,
-    # ... the defaults with either of those two changes undone: what each adds to the other
-    "defaults+decoder-nchw": dataclasses.replace(_CUDA_DEFAULTS, decoder_channels_last=False),
-    "defaults+parse-own-forms": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=False,
-                                                    parse_padding="reflect", parse_upsample="nearest"),
+    "eager-before": _CUDA_BEFORE,
+    # ... the eager forms with either of those two changes undone: what each adds to the other
+    "eager+decoder-nchw": dataclasses.replace(_CUDA_EAGER, decoder_channels_last=False),
+    "eager+parse-own-forms": dataclasses.replace(_CUDA_EAGER, parse_channels_last=False,
+                                                 parse_padding="reflect", parse_upsample="nearest"),
     # ... resampling bf16 maps in float32, as CUDA autocast does (the defaults before 2026-11-29)
-    "defaults+autocast-resample": dataclasses.replace(_CUDA_DEFAULTS, resample_dtype="autocast"),
+    "eager+autocast-resample": dataclasses.replace(_CUDA_EAGER, resample_dtype="autocast"),
     # ... the style modulation writing float32 for autocast to cast (the defaults before 2026-11-30)
-    "defaults+autocast-modulate": dataclasses.replace(_CUDA_DEFAULTS, modulate_dtype="autocast"),
-    "defaults+fast-resample": dataclasses.replace(_CUDA_DEFAULTS, resample="fast"),
+    "eager+autocast-modulate": dataclasses.replace(_CUDA_EAGER, modulate_dtype="autocast"),
+    "eager+fast-resample": dataclasses.replace(_CUDA_EAGER, resample="fast"),
     # ... GFPGAN's x2 layers as phase convolutions of their input (no upsampled map); with the
     # fast resampling and bf16 activations too, for the x2 and x0.5 resamplings left
-    "defaults+gfpgan-phases": dataclasses.replace(_CUDA_DEFAULTS, gfpgan_upsample="phases"),
-    "all-forms+gfpgan-phases": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute",
+    "eager+gfpgan-phases": dataclasses.replace(_CUDA_EAGER, gfpgan_upsample="phases"),
+    "all-forms+gfpgan-phases": dataclasses.replace(_CUDA_EAGER, resample="fast", activations="compute",
                                                    gfpgan_upsample="phases"),
-    "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
-    "all-forms": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
-    "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
+    "eager+bf16-activations": dataclasses.replace(_CUDA_EAGER, activations="compute"),
+    "all-forms": dataclasses.replace(_CUDA_EAGER, resample="fast", activations="compute"),
+    "eager+box": dataclasses.replace(_CUDA_EAGER, paste_mask="box"),
     "plain+box": SpeedOptions(paste_mask="box"),
     # the service's CPU defaults now (Settings.speed_options("cpu")), and the CPU's before them
     # (GFPGAN's fused convolution, everything NCHW, ParseNet's own padding and x2 layers)
@@ -426,13 +434,13 @@ VARIANTS = {
     # ... the CPU defaults compiled: the CUDA defaults' network forms (ParseNet's border and
     # phases, channels-last) without CUDA graphs, so the CPU rehearsal compiles what a GPU does
     "cpu+compile": dataclasses.replace(_CPU_DEFAULTS, compile=True),
-    "defaults+compile": dataclasses.replace(_CUDA_DEFAULTS, compile=True),
-    "all-forms+compile": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute",
-                                             compile=True),
+    "all-forms+compile": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
+    # ... GFPGAN's x2 layers as phases, compiled: no upsampled map for Inductor to write either
+    "defaults+gfpgan-phases": dataclasses.replace(_CUDA_DEFAULTS, gfpgan_upsample="phases"),
     # ... with the box paste mask: no ParseNet (DETECT's other target, 800 faces/s on an H100)
-    "defaults+box+compile": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box", compile=True),
+    "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
     # ... with bf16 activations (counted compiled, the same bytes as the defaults: BENCHMARKS.md)
-    "defaults+bf16-activations+compile": dataclasses.replace(_CUDA_DEFAULTS, activations="compute", compile=True),
+    "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
 }
 
 
@@ -719,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parse-upsample", default="auto", choices=["auto", "nearest", "phases"])
     parser.add_argument("--gfpgan-upsample", default="auto", choices=["auto", "resample", "phases"])
     parser.add_argument("--decoder-channels-last", default="auto", choices=["auto", "on", "off"])
-    parser.add_argument("--compile", default="off", choices=["on", "off"])
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
                              "syncs per stage and per batch")

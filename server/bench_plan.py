@@ -44,16 +44,19 @@ def variant_flags() -> dict[str, list[str]]:
 
 def compiles(flags: list[str]) -> bool:
     """Whether gfpgan-bench `flags` choose the compiled form, or name a compiled variant among
-    their --variants (a warm-up then compiles)."""
-    pairs = list(zip(flags, flags[1:]))
-    if any(a == "--compile" and b == "on" for a, b in pairs):
-        return True
-    named = [name for a, b in pairs if a == "--variants" for name in b.split(",")]
-    if not named:
-        return False
-    from server.bench import VARIANTS
+    their --variants (a warm-up then compiles). On CUDA the service's defaults compile
+    (--compile auto), so a section there compiles unless its flags turn compile off or pick the
+    fused convolution, which auto does not compile."""
+    pairs = dict(zip(flags, flags[1:]))
+    named = [name for a, b in zip(flags, flags[1:]) if a == "--variants" for name in b.split(",")]
+    if named:
+        from server.bench import VARIANTS
 
-    return any(VARIANTS[name].compile for name in named if name in VARIANTS)
+        return any(VARIANTS[name].compile for name in named if name in VARIANTS)
+    setting = pairs.get("--compile", "auto")
+    if setting == "auto":
+        return pairs.get("--device") == "cuda" and pairs.get("--modconv") != "fused"
+    return setting == "on"
 
 
 def best_variant(tables: list[Path]) -> str:

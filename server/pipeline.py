@@ -25,7 +25,7 @@ from server.detection import FaceDetector, Faces, centre_choice, centre_mask
 from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo
 from server.steady import VideoState
 from server.speed import (CompiledForward, GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
-                          check_speed_device, graph_buckets, prepare_resampling,
+                          check_speed_device, compile_toolchain_problem, graph_buckets, prepare_resampling,
                           reset_compiled, set_activation_form, set_norm_folding, set_memory_format,
                           set_modconv_form, set_parse_forms)
 
@@ -44,6 +44,14 @@ _FACE_CLASSES = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0]
 # 10-pixel frame.
 _MASK_BLUR = (101, 11.0, 2)
 _MASK_FRAME = 10
+#: How far a compiled pass's output may be from the float32 eager pass's, at warm-up, in levels
+#: of 0..255 (a mask's 0..1 scaled to it), over its mean and its 99.9th percentile: twice as far
+#: as the eager pass in the service's dtype is, plus these. Compiled code rounds in another order
+#: (float32 inside fused kernels where eager rounds each bf16 result), so in bf16 it is often
+#: nearer float32 than eager is; a compiler bug (a wrong stride, a dropped term) moves faces by
+#: tens of levels. In float32 the eager pass is the reference, and half a level on average, 4 at
+#: the 99.9th percentile, is what reordered float32 sums may move.
+COMPILE_CHECK_SLACK = (0.5, 4.0)
 # Most faces in one network pass. At 64 faces GFPGAN's last upsampling (64 x 128 x 512 x 512)
 # and ParseNet's reflect padding pass 2**31 elements, beyond which CUDA kernels refuse to index
 # ("input tensor must fit into 32-bit index math", seen on an H200); batches of 32 run as fast
@@ -68,6 +76,19 @@ def _to_network(images_bgr: torch.Tensor) -> torch.Tensor:
 def _from_network(output_rgb: torch.Tensor) -> torch.Tensor:
     """Network output [-1, 1] RGB -> 0..255 BGR, rounded like basicsr's tensor2img."""
     return ((output_rgb.float().clamp(-1, 1) + 1.0) * 127.5).round().flip(1)
+
+
+def check_crops(n: int, device: torch.device) -> torch.Tensor:
+    """n 0..255 BGR template crops (n, 3, 512, 512), the same on every call, that vary at every
+    scale from the whole face down to single pixels: what a pass is checked on at warm-up, where
+    a flat grey crop would leave most of a network's arithmetic multiplying constants."""
+    generator = torch.Generator().manual_seed(20261130)
+    crops = torch.full((n, 3, FACE_SIZE, FACE_SIZE), 128.0)
+    for size, spread in ((4, 60.0), (16, 35.0), (64, 20.0), (FACE_SIZE, 8.0)):
+        noise = torch.randn(n, 3, size, size, generator=generator) * spread
+        crops += torch.nn.functional.interpolate(noise, size=(FACE_SIZE, FACE_SIZE), mode="bilinear",
+                                                 align_corners=False) if size < FACE_SIZE else noise
+    return crops.clamp(0, 255).round().to(device)
 
 
 def parse_logits(parser: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -190,6 +211,8 @@ class FacePipeline:
         self._mask_blur = imageops.gaussian_blur_matrices(FACE_SIZE, FACE_SIZE, *_MASK_BLUR,
                                                           device=self.device, dtype=torch.float32)
         self._staging = _HostStaging(self.device, self)
+        #: Passes run in float32 whatever self.dtype is (the compiled passes' check at warm-up).
+        self._float32_reference = False
         self._noise_plan: NoisePlan | None = None
         self._graphs: dict[str, GraphedForward] = {}
         #: GFPGAN's fixed-noise pass and ParseNet's masks as the batch runs them: the methods, or
@@ -301,7 +324,44 @@ class FacePipeline:
                 self.fallbacks.append(f"compile of {name}: {_first_line(error)}")
                 self._fixed[name] = forward.fn
                 continue
-            log.info("compiled %s in %.1f s", name, time.monotonic() - started)
+            problem = self._check_compiled(forward)
+            if problem:
+                log.warning("compiled %s gives other faces than its eager pass, it runs eagerly: %s",
+                            name, problem)
+                self.fallbacks.append(f"compile of {name}: {problem}")
+                self._fixed[name] = forward.fn
+                continue
+            log.info("compiled %s in %.1f s, its faces checked against the eager pass", name,
+                     time.monotonic() - started)
+
+    def _check_compiled(self, forward: CompiledForward) -> str | None:
+        """What is wrong with a compiled pass's output, or None: compiled and eager (in the
+        service's dtype) against eager float32, on two crops that vary at every scale.
+
+        The compiled pass is fine when it is no further from float32 than twice the eager pass
+        is, plus COMPILE_CHECK_SLACK, in mean and in 99.9th percentile. Relative to the eager
+        pass's own error, so that the check holds for any weights and dtype. Runs the network
+        three times on two crops, at warm-up only."""
+        sample = check_crops(2, self.device)
+        compiled = forward(sample).float()
+        eager = forward.fn(sample).float()
+        self._float32_reference = True
+        try:
+            reference = forward.fn(sample).float()
+        finally:
+            self._float32_reference = False
+        scale = 255.0 if forward.name == "parse" else 1.0  # masks are 0..1
+        worst = []
+        for output in (compiled, eager):
+            d = (output - reference).abs().flatten() * scale
+            worst.append((float(d.mean()), float(torch.quantile(d, 0.999)) if d.numel() else 0.0))
+        (mean, high), (eager_mean, eager_high) = worst
+        allowed = (2 * eager_mean + COMPILE_CHECK_SLACK[0], 2 * eager_high + COMPILE_CHECK_SLACK[1])
+        if not (np.isfinite(mean) and np.isfinite(high)) or mean > allowed[0] or high > allowed[1]:
+            return (f"{mean:.2f} levels from float32 on average and {high:.1f} at the 99.9th "
+                    f"percentile, where the eager pass is {eager_mean:.2f} and {eager_high:.1f} "
+                    f"(allowed: {allowed[0]:.2f} and {allowed[1]:.1f})")
+        return None
 
     @property
     def graphed(self) -> list[str]:
@@ -547,7 +607,7 @@ class FacePipeline:
     def _autocast(self):
         """Around every network pass: the compute dtype, and the resampling forms."""
         with self.speed.resampling():
-            if self.dtype == torch.float32:
+            if self.dtype == torch.float32 or self._float32_reference:
                 yield
                 return
             # No weight cache: each weight is used once per pass, and a cache breaks graph capture.
@@ -1022,6 +1082,10 @@ def build_pipeline(settings) -> FacePipeline | ModelRouter:
         raise ValueError(f"two resident restorers share an id ({', '.join(ids)}): load each model once")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        problem = compile_toolchain_problem() if settings.compile == "auto" else None
+        if problem:
+            log.warning("--compile auto: off, torch.compile cannot build GPU code here: %s "
+                        "(the passes run eagerly, at about half the speed)", problem)
     listed = tuple(r.restorer_info() for r in restorers)
     pipelines = {}
     for restorer in restorers:

@@ -65,7 +65,7 @@ class Settings:
     parse_upsample: str = "auto"
     gfpgan_upsample: str = "auto"
     decoder_channels_last: str = "auto"
-    compile: str = "off"
+    compile: str = "auto"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -99,9 +99,11 @@ class Settings:
         unfused modulated convolution with the whole of GFPGAN channels-last, decoder included
         (0.80x GFPGAN's time at batch 4 on the CPU, 0.87x at 16 on an H200), and ParseNet
         channels-last without padding passes and with its x2 layers as phases (0.59x ParseNet's
-        time on the CPU, 0.68x on the H200). On CUDA also CUDA graphs and fixed-size selection;
-        torch.compile stays off until a GPU run checks its faces against the eager passes."""
-        from server.speed import SpeedOptions
+        time on the CPU, 0.68x on the H200). On CUDA also CUDA graphs, fixed-size selection and
+        torch.compile (2.1-2.7x the faces/s on the H200), when Triton can build there
+        (speed.compile_toolchain_problem); each compiled pass is checked against the eager one at
+        warm-up, and one that differs runs eagerly (FacePipeline._check_compiled)."""
+        from server.speed import SpeedOptions, compile_toolchain_problem
 
         cuda = device_type == "cuda"
         def pick(value: str, auto: str) -> str:
@@ -123,7 +125,8 @@ class Settings:
                             parse_upsample=pick(self.parse_upsample, "phases"),
                             gfpgan_upsample=pick(self.gfpgan_upsample, "resample"),
                             decoder_channels_last=on(self.decoder_channels_last, True) and unfused,
-                            compile=self.compile == "on")
+                            compile=self.compile == "on" or (self.compile == "auto" and cuda and unfused
+                                                             and compile_toolchain_problem() is None))
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -440,14 +443,19 @@ SPECS: tuple[_Spec, ...] = (
           "where --modconv is auto, and refuses fused. auto: on (with the unfused form and "
           "--channels-last, 0.80x GFPGAN's time on the CPU, 0.87x on an H200 in bf16).",
           "auto", check=_choice("auto", "on", "off")),
-    _Spec("compile", _choice("on", "off"), "Compile GFPGAN's and ParseNet's passes with "
+    _Spec("compile", _choice("auto", "on", "off"), "Compile GFPGAN's and ParseNet's passes with "
           "torch.compile at warm-up (once for every batch size; the CUDA graphs, when on, capture "
           "the compiled code): the elementwise work, padding, resampling and layout changes "
-          "between convolutions fused into fewer kernels. Warm-up takes minutes longer; a pass "
-          "that fails to compile runs as before and is logged. On an H200 (2026-11-30, beside the "
-          "defaults of then) 2.1-2.7x the faces/s at batch 8 and 32, 29 s more warm-up; off until "
-          "a GPU run checks its faces against the eager passes.",
-          "off", check=_choice("on", "off")),
+          "between convolutions fused into fewer kernels. Warm-up takes longer (on an H200 29 s "
+          "more the first time, 7 s from Inductor's cache: keep TORCHINDUCTOR_CACHE_DIR on a "
+          "volume). At warm-up each compiled pass is checked against the eager pass on the same "
+          "input; one that fails to compile, or whose faces are further from float32's than "
+          "twice the eager pass's plus half a level, runs eagerly and is logged. auto: on with "
+          "CUDA where Triton finds a C compiler and Python's headers, which it builds its "
+          "launcher with (2.1-2.7x the faces/s at batch 8 and 32 on an H200, 2026-11-30), off "
+          "on the CPU (Inductor's C++ build of GFPGAN takes minutes there) and with --modconv "
+          "fused.",
+          "auto", check=_choice("auto", "on", "off")),
     _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
           "plaintext)"),
     _Spec("tls_key", str, "PEM private key of --tls-cert.", "(none)"),

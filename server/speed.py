@@ -27,7 +27,11 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import os
+import shutil
+import sysconfig
 import weakref
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -630,6 +634,26 @@ class CompiledForward:
                 return self.fn(x)
         self.calls += 1
         return out[:n] if n == 1 else out
+
+
+def compile_toolchain_problem() -> str | None:
+    """Why torch.compile cannot build GPU code in this environment, or None when it can.
+
+    Inductor's GPU kernels are Triton kernels, and Triton launches them through a small C module
+    it builds at run time with the host's C compiler (CC, else clang, gcc or cc), against
+    Python's own headers. CUDA runtime images ship neither (pytorch/pytorch#116696), and a
+    compile there fails at warm-up. Found before, `--compile auto` stays off with a reason
+    instead of failing a build on every start."""
+    named = os.environ.get("CC", "").strip()
+    candidates = [named.split()[0]] if named else ["clang", "gcc", "cc"]
+    if not any(shutil.which(c) for c in candidates):
+        where = f"CC={named!r} is not on PATH" if named else "no C compiler (clang, gcc or cc) on PATH"
+        return (f"{where}: Triton builds its kernel launcher with one (install gcc, or set CC)")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        return (f"no Python headers ({headers}): Triton builds its kernel launcher against them "
+                "(install python3-dev, or the python3.X-dev of this interpreter)")
+    return None
 
 
 def reset_compiled() -> None:

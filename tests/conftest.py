@@ -9,6 +9,21 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _compile_only_where_marked(request, monkeypatch):
+    """On CUDA the service's defaults compile GFPGAN and ParseNet (--compile auto), a build of
+    half a minute or more. The tests marked `compiles` build them (the GPU check runs those in a
+    step of its own); every other test gets the defaults eagerly, in process and in the service
+    processes it starts, as it would where Triton cannot build. On the CPU auto never compiles:
+    nothing changes there."""
+    from tests.device import ON_CUDA
+
+    if ON_CUDA and request.node.get_closest_marker("compiles") is None:
+        monkeypatch.setattr("server.speed.compile_toolchain_problem",
+                            lambda: "tests not marked `compiles` run the passes eagerly")
+        monkeypatch.setenv("GFPGAN_COMPILE", "off")
+
+
 @pytest.fixture(scope="session")
 def small_weights(tmp_path_factory) -> Path:
     """A weights dir: narrow GFPGANv1.4.pth, detection_Resnet50_Final.pth, parsing_parsenet.pth

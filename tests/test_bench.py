@@ -102,16 +102,22 @@ def test_gfpganer_timed_at_some_batch_sizes_is_the_baseline_of_the_larger_ones(s
     assert "--gfpganer-batch-sizes" in capsys.readouterr().err
 
 
-def test_every_speed_variant_is_chosen_by_its_flags():
+def test_every_speed_variant_is_chosen_by_its_flags(monkeypatch):
     """The GPU check reruns the fastest variant through gfpgan-bench's flags: each variant's flags
     must give exactly that variant's forms."""
     from server.bench import VARIANTS
     from server.settings import Settings
 
+    monkeypatch.setattr("server.speed.compile_toolchain_problem", lambda: None)  # as on the GPU image
+
     for name, speed in VARIANTS.items():
         for device in ("cuda", "cpu"):  # every form named, none left to a device's auto
             assert Settings.from_args(speed.serve_flags(), environ={}).speed_options(device) == speed, name
     assert VARIANTS["defaults"] == Settings().speed_options("cuda")  # what the service runs on CUDA
+    assert VARIANTS["eager"] == Settings(compile="off").speed_options("cuda")  # ... uncompiled
+    # a name says whether its form compiles (the GPU check's summary reads warm-ups by it)
+    for name, speed in VARIANTS.items():
+        assert speed.compile == (name.endswith("+compile") or name.split("+")[0] == "defaults"), name
     assert VARIANTS["cpu"] == Settings().speed_options("cpu")  # ... and on the CPU
 
 
@@ -150,16 +156,16 @@ def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_no
 
     stub = Stub()
     faces = synthetic_faces(2, 256)
-    table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["plain", "defaults+compile", "all-forms+compile"],
+    table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["plain", "defaults", "all-forms+compile"],
                            iterations=1, seconds=None, sync=lambda: None)
     assert re.search(r"^\| plain \| aligned \| 2 \| [\d.]+ \| 1.00x \|", table, flags=re.M)
-    assert "| defaults+compile | failed: RuntimeError: compiled passes ran eagerly 2 times" in table
+    assert "| defaults | failed: RuntimeError: compiled passes ran eagerly 2 times" in table
     assert "| all-forms+compile | failed: RuntimeError: compile of parse: RuntimeError: no compiler" in table
     # each form's warm-up time (graphs, a compiled form's build) is in the log, for the GPU check
     warmed = re.findall(r"^warmed up: variant ([\w+-]+) in [\d.]+ s$", capsys.readouterr().err, flags=re.M)
-    assert warmed == ["plain", "defaults+compile", "all-forms+compile"]
+    assert warmed == ["plain", "defaults", "all-forms+compile"]
     assert stub.speed == VARIANTS["plain"]  # put back as it was
-    assert dataclasses.replace(VARIANTS["defaults"], compile=True) == VARIANTS["defaults+compile"]
+    assert dataclasses.replace(VARIANTS["eager"], compile=True) == VARIANTS["defaults"]
     # without plain the ratios are against the first variant named; a failed one leaves "-"
     table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["fold-norms+lean", "cpu"],
                            iterations=1, seconds=None, sync=lambda: None)
@@ -172,11 +178,11 @@ def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_no
     stub.device = torch.device("cpu")
     speeds = []
     stub.set_speed = lambda speed: speeds.append(speed) or setattr(stub, "speed", speed)
-    table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["plain", "defaults+gfpgan-phases"],
+    table = bench_variants(stub, faces, [2], [Alignment.ALIGNED], ["plain", "eager+gfpgan-phases"],
                            iterations=1, seconds=None, sync=lambda: None)
-    assert re.search(r"^\| defaults\+gfpgan-phases \(no CUDA graphs off CUDA\) \| aligned \| 2 \| [\d.]+ \| "
+    assert re.search(r"^\| eager\+gfpgan-phases \(no CUDA graphs off CUDA\) \| aligned \| 2 \| [\d.]+ \| "
                      r"[\d.]+x \|", table, flags=re.M), table
-    assert speeds[1] == dataclasses.replace(VARIANTS["defaults+gfpgan-phases"], cuda_graphs=False)
+    assert speeds[1] == dataclasses.replace(VARIANTS["eager+gfpgan-phases"], cuda_graphs=False)
 
 
 def test_memory_off_cuda_is_the_counted_peak_of_a_batch_s_tensors(small_weights, capsys):

@@ -79,8 +79,9 @@ def test_steps_run_one_at_a_time_and_a_step_past_its_limit_is_stopped(gpu_check,
 def test_the_plan_runs_the_issue_s_figures_first_then_the_tests_then_the_compiled_forms(gpu_check, tmp_path,
                                                                                        monkeypatch):
     """A call cut short keeps what matters most: DETECT, ALIGNED, the realtime batch and memory
-    with the service's own defaults (one bench process), then the tests, steady video, and only
-    then the compiled forms' tests and figures and what the variants pick."""
+    with the service's own defaults (one bench process, compiled once on CUDA as the service
+    compiles), then the tests, steady video, and only then the compiled forms' tests, the
+    variants beside them and what the variants pick."""
     monkeypatch.setenv("GPU_CHECK_WORK", str(tmp_path / "work"))
     monkeypatch.setattr(gpu_check, "run_steps", lambda todo, *a, **k: captured.extend(todo) or [])
     for quick, listed in ((False, gpu_check.COMPILE_VARIANTS), (True, gpu_check.QUICK_COMPILE_VARIANTS)):
@@ -96,7 +97,8 @@ def test_the_plan_runs_the_issue_s_figures_first_then_the_tests_then_the_compile
         first = names[2:6]
         assert all(steps[name][0] == gpu_check.BENCH for name in first)
         assert not any({"BEST", "PLAIN"} & set(steps[name]) for name in first)
-        assert not any(compiles(steps[name][1:]) for name in first)
+        # ... which compile on CUDA, as the service does (--compile auto), once for the four
+        assert all(compiles(steps[name][1:]) for name in first)
         assert steps["tests"][0] != gpu_check.BENCH  # ... which the tests end
         assert "BEST" in steps["bench-best"] and "PLAIN" in steps["profile-plain"]
         # the realtime batch from both clients: the bench's process and a caller's own
@@ -109,7 +111,11 @@ def test_the_plan_runs_the_issue_s_figures_first_then_the_tests_then_the_compile
         # the summary ends with the call's own length
         whole = json.loads((tmp_path / "out" / "summary.json").read_text())[-1]
         assert whole["step"] == "whole call" and 0 <= whole["seconds"] < 60
-    assert not compiles(["--variants", "plain,defaults"]) and compiles(["--variants", "plain,lean+compile"])
+    assert not compiles(["--variants", "plain,eager"]) and compiles(["--variants", "plain,lean+compile"])
+    # the service's defaults compile on CUDA only, and not when turned off or with the fused form
+    assert compiles(["--device", "cuda"]) and not compiles(["--device", "cpu"])
+    assert not compiles(["--device", "cuda", "--compile", "off"]) and compiles(["--device", "cpu", "--compile", "on"])
+    assert not compiles(["--device", "cuda", "--modconv", "fused"])
 
 
 def test_the_tests_step_runs_in_two_processes_where_the_kit_brings_xdist(gpu_check, tmp_path, monkeypatch):
@@ -170,9 +176,9 @@ SUMMARY_LINES = [
      {"service@32": "46/s", "service-process@32": "95/s", "service batches@32": "64 faces, 1300 ms, busy 48%",
       "service-process batches@32": "64 faces, 650 ms, busy 97%"}),
     # how long a compiled form took to warm up (its build, or its load from Inductor's cache)
-    ("compile", "warmed up: variant defaults in 4.2 s\nwarmed up: variant defaults+compile in 97.6 s\n"
-                      "measured: variant defaults+compile, aligned, batch 8: 250.00 faces/s\n",
-     {"warm-up defaults+compile": "98 s"}),
+    ("compile", "warmed up: variant eager in 4.2 s\nwarmed up: variant defaults in 97.6 s\n"
+                      "measured: variant defaults, aligned, batch 8: 250.00 faces/s\n",
+     {"warm-up defaults": "98 s"}),
     # the most a face moved with its pass's size, its place in the pass, the faces beside it
     ("batch-rounding", "| dtype | alignment | faces in the pass | max levels vs alone | mean levels vs alone | "
                        "max levels vs other faces beside it | max levels vs last in the pass |\n"
@@ -184,12 +190,12 @@ SUMMARY_LINES = [
     # each form's rate, how near its floor it runs, and its convolutions' share of the device time
     ("kernels", "| network | form | ms per pass | ms per face | TFLOP/s | GB a face | GB a pass | floor ms a face "
                 "| of floor | device time by kernel family |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
-                "| gfpgan | defaults | 81.20 | 5.08 | 78 | 5.28 | 0.70 | 1.62 | 32% "
+                "| gfpgan | eager | 81.20 | 5.08 | 78 | 5.28 | 0.70 | 1.62 | 32% "
                 "| elementwise+other 40%, convolutions 35%, padding 25% |\n"
-                "| parse | defaults | 75.90 | 4.74 | 99 | 7.63 | 0.17 | 2.19 | 46% | |\n"
-                "| gfpgan | defaults+compile | 40.00 | 2.50 | 158 | - | - | - | - | compiled 60%, convolutions 40% |\n",
-     {"gfpgan defaults": "78 TF/s, 32% of floor, convolutions 35%", "parse defaults": "99 TF/s, 46% of floor",
-      "gfpgan defaults+compile": "158 TF/s, convolutions 40%"}),
+                "| parse | eager | 75.90 | 4.74 | 99 | 7.63 | 0.17 | 2.19 | 46% | |\n"
+                "| gfpgan | defaults | 40.00 | 2.50 | 158 | - | - | - | - | compiled 60%, convolutions 40% |\n",
+     {"gfpgan eager": "78 TF/s, 32% of floor, convolutions 35%", "parse eager": "99 TF/s, 46% of floor",
+      "gfpgan defaults": "158 TF/s, convolutions 40%"}),
     # the largest batch that ran on the card; off CUDA (the rehearsal), the counted share of a face
     ("memory", "| 64 | 30000 | 29000 | 31000 |\n| 128 | out of memory | | |\n\n"
                "largest batch that ran: 64 faces (detect, ...)\n", {"largest batch": "64"}),
@@ -287,28 +293,28 @@ def test_the_plan_picks_the_fastest_parse_mask_variant_at_the_largest_batch(tmp_
     table = tmp_path / "variants.md"
     table.write_text("| variant | alignment | batch | faces/s | vs plain | p50 ms |\n|---|---|---:|---:|---:|---:|\n"
                      "| plain | detect | 8 | 60.0 | 1.00x | 1 |\n| plain | detect | 32 | 70.0 | 1.00x | 1 |\n"
-                     "| defaults+fast-resample | detect | 32 | 95.5 | 1.36x | 1 |\n"
+                     "| eager+fast-resample | detect | 32 | 95.5 | 1.36x | 1 |\n"
                      "| defaults | detect | 32 | 90.0 | 1.29x | 1 |\n| defaults | aligned | 32 | 300.0 | 4x | 1 |\n"
                      "| unfused+graphs+box | detect | 32 | 150.0 | 2.14x | 1 |\n"
                      "| fold-norms | detect | 8 | 99.0 | 1.65x | 1 |\n")
-    assert best_variant([table]) == "defaults+fast-resample"
+    assert best_variant([table]) == "eager+fast-resample"
     assert best_variant([tmp_path / "missing.md"]) == "defaults"
     # the compile step's table counts too, when it ran
     compiled = tmp_path / "compile.md"
-    compiled.write_text("| defaults+compile | detect | 32 | 180.0 | 2.57x | 1 |\n")
-    assert best_variant([table, compiled]) == "defaults+compile"
+    compiled.write_text("| defaults | detect | 32 | 180.0 | 2.57x | 1 |\n")
+    assert best_variant([table, compiled]) == "defaults"
     # a compile step stopped at its limit left no table, but its log has the cells it measured
     compiled.unlink()
     (tmp_path / "compile.log").write_text(
-        "measured: variant defaults+compile, aligned, batch 32: 400.00 faces/s\n"
-        "measured: variant defaults+compile, detect, batch 32: 170.00 faces/s\n"
+        "measured: variant defaults, aligned, batch 32: 400.00 faces/s\n"
+        "measured: variant defaults, detect, batch 32: 170.00 faces/s\n"
         "measured: variant all-forms+compile, detect, batch 8: 999.00 faces/s\n")  # cut short
-    assert best_variant([table, compiled]) == "defaults+compile"
+    assert best_variant([table, compiled]) == "defaults"
     flags = variant_flags()
-    compiled.write_text("| defaults+compile | detect | 32 | 180.0 | 2.57x | 1 |\n")
+    compiled.write_text("| defaults | detect | 32 | 180.0 | 2.57x | 1 |\n")
     args, best = resolve(["--x", "BEST", "--y", "PLAIN"], tmp_path)
-    assert best == "defaults+compile" and args == ["--x", *flags["defaults+compile"], "--y", *flags["plain"]]
-    assert compiles(flags["defaults+compile"]) and not compiles(flags["defaults"])
+    assert best == "defaults" and args == ["--x", *flags["defaults"], "--y", *flags["plain"]]
+    assert compiles(flags["defaults"]) and not compiles(flags["eager"])
     assert set(VARIANTS) == set(flags)
 
 

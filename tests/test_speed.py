@@ -949,6 +949,86 @@ def test_a_pass_that_fails_to_compile_runs_eagerly_and_is_reported(nets, monkeyp
     assert pipeline.fallbacks == []  # a new form starts clean
 
 
+class _Skewed:
+    """A stand-in for a compiled pass (CompiledForward's name, fn and call): fn's output plus
+    `offset`, as a compiler bug that moves every value would give."""
+
+    def __init__(self, fn, name: str, offset: float = 0.0):
+        self.fn, self.name, self.offset = fn, name, offset
+
+    def __call__(self, x):
+        return self.fn(x) + self.offset
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_warm_up_check_passes_the_eager_values_and_catches_a_pass_that_moves_them(nets, dtype):
+    """FacePipeline._check_compiled: a compiled pass is measured against eager float32 on the
+    same crops, and allowed twice the eager pass's own distance in the service's dtype plus
+    COMPILE_CHECK_SLACK (half a level on average, 4 at the 99.9th percentile). The eager values
+    pass in float32 and in bf16 (whose own distance from float32 is levels, not zero); GFPGAN's
+    faces one level off everywhere pass in bf16 and fail in float32; faces 6 levels off, or
+    masks 5% off, fail in both."""
+    speed = SpeedOptions(modconv="unfused", gfpgan_forward="lean")
+    pipeline = make_pipeline(nets, speed, dtype=dtype)
+    gfpgan, parse = pipeline._gfpgan_fixed_noise, pipeline._parse_masks
+    assert pipeline._check_compiled(_Skewed(gfpgan, "gfpgan")) is None
+    one_level = pipeline._check_compiled(_Skewed(gfpgan, "gfpgan", 1.0))
+    assert (one_level is None) == (dtype == torch.bfloat16), one_level
+    problem = pipeline._check_compiled(_Skewed(gfpgan, "gfpgan", 6.0))
+    # (in bf16 the eager pass's own error partly cancels the offset, and 255 clamps it)
+    mean = float(problem.split(" levels")[0]) if problem else 0.0
+    assert problem and "levels from float32 on average" in problem and mean > 5, problem
+    if dtype == torch.float32:  # ParseNet (seconds a pass here): its masks are 0..1, in levels x255
+        problem = pipeline._check_compiled(_Skewed(parse, "parse", 0.05))
+        assert problem and "12.75 levels from float32 on average" in problem, problem
+    assert not pipeline._float32_reference  # the pipeline is left in its own dtype
+
+
+def test_the_check_s_reference_is_the_float32_pass_and_its_crops_vary_at_every_scale(nets):
+    """The reference a bf16 pipeline checks against is the float32 pipeline's pass on the same
+    weights, exactly; the crops are the same on every call, in 0..255, and vary from the whole
+    crop down to single pixels (a flat crop would leave most arithmetic multiplying constants)."""
+    from server.pipeline import check_crops
+
+    crops = check_crops(2, TEST_DEVICE)
+    assert torch.equal(crops, check_crops(2, TEST_DEVICE)) and crops.shape == (2, 3, 512, 512)
+    assert crops.min() >= 0 and crops.max() <= 255 and torch.equal(crops, crops.round())
+    assert not torch.equal(crops[0], crops[1])
+    for size in (512, 64, 8, 2):  # block means still vary at every scale
+        blocks = torch.nn.functional.avg_pool2d(crops.float(), 512 // size)
+        assert blocks.std().item() > 4, size
+    speed = SpeedOptions(modconv="unfused", gfpgan_forward="lean", paste_mask="box")
+    bf16 = make_pipeline(nets, speed, dtype=torch.bfloat16)
+    want = make_pipeline(nets, speed)._gfpgan_fixed_noise(crops[:1])
+    bf16._float32_reference = True
+    assert torch.equal(bf16._gfpgan_fixed_noise(crops[:1]), want)
+    bf16._float32_reference = False
+    assert not torch.equal(bf16._gfpgan_fixed_noise(crops[:1]), want)
+
+
+@pytest.mark.compiles
+def test_a_compiled_pass_that_gives_other_faces_runs_eagerly_and_is_reported(nets, monkeypatch):
+    """At warm-up each compiled pass is checked against the eager one; one that moves the faces
+    (here by 6 levels, as a miscompiled kernel might) is logged, named in `fallbacks` and
+    replaced by its eager pass, and the service serves the eager faces."""
+    real = CompiledForward.__call__
+
+    def skewed(self, x):
+        return real(self, x) + 6.0
+
+    speed = SpeedOptions(modconv="unfused", gfpgan_forward="lean", paste_mask="box")
+    pipeline = make_pipeline(nets, dataclasses.replace(speed, compile=True))
+    monkeypatch.setattr(CompiledForward, "__call__", skewed)
+    pipeline.warmup()
+    [note] = pipeline.fallbacks
+    assert note.startswith("compile of gfpgan: 6.00 levels from float32 on average"), note
+    assert not isinstance(pipeline._fixed["gfpgan"], CompiledForward)
+    faces = make_faces(2, seed=44)
+    [a] = make_pipeline(nets, speed).enhance([Job(faces, ALIGNED)])
+    [b] = pipeline.enhance([Job(faces, ALIGNED)])
+    assert np.array_equal(a.faces, b.faces)
+
+
 def test_compile_needs_the_unfused_modulated_convolution():
     with pytest.raises(ValueError, match="compile needs modconv='unfused'"):
         SpeedOptions(compile=True)
@@ -1218,7 +1298,10 @@ def test_a_detect_batch_meets_the_launch_and_sync_targets_with_the_service_defau
     than its own forms, inside its graph on CUDA; they still fit, and so do its own forms."""
     from server.settings import Settings
 
-    cuda = Settings().speed_options("cuda")
+    # Eager: the operators counted are what the eager forms dispatch, about one kernel launch
+    # each; compiled (the CUDA default where Triton builds) GFPGAN and ParseNet launch fewer,
+    # fused kernels, inside the same graph replays.
+    cuda = Settings(compile="off").speed_options("cuda")
     if TEST_DEVICE.type != "cuda":
         cuda = dataclasses.replace(cuda, cuda_graphs=False)
     own_parse = dataclasses.replace(cuda, parse_channels_last=False, parse_padding="reflect",
