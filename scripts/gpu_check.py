@@ -454,6 +454,14 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
                 r"[\d.]+ jobs, ([\d.]+) ms a batch .*pipeline busy (\d+%)$", text):
             key = f"service{'-process' if label else ''} batches@{size}"
             found[key] = f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}"
+    # what each compiled pass's check against the eager passes measured at warm-up (gfpgan-bench
+    # logs a line per pass; "runs eagerly" where it failed, which the warning line says)
+    for what, network, mean, high, eager_mean, eager_high in re.findall(
+            r"(?m)^compile check: (?:variant )?([^,]+), (\w+): ([\d.]+) levels from float32 on average "
+            r"and ([\d.]+) at the 99.9th percentile, where the eager pass is ([\d.]+) and ([\d.]+)", text):
+        subject = "" if what == "the service's forms" else f" {what}"
+        found[f"compile check{subject} {network}"] = \
+            f"{mean}/{high} levels from float32 (eager {eager_mean}/{eager_high})"
     if name in ("compile", "variants", "bench-best"):
         # how long each form took to warm up: graphs captured, and for a compiled form its build
         # (or its load from Inductor's cache, where an earlier process built it)

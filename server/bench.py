@@ -496,6 +496,13 @@ def profile_stages(pipeline, faces, batch_sizes, options, iterations, sync) -> s
 STAGES = ("upload", "detect", "align", "warp", "gfpgan", "parse", "paste", "blend", "download")
 
 
+def _log_compile_checks(pipeline, what: str) -> None:
+    """What each compiled pass's check against the eager passes measured at warm-up
+    (FacePipeline.compile_checks), one line each: the GPU check keeps them in its summary."""
+    for network, text in sorted(getattr(pipeline, "compile_checks", {}).items()):
+        print(f"compile check: {what}, {network}: {text}", file=sys.stderr, flush=True)
+
+
 def _compiled_eager_calls(pipeline) -> int:
     count = getattr(pipeline, "compiled_eager_calls", None)
     return count() if count is not None else 0
@@ -525,6 +532,7 @@ def bench_variants(pipeline, faces, batch_sizes, alignments, names, iterations, 
                 # graphs captured, a compiled form built (or loaded from Inductor's cache)
                 print(f"warmed up: variant {name} in {time.perf_counter() - started:.1f} s",
                       file=sys.stderr, flush=True)
+                _log_compile_checks(pipeline, f"variant {name}")
                 if getattr(pipeline, "fallbacks", None):  # the form asked for is not what would run
                     raise RuntimeError("; ".join(pipeline.fallbacks))
                 eager_before = _compiled_eager_calls(pipeline)
@@ -863,6 +871,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
 
     pipeline = loaded.pipeline(settings)  # downloads missing weights unless --no-download
     pipeline.warmup()
+    _log_compile_checks(pipeline, "the service's forms")
     device = pipeline.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     measurements: list[Measurement] = []

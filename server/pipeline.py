@@ -213,6 +213,9 @@ class FacePipeline:
         self._staging = _HostStaging(self.device, self)
         #: Passes run in float32 whatever self.dtype is (the compiled passes' check at warm-up).
         self._float32_reference = False
+        #: What each compiled pass's check at warm-up measured (_check_compiled), by pass name.
+        self.compile_checks: dict[str, str] = {}
+        self._compile_check_text = ""
         self._noise_plan: NoisePlan | None = None
         self._graphs: dict[str, GraphedForward] = {}
         #: GFPGAN's fixed-noise pass and ParseNet's masks as the batch runs them: the methods, or
@@ -263,6 +266,7 @@ class FacePipeline:
             self._fixed = {name: CompiledForward(fn, name, speed.resampling, self.compile_backend)
                            for name, fn in self._fixed.items()}
         self.fallbacks = []
+        self.compile_checks = {}
         self.speed = speed
         for note in check_speed_device(speed, self.device):
             log.warning("%s", note)
@@ -325,14 +329,15 @@ class FacePipeline:
                 self._fixed[name] = forward.fn
                 continue
             problem = self._check_compiled(forward)
+            self.compile_checks[name] = problem or self._compile_check_text
             if problem:
                 log.warning("compiled %s gives other faces than its eager pass, it runs eagerly: %s",
                             name, problem)
                 self.fallbacks.append(f"compile of {name}: {problem}")
                 self._fixed[name] = forward.fn
                 continue
-            log.info("compiled %s in %.1f s, its faces checked against the eager pass", name,
-                     time.monotonic() - started)
+            log.info("compiled %s in %.1f s; against the eager passes: %s", name,
+                     time.monotonic() - started, self._compile_check_text)
 
     def _check_compiled(self, forward: CompiledForward) -> str | None:
         """What is wrong with a compiled pass's output, or None: compiled and eager (in the
@@ -357,10 +362,12 @@ class FacePipeline:
             worst.append((float(d.mean()), float(torch.quantile(d, 0.999)) if d.numel() else 0.0))
         (mean, high), (eager_mean, eager_high) = worst
         allowed = (2 * eager_mean + COMPILE_CHECK_SLACK[0], 2 * eager_high + COMPILE_CHECK_SLACK[1])
+        self._compile_check_text = (
+            f"{mean:.2f} levels from float32 on average and {high:.1f} at the 99.9th percentile, "
+            f"where the eager pass is {eager_mean:.2f} and {eager_high:.1f} (allowed: "
+            f"{allowed[0]:.2f} and {allowed[1]:.1f})")
         if not (np.isfinite(mean) and np.isfinite(high)) or mean > allowed[0] or high > allowed[1]:
-            return (f"{mean:.2f} levels from float32 on average and {high:.1f} at the 99.9th "
-                    f"percentile, where the eager pass is {eager_mean:.2f} and {eager_high:.1f} "
-                    f"(allowed: {allowed[0]:.2f} and {allowed[1]:.1f})")
+            return self._compile_check_text
         return None
 
     @property

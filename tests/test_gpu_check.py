@@ -176,9 +176,15 @@ SUMMARY_LINES = [
      {"service@32": "46/s", "service-process@32": "95/s", "service batches@32": "64 faces, 1300 ms, busy 48%",
       "service-process batches@32": "64 faces, 650 ms, busy 97%"}),
     # how long a compiled form took to warm up (its build, or its load from Inductor's cache)
+    # ... and what its faces' check against the eager passes measured at warm-up
     ("compile", "warmed up: variant eager in 4.2 s\nwarmed up: variant defaults in 97.6 s\n"
-                      "measured: variant defaults, aligned, batch 8: 250.00 faces/s\n",
-     {"warm-up defaults": "98 s"}),
+                "compile check: variant defaults, gfpgan: 0.31 levels from float32 on average and 3.0 at "
+                "the 99.9th percentile, where the eager pass is 0.62 and 5.0 (allowed: 1.74 and 14.0)\n"
+                "measured: variant defaults, aligned, batch 8: 250.00 faces/s\n",
+     {"warm-up defaults": "98 s", "compile check defaults gfpgan": "0.31/3.0 levels from float32 (eager 0.62/5.0)"}),
+    ("bench-detect", "compile check: the service's forms, parse: 1.20 levels from float32 on average and 40.0 "
+                     "at the 99.9th percentile, where the eager pass is 1.00 and 35.0 (allowed: 2.50 and 74.0)\n",
+     {"compile check parse": "1.20/40.0 levels from float32 (eager 1.00/35.0)"}),
     # the most a face moved with its pass's size, its place in the pass, the faces beside it
     ("batch-rounding", "| dtype | alignment | faces in the pass | max levels vs alone | mean levels vs alone | "
                        "max levels vs other faces beside it | max levels vs last in the pass |\n"

@@ -823,6 +823,9 @@ def test_compiled_passes_give_the_eager_faces_from_one_graph_each_for_every_batc
     before = _graphs_made()
     compiled.warmup()
     assert compiled.fallbacks == []
+    # each compiled pass was checked against the eager passes at warm-up, and what it measured kept
+    assert sorted(compiled.compile_checks) == ["gfpgan", "parse"]
+    assert all("levels from float32 on average" in text for text in compiled.compile_checks.values())
     forwards = compiled._fixed
     assert all(isinstance(f, CompiledForward) and f.warmed for f in forwards.values())
     assert _graphs_made() - before == 2  # GFPGAN and ParseNet, one graph each
@@ -1022,6 +1025,7 @@ def test_a_compiled_pass_that_gives_other_faces_runs_eagerly_and_is_reported(net
     pipeline.warmup()
     [note] = pipeline.fallbacks
     assert note.startswith("compile of gfpgan: 6.00 levels from float32 on average"), note
+    assert note == f"compile of gfpgan: {pipeline.compile_checks['gfpgan']}"
     assert not isinstance(pipeline._fixed["gfpgan"], CompiledForward)
     faces = make_faces(2, seed=44)
     [a] = make_pipeline(nets, speed).enhance([Job(faces, ALIGNED)])
