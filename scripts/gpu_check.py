@@ -496,6 +496,11 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
             share = re.search(r"convolutions (\d+%)", families)
             found[f"{network} {form}"] = (f"{tflops} TF/s" + (f", {of_floor} of floor" if of_floor != "-" else "")
                                           + (f", convolutions {share.group(1)}" if share else ""))
+        # each pass as the service runs it, replayed from a CUDA graph, beside launched from the host
+        for network, form, replay, launched in re.findall(
+                r"(?m)^graph replay: (gfpgan|parse), ([\w+-]+), batch \d+: ([\d.]+) ms a pass "
+                r"\(launched from the host: ([\d.]+)\)", text):
+            found[f"{network} {form} replayed"] = f"{replay} ms a pass (launched {launched})"
     elif name == "steady":  # faces/s against every frame at N = 5, per saving
         ratios = re.findall(r"(?m)^\| 5 \| \d+/\d+ \| [\d.]+ \| [\d.]+ \| ([\d.]+x) \|", text)
         found.update(zip(("detect_every 5", "mask_every 5"), ratios))  # the tables' order

@@ -108,6 +108,7 @@ def main() -> None:
     print(f"floors at {_rate(rates[0])} TFLOP/s and {_rate(rates[1])} GB/s "
           f"({'given' if given else f'measured on {device.type}'})")
     rows = []
+    replayed: dict[tuple[str, str], float | None] = {}  # (form, network) -> ms a pass from a CUDA graph
     for form in forms:
         pipeline = FacePipeline(models.gfpgan.net, models.detector, models.parser, device=device,
                                 dtype=dtype, speed=VARIANTS[form])
@@ -131,6 +132,10 @@ def main() -> None:
             rows.append((form, name, ms, ms / args.batch, tflops, traffic, floor, families))
             print(f"\n### {name}, {form}, batch {args.batch}, {args.dtype}: {ms:.2f} ms "
                   f"({ms / args.batch:.2f} ms a face, {tflops:.0f} TFLOP/s)\n")
+            if cuda:
+                replayed[form, name] = graph_replay_ms(run, crops, device)
+                print(f"graph replay: {name}, {form}, batch {args.batch}: {_cell(replayed[form, name])} ms "
+                      f"a pass (launched from the host: {ms:.2f})")
             print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
                                             row_limit=14, max_name_column_width=70))
             print("by family: " + families_line(families))
@@ -150,6 +155,36 @@ def main() -> None:
           f"CUDA autocast would (server.profiling.cuda_autocast_policy). A compiled form's bytes are "
           f"its convolutions' and Inductor's own count of its fused kernels as it compiles "
           f"(--counts-only), not counted in a timed run (its fused kernels are not operators)")
+    if replayed:
+        print("\n| network | form | ms a pass, launched from the host | ms a pass, CUDA graph replay |\n"
+              "|---|---|---:|---:|")
+        for form, name, ms, *_ in rows:
+            print(f"| {name} | {form} | {_cell(ms)} | {_cell(replayed.get((form, name)))} |")
+        print("\nThe service replays each pass from a CUDA graph (--cuda-graphs), with no host launches "
+              "in it: the replayed time is the pass's time in a batch, the launched one adds what "
+              "launching each kernel from Python costs (the rows above, and the profiles, are that).")
+
+
+def graph_replay_ms(run, crops, device) -> float | None:
+    """Milliseconds of one pass of `run` replayed from a CUDA graph captured for this batch
+    (server.speed.GraphedForward, as the service runs it, a copy in and a copy out included),
+    median of 5; None, and a line saying why, where the capture fails."""
+    import torch
+
+    from server.speed import GraphedForward
+
+    graph = GraphedForward(run, tuple(crops.shape[1:]), [crops.shape[0]], device)
+    try:
+        with torch.no_grad():
+            graph.capture()
+            graph(crops)
+            return statistics.median(_timed(graph, crops, device) for _ in range(5))
+    except Exception as error:  # noqa: BLE001 - the launched time still stands
+        print(f"graph capture failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return None
+    finally:
+        del graph
+        torch.cuda.empty_cache()
 
 
 def card_rates(device, dtype) -> tuple[float, float]:
