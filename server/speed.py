@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import importlib.util
 import logging
 import os
 import shutil
@@ -643,7 +644,14 @@ def compile_toolchain_problem() -> str | None:
     it builds at run time with the host's C compiler (CC, else clang, gcc or cc), against
     Python's own headers. CUDA runtime images ship neither (pytorch/pytorch#116696), and a
     compile there fails at warm-up. Found before, `--compile auto` stays off with a reason
-    instead of failing a build on every start."""
+    instead of failing a build on every start. Triton itself comes with torch's CUDA wheels on
+    Linux; on Windows it is the separate triton-windows, which brings its own C compiler
+    (TinyCC) and finds Python's headers itself."""
+    if importlib.util.find_spec("triton") is None:
+        return ("Triton is not installed: torch.compile's GPU code generator (it comes with torch's "
+                "CUDA wheels on Linux; on Windows: pip install triton-windows)")
+    if os.name == "nt":
+        return None
     named = os.environ.get("CC", "").strip()
     candidates = [named.split()[0]] if named else ["clang", "gcc", "cc"]
     if not any(shutil.which(c) for c in candidates):

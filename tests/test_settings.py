@@ -197,19 +197,37 @@ def test_speed_forms_auto_and_overrides(monkeypatch):
 
 def test_compile_toolchain_problem_names_what_triton_would_miss(monkeypatch, tmp_path):
     """Triton builds its kernel launcher with a C compiler against Python's headers at run time:
-    each missing one is named, with what to install; a CC that is not there is named as such."""
+    each missing one is named, with what to install; a CC that is not there is named as such, and
+    so is a missing Triton. On Windows, triton-windows brings its own compiler: Triton is enough."""
+    import importlib.util
+    import os
+    import shutil
     import sysconfig
 
     from server.speed import compile_toolchain_problem
 
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "Python.h").write_text("")
+    paths = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path / "include")})
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "triton" else find_spec(name))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in ("gcc", "cc") else None)
     monkeypatch.delenv("CC", raising=False)
-    assert compile_toolchain_problem() is None  # this machine has gcc and the headers
+    assert compile_toolchain_problem() is None  # gcc, the headers and Triton: it can build
     monkeypatch.setenv("CC", "no-such-cc --flag")
     assert "CC='no-such-cc --flag' is not on PATH" in compile_toolchain_problem()
+    monkeypatch.setenv("CC", "gcc -O2")
+    assert compile_toolchain_problem() is None
     monkeypatch.delenv("CC")
-    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no compiler anywhere
     assert "no C compiler (clang, gcc or cc)" in compile_toolchain_problem()
-    monkeypatch.undo()
-    paths = sysconfig.get_paths()
-    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path)})
+    monkeypatch.setattr(os, "name", "nt")  # ... which triton-windows does not need
+    assert compile_toolchain_problem() is None
+    monkeypatch.setattr(os, "name", "posix")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc")
+    (tmp_path / "include" / "Python.h").unlink()
     assert "no Python headers" in compile_toolchain_problem() and "python3-dev" in compile_toolchain_problem()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name))
+    assert "Triton is not installed" in compile_toolchain_problem()
+    assert "triton-windows" in compile_toolchain_problem()
