@@ -279,12 +279,14 @@ STEP_VARIANTS = ["plain", "eager-before", "eager", "eager+decoder-nchw", "eager+
                  "all-forms+gfpgan-phases", "eager+box"]
 #: The compile step: the service's defaults (compiled) against the same forms eager, the ratio
 #: that decided them, with GFPGAN's x2 layers as phases compiled (no upsampled map for Inductor
-#: to write either) and the box mask, the compiled form of DETECT's other target. On the third
+#: to write either), with ParseNet in its own forms compiled (the eager runs chose its border and
+#: phases; Inductor fuses padding and copies itself) and the box mask, the compiled form of
+#: DETECT's other target. On the third
 #: H200 run its section took 103 s, 29 s and 7 s of it two compiled forms' warm-ups. Not
 #: all-forms+compile: compiled, `--activations compute` moves the same bytes as the defaults
 #: and `--resample fast` twice as many (its slices and concatenations are not fused:
 #: scripts/gpu_kernels.py --counts-only, BENCHMARKS.md "The floor").
-COMPILE_VARIANTS = ["eager", "defaults", "defaults+gfpgan-phases", "defaults+box"]
+COMPILE_VARIANTS = ["eager", "defaults", "defaults+gfpgan-phases", "defaults+parse-own-forms", "defaults+box"]
 #: ... and in the CPU rehearsal, where CUDA graphs cannot run: the CPU defaults, which are the
 #: CUDA defaults' network forms without the graphs, plain and compiled: the rehearsal compiles
 #: ParseNet's border and phases, as the GPU does.

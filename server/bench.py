@@ -437,6 +437,10 @@ VARIANTS = {
     "all-forms+compile": dataclasses.replace(_CUDA_DEFAULTS, resample="fast", activations="compute"),
     # ... GFPGAN's x2 layers as phases, compiled: no upsampled map for Inductor to write either
     "defaults+gfpgan-phases": dataclasses.replace(_CUDA_DEFAULTS, gfpgan_upsample="phases"),
+    # ... ParseNet in its own forms (NCHW, its padding passes and x2 copies), compiled: the eager
+    # choice of its forms need not be the compiled one (Inductor fuses the padding and the copies)
+    "defaults+parse-own-forms": dataclasses.replace(_CUDA_DEFAULTS, parse_channels_last=False,
+                                                    parse_padding="reflect", parse_upsample="nearest"),
     # ... with the box paste mask: no ParseNet (DETECT's other target, 800 faces/s on an H100)
     "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
     # ... with bf16 activations (counted compiled, the same bytes as the defaults: BENCHMARKS.md)
