@@ -263,7 +263,10 @@ class FacePipeline:
             reset_compiled()
         self._fixed = {"gfpgan": self._gfpgan_fixed_noise, "parse": self._parse_masks}
         if speed.compile:
-            self._fixed = {name: CompiledForward(fn, name, speed.resampling, self.compile_backend)
+            # CodeFormer's passes take its fidelity weight (_restore_weighted), not this one
+            skip = {"gfpgan"} if getattr(self.gfpgan, "takes_fidelity_weight", False) else set()
+            self._fixed = {name: fn if name in skip else
+                           CompiledForward(fn, name, speed.resampling, self.compile_backend)
                            for name, fn in self._fixed.items()}
         self.fallbacks = []
         self.compile_checks = {}
@@ -328,7 +331,10 @@ class FacePipeline:
                 self.fallbacks.append(f"compile of {name}: {_first_line(error)}")
                 self._fixed[name] = forward.fn
                 continue
-            problem = self._check_compiled(forward)
+            try:
+                problem = self._check_compiled(forward)
+            except Exception as error:  # noqa: BLE001 - unchecked is not kept: it runs eagerly
+                problem = f"its check against the eager pass failed: {_first_line(error)}"
             self.compile_checks[name] = problem or self._compile_check_text
             if problem:
                 log.warning("compiled %s gives other faces than its eager pass, it runs eagerly: %s",

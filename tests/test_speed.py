@@ -1033,6 +1033,35 @@ def test_a_compiled_pass_that_gives_other_faces_runs_eagerly_and_is_reported(net
     [a] = make_pipeline(nets, speed).enhance([Job(faces, ALIGNED)])
     [b] = pipeline.enhance([Job(faces, ALIGNED)])
     assert np.array_equal(a.faces, b.faces)
+    # a check that cannot run (here it raises) keeps nothing unchecked: the pass runs eagerly
+    monkeypatch.undo()
+
+    def broken(self, forward):
+        raise RuntimeError("out of memory in the check")
+
+    monkeypatch.setattr(FacePipeline, "_check_compiled", broken)
+    pipeline.set_speed(dataclasses.replace(speed, compile=True))
+    pipeline.warmup()
+    assert pipeline.fallbacks == ["compile of gfpgan: its check against the eager pass failed: "
+                                  "RuntimeError: out of memory in the check"]
+    assert not isinstance(pipeline._fixed["gfpgan"], CompiledForward)
+
+
+def test_codeformer_s_pass_is_left_uncompiled_and_parsenet_s_compiled():
+    """CodeFormer restores through its fidelity-weighted passes, never the fixed-noise pass:
+    --compile compiles ParseNet's pass for it and does not spend a build on that one."""
+    from server.model import CodeFormerNet
+
+    class Stand(torch.nn.Module):
+        def forward(self, x):
+            return (x,)
+
+    parser = torch.nn.Sequential(torch.nn.Conv2d(3, 19, 1))
+    pipeline = FacePipeline(CodeFormerNet(Stand()), torch.nn.Identity(), parser, device=TEST_DEVICE,
+                            dtype=torch.float32, speed=SpeedOptions(modconv="unfused", compile=True),
+                            compile_backend="aot_eager")
+    assert not isinstance(pipeline._fixed["gfpgan"], CompiledForward)
+    assert isinstance(pipeline._fixed["parse"], CompiledForward)
 
 
 def test_compile_needs_the_unfused_modulated_convolution():
