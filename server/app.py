@@ -171,6 +171,11 @@ class FaceEnhanceServer:
                                metrics=self.metrics)
         self.batcher.start()
         self.metrics.set_model(pipeline.info)
+        fallbacks = list(getattr(pipeline, "fallbacks", []))
+        self.metrics.speed_fallbacks.set(len(fallbacks))
+        if fallbacks:
+            log.warning("serving slower than the settings ask, these forms did not take effect: %s",
+                        "; ".join(fallbacks))
         if self.stop_requested.is_set():
             return
         for service in ("", SERVICE_NAME):

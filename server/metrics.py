@@ -84,6 +84,12 @@ class Metrics:
             "faceenhance_reused_masks",
             "Steady video frames pasted with an earlier frame's paste mask (mask_every) instead of "
             "computing their own.", registry=r)
+        self.speed_fallbacks = Gauge(
+            "faceenhance_speed_fallbacks",
+            "Speed forms asked for that did not take effect at warm-up: a CUDA graph capture or a "
+            "torch.compile build that failed, or a compiled pass whose faces failed the check "
+            "against its eager pass. The service runs them eagerly, slower; the log names them.",
+            registry=r)
         self.model = Info(
             "faceenhance_model", "The loaded model: name, version, weights SHA-256, device, dtype.",
             registry=r)

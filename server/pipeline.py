@@ -1057,6 +1057,11 @@ class ModelRouter:
         return sorted({name for pipeline in self.pipelines.values() for name in pipeline.graphed})
 
     @property
+    def fallbacks(self) -> list[str]:
+        """Every restorer's pipeline's fallbacks (FacePipeline.fallbacks), each named by its model."""
+        return [f"{model}: {note}" for model, pipeline in self.pipelines.items() for note in pipeline.fallbacks]
+
+    @property
     def profiler(self):
         return next(iter(self.pipelines.values())).profiler
 

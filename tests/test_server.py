@@ -604,6 +604,39 @@ def _sample(page: str, name: str, **labels) -> float:
     raise AssertionError(f"{name}{labels} not on the page")
 
 
+async def test_speed_forms_that_did_not_take_effect_are_counted_and_logged_at_start(caplog):
+    """A pipeline whose warm-up fell back (a failed graph capture or compile, a compiled pass
+    whose faces failed the check) still serves; faceenhance_speed_fallbacks says how many forms
+    did not take effect (an alert fires on it) and the log names them. None: 0, and no line."""
+    from prometheus_client import generate_latest
+
+    caplog.set_level(logging.WARNING, logger="server.app")
+    async with running(FakePipeline()) as app:
+        page = generate_latest(app.metrics.registry).decode()
+    assert _sample(page, "faceenhance_speed_fallbacks") == 0
+    assert "serving slower" not in caplog.text
+    slow = FakePipeline()
+    slow.fallbacks = ["compile of gfpgan: 6.00 levels from float32 on average", "cuda graphs of parse: OOM"]
+    async with running(slow) as app:
+        page = generate_latest(app.metrics.registry).decode()
+    assert _sample(page, "faceenhance_speed_fallbacks") == 2
+    assert ("serving slower than the settings ask, these forms did not take effect: compile of gfpgan: "
+            "6.00 levels from float32 on average; cuda graphs of parse: OOM") in caplog.text
+
+
+def test_a_router_names_each_restorer_s_fallbacks():
+    """Several resident restorers: the service counts every pipeline's fallbacks, each named by
+    its model."""
+    from types import SimpleNamespace
+
+    from server.pipeline import ModelRouter
+
+    router = ModelRouter({"gfpgan-1.4": SimpleNamespace(fallbacks=[]),
+                          "restoreformer": SimpleNamespace(fallbacks=["compile of gfpgan: RuntimeError: x"])},
+                         FakePipeline.info)
+    assert router.fallbacks == ["restoreformer: compile of gfpgan: RuntimeError: x"]
+
+
 def test_the_metrics_page_serves_where_the_platform_gives_no_resident_memory(monkeypatch):
     """Windows has neither /proc nor the resource module: the CPU's memory gauge says NaN
     (unknown) and the page still renders, where it used to fail the whole scrape."""
