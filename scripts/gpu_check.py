@@ -281,9 +281,8 @@ STEP_VARIANTS = ["plain", "eager-before", "eager", "eager+decoder-nchw", "eager+
 #: that decided them, with GFPGAN's x2 layers as phases compiled (no upsampled map for Inductor
 #: to write either), with ParseNet in its own forms compiled (the eager runs chose its border and
 #: phases; Inductor fuses padding and copies itself) and the box mask, the compiled form of
-#: DETECT's other target. On the third
-#: H200 run its section took 103 s, 29 s and 7 s of it two compiled forms' warm-ups. Not
-#: all-forms+compile: compiled, `--activations compute` moves the same bytes as the defaults
+#: DETECT's other target. On the third H200 run its section took 103 s, 29 s and 7 s of it two
+#: compiled forms' warm-ups. Not all-forms+compile: compiled, `--activations compute` moves the same bytes as the defaults
 #: and `--resample fast` twice as many (its slices and concatenations are not fused:
 #: scripts/gpu_kernels.py --counts-only, BENCHMARKS.md "The floor").
 COMPILE_VARIANTS = ["eager", "defaults", "defaults+gfpgan-phases", "defaults+parse-own-forms", "defaults+box"]
@@ -457,7 +456,7 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
             key = f"service{'-process' if label else ''} batches@{size}"
             found[key] = f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}"
     # what each compiled pass's check against the eager passes measured at warm-up (gfpgan-bench
-    # logs a line per pass; "runs eagerly" where it failed, which the warning line says)
+    # logs a line per pass, kept or not: a pass that failed it is also in the variant's failure)
     for what, network, mean, high, eager_mean, eager_high in re.findall(
             r"(?m)^compile check: (?:variant )?([^,]+), (\w+): ([\d.]+) levels from float32 on average "
             r"and ([\d.]+) at the 99.9th percentile, where the eager pass is ([\d.]+) and ([\d.]+)", text):

@@ -381,7 +381,7 @@ _CPU_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, decoder_chan
                              gfpgan_forward="lean", parse_channels_last=True, parse_padding="border",
                              parse_upsample="phases", resample_dtype="compute", modulate_dtype="compute")
 #: The service's CUDA forms run eagerly: the CPU's forms, with CUDA graphs and fixed-size
-#: selection (the CUDA defaults until 2026-12-01, when the defaults began compiling them)
+#: selection (the CUDA defaults until 555f2d3, 2026-11-30, when the defaults began compiling them)
 _CUDA_EAGER = dataclasses.replace(_CPU_DEFAULTS, cuda_graphs=True, fixed_selection=True)
 #: The service's CUDA defaults: those forms compiled by torch.compile, inside the graphs
 _CUDA_DEFAULTS = dataclasses.replace(_CUDA_EAGER, compile=True)

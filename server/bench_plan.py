@@ -48,7 +48,7 @@ def compiles(flags: list[str]) -> bool:
     (--compile auto), so a section there compiles unless its flags turn compile off or pick the
     fused convolution, which auto does not compile."""
     pairs = dict(zip(flags, flags[1:]))
-    named = [name for a, b in zip(flags, flags[1:]) if a == "--variants" for name in b.split(",")]
+    named = [name for name in pairs.get("--variants", "").split(",") if name]
     if named:
         from server.bench import VARIANTS
 

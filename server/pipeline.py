@@ -215,7 +215,6 @@ class FacePipeline:
         self._float32_reference = False
         #: What each compiled pass's check at warm-up measured (_check_compiled), by pass name.
         self.compile_checks: dict[str, str] = {}
-        self._compile_check_text = ""
         self._noise_plan: NoisePlan | None = None
         self._graphs: dict[str, GraphedForward] = {}
         #: GFPGAN's fixed-noise pass and ParseNet's masks as the batch runs them: the methods, or
@@ -334,8 +333,8 @@ class FacePipeline:
             try:
                 problem = self._check_compiled(forward)
             except Exception as error:  # noqa: BLE001 - unchecked is not kept: it runs eagerly
-                problem = f"its check against the eager pass failed: {_first_line(error)}"
-            self.compile_checks[name] = problem or self._compile_check_text
+                problem = self.compile_checks[name] = \
+                    f"its check against the eager pass failed: {_first_line(error)}"
             if problem:
                 log.warning("compiled %s gives other faces than its eager pass, it runs eagerly: %s",
                             name, problem)
@@ -343,11 +342,12 @@ class FacePipeline:
                 self._fixed[name] = forward.fn
                 continue
             log.info("compiled %s in %.1f s; against the eager passes: %s", name,
-                     time.monotonic() - started, self._compile_check_text)
+                     time.monotonic() - started, self.compile_checks[name])
 
     def _check_compiled(self, forward: CompiledForward) -> str | None:
         """What is wrong with a compiled pass's output, or None: compiled and eager (in the
-        service's dtype) against eager float32, on two crops that vary at every scale.
+        service's dtype) against eager float32, on two crops that vary at every scale. What it
+        measured goes into compile_checks either way.
 
         The compiled pass is fine when it is no further from float32 than twice the eager pass
         is, plus COMPILE_CHECK_SLACK, in mean and in 99.9th percentile. Relative to the eager
@@ -368,12 +368,12 @@ class FacePipeline:
             worst.append((float(d.mean()), float(torch.quantile(d, 0.999)) if d.numel() else 0.0))
         (mean, high), (eager_mean, eager_high) = worst
         allowed = (2 * eager_mean + COMPILE_CHECK_SLACK[0], 2 * eager_high + COMPILE_CHECK_SLACK[1])
-        self._compile_check_text = (
+        measured = self.compile_checks[forward.name] = (
             f"{mean:.2f} levels from float32 on average and {high:.1f} at the 99.9th percentile, "
             f"where the eager pass is {eager_mean:.2f} and {eager_high:.1f} (allowed: "
             f"{allowed[0]:.2f} and {allowed[1]:.1f})")
         if not (np.isfinite(mean) and np.isfinite(high)) or mean > allowed[0] or high > allowed[1]:
-            return self._compile_check_text
+            return measured
         return None
 
     @property

@@ -452,8 +452,8 @@ SPECS: tuple[_Spec, ...] = (
           "input; one that fails to compile, or whose faces are further from float32's than "
           "twice the eager pass's plus half a level, runs eagerly and is logged. auto: on with "
           "CUDA where Triton is installed and finds a C compiler and Python's headers, which it "
-          "builds its launcher with (on Windows: pip install triton-windows) (2.1-2.7x the faces/s at batch 8 and 32 on an H200, 2026-11-30), off "
-          "on the CPU (Inductor's C++ build of GFPGAN takes minutes there) and with --modconv "
+          "builds its launcher with (on Windows, pip install triton-windows brings both): 2.1-2.7x "
+          "the faces/s at batch 8 and 32 on an H200, 2026-11-30. Off on the CPU (Inductor's C++ build of GFPGAN takes minutes there) and with --modconv "
           "fused.",
           "auto", check=_choice("auto", "on", "off")),
     _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
