@@ -445,15 +445,16 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
                           r" [\d.]+ \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \|", text)
         for method, batch, rate, _ratio, p50, p99 in rows:
             key = ("gfpganer" if method.startswith("GFPGANer") else "pipeline" if method.startswith("FacePipeline")
-                   else "service-process" if "client process" in method else "service") + f"@{batch}"
+                   else "service-process" if "client process" in method
+                   else "service-overlap" if method.endswith("overlap") else "service") + f"@{batch}"
             found[key] = f"{float(rate):.0f}/s" + (f" p99 {p99} ms" if name == "realtime" else "")
         # the service's batches: is a slow service row the device or the transport? (the line
         # gfpgan-bench logs per method and size as soon as it is measured: a step stopped
         # before its tables has them too)
         for label, size, per_batch, ms, busy in re.findall(
-                r"(?m)^service batches(, client process)?: request (\d+): \d+ batches of ([\d.]+) faces and "
-                r"[\d.]+ jobs, ([\d.]+) ms a batch .*pipeline busy (\d+%)$", text):
-            key = f"service{'-process' if label else ''} batches@{size}"
+                r"(?m)^service batches(, client process|, overlap)?: request (\d+): \d+ batches of ([\d.]+) "
+                r"faces and [\d.]+ jobs, ([\d.]+) ms a batch .*pipeline busy (\d+%)$", text):
+            key = f"service{'-' + label.split()[-1] if label else ''} batches@{size}"
             found[key] = f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}"
     # what each compiled pass's check against the eager passes measured at warm-up (gfpgan-bench
     # logs a line per pass, kept or not: a pass that failed it is also in the variant's failure)

@@ -168,7 +168,7 @@ class FaceEnhanceServer:
         if s.warmup:
             await _in_daemon_thread(pipeline.warmup)
         self.batcher = Batcher(pipeline, s.max_batch_faces, s.max_delay_ms, s.max_queue_faces,
-                               metrics=self.metrics)
+                               metrics=self.metrics, overlap=s.overlap_batches == "on")
         self.batcher.start()
         self.metrics.set_model(pipeline.info)
         fallbacks = list(getattr(pipeline, "fallbacks", []))
@@ -183,10 +183,10 @@ class FaceEnhanceServer:
         self.ready.set()
         info = pipeline.info
         log.info("SERVING on %s:%d: %s (%s) sha256 %s on %s as %s; max_batch_faces=%d "
-                 "max_delay_ms=%g max_queue_faces=%d max_faces_per_request=%d face sizes "
+                 "max_delay_ms=%g overlap_batches=%s max_queue_faces=%d max_faces_per_request=%d face sizes "
                  "%d..%d; ready in %.1f s", s.host, self.port, info.model_name, info.model_version,
                  info.weights_sha256[:12], info.device, info.dtype, s.max_batch_faces,
-                 s.max_delay_ms, s.max_queue_faces, s.max_faces_per_request, s.min_face_size,
+                 s.max_delay_ms, s.overlap_batches, s.max_queue_faces, s.max_faces_per_request, s.min_face_size,
                  s.max_face_size, time.monotonic() - started)
 
     async def run(self) -> int:

@@ -15,12 +15,14 @@ from typing import Sequence
 import numpy as np
 
 from client.types import EnhanceOptions, EnhanceResult
-from server.jobs import DeviceOutOfMemory, Job, JobResult, Pipeline
+from server.jobs import DeviceOutOfMemory, Job, JobResult, Pipeline, Started, start_batch
 
 log = logging.getLogger(__name__)
 
 #: The name of the one thread that runs device batches.
 DEVICE_THREAD_PREFIX = "faceenhance-device"
+#: The name of the one thread that waits for a queued batch's results (overlap_batches).
+RESULTS_THREAD_PREFIX = "faceenhance-results"
 
 
 class QueueFull(Exception):
@@ -65,11 +67,30 @@ class _Request:
         return self.faces.shape[0]
 
 
+@dataclass(eq=False)
+class _Batch:
+    """A batch handed to the device and not yet answered."""
+
+    jobs: list[Job]
+    owners: list[tuple[_Request, int, int]]  # (request, first face, faces) per job
+    faces: int
+    handle: Started | None = None
+    queued_at: float = 0.0  # time.monotonic() when the device thread began queueing it
+
+
 class Batcher:
     """Forms batches of up to max_batch_faces, waiting at most max_delay_ms after the oldest arrival.
 
     Device work runs on one dedicated thread, so the event loop keeps reading and answering.
     Use from one event loop: `start()`, then `await submit(...)`, finally `drain()` / `close()`.
+
+    With `overlap` (and a pipeline that has `start`, server/jobs.py), a full batch is queued
+    on the device while the one before it still computes: its upload, detection launches and
+    the host work between them no longer leave the device idle between batches. At most two
+    batches are on the device at once; a batch that is not full still waits for the device
+    (and then max_delay_ms, as without overlap), so overlap never makes batches smaller. The
+    wait for a queued batch's results runs on a second thread (RESULTS_THREAD_PREFIX), and
+    results are answered in the order the batches were queued.
 
     A batch the device has no memory for (the pipeline raises DeviceOutOfMemory) goes back to
     the head of the queue, its faces in their order, and from then on batches hold at most half
@@ -82,7 +103,7 @@ class Batcher:
     RECOVER_S = 30.0
 
     def __init__(self, pipeline: Pipeline, max_batch_faces: int, max_delay_ms: float,
-                 max_queue_faces: int, metrics=None, recover_s: float = RECOVER_S):
+                 max_queue_faces: int, metrics=None, recover_s: float = RECOVER_S, overlap: bool = False):
         if max_batch_faces < 1 or max_queue_faces < 1 or max_delay_ms < 0:
             raise ValueError("max_batch_faces and max_queue_faces must be >= 1, max_delay_ms >= 0")
         self.pipeline = pipeline
@@ -98,13 +119,19 @@ class Batcher:
         self._queued_faces = 0
         self._wakeup = asyncio.Event()
         self._accepting = False
-        self._computing = False
-        self._on_device: list[_Request] = []  # owners of the batch being computed
+        #: Most batches on the device at once: 2 with overlap, else 1 (the next batch is formed
+        #: once the last one is answered).
+        self.device_depth = 2 if overlap else 1
+        self._launched: collections.deque[_Batch] = collections.deque()  # on the device, in order
+        self._deliveries: set[asyncio.Task] = set()
+        self._last_done = 0.0  # time.monotonic() when the device finished the last batch
         self._idle = asyncio.Event()
         self._idle.set()
         self._former: asyncio.Task | None = None
         self._device = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=DEVICE_THREAD_PREFIX)
+        self._results = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=RESULTS_THREAD_PREFIX)
         if metrics is not None:
             metrics.batch_ceiling.set(max_batch_faces)
 
@@ -115,6 +142,11 @@ class Batcher:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    @property
+    def _computing(self) -> bool:
+        """Some batch is on the device (being queued, computing, or its results being read)."""
+        return bool(self._launched)
 
     def start(self) -> None:
         if self._former is None:
@@ -191,8 +223,9 @@ class Batcher:
         stopping = NotAccepting("the service is shutting down before this request could be "
                                 "finished; retry on another replica")
         self._fail_queued(stopping)
-        for request in self._on_device:
-            self._fail(request, stopping)
+        for batch in list(self._launched):
+            for request, _, _ in batch.owners:
+                self._fail(request, stopping)
 
     async def close(self) -> None:
         """Stop at once: queued requests fail with NotAccepting; the device thread is released."""
@@ -203,7 +236,10 @@ class Batcher:
                 await self._former
             except asyncio.CancelledError:
                 pass
+        for task in list(self._deliveries):
+            task.cancel()
         self._device.shutdown(wait=False, cancel_futures=True)
+        self._results.shutdown(wait=False, cancel_futures=True)
 
     # --- inside ------------------------------------------------------------------------------
 
@@ -251,20 +287,31 @@ class Batcher:
     async def _form_batches(self) -> None:
         while True:
             while not self._queue:
-                self._idle.set()
+                if not self._launched:
+                    self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            if len(self._launched) >= self.device_depth:  # woken by an answered batch
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
             await self._wait_for_company()
             if not self._queue:
                 continue  # everything waiting was cancelled
             jobs, owners = self._take_batch()
             if jobs:  # (empty when everything waiting had expired)
-                await self._run_batch(jobs, owners)
+                await self._launch(jobs, owners)
 
     async def _wait_for_company(self) -> None:
-        """Until the queue holds a full batch or its oldest request has waited max_delay_ms."""
+        """Until the queue holds a full batch or its oldest request has waited max_delay_ms;
+        while a batch is on the device (overlap), until the queue holds a full batch or that
+        batch is answered, and then as without it."""
         self._grow_back()
         while self._queue and self._queued_faces < self.batch_ceiling and self._accepting:
+            if self._launched:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
             remaining = self._queue[0].arrival + self.max_delay_s - time.monotonic()
             if remaining <= 0:
                 return
@@ -309,50 +356,88 @@ class Batcher:
         self._change_queued(-(limit - room))
         return jobs, owners
 
-    def _enhance_timed(self, jobs: Sequence[Job]) -> tuple[list[JobResult], float, float]:
-        """Runs on the device thread; times the device work itself, without the hand-over."""
-        started = time.monotonic()
-        results = self.pipeline.enhance(jobs)
-        return results, started, time.monotonic() - started
+    def _start_timed(self, jobs: Sequence[Job]) -> tuple[Started, float]:
+        """Runs on the device thread: the batch queued on the device (or computed, for a
+        pipeline without `start`), and when that began."""
+        queued_at = time.monotonic()
+        return start_batch(self.pipeline, jobs), queued_at
 
-    async def _run_batch(self, jobs: list[Job], owners: list[tuple[_Request, int, int]]) -> None:
-        loop = asyncio.get_running_loop()
-        batch_faces = sum(take for _, _, take in owners)
-        self._computing = True
-        self._on_device = [request for request, _, _ in owners]
+    @staticmethod
+    def _result_timed(handle: Started) -> tuple[list[JobResult], float]:
+        """Runs on the results thread: the batch's results, and when the device had them."""
+        results = handle.result()
+        return results, time.monotonic()
+
+    def _device_faces_changed(self) -> None:
         if self.metrics is not None:
-            self.metrics.device_batch_faces.set(batch_faces)
+            self.metrics.device_batch_faces.set(sum(batch.faces for batch in self._launched))
+
+    async def _launch(self, jobs: list[Job], owners: list[tuple[_Request, int, int]]) -> None:
+        """Queue the batch on the device (the device thread), then answer it from a task of
+        its own, so that the next batch may be formed meanwhile (overlap)."""
+        loop = asyncio.get_running_loop()
+        batch = _Batch(jobs, owners, sum(take for _, _, take in owners))
+        self._launched.append(batch)
+        self._device_faces_changed()
         try:
-            results, started, seconds = await loop.run_in_executor(
-                self._device, self._enhance_timed, jobs)
-            results = list(results)
-            _check_results(jobs, results)
-        except DeviceOutOfMemory as exc:
-            self._out_of_memory(owners, batch_faces, exc)
+            batch.handle, batch.queued_at = await loop.run_in_executor(self._device, self._start_timed, jobs)
+        except BaseException as exc:
+            self._launched.remove(batch)
+            self._device_faces_changed()
+            self._batch_left()
+            if isinstance(exc, DeviceOutOfMemory):
+                self._out_of_memory(owners, batch.faces, exc)
+            elif isinstance(exc, Exception):  # one bad batch must not stop the batcher
+                log.exception("device batch of %d faces failed", batch.faces)
+                self._fail_batch(batch, exc)
+            else:
+                raise
             return
+        task = loop.create_task(self._answer(batch), name="faceenhance-answer")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _answer(self, batch: _Batch) -> None:
+        """Wait (on the results thread) for a batch on the device; answer its requests."""
+        loop = asyncio.get_running_loop()
+        try:
+            results, done_at = await loop.run_in_executor(self._results, self._result_timed, batch.handle)
+            results = list(results)
+            _check_results(batch.jobs, results)
         except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the batcher
-            log.exception("device batch of %d faces failed", batch_faces)
-            error = PipelineFailed(f"enhancing failed on the server: {type(exc).__name__}: {exc}")
-            for request, _, _ in owners:
-                self._fail(request, error)
+            log.exception("device batch of %d faces failed", batch.faces)
+            self._fail_batch(batch, exc)
             return
         finally:
-            self._computing = False
-            self._on_device = []
-            if self.metrics is not None:
-                self.metrics.device_batch_faces.set(0)
-            if not self._queue:
-                self._idle.set()
+            self._launched.remove(batch)
+            self._device_faces_changed()
+            self._batch_left()
+        # The device's time for this batch: from when it began queueing, or when the device
+        # finished the batch before it, whichever came later.
+        started = max(batch.queued_at, self._last_done)
+        seconds = max(0.0, done_at - started)
+        self._last_done = done_at
         if self.metrics is not None:
-            self.metrics.batch_faces.observe(batch_faces)
+            self.metrics.batch_faces.observe(batch.faces)
             self.metrics.compute.observe(seconds)
-        for (request, start, take), result in zip(owners, results):
+        for (request, start, take), result in zip(batch.owners, results):
             request.device_start = started
             request.compute_s += seconds
             request.parts.append((start, result))
             request.finished += take
             if request.finished == request.count and not request.future.done():
                 self._complete(request)
+
+    def _batch_left(self) -> None:
+        """A batch left the device: the former may form the next one; idle when nothing is left."""
+        self._wakeup.set()
+        if not self._queue and not self._launched:
+            self._idle.set()
+
+    def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
+        error = PipelineFailed(f"enhancing failed on the server: {type(exc).__name__}: {exc}")
+        for request, _, _ in batch.owners:
+            self._fail(request, error)
 
     def _out_of_memory(self, owners: list[tuple[_Request, int, int]], faces: int,
                        error: DeviceOutOfMemory) -> None:

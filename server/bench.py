@@ -34,11 +34,15 @@ from server.settings import Settings, default_weights_dir
 from server.speed import SpeedOptions
 
 METHODS = ("GFPGANer, one face at a time", "FacePipeline, in-process", "gRPC service, loopback",
-           "gRPC service, client process")
+           "gRPC service, client process", "gRPC service, loopback, overlap")
 #: --methods' names, in METHODS' order: the service's loopback client runs in the bench's own
 #: process (its threads share the interpreter with the server's event loop and the device
-#: thread); "service-process" runs it in a child process, as a caller's program would.
-METHOD_NAMES = ("gfpganer", "pipeline", "service", "service-process")
+#: thread); "service-process" runs it in a child process, as a caller's program would;
+#: "service-overlap" is "service" against a server with --overlap-batches on (the others
+#: serve with --overlap-batches as given).
+METHOD_NAMES = ("gfpganer", "pipeline", "service", "service-process", "service-overlap")
+#: The log's label of each service method's batches (METHODS[2:]).
+_BATCH_LABELS = {METHODS[2]: "", METHODS[3]: ", client process", METHODS[4]: ", overlap"}
 
 
 @dataclass
@@ -192,13 +196,14 @@ def bench_pipeline(pipeline, faces, batch_sizes, options, iterations, seconds, s
 # -- (c) our service over loopback gRPC -----------------------------------------------------------
 
 @contextlib.contextmanager
-def _loopback_service(pipeline, max_batch_faces: int):
+def _loopback_service(pipeline, max_batch_faces: int, overlap_batches: str = "off"):
     """The real server on 127.0.0.1:<free port>, on its own event loop thread, serving `pipeline`."""
     from server.app import FaceEnhanceServer
 
     settings = Settings(host="127.0.0.1", port=0, metrics_port=0, warmup=False,
                         max_batch_faces=max_batch_faces, max_faces_per_request=max(32, max_batch_faces),
-                        max_queue_faces=max(256, 8 * max_batch_faces), drain_grace_s=5.0)
+                        max_queue_faces=max(256, 8 * max_batch_faces), drain_grace_s=5.0,
+                        overlap_batches=overlap_batches)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="bench-server", daemon=True)
     thread.start()
@@ -228,17 +233,29 @@ class _BatchLog:
         self.started: list[float] = []  # each batch's time.monotonic() at its start
         #: per method and measured request size: (method, size, its batches, the wall seconds)
         self.per_size: list[tuple[str, int, list[tuple[int, int, float]], float]] = []
+        self._last_end = 0.0  # time.perf_counter() when the last batch's results were read
 
     def __getattr__(self, name):
         return getattr(self._pipeline, name)
 
     def enhance(self, jobs):
+        return self.start(jobs).result()
+
+    def start(self, jobs):
+        """The batch queued (server.jobs.start_batch), its time logged when its results are
+        read: from its start, or from the end of the batch before it where it was queued while
+        that one computed (overlap), so that no device time counts twice."""
+        from server.jobs import start_batch
+
         at, started = time.monotonic(), time.perf_counter()
-        results = self._pipeline.enhance(jobs)  # (a batch that raises, as out of memory, is not logged)
-        self.batches.append((sum(job.faces.shape[0] for job in jobs), len(jobs),
-                             time.perf_counter() - started))
+        handle = start_batch(self._pipeline, jobs)  # (a batch that raises, as out of memory, is not logged)
+        return _LoggedBatch(self, handle, sum(job.faces.shape[0] for job in jobs), len(jobs), at, started)
+
+    def _logged(self, faces: int, jobs: int, at: float, started: float) -> None:
+        end = time.perf_counter()
+        self.batches.append((faces, jobs, end - max(started, self._last_end)))
         self.started.append(at)
-        return results
+        self._last_end = end
 
     def measured(self, method: str, size: int, since: float, until: float) -> None:
         """The batches that started between two time.monotonic() readings (the clock is the
@@ -249,10 +266,23 @@ class _BatchLog:
         self.per_size.append((method, size, batches, until - since))
         if batches:
             _, count, faces_each, jobs_each, ms_batch, ms_face, busy = _batch_row(size, batches, until - since)
-            label = "" if method == METHODS[2] else ", client process"
+            label = _BATCH_LABELS[method]
             print(f"service batches{label}: request {size}: {count} batches of {faces_each} faces "
                   f"and {jobs_each} jobs, {ms_batch} ms a batch ({ms_face} ms a face), "
                   f"pipeline busy {busy}", file=sys.stderr, flush=True)
+
+
+class _LoggedBatch:
+    """_BatchLog.start's handle: the pipeline's, logging the batch when its results are read."""
+
+    def __init__(self, log: _BatchLog, handle, faces: int, jobs: int, at: float, started: float):
+        self._log, self._handle = log, handle
+        self._batch = (faces, jobs, at, started)
+
+    def result(self):
+        results = self._handle.result()
+        self._log._logged(*self._batch)
+        return results
 
 
 def service_batches_table(rows: list[tuple[int, list[tuple[int, int, float]], float]]) -> str:
@@ -311,9 +341,10 @@ def _time_service(client, faces, size, iterations, seconds, in_flight) -> tuple[
 
 
 def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_flight,
-                  log: _BatchLog | None = None) -> list[Measurement]:
+                  log: _BatchLog | None = None, method: str = METHODS[2]) -> list[Measurement]:
     """The client in this process; `log`: the service's pipeline, wrapped (each size's batches
-    go into its `per_size` and the log)."""
+    go into its `per_size` and the log); `method`: the rows' name (METHODS[4]: the server
+    overlaps batches)."""
     from client.sync import FaceEnhanceClient
 
     results = []
@@ -321,8 +352,8 @@ def bench_service(address, faces, batch_sizes, options, iterations, seconds, in_
         for b in batch_sizes:
             rate, latencies, since, until = _time_service(client, faces, b, iterations, seconds, in_flight)
             if log is not None:
-                log.measured(METHODS[2], b, since, until)
-            results.append(Measurement(METHODS[2], b, rate, latencies))
+                log.measured(method, b, since, until)
+            results.append(Measurement(method, b, rate, latencies))
     return results
 
 
@@ -712,6 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop a cell early after this many seconds (at least one batch runs)")
     parser.add_argument("--in-flight", type=int, default=4,
                         help="batches in flight towards the service, default 4")
+    parser.add_argument("--overlap-batches", default="off", choices=["on", "off"],
+                        help="the loopback service's --overlap-batches for the service and "
+                             "service-process methods (service-overlap: always on)")
     parser.add_argument("--face-size", type=int, default=256, help="input crop side, default 256")
     parser.add_argument("--output-size", type=int, default=256, choices=OUTPUT_SIZES)
     parser.add_argument("--faces-from", default=None, help="folder of face crops (else synthetic faces)")
@@ -719,8 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading weights")
     parser.add_argument("--markdown-out", default=None, help="also write the report to this file")
     parser.add_argument("--methods", default=",".join(METHOD_NAMES),
-                        help="which of gfpganer, pipeline, service (its client in this process) and "
-                             "service-process (its client in a child process) to time (default all)")
+                        help="which of gfpganer, pipeline, service (its client in this process), "
+                             "service-process (its client in a child process) and service-overlap "
+                             "(service, the server with --overlap-batches on) to time (default all)")
     parser.add_argument("--modconv", default="auto", choices=["auto", "fused", "unfused"],
                         help="our pipeline's speed forms, as gfpgan-serve takes them (default: "
                              "the service's defaults)")
@@ -892,16 +927,29 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
     if "pipeline" in methods:
         measurements += bench_pipeline(pipeline, faces, sizes, options, args.iterations, args.seconds, sync)
     if methods & {"service", "service-process"}:
-        with _loopback_service(log, max(8, max(sizes))) as address:
+        with _loopback_service(log, max(8, max(sizes)), args.overlap_batches) as address:
             if "service" in methods:
                 measurements += bench_service(address, faces, sizes, options, args.iterations, args.seconds,
                                               args.in_flight, log)
             if "service-process" in methods:
                 measurements += bench_service_process(address, faces, sizes, options, args.iterations,
                                                       args.seconds, args.in_flight, log)
+    overlap_note = ""
+    if "service-overlap" in methods:
+        # Overlap queues a full batch while another computes: only where the requests in flight
+        # hold two batches can it engage; at smaller sizes its rows would be the service's.
+        ceiling = max(8, max(sizes))
+        overlap_sizes = [b for b in sizes if args.in_flight * b >= 2 * ceiling]
+        overlap_note = (f"\n- service-overlap: timed at {', '.join(map(str, overlap_sizes)) or 'no size'}, "
+                        f"where {args.in_flight} requests in flight hold two batches of {ceiling} faces "
+                        "(with fewer, a full batch is never queued while another computes)")
+        if overlap_sizes:
+            with _loopback_service(log, ceiling, "on") as address:
+                measurements += bench_service(address, faces, overlap_sizes, options, args.iterations,
+                                              args.seconds, args.in_flight, log, method=METHODS[4])
 
     sections = [header(argv, device, pipeline.dtype, settings.model, faces, options)
-                + f"\n- pipeline speed forms: {pipeline.speed.describe()}" + gfpganer_note]
+                + f"\n- pipeline speed forms: {pipeline.speed.describe()}" + gfpganer_note + overlap_note]
     if titled:
         info = pipeline.info
         sections[0] = (f"## {info.models[0].id if info.models else info.model_name}: {info.model_name} "

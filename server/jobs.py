@@ -72,8 +72,34 @@ class ModelInfo:
         return next((m for m in self.models if m.id == wanted), None)
 
 
+class Started(Protocol):
+    """A batch handed to the device: its work is queued there, its results not read yet."""
+
+    def result(self) -> list[JobResult]:
+        """Wait for the device to finish the batch; its JobResults, one per job, in order.
+        Raises (never DeviceOutOfMemory: memory is taken while the batch is queued) when the
+        device failed on it."""
+        ...
+
+
+class Done:
+    """A batch already computed when it was handed over (a pipeline that does not queue)."""
+
+    def __init__(self, results: list[JobResult]):
+        self._results = results
+
+    def result(self) -> list[JobResult]:
+        return self._results
+
+
 class Pipeline(Protocol):
-    """Runs jobs on the device. Called from one worker thread at a time, never the event loop."""
+    """Runs jobs on the device. Called from one worker thread at a time, never the event loop.
+
+    A pipeline whose device computes asynchronously (CUDA) may also have
+    `start(jobs) -> Started`: the same work as enhance() up to the final wait, which
+    `Started.result()` does, from another thread. The batcher then queues the next batch on the
+    device while this one computes (`--overlap-batches`). `start_batch` calls either kind.
+    """
 
     info: ModelInfo
 
@@ -89,3 +115,12 @@ class Pipeline(Protocol):
     def warmup(self) -> None:
         """Run a representative batch once so the first real request pays no start-up cost."""
         ...
+
+
+def start_batch(pipeline: Pipeline, jobs: Sequence[Job]) -> Started:
+    """`pipeline.start(jobs)` where the pipeline has it; else `enhance(jobs)`, already done.
+    Raises what they raise (DeviceOutOfMemory: nothing was queued, nothing changed)."""
+    start = getattr(pipeline, "start", None)
+    if start is None:
+        return Done(pipeline.enhance(jobs))
+    return start(jobs)

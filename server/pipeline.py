@@ -3,7 +3,8 @@
 faces -> one tensor -> batched detection -> per-face similarity transform -> warp to the
 512 template -> GFPGAN over the whole batch -> inverse warp + soft parsing-mask paste ->
 fidelity blend -> output size -> uint8. It knows nothing about gRPC or queues; the batcher
-calls `enhance(jobs)` from its worker thread (see server/jobs.py).
+calls `enhance(jobs)`, or `start(jobs)` and then the handle's `result()`, from its worker
+threads (see server/jobs.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch
 from client.types import Alignment, Background, EnhanceOptions, FaceStatus
 from server import imageops
 from server.detection import FaceDetector, Faces, centre_choice, centre_mask
-from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo
+from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo, Started, start_batch
 from server.steady import VideoState
 from server.speed import (CompiledForward, GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
                           check_speed_device, compile_toolchain_problem, graph_buckets, prepare_resampling,
@@ -30,6 +31,7 @@ from server.speed import (CompiledForward, GraphedForward, NoisePlan, SpeedOptio
                           set_modconv_form, set_parse_forms)
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 FACE_SIZE = 512
 # facexlib's FFHQ 5-point template for 512x512 faces: eyes, nose, mouth corners.
@@ -160,32 +162,73 @@ class _Group:
 class _HostStaging:
     """Pinned host buffers, reused from batch to batch, for asynchronous uploads to CUDA.
 
-    Every enhance() ends by waiting for its downloads, so by the next batch every copy out of
-    these buffers has finished and they can be refilled.
+    Two sets, a batch's uploads in one and the next batch's in the other, so that a batch can
+    be queued on the device while the one before it computes (FacePipeline.start): its
+    uploads never write into a buffer that a queued copy still reads. Before a set is filled
+    again, the host waits for the device to have finished the batch that filled it last (at
+    most two batches are queued at once, so that batch has normally finished long before).
     """
+
+    SETS = 2
 
     def __init__(self, device: torch.device, owner: "FacePipeline"):
         self.device = device
         self.owner = owner
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._sets: list[dict[str, torch.Tensor]] = [{} for _ in range(self.SETS)]
+        #: per set: recorded after the last batch that filled it was queued (CUDA only)
+        self._done: list[object | None] = [None] * self.SETS
+        self._current = 0
+
+    def next_batch(self) -> None:
+        """Switch to the other set of buffers, once the device is done with what they hold."""
+        self._current = (self._current + 1) % self.SETS
+        done = self._done[self._current]
+        if done is not None:
+            done.synchronize()
+
+    def batch_queued(self) -> None:
+        """The current batch's work is all queued: its set is free again once the device gets
+        past this point."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._done[self._current] = event
 
     def upload(self, key: str, array: np.ndarray) -> torch.Tensor:
         profiler = self.owner.profiler
         with profiler.uploading() if profiler is not None else contextlib.nullcontext():
             return self._upload(key, array)
 
+    def upload_joined(self, key: str, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """np.concatenate(arrays) on the device. On CUDA the arrays are joined straight into
+        the pinned buffer: one host copy of the batch's images, not two, and no fresh
+        allocation (a new batch-sized array page-faults in: 25 ms for 64 faces of 256x256)."""
+        profiler = self.owner.profiler
+        with profiler.uploading() if profiler is not None else contextlib.nullcontext():
+            if self.device.type != "cuda":
+                return torch.from_numpy(np.concatenate(arrays))
+            shape = (sum(a.shape[0] for a in arrays), *arrays[0].shape[1:])
+            staged = self._staged(key, int(np.prod(shape)), torch.from_numpy(arrays[0][:0]).dtype).view(shape)
+            np.concatenate(arrays, out=staged.numpy())
+            return staged.to(self.device, non_blocking=True)
+
     def _upload(self, key: str, array: np.ndarray) -> torch.Tensor:
         array = np.ascontiguousarray(array)
         if self.device.type != "cuda":
             return torch.from_numpy(array)
         source = torch.from_numpy(array)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.dtype != source.dtype or buffer.numel() < source.numel():
-            buffer = torch.empty(max(source.numel(), 1) * 3 // 2 + 1, dtype=source.dtype, pin_memory=True)
-            self._buffers[key] = buffer
-        staged = buffer[:source.numel()].view(source.shape)
+        staged = self._staged(key, source.numel(), source.dtype).view(source.shape)
         staged.copy_(source)
         return staged.to(self.device, non_blocking=True)
+
+    def _staged(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """`numel` elements of the current set's pinned buffer `key` (grown by half when short)."""
+        buffers = self._sets[self._current]
+        buffer = buffers.get(key)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            buffer = torch.empty(max(numel, 1) * 3 // 2 + 1, dtype=dtype, pin_memory=True)
+            buffers[key] = buffer
+        return buffer[:numel]
 
 
 class FacePipeline:
@@ -394,13 +437,26 @@ class FacePipeline:
         def run() -> list[JobResult]:
             batch = self.profiler.batch() if self.profiler is not None else contextlib.nullcontext()
             with batch:
-                return self._enhance(jobs)
+                return self._launch(jobs).result()
         return enhance_within_memory(run, jobs, self.device)
+
+    def start(self, jobs: Sequence[Job]) -> "_Launched":
+        """enhance() up to its one wait: every pass and the downloads queued on the device, the
+        results read by the handle's result() (from any thread; the next start() may come
+        first). Raises DeviceOutOfMemory, with nothing changed, when the batch does not fit."""
+        return enhance_within_memory(lambda: self._launch(jobs), jobs, self.device)
 
     def _stage(self, name: str):
         return self.profiler.stage(name) if self.profiler is not None else contextlib.nullcontext()
 
-    def _enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
+    def _launch(self, jobs: Sequence[Job]) -> "_Launched":
+        self._staging.next_batch()
+        try:
+            return self._queue_batch(jobs)
+        finally:  # (also when it failed part-way: what it queued still reads the buffers)
+            self._staging.batch_queued()
+
+    def _queue_batch(self, jobs: Sequence[Job]) -> "_Launched":
         groups = defaultdict(list)  # input size -> job indices: one tensor per size
         for index, job in enumerate(jobs):
             groups[job.faces.shape[1]].append(index)
@@ -421,23 +477,8 @@ class FacePipeline:
             pending.append(self._finish(plan, restored[offset:offset + plan.num_crops]))
             offset += plan.num_crops
         with self._stage("download"):
-            if self.profiler is not None:
-                self.profiler.note_sync("download")
-            host = _download([(status, outputs) for _, outputs, status in pending], self.device)
-        for plan in plans:  # pasted now: steady video's reused masks count
-            for mask in plan.mask_reused.values():
-                mask.video.masks_reused += 1
-        results: list[JobResult | None] = [None] * len(jobs)
-        for (plan, _, _), (status, outputs) in zip(pending, host):
-            rows = defaultdict(int)  # next unread row of each output size
-            start = 0
-            for i in plan.indices:
-                count, size = jobs[i].faces.shape[0], jobs[i].options.output_size
-                out = outputs[size][rows[size]:rows[size] + count]
-                rows[size] += count
-                results[i] = JobResult(out, [FaceStatus(int(s)) for s in status[start:start + count]])
-                start += count
-        return results  # type: ignore[return-value]
+            copies = _download_start([(status, outputs) for _, outputs, status in pending], self.device)
+        return _Launched(self, jobs, plans, *copies)
 
     def warmup(self, faces: int = 1, size: int = 256) -> None:
         """Capture the CUDA graphs (when on), then one DETECT and one ALIGNED pass, so kernels
@@ -459,8 +500,8 @@ class FacePipeline:
         options = [jobs[i].options for i in indices for _ in range(jobs[i].faces.shape[0])]
         n = len(options)
         with self._stage("upload"):
-            host = np.concatenate([np.ascontiguousarray(jobs[i].faces) for i in indices])
-            images = self._staging.upload(key + "images", host).permute(0, 3, 1, 2).float()
+            images = self._staging.upload_joined(key + "images", [jobs[i].faces for i in indices])
+            images = images.permute(0, 3, 1, 2).float()
             # Per image: aligned, detect, centre only, random noise, fidelity, the network's own
             # fidelity weight (one upload).
             flags = np.array([[o.alignment is Alignment.ALIGNED, o.alignment is Alignment.DETECT,
@@ -856,9 +897,8 @@ def is_out_of_memory(error: BaseException) -> bool:
                                                    for text in _OUT_OF_MEMORY_MESSAGES)
 
 
-def enhance_within_memory(run: Callable[[], list[JobResult]], jobs: Sequence[Job],
-                          device: torch.device) -> list[JobResult]:
-    """run(), the pipeline's pass over `jobs`; when the device runs out of memory in it, nothing
+def enhance_within_memory(run: Callable[[], _T], jobs: Sequence[Job], device: torch.device) -> _T:
+    """run(), the pipeline's pass over `jobs` (or its start); when the device runs out of memory in it, nothing
     is left changed and DeviceOutOfMemory says so: the steady-video filters the pass moved go
     back to where they were, the failed pass's tensors are released (its frames go with the
     error, which is not kept) and so is the allocator's cache, so that the batcher can run the
@@ -969,17 +1009,61 @@ def _plain_resize(size: int, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.eye(2, 3, dtype=dtype, device=device) * (FACE_SIZE / size)
 
 
-def _download(parts, device: torch.device):
-    """Copy every (status, {size: outputs}) to the host with one wait for the device."""
+def _download_start(parts, device: torch.device):
+    """Queue the copy of every (status, {size: outputs}) to the host: (the copies, an event
+    the device reaches when they are done; None on the CPU, where they are the arrays)."""
     if device.type != "cuda":
         return [(status.numpy(), {size: t.numpy() for size, t in outputs.items()})
-                for status, outputs in parts]
+                for status, outputs in parts], None
     copies = [(status.to("cpu", non_blocking=True),
                {size: t.to("cpu", non_blocking=True) for size, t in outputs.items()})
               for status, outputs in parts]
-    torch.cuda.current_stream(device).synchronize()
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    return copies, done
+
+
+def _download_wait(copies, done) -> list:
+    """_download_start's copies as numpy arrays, after one wait for the device (none on the CPU)."""
+    if done is None:
+        return copies
+    done.synchronize()
     return [(status.numpy(), {size: t.numpy() for size, t in outputs.items()})
             for status, outputs in copies]
+
+
+class _Launched:
+    """A batch FacePipeline.start() queued on the device; result() waits for it and reads its
+    faces. Safe to call from another thread than the one that queued it, while that thread
+    queues the next batch: it only waits on its own event and reads its own copies."""
+
+    def __init__(self, pipeline: FacePipeline, jobs: Sequence[Job], plans: list[_Group], copies, done):
+        self._pipeline = pipeline
+        self._jobs = jobs
+        self._plans = plans
+        self._copies = copies
+        self._done = done
+
+    def result(self) -> list[JobResult]:
+        pipeline, jobs = self._pipeline, self._jobs
+        with pipeline._stage("download"):
+            if pipeline.profiler is not None:
+                pipeline.profiler.note_sync("download")
+            host = _download_wait(self._copies, self._done)
+        for plan in self._plans:  # pasted now: steady video's reused masks count
+            for mask in plan.mask_reused.values():
+                mask.video.masks_reused += 1
+        results: list[JobResult | None] = [None] * len(jobs)
+        for plan, (status, outputs) in zip(self._plans, host):
+            rows = defaultdict(int)  # next unread row of each output size
+            start = 0
+            for i in plan.indices:
+                count, size = jobs[i].faces.shape[0], jobs[i].options.output_size
+                out = outputs[size][rows[size]:rows[size] + count]
+                rows[size] += count
+                results[i] = JobResult(out, [FaceStatus(int(s)) for s in status[start:start + count]])
+                start += count
+        return results  # type: ignore[return-value]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1031,22 +1115,26 @@ class ModelRouter:
         self.default = info.default_model
 
     def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
-        # a model's pass that runs out of memory leaves the passes before it undone too
-        return enhance_within_memory(lambda: self._enhance(jobs), jobs,
+        return self.start(jobs).result()
+
+    def start(self, jobs: Sequence[Job]) -> Started:
+        """Each model's pass queued on the device (FacePipeline.start), in the order the batch
+        first names the models; result() reads them all. A model's pass that runs out of memory
+        leaves the passes queued before it unread, and the batch's steady video as it was."""
+        return enhance_within_memory(lambda: self._launch(jobs), jobs,
                                      next(iter(self.pipelines.values())).device)
 
-    def _enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
+    def _launch(self, jobs: Sequence[Job]) -> Started:
         by_model: dict[str, list[int]] = defaultdict(list)
         for index, job in enumerate(jobs):
             by_model[job.options.model or self.default].append(index)
-        results: list[JobResult | None] = [None] * len(jobs)
+        parts = []
         for model, indices in by_model.items():
             pipeline = self.pipelines.get(model)
             if pipeline is None:  # the service checks requests first: this is a bug, not input
                 raise KeyError(f"no pipeline for model {model!r}; loaded: {', '.join(self.pipelines)}")
-            for index, result in zip(indices, pipeline.enhance([jobs[i] for i in indices])):
-                results[index] = result
-        return results  # type: ignore[return-value]
+            parts.append((indices, start_batch(pipeline, [jobs[i] for i in indices])))
+        return _RoutedLaunch(parts, len(jobs))
 
     def warmup(self, faces: int = 1, size: int = 256) -> None:
         for pipeline in self.pipelines.values():
@@ -1069,6 +1157,21 @@ class ModelRouter:
     def profiler(self, value) -> None:
         for pipeline in self.pipelines.values():
             pipeline.profiler = value
+
+
+class _RoutedLaunch:
+    """ModelRouter.start's handle: each model's queued pass, read back into job order."""
+
+    def __init__(self, parts: list[tuple[list[int], Started]], count: int):
+        self._parts = parts
+        self._count = count
+
+    def result(self) -> list[JobResult]:
+        results: list[JobResult | None] = [None] * self._count
+        for indices, launched in self._parts:
+            for index, result in zip(indices, launched.result()):
+                results[index] = result
+        return results  # type: ignore[return-value]
 
 
 def build_pipeline(settings) -> FacePipeline | ModelRouter:

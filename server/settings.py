@@ -40,6 +40,7 @@ class Settings:
     dtype: str = "auto"
     max_batch_faces: int = 8
     max_delay_ms: float = 5.0
+    overlap_batches: str = "off"
     max_queue_faces: int = 256
     max_faces_per_request: int = 32
     min_face_size: int = 64
@@ -337,6 +338,12 @@ SPECS: tuple[_Spec, ...] = (
           check=_int_in(1, 1024)),
     _Spec("max_delay_ms", _float_at_least(0.0), "Longest a batch waits for more faces after its "
           "first arrives, in milliseconds.", "5.0", check=_float_at_least(0.0)),
+    _Spec("overlap_batches", _choice("on", "off"), "Queue the next batch on the device while the "
+          "last one computes, when the queue already holds a full batch (at most two on the device "
+          "at once): the device does not wait for the host's work between batches (its upload, "
+          "detection launches and results). For CUDA; on the CPU the device is the host and it "
+          "gains nothing. off until a GPU run measures it (gfpgan-bench --methods service-overlap).",
+          "off", check=_choice("on", "off")),
     _Spec("max_queue_faces", _int_in(1), "Faces waiting in the shared queue before new requests "
           "are refused with RESOURCE_EXHAUSTED.", "256", check=_int_in(1)),
     _Spec("max_faces_per_request", _int_in(1, 4096), "Most faces in one request.", "32",

@@ -4,8 +4,10 @@ Its "enhancement" is recognisable per face, so tests can check every returned pi
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from collections import defaultdict
 from typing import Callable, Sequence
 
 import cv2
@@ -102,6 +104,87 @@ class FakePipeline:
     def factory(self, settings=None) -> "FakePipeline":
         """A pipeline_factory for serve()/FaceEnhanceServer that hands out this instance."""
         return self
+
+
+class QueuedFakePipeline(FakePipeline):
+    """FakePipeline with `start` (server/jobs.py): a batch is queued on a fake device, a thread
+    of its own that finishes batches one at a time in the order they came, as CUDA runs the
+    kernels a pipeline queued; the handle's result() waits for it.
+
+    `events`: ("start", n) when batch n was queued (on the batcher's device thread), ("done", n)
+    when the fake device finished it, ("result", n) when its results were read; n counts the
+    batches queued, from 0. gated: batch n's device work waits until `release(n)`. face_s: the
+    device's seconds a face, beside FakePipeline's delay_s a batch.
+    fail_result_if(n): the wait for batch n fails (a device error seen at the wait). The
+    checks enhance() makes (fail_if, out_of_memory_above) happen when a batch is queued.
+    """
+
+    def __init__(self, gated: bool = False, fail_result_if: Callable[[int], bool] | None = None,
+                 face_s: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.gated = gated
+        self.face_s = face_s  # the fake device's seconds a face (beside delay_s a batch)
+        self.fail_result_if = fail_result_if
+        self.events: list[tuple[str, int]] = []
+        self._gates: dict[int, threading.Event] = defaultdict(threading.Event)
+        self._queued: queue.Queue = queue.Queue()
+        self._count = 0
+        threading.Thread(target=self._device, name="fake-device", daemon=True).start()
+
+    def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
+        return self.start(jobs).result()
+
+    def start(self, jobs: Sequence[Job]) -> "_FakeQueued":
+        with self._lock:
+            number = self._count
+            self._count += 1
+            self.batches.append([(job.faces.shape[0], job.options) for job in jobs])
+            if self.record_faces:
+                self.faces_seen.extend(np.array(face) for job in jobs for face in job.faces)
+            self.threads.add(threading.current_thread().name)
+            self.events.append(("start", number))
+        self.started.set()
+        if self.fail_if is not None and self.fail_if(jobs):
+            raise RuntimeError("fake device failure")
+        faces = sum(job.faces.shape[0] for job in jobs)
+        if self.out_of_memory_above is not None and faces > self.out_of_memory_above:
+            raise DeviceOutOfMemory(f"the device ran out of memory on a batch of {faces} faces "
+                                    "(fake: CUDA out of memory)")
+        handle = _FakeQueued(self, number, list(jobs))
+        self._queued.put(handle)
+        return handle
+
+    def release(self, number: int) -> None:
+        self._gates[number].set()
+
+    def _device(self) -> None:
+        while True:
+            handle = self._queued.get()
+            if self.gated:
+                self._gates[handle.number].wait(timeout=30)
+            seconds = self.delay_s + self.face_s * sum(job.faces.shape[0] for job in handle.jobs)
+            if seconds:
+                time.sleep(seconds)
+            handle.results = [JobResult(*fake_enhanced(job.faces, job.options)) for job in handle.jobs]
+            with self._lock:
+                self.events.append(("done", handle.number))
+            handle.done.set()
+
+
+class _FakeQueued:
+    def __init__(self, pipeline: QueuedFakePipeline, number: int, jobs: list[Job]):
+        self.pipeline, self.number, self.jobs = pipeline, number, jobs
+        self.results: list[JobResult] = []
+        self.done = threading.Event()
+
+    def result(self) -> list[JobResult]:
+        if not self.done.wait(timeout=30):
+            raise RuntimeError(f"fake device: batch {self.number} never finished")
+        with self.pipeline._lock:
+            self.pipeline.events.append(("result", self.number))
+        if self.pipeline.fail_result_if is not None and self.pipeline.fail_result_if(self.number):
+            raise RuntimeError("fake device failure seen at the wait")
+        return self.results
 
 
 def random_faces(rng: np.random.Generator, count: int, size: int = 64) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 
 from client.types import EnhanceOptions, FaceStatus
 from server.batcher import Batcher, NotAccepting, PipelineFailed, QueueFull
-from tests.fakes import FakePipeline, fake_enhanced, random_faces
+from tests.fakes import FakePipeline, QueuedFakePipeline, fake_enhanced, random_faces
 from tests.helpers import until
 
 pytestmark = pytest.mark.timeout(30)
@@ -23,8 +23,8 @@ def rng():
     return np.random.default_rng(7)
 
 
-async def _batcher(pipeline, max_batch_faces=4, max_delay_ms=1.0, max_queue_faces=64):
-    batcher = Batcher(pipeline, max_batch_faces, max_delay_ms, max_queue_faces)
+async def _batcher(pipeline, max_batch_faces=4, max_delay_ms=1.0, max_queue_faces=64, overlap=False):
+    batcher = Batcher(pipeline, max_batch_faces, max_delay_ms, max_queue_faces, overlap=overlap)
     batcher.start()
     return batcher
 
@@ -244,4 +244,157 @@ async def test_drain_that_runs_out_of_time_fails_what_is_still_queued(rng):
         await waiting
     hold.set()
     assert (await first).faces.shape[0] == 2  # work already on the device still finishes
+    await batcher.close()
+
+
+# --- overlap: the next batch queued on the device while the last one computes -----------------
+
+def _starts(pipeline: QueuedFakePipeline) -> list[int]:
+    return [n for what, n in pipeline.events if what == "start"]
+
+
+async def test_with_overlap_a_full_batch_is_queued_while_the_one_before_computes(rng):
+    pipeline = QueuedFakePipeline(gated=True)
+    batcher = await _batcher(pipeline, max_batch_faces=4, max_delay_ms=10_000, overlap=True)
+    requests = [random_faces(rng, 4) for _ in range(3)]
+    answers = [asyncio.ensure_future(batcher.submit(faces, OPTIONS)) for faces in requests]
+
+    # batch 1 is queued behind batch 0, which the device has not finished
+    await until(lambda: _starts(pipeline) == [0, 1])
+    await asyncio.sleep(0.05)
+    assert _starts(pipeline) == [0, 1]  # never more than two batches on the device
+    assert not any(answer.done() for answer in answers)
+
+    pipeline.release(0)
+    await until(lambda: answers[0].done() and _starts(pipeline) == [0, 1, 2])
+    assert not answers[1].done()
+    pipeline.release(1)
+    pipeline.release(2)
+    results = await asyncio.gather(*answers)
+
+    for faces, result in zip(requests, results):
+        np.testing.assert_array_equal(result.faces, fake_enhanced(faces, OPTIONS)[0])
+    # batch 2 waited for batch 0's results; results were read in the order batches were queued
+    events = pipeline.events
+    assert events.index(("result", 0)) < events.index(("start", 2))
+    assert [n for what, n in events if what == "result"] == [0, 1, 2]
+    assert pipeline.batch_sizes == [4, 4, 4]
+    await batcher.close()
+
+
+async def test_without_overlap_the_next_batch_is_queued_only_after_the_last_one_is_answered(rng):
+    pipeline = QueuedFakePipeline(gated=True)
+    batcher = await _batcher(pipeline, max_batch_faces=4, max_delay_ms=10_000, overlap=False)
+    answers = [asyncio.ensure_future(batcher.submit(random_faces(rng, 4), OPTIONS)) for _ in range(2)]
+    await until(lambda: _starts(pipeline) == [0])
+    await asyncio.sleep(0.05)
+    assert _starts(pipeline) == [0]  # a full batch waits, the device holds one
+
+    pipeline.release(0)
+    pipeline.release(1)
+    await asyncio.gather(*answers)
+    assert pipeline.events == [("start", 0), ("done", 0), ("result", 0), ("start", 1), ("done", 1), ("result", 1)]
+    await batcher.close()
+
+
+async def test_with_overlap_a_batch_that_is_not_full_waits_for_the_device_and_so_is_never_smaller(rng):
+    pipeline = QueuedFakePipeline(gated=True)
+    batcher = await _batcher(pipeline, max_batch_faces=4, max_delay_ms=1.0, overlap=True)
+    first = asyncio.ensure_future(batcher.submit(random_faces(rng, 4), OPTIONS))
+    await until(lambda: _starts(pipeline) == [0])
+    second = asyncio.ensure_future(batcher.submit(random_faces(rng, 2), OPTIONS))
+    await asyncio.sleep(0.05)  # far past max_delay_ms: still no second batch while the first computes
+    assert _starts(pipeline) == [0]
+
+    third = asyncio.ensure_future(batcher.submit(random_faces(rng, 2), OPTIONS))
+    await until(lambda: _starts(pipeline) == [0, 1])  # now the queue holds a full batch: it goes
+    assert pipeline.batch_sizes == [4, 4]
+
+    fourth = asyncio.ensure_future(batcher.submit(random_faces(rng, 1), OPTIONS))
+    pipeline.release(0)
+    await until(first.done)
+    await asyncio.sleep(0.05)  # one batch on the device again: the lone face still waits for it
+    assert _starts(pipeline) == [0, 1]
+    pipeline.release(1)
+    pipeline.release(2)
+    await asyncio.gather(second, third, fourth)
+    assert pipeline.batch_sizes == [4, 4, 1]  # and then goes as it would without overlap
+    await batcher.close()
+
+
+async def test_with_overlap_a_failed_wait_fails_only_its_batch(rng):
+    pipeline = QueuedFakePipeline(gated=True, fail_result_if=lambda n: n == 0)
+    batcher = await _batcher(pipeline, max_batch_faces=4, max_delay_ms=10_000, overlap=True)
+    doomed = asyncio.ensure_future(batcher.submit(random_faces(rng, 4), OPTIONS))
+    faces = random_faces(rng, 4)
+    fine = asyncio.ensure_future(batcher.submit(faces, OPTIONS))
+    await until(lambda: _starts(pipeline) == [0, 1])
+    pipeline.release(0)
+    pipeline.release(1)
+
+    with pytest.raises(PipelineFailed, match="fake device failure seen at the wait"):
+        await doomed
+    np.testing.assert_array_equal((await fine).faces, fake_enhanced(faces, OPTIONS)[0])
+    await batcher.close()
+
+
+async def test_with_overlap_a_batch_that_runs_out_of_memory_behind_another_runs_again_smaller(rng):
+    pipeline = QueuedFakePipeline(out_of_memory_above=2, delay_s=0.01)
+    batcher = await _batcher(pipeline, max_batch_faces=4, max_delay_ms=10_000, overlap=True)
+    requests = [random_faces(rng, 3) for _ in range(4)]
+    results = await asyncio.gather(*(batcher.submit(faces, OPTIONS) for faces in requests))
+
+    for faces, result in zip(requests, results):
+        np.testing.assert_array_equal(result.faces, fake_enhanced(faces, OPTIONS)[0])
+    sizes = pipeline.batch_sizes
+    assert sizes[0] == 4 and max(sizes[1:]) == 2 and sum(sizes) == 12 + 4  # the refused 4, again
+    assert batcher.batch_ceiling == 2
+    await batcher.close()
+
+
+async def test_with_overlap_device_time_is_not_counted_twice(rng):
+    """A batch queued behind another counts from when the device finished that one."""
+    pipeline = QueuedFakePipeline(gated=True)
+    batcher = await _batcher(pipeline, max_batch_faces=4, max_delay_ms=10_000, overlap=True)
+    first = asyncio.ensure_future(batcher.submit(random_faces(rng, 4), OPTIONS))
+    second = asyncio.ensure_future(batcher.submit(random_faces(rng, 4), OPTIONS))
+    await until(lambda: _starts(pipeline) == [0, 1])
+    await asyncio.sleep(0.4)
+    pipeline.release(0)
+    await first
+    await asyncio.sleep(0.4)
+    pipeline.release(1)
+    late = await second
+
+    # queued at once, on the device from batch 0's end (0.4 s in) to its own (0.8 s in)
+    assert 300 < late.queue_ms < 700 and 300 < late.compute_ms < 700, (late.queue_ms, late.compute_ms)
+    await batcher.close()
+
+
+async def test_with_overlap_drain_finishes_both_batches_on_the_device(rng):
+    pipeline = QueuedFakePipeline(gated=True)
+    batcher = await _batcher(pipeline, max_batch_faces=2, max_delay_ms=10_000, overlap=True)
+    accepted = [asyncio.ensure_future(batcher.submit(random_faces(rng, 2), OPTIONS)) for _ in range(3)]
+    await until(lambda: _starts(pipeline) == [0, 1])
+    drained = asyncio.ensure_future(batcher.drain(timeout=10))
+    await asyncio.sleep(0.02)
+    assert not drained.done()
+    for number in range(3):
+        pipeline.release(number)
+    assert await drained is True
+    assert all(task.result().faces.shape == (2, 256, 256, 3) for task in accepted)
+    await batcher.close()
+
+
+async def test_with_overlap_abandon_fails_both_batches_on_the_device_at_once(rng):
+    pipeline = QueuedFakePipeline(gated=True)
+    batcher = await _batcher(pipeline, max_batch_faces=2, max_delay_ms=10_000, overlap=True)
+    accepted = [asyncio.ensure_future(batcher.submit(random_faces(rng, 2), OPTIONS)) for _ in range(3)]
+    await until(lambda: _starts(pipeline) == [0, 1])
+    batcher.abandon()
+    for task in accepted:
+        with pytest.raises(NotAccepting):
+            await task
+    for number in range(3):
+        pipeline.release(number)
     await batcher.close()

@@ -13,16 +13,19 @@ def test_bench_prints_a_row_per_method_and_batch_size_with_positive_throughput(s
     out = tmp_path / "bench.md"
     main(["--model", str(small_weights / "GFPGANv1.4.pth"), "--weights-dir", str(small_weights),
           "--device", "cpu", "--no-download", "--alignment", "aligned", "--batch-sizes", "1,2",
-          "--iterations", "2", "--faces", "3", "--face-size", "128", "--markdown-out", str(out)])
+          "--iterations", "2", "--faces", "3", "--face-size", "128", "--in-flight", "8",
+          "--markdown-out", str(out)])
     captured = capsys.readouterr()
     printed = captured.out
     assert out.read_text().strip() == printed.strip()
+    # 8 requests of 2 faces in flight hold two batches of 8: service-overlap is timed at 2 only
+    assert "- service-overlap: timed at 2, where 8 requests in flight hold two batches of 8 faces" in printed
     rows = {}
     for line in printed.splitlines():
         match = re.match(r"\| (.+?) \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", line)
         if match:
             rows[(match[1], int(match[2]))] = (float(match[3]), float(match[4]))
-    assert set(rows) == {(method, batch) for method in METHODS for batch in (1, 2)}
+    assert set(rows) == {(method, batch) for method in METHODS[:4] for batch in (1, 2)} | {(METHODS[4], 2)}
     assert all(faces_per_s > 0 for faces_per_s, _ in rows.values())
     # GFPGANer is the baseline of the ratio column.
     assert rows[(METHODS[0], 1)][1] == 1.0 and rows[(METHODS[0], 2)][1] == 1.0
@@ -33,15 +36,15 @@ def test_bench_prints_a_row_per_method_and_batch_size_with_positive_throughput(s
     for method, table in re.findall(r"(?ms)^### Service batches \((.+?)\)\n(.*?)(?=^### |\Z)", printed):
         tables[method] = {int(m[1]): (int(m[2]), float(m[3]), float(m[4]), int(m[5])) for m in re.finditer(
             r"^\| (\d+) \| (\d+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| (\d+)% \|$", table, flags=re.M)}
-    assert set(tables) == {METHODS[2], METHODS[3]}
+    assert set(tables) == {METHODS[2], METHODS[3], METHODS[4]}
     for method, batches in tables.items():
-        assert set(batches) == {1, 2}, method
+        assert set(batches) == ({2} if method == METHODS[4] else {1, 2}), method
         for size, (count, per_batch, per_face_ms, busy) in batches.items():
             assert round(count * per_batch) == 2 * size  # 2 iterations of `size` faces
             assert per_face_ms > 0 and 0 < busy <= 100
     # ... and in the log as soon as each size is measured, the same figures: a bench step stopped
     # before its table is written still tells the device from the transport
-    for label, method in (("", METHODS[2]), (", client process", METHODS[3])):
+    for label, method in (("", METHODS[2]), (", client process", METHODS[3]), (", overlap", METHODS[4])):
         logged = {int(m[1]): (int(m[2]), float(m[3]), float(m[4]), int(m[5])) for m in re.finditer(
             rf"^service batches{label}: request (\d+): (\d+) batches of ([\d.]+) faces and [\d.]+ jobs, "
             r"[\d.]+ ms a batch \(([\d.]+) ms a face\), pipeline busy (\d+)%$", captured.err, flags=re.M)}
@@ -231,5 +234,19 @@ def test_the_client_probe_times_both_clients_against_a_device_that_holds_the_gil
                                                       "--iterations", "3"])
     rows = re.findall(r"^\| ([\d.]+) \| (gRPC service, [^|]+) \| (\d+) \| ([\d.]+) \| ([\d.]+)x \|", table, re.M)
     assert {(held, method, int(size)) for held, method, size, _, _ in rows} == \
-        {(held, method, size) for held in ("0", "2") for method in METHODS[2:] for size in (2, 4)}
+        {(held, method, size) for held in ("0", "2") for method in METHODS[2:4] for size in (2, 4)}
     assert all(0 < float(ratio) <= 1.05 for *_, ratio in rows)
+
+
+def test_the_overlap_probe_times_the_service_with_and_without_overlap_on_an_asynchronous_device(capsys):
+    """scripts/overlap_probe.py: a row per host time, overlap and request size, none faster than
+    the fake device itself (it computes one batch at a time)."""
+    from tests.helpers import load_script
+
+    table = load_script("overlap_probe").main(["--host-ms", "0,1", "--device-ms", "2", "--sizes", "8,16",
+                                                "--iterations", "4"])
+    rows = re.findall(r"^\| ([\d.]+) \| (on|off) \| (\d+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+)x \| (\d+) \|",
+                      table, re.M)
+    assert {(host, overlap, int(size)) for host, overlap, size, *_ in rows} == \
+        {(host, overlap, size) for host in ("0", "1") for overlap in ("off", "on") for size in (8, 16)}
+    assert all(0 < float(vs_larger) <= 1.05 for *_, vs_larger, _ in rows)

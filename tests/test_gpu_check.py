@@ -175,6 +175,13 @@ SUMMARY_LINES = [
                      "650.0 ms a batch (10.16 ms a face), pipeline busy 97%\n",
      {"service@32": "46/s", "service-process@32": "95/s", "service batches@32": "64 faces, 1300 ms, busy 48%",
       "service-process batches@32": "64 faces, 650 ms, busy 97%"}),
+    # ... and the server that queues the next batch while the last one computes (overlap)
+    ("bench-aligned", "| gRPC service, loopback | 32 | 90.00 | 6.0x | 700.0 | 711.1 | 720.0 | 730.0 |\n"
+                      "| gRPC service, loopback, overlap | 32 | 99.00 | 6.6x | 640.0 | 644.4 | 650.0 | 660.0 |\n"
+                      "service batches, overlap: request 32: 10 batches of 64.0 faces and 2.0 jobs, 640.0 ms "
+                      "a batch (10.00 ms a face), pipeline busy 99%\n",
+     {"service@32": "90/s", "service-overlap@32": "99/s",
+      "service-overlap batches@32": "64 faces, 640 ms, busy 99%"}),
     # how long a compiled form took to warm up (its build, or its load from Inductor's cache)
     # ... and what its faces' check against the eager passes measured at warm-up
     ("compile", "warmed up: variant eager in 4.2 s\nwarmed up: variant defaults in 97.6 s\n"

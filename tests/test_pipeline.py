@@ -296,6 +296,31 @@ def test_mixed_options_in_one_batch_equal_separate_runs(pipeline):
         assert np.abs(result.faces.astype(int) - alone.faces).max() <= 1
 
 
+def test_batches_queued_before_either_is_read_give_what_each_gives_alone(pipeline):
+    """start() (the batcher's overlap): two batches queued on the device, the second before the
+    first is read, in different sizes and modes. Each gives the faces enhance() gives it,
+    bit for bit. On CUDA the second batch's uploads go into the other set of pinned buffers,
+    and its images are written straight into them; a shared buffer would hand the first batch
+    the second one's faces."""
+    first = [Job(make_faces(3, seed=21), EnhanceOptions()),
+             Job(make_faces(1, seed=22), EnhanceOptions(alignment=Alignment.ALIGNED, output_size=512))]
+    second = [Job(make_faces(2, seed=23), EnhanceOptions(alignment=Alignment.ALIGNED)),
+              Job(make_faces(2, seed=24), EnhanceOptions(fidelity=0.4))]
+    alone = [pipeline.enhance(first), pipeline.enhance(second)]
+
+    queued = [pipeline.start(first), pipeline.start(second)]
+    together = [handle.result() for handle in queued]
+
+    for expected, got in zip(alone, together):
+        for a, b in zip(expected, got):
+            assert b.status == a.status
+            np.testing.assert_array_equal(b.faces, a.faces)
+    # and read in the other order: a handle holds its own copies
+    queued = [pipeline.start(first), pipeline.start(second)]
+    np.testing.assert_array_equal(queued[1].result()[1].faces, alone[1][1].faces)
+    np.testing.assert_array_equal(queued[0].result()[0].faces, alone[0][0].faces)
+
+
 def test_no_face_found_returns_the_input_resized(pipeline):
     blind = calibrated_retinaface(make_faces(2, seed=1), class_gain=0.0).to(TEST_DEVICE)  # every score is 0.5
     no_faces = FacePipeline(pipeline.gfpgan, blind, pipeline.parser, device=TEST_DEVICE, dtype=torch.float32)

@@ -34,7 +34,7 @@ from client.types import EnhanceOptions, FaceStatus
 from server.app import FaceEnhanceServer
 from server.service import MAX_IN_FLIGHT_PER_STREAM, SERVICE_NAME
 from server.settings import Settings
-from tests.fakes import FakePipeline, fake_enhanced, random_faces
+from tests.fakes import FakePipeline, QueuedFakePipeline, fake_enhanced, random_faces
 from tests.helpers import until
 
 pytestmark = pytest.mark.timeout(60)
@@ -91,10 +91,13 @@ def rng():
 
 # --- order, pixels, batching -------------------------------------------------------------------
 
-async def test_concurrent_streams_get_every_answer_in_request_order_with_the_right_pixels(rng):
-    pipeline = FakePipeline(delay_s=0.002)
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-batch-on-the-device", "overlap-batches"])
+async def test_concurrent_streams_get_every_answer_in_request_order_with_the_right_pixels(rng, overlap):
+    # overlap: a pipeline that queues batches on its device (start), the next batch queued
+    # while the last one computes
+    pipeline = QueuedFakePipeline(delay_s=0.002) if overlap else FakePipeline(delay_s=0.002)
     # Room for everything the four streams may have in flight: no request is refused here.
-    async with running(pipeline, max_queue_faces=1024) as app:
+    async with running(pipeline, max_queue_faces=1024, overlap_batches="on" if overlap else "off") as app:
         sent: dict[int, list[tuple[int, np.ndarray]]] = {}
 
         async def one_stream(stream: int) -> list[pb.EnhanceResponse]:
@@ -124,6 +127,10 @@ async def test_concurrent_streams_get_every_answer_in_request_order_with_the_rig
     total_faces = sum(len(faces) for frames in sent.values() for _, faces in frames)
     assert pipeline.faces_total == total_faces  # nothing lost, nothing computed twice
     assert max(pipeline.batch_sizes) <= 4
+    if overlap:  # some batch was queued before the one ahead of it was read
+        events = pipeline.events
+        assert any(events.index(("start", n + 1)) < events.index(("result", n))
+                   for n in range(len(pipeline.batches) - 1))
 
 
 async def test_requests_from_different_clients_are_batched_together(rng):
