@@ -384,14 +384,16 @@ class Batcher:
         except BaseException as exc:
             self._launched.remove(batch)
             self._device_faces_changed()
-            self._batch_left()
-            if isinstance(exc, DeviceOutOfMemory):
-                self._out_of_memory(owners, batch.faces, exc)
-            elif isinstance(exc, Exception):  # one bad batch must not stop the batcher
-                log.exception("device batch of %d faces failed", batch.faces)
-                self._fail_batch(batch, exc)
-            else:
-                raise
+            try:
+                if isinstance(exc, DeviceOutOfMemory):  # its faces go back to the queue
+                    self._out_of_memory(owners, batch.faces, exc)
+                elif isinstance(exc, Exception):  # one bad batch must not stop the batcher
+                    log.exception("device batch of %d faces failed", batch.faces)
+                    self._fail_batch(batch, exc)
+                else:
+                    raise
+            finally:
+                self._batch_left()
             return
         task = loop.create_task(self._answer(batch), name="faceenhance-answer")
         self._deliveries.add(task)
