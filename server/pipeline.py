@@ -208,7 +208,7 @@ class _HostStaging:
             if self.device.type != "cuda":
                 return torch.from_numpy(np.concatenate(arrays))
             shape = (sum(a.shape[0] for a in arrays), *arrays[0].shape[1:])
-            staged = self._staged(key, int(np.prod(shape)), torch.from_numpy(arrays[0][:0]).dtype).view(shape)
+            staged = self._staged(key, int(np.prod(shape)), torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype).view(shape)
             np.concatenate(arrays, out=staged.numpy())
             return staged.to(self.device, non_blocking=True)
 
