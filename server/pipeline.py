@@ -1040,7 +1040,11 @@ class _Launched:
     def __init__(self, pipeline: FacePipeline, jobs: Sequence[Job], plans: list[_Group], copies, done):
         self._pipeline = pipeline
         self._jobs = jobs
-        self._plans = plans
+        # Only what result() reads of each size group: its jobs, and the streams whose frames
+        # paste with an earlier frame's mask. Not the groups themselves: their device tensors
+        # (images, crops, masks: about 10 MB a face) would stay allocated while the next batch
+        # computes.
+        self._groups = [(plan.indices, [mask.video for mask in plan.mask_reused.values()]) for plan in plans]
         self._copies = copies
         self._done = done
 
@@ -1050,14 +1054,14 @@ class _Launched:
             if pipeline.profiler is not None:
                 pipeline.profiler.note_sync("download")
             host = _download_wait(self._copies, self._done)
-        for plan in self._plans:  # pasted now: steady video's reused masks count
-            for mask in plan.mask_reused.values():
-                mask.video.masks_reused += 1
+        for _, videos in self._groups:  # pasted now: steady video's reused masks count
+            for video in videos:
+                video.masks_reused += 1
         results: list[JobResult | None] = [None] * len(jobs)
-        for plan, (status, outputs) in zip(self._plans, host):
+        for (indices, _), (status, outputs) in zip(self._groups, host):
             rows = defaultdict(int)  # next unread row of each output size
             start = 0
-            for i in plan.indices:
+            for i in indices:
                 count, size = jobs[i].faces.shape[0], jobs[i].options.output_size
                 out = outputs[size][rows[size]:rows[size] + count]
                 rows[size] += count

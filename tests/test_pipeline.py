@@ -8,6 +8,7 @@ half a level on average, a few levels at sharp edges, amplified a little by the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import cv2
@@ -315,8 +316,21 @@ def test_batches_queued_before_either_is_read_give_what_each_gives_alone(pipelin
         for a, b in zip(expected, got):
             assert b.status == a.status
             np.testing.assert_array_equal(b.faces, a.faces)
-    # and read in the other order: a handle holds its own copies
+    # and read in the other order: a handle holds its own copies, and none of the batch's
+    # tensors on the device (they would stay allocated while the next batch computes)
     queued = [pipeline.start(first), pipeline.start(second)]
+
+    def on_the_device(value) -> list:
+        if isinstance(value, torch.Tensor):
+            return [value] if value.device.type == pipeline.device.type else []
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = list(vars(value).values())
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            return [t for item in value for t in on_the_device(item)]
+        return []
+    assert all(on_the_device(list(vars(handle).values())) == [] for handle in queued)
     np.testing.assert_array_equal(queued[1].result()[1].faces, alone[1][1].faces)
     np.testing.assert_array_equal(queued[0].result()[0].faces, alone[0][0].faces)
 
