@@ -194,17 +194,19 @@ class _HostStaging:
             event.record(torch.cuda.current_stream(self.device))
             self._done[self._current] = event
 
-    def upload(self, key: str, array: np.ndarray) -> torch.Tensor:
+    def _uploading(self):
         profiler = self.owner.profiler
-        with profiler.uploading() if profiler is not None else contextlib.nullcontext():
+        return profiler.uploading() if profiler is not None else contextlib.nullcontext()
+
+    def upload(self, key: str, array: np.ndarray) -> torch.Tensor:
+        with self._uploading():
             return self._upload(key, array)
 
     def upload_joined(self, key: str, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """np.concatenate(arrays) on the device. On CUDA the arrays are joined straight into
         the pinned buffer: one host copy of the batch's images, not two, and no fresh
         allocation (a new batch-sized array page-faults in: 25 ms for 64 faces of 256x256)."""
-        profiler = self.owner.profiler
-        with profiler.uploading() if profiler is not None else contextlib.nullcontext():
+        with self._uploading():
             if self.device.type != "cuda":
                 return torch.from_numpy(np.concatenate(arrays))
             shape = (sum(a.shape[0] for a in arrays), *arrays[0].shape[1:])

@@ -66,27 +66,37 @@ class FakePipeline:
         self._lock = threading.Lock()
 
     def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
+        self._record(jobs)
+        if self.hold is not None:
+            self.hold.wait(timeout=30)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self._refuse(jobs)
+        results = []
+        for job in jobs:
+            faces, status = fake_enhanced(job.faces, job.options)
+            results.append(JobResult(faces=faces, status=status))
+        return results
+
+    def _record(self, jobs: Sequence[Job]) -> int:
+        """Note the batch (its faces, options, thread) and say it began; its number, from 0."""
         with self._lock:
             self.batches.append([(job.faces.shape[0], job.options) for job in jobs])
             if self.record_faces:
                 self.faces_seen.extend(np.array(face) for job in jobs for face in job.faces)
             self.threads.add(threading.current_thread().name)
+            number = len(self.batches) - 1
         self.started.set()
-        if self.hold is not None:
-            self.hold.wait(timeout=30)
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        return number
+
+    def _refuse(self, jobs: Sequence[Job]) -> None:
+        """Raise what fail_if and out_of_memory_above ask of this batch."""
         if self.fail_if is not None and self.fail_if(jobs):
             raise RuntimeError("fake device failure")
         faces = sum(job.faces.shape[0] for job in jobs)
         if self.out_of_memory_above is not None and faces > self.out_of_memory_above:
             raise DeviceOutOfMemory(f"the device ran out of memory on a batch of {faces} faces "
                                     "(fake: CUDA out of memory)")
-        results = []
-        for job in jobs:
-            faces, status = fake_enhanced(job.faces, job.options)
-            results.append(JobResult(faces=faces, status=status))
-        return results
 
     def warmup(self) -> None:
         if self.warmup_gate is not None:
@@ -112,8 +122,8 @@ class QueuedFakePipeline(FakePipeline):
     kernels a pipeline queued; the handle's result() waits for it.
 
     `events`: ("start", n) when batch n was queued (on the batcher's device thread), ("done", n)
-    when the fake device finished it, ("result", n) when its results were read; n counts the
-    batches queued, from 0. gated: batch n's device work waits until `release(n)`. face_s: the
+    when the fake device finished it, ("result", n) when its results were read; n is the batch's
+    index in `batches`. gated: batch n's device work waits until `release(n)`. face_s: the
     device's seconds a face, beside FakePipeline's delay_s a batch.
     fail_result_if(n): the wait for batch n fails (a device error seen at the wait). The
     checks enhance() makes (fail_if, out_of_memory_above) happen when a batch is queued.
@@ -128,28 +138,16 @@ class QueuedFakePipeline(FakePipeline):
         self.events: list[tuple[str, int]] = []
         self._gates: dict[int, threading.Event] = defaultdict(threading.Event)
         self._queued: queue.Queue = queue.Queue()
-        self._count = 0
         threading.Thread(target=self._device, name="fake-device", daemon=True).start()
 
     def enhance(self, jobs: Sequence[Job]) -> list[JobResult]:
         return self.start(jobs).result()
 
     def start(self, jobs: Sequence[Job]) -> "_FakeQueued":
+        number = self._record(jobs)
         with self._lock:
-            number = self._count
-            self._count += 1
-            self.batches.append([(job.faces.shape[0], job.options) for job in jobs])
-            if self.record_faces:
-                self.faces_seen.extend(np.array(face) for job in jobs for face in job.faces)
-            self.threads.add(threading.current_thread().name)
             self.events.append(("start", number))
-        self.started.set()
-        if self.fail_if is not None and self.fail_if(jobs):
-            raise RuntimeError("fake device failure")
-        faces = sum(job.faces.shape[0] for job in jobs)
-        if self.out_of_memory_above is not None and faces > self.out_of_memory_above:
-            raise DeviceOutOfMemory(f"the device ran out of memory on a batch of {faces} faces "
-                                    "(fake: CUDA out of memory)")
+        self._refuse(jobs)
         handle = _FakeQueued(self, number, list(jobs))
         self._queued.put(handle)
         return handle
