@@ -165,9 +165,18 @@ class FaceEnhanceServer:
         started = time.monotonic()
         pipeline = await _in_daemon_thread(self._pipeline_factory, s)
         self.pipeline = pipeline
+        max_batch_faces = s.max_batch_faces
+        if max_batch_faces == "auto":
+            # measured before the warm-up captures the graphs, which it sizes
+            from server.memory import auto_max_batch_faces
+
+            max_batch_faces, why = await _in_daemon_thread(auto_max_batch_faces, pipeline)
+            log.info("--max-batch-faces auto: %s", why)
+            if hasattr(pipeline, "set_graph_max_batch"):
+                pipeline.set_graph_max_batch(max_batch_faces)
         if s.warmup:
             await _in_daemon_thread(pipeline.warmup)
-        self.batcher = Batcher(pipeline, s.max_batch_faces, s.max_delay_ms, s.max_queue_faces,
+        self.batcher = Batcher(pipeline, max_batch_faces, s.max_delay_ms, s.max_queue_faces,
                                metrics=self.metrics, overlap=s.overlap_batches == "on")
         self.batcher.start()
         self.metrics.set_model(pipeline.info)
@@ -185,7 +194,7 @@ class FaceEnhanceServer:
         log.info("SERVING on %s:%d: %s (%s) sha256 %s on %s as %s; max_batch_faces=%d "
                  "max_delay_ms=%g overlap_batches=%s max_queue_faces=%d max_faces_per_request=%d face sizes "
                  "%d..%d; ready in %.1f s", s.host, self.port, info.model_name, info.model_version,
-                 info.weights_sha256[:12], info.device, info.dtype, s.max_batch_faces,
+                 info.weights_sha256[:12], info.device, info.dtype, max_batch_faces,
                  s.max_delay_ms, s.overlap_batches, s.max_queue_faces, s.max_faces_per_request, s.min_face_size,
                  s.max_face_size, time.monotonic() - started)
 

@@ -636,6 +636,11 @@ def bench_memory(pipeline, faces, batch_sizes, options, largest_probe: int) -> s
     lines.append("")
     lines.append(f"largest batch that ran: {fits} faces ({options.alignment.value}, "
                  f"{pipeline.speed.describe()}, {total:.0f} GiB card)")
+    if hasattr(pipeline, "batch_memory"):
+        from server.memory import auto_max_batch_faces
+
+        # in this process, beside what the bench holds: the service measures at its start
+        lines.append(f"--max-batch-faces auto here: {auto_max_batch_faces(pipeline)[1]}")
     return "\n".join(lines)
 
 

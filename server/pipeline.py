@@ -24,6 +24,7 @@ from client.types import Alignment, Background, EnhanceOptions, FaceStatus
 from server import imageops
 from server.detection import FaceDetector, Faces, centre_choice, centre_mask
 from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo, Started, start_batch
+from server.memory import AUTO_CPU, MEASURED_SIZES, BatchMemory, measure_passes, peak_meter
 from server.steady import VideoState
 from server.speed import (CompiledForward, GraphedForward, NoisePlan, SpeedOptions, box_paste_mask,
                           check_speed_device, compile_toolchain_problem, graph_buckets, prepare_resampling,
@@ -342,13 +343,19 @@ class FacePipeline:
         graphs["detect"] = GraphedForward(self.detector.raw, (3, GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE),
                                           buckets, self.device)
         captured = {}
+        # One memory pool for the three networks' graphs: it keeps about the largest network's
+        # peak at the largest bucket, where a pool each would keep the sum (server.memory sizes
+        # --max-batch-faces auto by it).
+        pool = torch.cuda.graph_pool_handle()
         for name, graph in graphs.items():
             try:
-                graph.capture()
+                graph.capture(pool)
             except Exception as error:  # noqa: BLE001 - that network stays eager
                 log.warning("CUDA graph capture of %s failed, it runs eagerly: %s: %s", name,
                             type(error).__name__, error)
                 self.fallbacks.append(f"cuda graphs of {name}: {_first_line(error)}")
+                if not captured:  # the pool's graphs are gone with the failure: a new one
+                    pool = torch.cuda.graph_pool_handle()
                 continue
             captured[name] = graph
         self._graphs = captured
@@ -425,6 +432,37 @@ class FacePipeline:
     def graphed(self) -> list[str]:
         """The networks whose passes run as CUDA graph replays (captured by warmup())."""
         return sorted(self._graphs)
+
+    @torch.no_grad()
+    def batch_memory(self) -> BatchMemory:
+        """What a batch takes on the device beyond what is resident, measured now
+        (server.memory: `--max-batch-faces auto`): each network pass whose memory grows with
+        the faces, run eagerly at two sizes (no graphs, nothing compiled: call it before
+        warmup()). The restorer and ParseNet on 512x512 crops, RetinaFace on 256x256 images,
+        Real-ESRGAN when loaded on 256x256 frames to its own scale."""
+        crops = {n: check_crops(n, self.device) for n in MEASURED_SIZES}
+        frames = {n: c[:, :, ::2, ::2].contiguous() for n, c in crops.items()}
+        fixed = {name: getattr(fn, "fn", fn) for name, fn in self._fixed.items()}  # eager, not compiled
+        if getattr(self.gfpgan, "takes_fidelity_weight", False):
+            passes = {"restorer": lambda n: self._restore_weighted(
+                crops[n], torch.full((n,), 0.5, device=self.device), [0.5])}
+        else:
+            passes = {"restorer": lambda n: fixed["gfpgan"](crops[n])}
+        if self.speed.paste_mask == "parse":
+            passes["parse"] = lambda n: fixed["parse"](crops[n])
+        passes["detect"] = lambda n: self.detector.raw(frames[n] - 110.0)
+        if self.upsampler is not None:
+            passes["background"] = lambda n: self.upsampler(frames[n], frames[n].shape[-1] * self.upsampler.scale)
+        try:
+            return measure_passes(passes, peak_meter(self.device))
+        except Exception as error:  # noqa: BLE001 - only memory is handled, the rest goes on up
+            if not is_out_of_memory(error):
+                raise
+            detail = _first_line(error)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise DeviceOutOfMemory(f"the device ran out of memory measuring a batch of "
+                                f"{max(MEASURED_SIZES)} faces ({detail})", detail)
 
     def compiled_eager_calls(self) -> int:
         """Calls of the compiled passes that ran eagerly instead (CompiledForward.eager_calls)."""
@@ -1127,8 +1165,7 @@ class ModelRouter:
         """Each model's pass queued on the device (FacePipeline.start), in the order the batch
         first names the models; result() reads them all. A model's pass that runs out of memory
         leaves the passes queued before it unread, and the batch's steady video as it was."""
-        return enhance_within_memory(lambda: self._launch(jobs), jobs,
-                                     next(iter(self.pipelines.values())).device)
+        return enhance_within_memory(lambda: self._launch(jobs), jobs, self.device)
 
     def _launch(self, jobs: Sequence[Job]) -> Started:
         by_model: dict[str, list[int]] = defaultdict(list)
@@ -1145,6 +1182,19 @@ class ModelRouter:
     def warmup(self, faces: int = 1, size: int = 256) -> None:
         for pipeline in self.pipelines.values():
             pipeline.warmup(faces, size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.pipelines.values())).device
+
+    def batch_memory(self) -> BatchMemory:
+        """Every model's (FacePipeline.batch_memory) added up: each model's graphs keep a memory
+        pool of their own."""
+        return functools.reduce(lambda a, b: a + b, (p.batch_memory() for p in self.pipelines.values()))
+
+    def set_graph_max_batch(self, largest: int) -> None:
+        for pipeline in self.pipelines.values():
+            pipeline.set_graph_max_batch(largest)
 
     @property
     def graphed(self) -> list[str]:
@@ -1220,8 +1270,9 @@ def build_pipeline(settings) -> FacePipeline | ModelRouter:
                                    backgrounds=("lanczos", "realesrgan") if upsampler else ("lanczos",))
         pipelines[restorer.id] = FacePipeline(
             restorer.net, models.detector, models.parser, device=device, dtype=dtype, info=info,
-            speed=settings.speed_options(device.type), graph_max_batch=settings.max_batch_faces,
-            upsampler=upsampler)
+            speed=settings.speed_options(device.type), upsampler=upsampler,
+            # auto: the app sizes it on the device before warm-up (server.memory)
+            graph_max_batch=settings.max_batch_faces if isinstance(settings.max_batch_faces, int) else AUTO_CPU)
     if len(pipelines) == 1:
         return pipelines[ids[0]]
     return ModelRouter(pipelines, pipelines[ids[0]].info)

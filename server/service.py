@@ -200,6 +200,14 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             await context.abort(_CODES_BY_NUMBER[response.error.code], response.error.message)
         return response
 
+    def _max_batch_faces(self) -> int:
+        """The batcher's limit: --max-batch-faces, or what auto made of it (server.memory)."""
+        batcher = self._batcher_provider()
+        if batcher is not None:
+            return batcher.max_batch_faces
+        value = self._settings.max_batch_faces
+        return value if isinstance(value, int) else 0
+
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.ServiceInfo:
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -214,7 +222,7 @@ class FaceEnhancerServicer(pb_grpc.FaceEnhancerServicer):
             weights_sha256=info.weights_sha256, device=info.device, dtype=info.dtype,
             max_faces_per_request=s.max_faces_per_request, min_face_size=s.min_face_size,
             max_face_size=s.max_face_size, output_sizes=list(OUTPUT_SIZES),
-            max_batch_faces=s.max_batch_faces, server_version=server_version(),
+            max_batch_faces=self._max_batch_faces(), server_version=server_version(),
             model_file=info.model_file, arch=info.arch, channel_multiplier=info.channel_multiplier,
             models=[codec.encode_restorer(m) for m in info.models], default_model=info.default_model,
             backgrounds=list(info.backgrounds))

@@ -525,9 +525,17 @@ class GraphedForward:
         self.replays = 0
         self.eager_calls = 0
 
-    def capture(self) -> None:
-        """Capture every bucket, largest first (the first capture sizes the shared pool)."""
-        pool = torch.cuda.graph_pool_handle()
+    def capture(self, pool=None) -> None:
+        """Capture every bucket, largest first (the first capture sizes the pool), into `pool`
+        or a new one.
+
+        `pool`, a torch.cuda.graph_pool_handle() other networks' graphs are captured into too,
+        keeps about the largest of their peaks where a pool each keeps the sum. Sharing is
+        safe as the buckets of one network share: the replays run on one stream, one after
+        another, every replay's output is copied out before the next (__call__), and the
+        static inputs are not in the pool. The pool must be live (graphs in it exist) or new:
+        a handle whose graphs are all gone may not be captured into again."""
+        pool = torch.cuda.graph_pool_handle() if pool is None else pool
         stream = torch.cuda.Stream(self.device)
         for size in sorted(self.buckets, reverse=True):
             static_in = torch.zeros((size, *self.sample_shape), device=self.device, dtype=self.dtype)

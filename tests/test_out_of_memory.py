@@ -382,10 +382,16 @@ def test_the_memory_step_stops_doubling_at_the_batch_the_pipeline_has_no_memory_
         return enhance(jobs)
 
     fake.enhance = measured
+    # and what --max-batch-faces auto would choose beside it, from the pipeline's own line
+    from server import memory as sizing
+    fake.batch_memory = lambda: sizing.BatchMemory(per_face=100 << 20, fixed=0)
+    monkeypatch.setattr(sizing, "cuda_budget", lambda device: (2 << 30, "2 GiB (test)"))
     table = bench_memory(fake, random_faces(rng, 4), [1, 4], OPTIONS, largest_probe=64)
     assert "| 16 | 1600 | 1600 | 1600 |" in table
     assert "| 32 | out of memory | | |" in table and "| 64 |" not in table
     assert "largest batch that ran: 16 faces" in table
+    assert ("--max-batch-faces auto here: 16 faces: a batch takes 100 MiB a face and 0 MiB more "
+            "(measured), 2000 MiB at 16 with 25% headroom; 2 GiB (test)") in table
 
 
 def test_the_bench_process_goes_on_after_running_out_of_memory_but_not_after_a_cuda_error():

@@ -18,7 +18,7 @@ def test_defaults_are_the_documented_ones_and_weights_live_under_the_home_cache(
     s = Settings.from_args([], environ={})
     assert (s.host, s.port, s.metrics_port, s.device, s.dtype) == (
         "127.0.0.1", 50051, 9090, "auto", "auto")
-    assert (s.max_batch_faces, s.max_delay_ms, s.max_queue_faces) == (8, 5.0, 256)
+    assert (s.max_batch_faces, s.max_delay_ms, s.max_queue_faces) == ("auto", 5.0, 256)
     assert (s.max_faces_per_request, s.min_face_size, s.max_face_size) == (32, 64, 512)
     assert (s.no_download, s.log_level, s.drain_grace_s, s.warmup) == (False, "INFO", 30.0, True)
     assert s.weights_dir == str(Path.home().resolve() / ".cache" / "gfpgan-service" / "weights")
