@@ -492,6 +492,13 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         counted = re.search(r"a face adds (\d+) MiB", text)  # off CUDA: the counted peak
         if counted:
             found["counted"] = f"{counted.group(1)} MiB a face"
+        # what --max-batch-faces auto takes: on the card, or off CUDA for the cards named
+        auto = re.search(r"--max-batch-faces auto here: (\d+) faces: a batch takes (\d+) MiB a face", text)
+        if auto:
+            found["auto"] = f"{auto.group(1)} faces ({auto.group(2)} MiB a face)"
+        auto = re.search(r"--max-batch-faces auto by .*?: (\d+ faces on \d+ GiB(?:, \d+ faces on \d+ GiB)*)", text)
+        if auto:
+            found["auto"] = auto.group(1)
     elif name.startswith("profile"):
         totals = re.findall(r"\| \*\*total\*\* \| ([\d.]+) \| (\d+) \| (\d+) \|", text)
         for (ms, ops, syncs), label in zip(totals, ("first", "second")):

@@ -644,8 +644,8 @@ def bench_memory(pipeline, faces, batch_sizes, options, largest_probe: int) -> s
     return "\n".join(lines)
 
 
-#: Device memory the counted estimate is given for: an H100's 80 GiB and a 24 GiB desk card.
-CARDS_GIB = (80, 24)
+#: Device memory the counted estimate is given for: an H100's 80 GiB, a 24 GiB desk card, a 12 GiB one.
+CARDS_GIB = (80, 24, 12)
 
 
 def counted_memory(pipeline, faces, batch_sizes, options) -> str:
@@ -679,6 +679,15 @@ def counted_memory(pipeline, faces, batch_sizes, options) -> str:
         lines.append(f"a face adds {face / 2**20:.0f} MiB; with the weights ({weights / 2**20:.0f} MiB), a "
                      f"batch at that rate takes about {holds} ({options.alignment.value}, "
                      f"{pipeline.speed.describe()})")
+    if hasattr(pipeline, "batch_memory"):
+        from server.memory import SHARE, fit_batch_faces
+
+        need = pipeline.batch_memory()
+        chosen = [f"{fit_batch_faces(need, SHARE * gib * 2**30 - weights, '')[0]} faces on {gib} GiB"
+                  for gib in CARDS_GIB]
+        lines.append(f"--max-batch-faces auto by the networks' passes counted the same way "
+                     f"({need.per_face / 2**20:.0f} MiB a face and {need.fixed / 2**20:.0f} MiB more): "
+                     f"{', '.join(chosen)}")
     lines.append(f"counted on {pipeline.device.type}: the tensors the batch's operators make, alive at "
                  "once, cast as CUDA autocast casts; a device's allocator adds scratch memory (cuDNN's "
                  f"workspaces) and caching, and past {MAX_NETWORK_FACES} faces the networks run in passes")

@@ -203,7 +203,14 @@ def test_memory_off_cuda_is_the_counted_peak_of_a_batch_s_tensors(small_weights,
     assert rows[3][0] > rows[1][0] > 0
     face = int(re.search(r"a face adds (\d+) MiB", section)[1])
     assert abs(face - (rows[3][0] - rows[1][0]) / 2) <= 1
-    assert re.search(r"about \d+ faces on 80 GiB, \d+ faces on 24 GiB \(aligned, modconv=", section)
+    assert re.search(r"about \d+ faces on 80 GiB, \d+ faces on 24 GiB, \d+ faces on 12 GiB \(aligned, modconv=",
+                     section)
+    # and what --max-batch-faces auto would take on those cards, from the networks' passes alone
+    auto = re.search(r"--max-batch-faces auto by the networks' passes counted the same way \((\d+) MiB a face "
+                     r"and \d+ MiB more\): (\d+) faces on 80 GiB, (\d+) faces on 24 GiB, (\d+) faces on 12 GiB",
+                     section)
+    assert auto, section
+    assert 0 < int(auto[1]) and 32 >= int(auto[2]) >= int(auto[3]) >= int(auto[4]) >= 1
     assert "counted on cpu" in section
 
 

@@ -213,9 +213,15 @@ SUMMARY_LINES = [
       "gfpgan defaults replayed": "21.40 ms a pass (launched 40.00)"}),
     # the largest batch that ran on the card; off CUDA (the rehearsal), the counted share of a face
     ("memory", "| 64 | 30000 | 29000 | 31000 |\n| 128 | out of memory | | |\n\n"
-               "largest batch that ran: 64 faces (detect, ...)\n", {"largest batch": "64"}),
+               "largest batch that ran: 64 faces (detect, ...)\n"
+               "--max-batch-faces auto here: 32 faces: a batch takes 402 MiB a face and 120 MiB more (measured), "
+               "16228 MiB at 32 with 25% headroom; 69.1 GiB for batches: ...\n",
+     {"largest batch": "64", "auto": "32 faces (402 MiB a face)"}),
     ("memory", "| 2 | 781 | 390 |\n\na face adds 390 MiB; with the weights (518 MiB), a batch at that rate "
-               "takes about 208 faces on 80 GiB, 61 faces on 24 GiB (detect, ...)\n", {"counted": "390 MiB a face"}),
+               "takes about 208 faces on 80 GiB, 61 faces on 24 GiB (detect, ...)\n"
+               "--max-batch-faces auto by the networks' passes counted the same way (388 MiB a face and 0 MiB "
+               "more): 32 faces on 80 GiB, 16 faces on 24 GiB, 8 faces on 12 GiB\n",
+     {"counted": "390 MiB a face", "auto": "32 faces on 80 GiB, 16 faces on 24 GiB, 8 faces on 12 GiB"}),
     # steady video's two savings at N = 5, in the order bench_jitter prints its tables
     ("steady", "| detect_every | frames detected | detector ms/frame | faces/s | faces/s vs every frame |\n"
                "| --- | --- | --- | --- | --- |\n| 1 | 40/40 | 2.1 | 90.00 | 1.00x |\n"

@@ -724,8 +724,10 @@ def test_the_batch_rounding_table_measures_a_face_alone_beside_others_and_last(w
 
 def test_graph_buckets_cover_every_size_up_to_the_largest():
     assert graph_buckets(8) == [1, 2, 4, 6, 8]
-    assert graph_buckets(32) == [1, 2, 4, 6, 8, 12, 16, 24, 32]
+    assert graph_buckets(32) == [1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32]  # MuseTalk's realtime 20 unpadded
     assert graph_buckets(20) == [1, 2, 4, 6, 8, 12, 16, 20]
+    assert graph_buckets(26) == [1, 2, 4, 6, 8, 12, 16, 20, 24, 26]
+    assert graph_buckets(64) == [1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32, 48, 64]
     assert graph_buckets(1) == [1]
 
 
