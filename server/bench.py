@@ -685,8 +685,10 @@ def counted_memory(pipeline, faces, batch_sizes, options) -> str:
         need = pipeline.batch_memory()
         chosen = [f"{fit_batch_faces(need, SHARE * gib * 2**30 - weights, '')[0]} faces on {gib} GiB"
                   for gib in CARDS_GIB]
+        graphs = (f"; the graphs' buffers {need.graph_face / 2**20:.1f} MiB a face of every bucket"
+                  if need.graph_face else "")
         lines.append(f"--max-batch-faces auto by the networks' passes counted the same way "
-                     f"({need.per_face / 2**20:.0f} MiB a face and {need.fixed / 2**20:.0f} MiB more): "
+                     f"({need.per_face / 2**20:.0f} MiB a face and {need.fixed / 2**20:.0f} MiB more{graphs}): "
                      f"{', '.join(chosen)}")
     lines.append(f"counted on {pipeline.device.type}: the tensors the batch's operators make, alive at "
                  "once, cast as CUDA autocast casts; a device's allocator adds scratch memory (cuDNN's "

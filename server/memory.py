@@ -7,16 +7,21 @@ batches are also faster there: on the H200 a compiled batch of 32 gave 1.32-1.36
 a batch of 8. And a lip-sync client sends MuseTalk's realtime batch of 20 faces, which a limit of 8
 runs as three batches, one after the other.
 
-So on CUDA `auto` measures, before the graphs are captured, the peak memory of each network's
-eager pass (the restorer, ParseNet, RetinaFace: what grows with the faces) at two batch sizes,
-fits a line through the largest of them (a face's bytes, and what a pass takes whatever its
-size: the passes take turns, and a pipeline's graphs share one pool; each resident model's
-pipeline has its own, so a ModelRouter adds its models' lines), and takes the largest
-graph bucket, at most MAX_NETWORK_FACES, for which that line times HEADROOM fits in what this
-process may use: SHARE of the card, less what it already holds (the weights), and never more
-than is free now. Half the card, because a lip-sync GPU also runs the lip-sync model, often
-started after this service. On the CPU, `auto` is AUTO_CPU, the limit the service always had
-there: a batch of 8 already takes seconds on a CPU, and a larger one only comes back later.
+So on CUDA `auto` measures the card before the graphs are captured:
+- **The passes.** Each network's eager pass whose memory grows with the faces (the restorer,
+  ParseNet, RetinaFace) runs at two batch sizes, and a line goes through the largest peak at
+  each: a face's bytes, and what a pass takes whatever its size. The passes take turns, and a
+  pipeline's graphs share one pool. Each resident model's pipeline has a pool of its own, so a
+  ModelRouter adds its models' lines.
+- **The graphs' buffers.** The static input and output each graph keeps, for every face of
+  every bucket up to the limit, are added to the line.
+- **The limit** is the largest graph bucket, at most MAX_NETWORK_FACES, whose line times
+  HEADROOM fits in what this process may use: SHARE of the card, less what it already holds
+  (the weights), and never more than is free now. Half the card, because a lip-sync GPU also
+  runs the lip-sync model, often started after this service.
+
+On the CPU, `auto` is AUTO_CPU, the limit the service always had there: a batch of 8 already
+takes seconds on a CPU, and a larger one only comes back later.
 
 Nothing here imports torch at module level: the app imports it with fake pipelines too.
 """
@@ -35,9 +40,8 @@ AUTO_MOST = 32
 #: The share of the card's memory this process's weights and batches may take at most.
 SHARE = 0.5
 #: On the measured line: the allocator's rounding, cuDNN's workspaces at the sizes not
-#: measured, the work around the networks (crops, masks, the paste) that the passes don't see,
-#: and the graphs' static inputs and outputs, one pair per bucket and network (about 3.3 times
-#: the largest bucket's: some 36 MiB a face of it, against GFPGAN's 384).
+#: measured, and the work around the networks (crops, masks, the paste) that the passes don't
+#: see. (The graphs' static inputs and outputs are counted, BatchMemory.graph_face.)
 HEADROOM = 1.25
 #: The batch sizes measured (two points of the line; a batch of 1 is special to torch.compile
 #: and to cuDNN's heuristics, so it is not one of them).
@@ -46,18 +50,25 @@ MEASURED_SIZES = (2, 4)
 
 @dataclass(frozen=True)
 class BatchMemory:
-    """What a batch takes on the device beyond what is resident: `fixed + per_face * faces`
-    bytes at its peak, for batches of up to MAX_NETWORK_FACES."""
+    """What batches of up to `faces` (at most MAX_NETWORK_FACES) take on the device beyond what
+    is resident, at their peak: `fixed + per_face * faces`, and, with CUDA graphs captured up to
+    that limit, each graph's static input and output: `graph_face` bytes for every face of
+    every bucket (graph_buckets(faces): 153 faces of them at a limit of 32)."""
 
     per_face: float
     fixed: float
+    graph_face: float = 0.0
 
     def at(self, faces: int) -> float:
-        return self.fixed + self.per_face * faces
+        from server.speed import graph_buckets
+
+        graphs = self.graph_face * sum(graph_buckets(faces)) if self.graph_face else 0.0
+        return self.fixed + self.per_face * faces + graphs
 
     def __add__(self, other: "BatchMemory") -> "BatchMemory":
         """Two pipelines' batches, each model's graphs in a memory pool of their own (ModelRouter)."""
-        return BatchMemory(self.per_face + other.per_face, self.fixed + other.fixed)
+        return BatchMemory(self.per_face + other.per_face, self.fixed + other.fixed,
+                           self.graph_face + other.graph_face)
 
 
 def choose(need: BatchMemory, budget: float, sizes: list[int]) -> int:
@@ -132,9 +143,11 @@ def fit_batch_faces(need: BatchMemory, budget: float, how: str) -> tuple[int, st
 
     faces = choose(need, budget, graph_buckets(AUTO_MOST))
     mib = 2 ** 20
+    graphs = (f", the graphs' buffers {need.graph_face / mib:.1f} MiB a face of every bucket"
+              if need.graph_face else "")
     return faces, (f"{faces} faces: a batch takes {need.per_face / mib:.0f} MiB a face and "
-                   f"{need.fixed / mib:.0f} MiB more (measured), {need.at(faces) * HEADROOM / mib:.0f} MiB "
-                   f"at {faces} with {HEADROOM - 1:.0%} headroom; {how}")
+                   f"{need.fixed / mib:.0f} MiB more (measured){graphs}, "
+                   f"{need.at(faces) * HEADROOM / mib:.0f} MiB at {faces} with {HEADROOM - 1:.0%} headroom; {how}")
 
 
 def auto_max_batch_faces(pipeline) -> tuple[int, str]:

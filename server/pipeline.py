@@ -439,7 +439,8 @@ class FacePipeline:
         (server.memory: `--max-batch-faces auto`): each network pass whose memory grows with
         the faces, run eagerly at two sizes (no graphs, nothing compiled: call it before
         warmup()). The restorer and ParseNet on 512x512 crops, RetinaFace on 256x256 images,
-        Real-ESRGAN when loaded on 256x256 frames to its own scale."""
+        Real-ESRGAN when loaded on 256x256 frames to its own scale. With CUDA graphs, also the
+        static input and output each graph keeps per face of its bucket (_capture_graphs)."""
         crops = {n: check_crops(n, self.device) for n in MEASURED_SIZES}
         frames = {n: c[:, :, ::2, ::2].contiguous() for n, c in crops.items()}
         fixed = {name: getattr(fn, "fn", fn) for name, fn in self._fixed.items()}  # eager, not compiled
@@ -453,8 +454,23 @@ class FacePipeline:
         passes["detect"] = lambda n: self.detector.raw(frames[n] - 110.0)
         if self.upsampler is not None:
             passes["background"] = lambda n: self.upsampler(frames[n], frames[n].shape[-1] * self.upsampler.scale)
+        out_bytes: dict[str, int] = {}  # a face's row of each pass's output
+
+        def noting(name, run):
+            def noted(n):
+                out = run(n)
+                out_bytes[name] = _face_bytes(out)
+                return out
+            return noted
+        passes = {name: noting(name, run) for name, run in passes.items()}
         try:
-            return measure_passes(passes, peak_meter(self.device))
+            need = measure_passes(passes, peak_meter(self.device))
+            if not self.speed.cuda_graphs:
+                return need
+            # the graphs' static inputs (float32) and outputs, per face of every bucket
+            graphed = {"restorer": crops, "detect": frames} | ({"parse": crops} if "parse" in passes else {})
+            return dataclasses.replace(need, graph_face=float(sum(
+                _face_bytes(inputs[2]) + out_bytes[name] for name, inputs in graphed.items())))
         except Exception as error:  # noqa: BLE001 - only memory is handled, the rest goes on up
             if not is_out_of_memory(error):
                 raise
@@ -957,6 +973,11 @@ def enhance_within_memory(run: Callable[[], _T], jobs: Sequence[Job], device: to
         torch.cuda.empty_cache()
     faces = sum(job.faces.shape[0] for job in jobs)
     raise DeviceOutOfMemory(f"the device ran out of memory on a batch of {faces} faces ({detail})", detail)
+
+
+def _face_bytes(batch: torch.Tensor) -> int:
+    """Bytes of one face's row of a batch tensor."""
+    return batch[0].numel() * batch.element_size()
 
 
 def _in_passes(run, batch: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,31 @@ def test_auto_stops_where_the_networks_run_in_passes():
     assert fit_batch_faces(BatchMemory(1.0, 0.0), 1e15, "")[0] == MAX_NETWORK_FACES
 
 
+def test_the_graphs_buffers_count_for_every_face_of_every_bucket_up_to_the_limit():
+    need = BatchMemory(per_face=100.0, fixed=40.0, graph_face=10.0)
+    assert sum(graph_buckets(32)) == 153
+    assert need.at(32) == 40 + 100 * 32 + 10 * 153
+    assert need.at(20) == 40 + 100 * 20 + 10 * (1 + 2 + 4 + 6 + 8 + 12 + 16 + 20)
+    assert BatchMemory(100.0, 40.0).at(32) == 40 + 100 * 32  # no graphs
+    both = need + BatchMemory(50.0, 0.0, 5.0)
+    assert both == BatchMemory(150.0, 40.0, 15.0)
+    faces, why = fit_batch_faces(need, need.at(20) * HEADROOM, "the budget")
+    assert faces == 20 and "the graphs' buffers 0.0 MiB a face of every bucket" in why
+
+
+def test_with_cuda_graphs_a_pipeline_counts_each_graph_s_static_input_and_output(nets):  # noqa: F811
+    """The three graphs _capture_graphs makes keep, per face of each bucket, a float32 input
+    (a 512x512 crop, for RetinaFace a 256x256 frame) and the pass's output: GFPGAN's restored
+    crop, ParseNet's mask, RetinaFace's 2,688 anchors of 16 values."""
+    plain = make_pipeline(nets, SpeedOptions()).batch_memory()
+    graphed = make_pipeline(nets, SpeedOptions(cuda_graphs=True)).batch_memory()
+    crop, mask, frame, anchors = 3 * 512 * 512 * 4, 512 * 512 * 4, 3 * 256 * 256 * 4, 2688 * 16 * 4
+    assert plain.graph_face == 0
+    assert graphed.graph_face == (crop + crop) + (crop + mask) + (frame + anchors)
+    # the same passes measured again (on CUDA the allocator may round a little differently)
+    assert graphed.per_face == pytest.approx(plain.per_face, rel=0.05)
+
+
 def test_the_line_goes_through_the_largest_pass_at_each_size():
     # two passes that take turns: the larger one at each size decides
     peaks = {("a", 2): 500, ("a", 4): 900, ("b", 2): 700, ("b", 4): 800}
