@@ -154,10 +154,10 @@ def auto_max_batch_faces(pipeline) -> tuple[int, str]:
     """`--max-batch-faces auto` for `pipeline`: the number, and a sentence saying why. A CUDA
     pipeline with `batch_memory()` (FacePipeline, ModelRouter) is measured on its card."""
     device = getattr(pipeline, "device", None)
+    kind = getattr(device, "type", None)
     measure = getattr(pipeline, "batch_memory", None)
-    if getattr(device, "type", None) != "cuda" or measure is None:
-        where = "the CPU" if getattr(device, "type", None) == "cpu" else (
-            f"{device}" if device is not None else "a pipeline that does not measure its batches")
+    if kind != "cuda" or measure is None:
+        where = {"cpu": "the CPU", None: "a pipeline that does not measure its batches"}.get(kind, str(device))
         return AUTO_CPU, f"{AUTO_CPU} faces, auto's value on {where}"
     from server.jobs import DeviceOutOfMemory
 

@@ -463,22 +463,14 @@ class FacePipeline:
                 return out
             return noted
         passes = {name: noting(name, run) for name, run in passes.items()}
-        try:
-            need = measure_passes(passes, peak_meter(self.device))
-            if not self.speed.cuda_graphs:
-                return need
-            # the graphs' static inputs (float32) and outputs, per face of every bucket
-            graphed = {"restorer": crops, "detect": frames} | ({"parse": crops} if "parse" in passes else {})
-            return dataclasses.replace(need, graph_face=float(sum(
-                _face_bytes(inputs[2]) + out_bytes[name] for name, inputs in graphed.items())))
-        except Exception as error:  # noqa: BLE001 - only memory is handled, the rest goes on up
-            if not is_out_of_memory(error):
-                raise
-            detail = _first_line(error)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        raise DeviceOutOfMemory(f"the device ran out of memory measuring a batch of "
-                                f"{max(MEASURED_SIZES)} faces ({detail})", detail)
+        need = enhance_within_memory(lambda: measure_passes(passes, peak_meter(self.device)), (), self.device,
+                                     f"measuring a batch of {max(MEASURED_SIZES)} faces")
+        if not self.speed.cuda_graphs:
+            return need
+        # the graphs' static inputs (float32) and outputs, per face of every bucket
+        graphed = {"restorer": crops, "detect": frames} | ({"parse": crops} if "parse" in passes else {})
+        return dataclasses.replace(need, graph_face=float(sum(
+            _face_bytes(inputs[MEASURED_SIZES[0]]) + out_bytes[name] for name, inputs in graphed.items())))
 
     def compiled_eager_calls(self) -> int:
         """Calls of the compiled passes that ran eagerly instead (CompiledForward.eager_calls)."""
@@ -953,12 +945,14 @@ def is_out_of_memory(error: BaseException) -> bool:
                                                    for text in _OUT_OF_MEMORY_MESSAGES)
 
 
-def enhance_within_memory(run: Callable[[], _T], jobs: Sequence[Job], device: torch.device) -> _T:
+def enhance_within_memory(run: Callable[[], _T], jobs: Sequence[Job], device: torch.device,
+                          what: str | None = None) -> _T:
     """run(), the pipeline's pass over `jobs` (or its start); when the device runs out of memory in it, nothing
     is left changed and DeviceOutOfMemory says so: the steady-video filters the pass moved go
     back to where they were, the failed pass's tensors are released (its frames go with the
     error, which is not kept) and so is the allocator's cache, so that the batcher can run the
-    same faces again in smaller batches and other programs on the GPU get the memory back."""
+    same faces again in smaller batches and other programs on the GPU get the memory back.
+    `what` names the work in the error ("a batch of N faces" unless given)."""
     videos = {id(job.video): (job.video, job.video.snapshot()) for job in jobs
               if isinstance(job.video, VideoState)}
     try:
@@ -971,8 +965,8 @@ def enhance_within_memory(run: Callable[[], _T], jobs: Sequence[Job], device: to
         video.restore(snapshot)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    faces = sum(job.faces.shape[0] for job in jobs)
-    raise DeviceOutOfMemory(f"the device ran out of memory on a batch of {faces} faces ({detail})", detail)
+    what = what or f"on a batch of {sum(job.faces.shape[0] for job in jobs)} faces"
+    raise DeviceOutOfMemory(f"the device ran out of memory {what} ({detail})", detail)
 
 
 def _face_bytes(batch: torch.Tensor) -> int:

@@ -371,11 +371,18 @@ async def test_with_overlap_device_time_is_not_counted_twice(rng):
     await batcher.close()
 
 
-async def test_with_overlap_drain_finishes_both_batches_on_the_device(rng):
+async def _two_batches_on_the_device(rng):
+    """An overlapping batcher over a gated queued fake, three requests of a batch each accepted,
+    the first two queued on the device and held there: (pipeline, batcher, the three submits)."""
     pipeline = QueuedFakePipeline(gated=True)
     batcher = await _batcher(pipeline, max_batch_faces=2, max_delay_ms=10_000, overlap=True)
     accepted = [asyncio.ensure_future(batcher.submit(random_faces(rng, 2), OPTIONS)) for _ in range(3)]
     await until(lambda: _starts(pipeline) == [0, 1])
+    return pipeline, batcher, accepted
+
+
+async def test_with_overlap_drain_finishes_both_batches_on_the_device(rng):
+    pipeline, batcher, accepted = await _two_batches_on_the_device(rng)
     drained = asyncio.ensure_future(batcher.drain(timeout=10))
     await asyncio.sleep(0.02)
     assert not drained.done()
@@ -387,10 +394,7 @@ async def test_with_overlap_drain_finishes_both_batches_on_the_device(rng):
 
 
 async def test_with_overlap_abandon_fails_both_batches_on_the_device_at_once(rng):
-    pipeline = QueuedFakePipeline(gated=True)
-    batcher = await _batcher(pipeline, max_batch_faces=2, max_delay_ms=10_000, overlap=True)
-    accepted = [asyncio.ensure_future(batcher.submit(random_faces(rng, 2), OPTIONS)) for _ in range(3)]
-    await until(lambda: _starts(pipeline) == [0, 1])
+    pipeline, batcher, accepted = await _two_batches_on_the_device(rng)
     batcher.abandon()
     for task in accepted:
         with pytest.raises(NotAccepting):
