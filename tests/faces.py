@@ -5,6 +5,8 @@ smooth background, softened like MuseTalk's decoded output, with a known 5-point
 """
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -62,14 +64,22 @@ def make_faces(count: int, seed: int = 0, size: int = 256, landmarks: np.ndarray
 
 
 def calibrated_retinaface(samples: np.ndarray, seed: int = 0, class_gain: float = 5.0,
-                          background_bias: float = 0.0):
+                          background_bias: float = 0.0, face_sized: bool = True):
     """A random-valued resnet50 RetinaFace that behaves like a detector on `samples`.
 
     With default batch-norm statistics a random ResNet's activations explode, so every anchor
     scores 1.0 (ties) with boxes of absurd size. Batch-norm statistics are taken from the
     samples, the box and landmark heads are damped so regressions stay near their anchors, and
-    the class head is scaled so that a handful of anchors per image pass GFPGANer's 0.97
-    threshold, with distinct scores (so NMS order is not decided by ties).
+    the class head is scaled so that some anchors pass GFPGANer's 0.97 threshold, with distinct
+    scores (so NMS order is not decided by ties).
+
+    `face_sized`: only the anchors a lip-sync crop's face matches can score above the threshold,
+    the coarsest level's 256-pixel ones, as a trained detector's do on a crop its face fills, and
+    their boxes overlap as boxes on one face do: on 256x256 make_faces images 16-60 candidates
+    and 1-3 faces after NMS. Without it every level fires,
+    0 to 1,400 candidates an image and up to 900 left after NMS, which no detector gives on a
+    face crop (server.detection's wait-free path takes 256 candidates and vouches for up to 8
+    faces left; past either it detects again, the waiting way).
     """
     import torch
 
@@ -102,6 +112,14 @@ def calibrated_retinaface(samples: np.ndarray, seed: int = 0, class_gain: float 
         for head in net.ClassHead:
             head.conv1x1.weight.mul_(class_gain)
             head.conv1x1.bias[0::2] += background_bias  # (background, face) logits per anchor
+        if face_sized:  # every anchor background but the coarsest level's first (256 pixels)
+            for level, head in enumerate(net.ClassHead):
+                background = slice(0, None, 2) if level < len(net.ClassHead) - 1 else slice(2, None, 2)
+                head.conv1x1.bias[background] += 1000.0
+            # ... and its boxes twice its anchors' size: they overlap as boxes that meet on one
+            # face do, so that NMS leaves 1-3 of them, where a trained detector leaves one or two
+            for head in net.BboxHead:
+                head.conv1x1.bias.view(-1, 4)[:, 2:] += math.log(2.0) / 0.2  # / the size variance
     return net
 
 
