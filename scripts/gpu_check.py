@@ -273,13 +273,14 @@ def run_steps(todo: list, out: Path, env: dict, budget_s: float,
 
 
 #: The variants step on the GPU: the service's CUDA forms uncompiled ("eager", the defaults of
-#: the H200 runs until 2026-11-30) against those before the third H200 run and against each of
+#: the H200 runs until 2026-11-30) against those before the third H200 run, against detection
+#: with its two waits for the device (wait-free since 2026-12-01), and against each of
 #: that run's two changes undone, the fast resampling (rebuilt since to keep channels-last maps
 #: channels-last) and bf16 activations each alone and together (all-forms), GFPGAN's x2 layers
 #: as phases (alone and with all-forms), with plain and the box mask for reference (the second
 #: and third runs measured the others: BENCHMARKS.md). Eager, so that the compiler's build
 #: does not take the step's time; what they are worth compiled is the compile step's.
-STEP_VARIANTS = ["plain", "eager-before", "eager", "eager+decoder-nchw", "eager+parse-own-forms",
+STEP_VARIANTS = ["plain", "eager-before", "eager", "eager+waiting-detection", "eager+decoder-nchw", "eager+parse-own-forms",
                  "eager+fast-resample", "eager+bf16-activations", "all-forms", "eager+gfpgan-phases",
                  "all-forms+gfpgan-phases", "eager+box"]
 #: The compile step: the service's defaults (compiled) against the same forms eager, the ratio

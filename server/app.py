@@ -180,6 +180,7 @@ class FaceEnhanceServer:
                                metrics=self.metrics, overlap=s.overlap_batches == "on")
         self.batcher.start()
         self.metrics.set_model(pipeline.info)
+        self.metrics.redetected_images.read = lambda: getattr(pipeline, "redetected_images", 0)
         fallbacks = list(getattr(pipeline, "fallbacks", []))
         self.metrics.speed_fallbacks.set(len(fallbacks))
         if fallbacks:

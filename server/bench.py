@@ -411,15 +411,16 @@ def bench_service_process(address, faces, batch_sizes, options, iterations, seco
 _CPU_DEFAULTS = SpeedOptions(modconv="unfused", channels_last=True, decoder_channels_last=True, fold_norms=True,
                              gfpgan_forward="lean", parse_channels_last=True, parse_padding="border",
                              parse_upsample="phases", resample_dtype="compute", modulate_dtype="compute")
-#: The service's CUDA forms run eagerly: the CPU's forms, with CUDA graphs and fixed-size
-#: selection (the CUDA defaults until 555f2d3, 2026-11-30, when the defaults began compiling them)
-_CUDA_EAGER = dataclasses.replace(_CPU_DEFAULTS, cuda_graphs=True, fixed_selection=True)
+#: The service's CUDA forms run eagerly: the CPU's forms, with CUDA graphs, fixed-size
+#: selection and wait-free detection (the CUDA defaults until 555f2d3, 2026-11-30, when the
+#: defaults began compiling them; wait-free detection since 2026-12-01)
+_CUDA_EAGER = dataclasses.replace(_CPU_DEFAULTS, cuda_graphs=True, fixed_selection=True, fixed_detection=True)
 #: The service's CUDA defaults: those forms compiled by torch.compile, inside the graphs
 _CUDA_DEFAULTS = dataclasses.replace(_CUDA_EAGER, compile=True)
 #: ... and before 2026-11-30, what every H200 run until then called "defaults": the decoder and
 #: ParseNet in their own NCHW forms, ParseNet with its padding passes and upsampled copies
 _CUDA_BEFORE = dataclasses.replace(_CUDA_EAGER, decoder_channels_last=False, parse_channels_last=False,
-                                   parse_padding="reflect", parse_upsample="nearest")
+                                   parse_padding="reflect", parse_upsample="nearest", fixed_detection=False)
 #: The speed forms `--variants` compares, each against "plain" (GFPGAN's own forms) in one run.
 #: "defaults" is what the service runs on CUDA; "eager" the same forms uncompiled, which the
 #: H200 runs until 2026-11-30 called "defaults" ("eager+X" was "defaults+X" there, and
@@ -445,6 +446,9 @@ VARIANTS = {
     "eager+autocast-resample": dataclasses.replace(_CUDA_EAGER, resample_dtype="autocast"),
     # ... the style modulation writing float32 for autocast to cast (the defaults before 2026-11-30)
     "eager+autocast-modulate": dataclasses.replace(_CUDA_EAGER, modulate_dtype="autocast"),
+    # ... detecting with the two waits for the device (the threshold's selection and the NMS),
+    # as before 2026-12-01
+    "eager+waiting-detection": dataclasses.replace(_CUDA_EAGER, fixed_detection=False),
     "eager+fast-resample": dataclasses.replace(_CUDA_EAGER, resample="fast"),
     # ... GFPGAN's x2 layers as phase convolutions of their input (no upsampled map); with the
     # fast resampling and bf16 activations too, for the x2 and x0.5 resamplings left
@@ -474,6 +478,8 @@ VARIANTS = {
                                                     parse_padding="reflect", parse_upsample="nearest"),
     # ... with the box paste mask: no ParseNet (DETECT's other target, 800 faces/s on an H100)
     "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
+    # ... detecting with the two waits for the device, as before 2026-12-01
+    "defaults+waiting-detection": dataclasses.replace(_CUDA_DEFAULTS, fixed_detection=False),
     # ... with bf16 activations (counted compiled, the same bytes as the defaults: BENCHMARKS.md)
     "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
 }
@@ -785,6 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold-norms", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--gfpgan-forward", default="auto", choices=["auto", "gfpgan", "lean"])
     parser.add_argument("--fixed-selection", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--fixed-detection", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--parse-channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--parse-padding", default="auto", choices=["auto", "reflect", "border"])
     parser.add_argument("--parse-upsample", default="auto", choices=["auto", "nearest", "phases"])
@@ -917,6 +924,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             resample_dtype=args.resample_dtype, modulate_dtype=args.modulate_dtype,
                             activations=args.activations, fold_norms=args.fold_norms,
                             gfpgan_forward=args.gfpgan_forward, fixed_selection=args.fixed_selection,
+                            fixed_detection=args.fixed_detection,
                             parse_channels_last=args.parse_channels_last, parse_padding=args.parse_padding,
                             parse_upsample=args.parse_upsample, gfpgan_upsample=args.gfpgan_upsample,
                             decoder_channels_last=args.decoder_channels_last, compile=args.compile,

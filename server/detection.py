@@ -3,6 +3,14 @@
 Does what `RetinaFace.detect_faces` + `FaceRestoreHelper.get_face_landmarks_5` do for one
 image (score threshold, NMS, eye-distance filter, centre face), for N images at once, without
 leaving the device.
+
+Two ways, the same faces:
+- `candidates`: the anchors above the threshold selected (`nonzero`), then torchvision's NMS.
+  Both wait for the device: the host has to learn how many candidates there are.
+- `centre_rows` (GFPGANer's only_center_face, one row per image): each image's FIXED_CANDIDATES
+  best-scored anchors, suppressed as a fixed-size overlap matrix in FIXED_NMS_ROUNDS rounds
+  (`fixed_centre`). No wait; an image whose answer it cannot vouch for is flagged, and the
+  pipeline detects that image again the first way.
 """
 from __future__ import annotations
 
@@ -22,6 +30,18 @@ NMS_THRESHOLD = 0.4
 #: candidates is suppressed in groups of whole images.
 NMS_BOXES_PER_CALL = 16_384
 EYE_DIST_THRESHOLD = 5.0
+#: Anchors a wait-free detection (fixed_centre) takes per image, the best-scored first: 256 of
+#: the 2,688 a 256x256 image has. An image with more above the threshold is detected again.
+FIXED_CANDIDATES = 256
+#: Rounds of fixed_centre's suppression. Greedy NMS is the one fixed point of a round (a box is
+#: kept when no kept box before it overlaps it), and the rounds reach it after at most
+#: 2 x (boxes kept) - 1 of them: 8 rounds vouch for an image with up to 4 faces left after NMS
+#: (a lip-sync crop has one), often more; an image whose last two rounds differ is detected
+#: again.
+FIXED_NMS_ROUNDS = 8
+#: The columns of fixed_centre's one row per image: box (4), score, landmarks (10), found,
+#: settled.
+FIXED_COLUMNS = 17
 # RetinaFace (resnet50) configuration, from facexlib.
 _MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 _STEPS = (8, 16, 32)
@@ -40,12 +60,17 @@ class Faces:
     #: (M,) bool where some rows are placeholders (centre_choice: an image without a face);
     #: None when every row is a face
     present: torch.Tensor | None = None
+    #: (M,) bool where some rows come from a wait-free detection (FaceDetector.centre_rows):
+    #: False where it could not vouch for the row, whose image must be detected again; None
+    #: when every row is vouched for
+    settled: torch.Tensor | None = None
 
     def take(self, index: torch.Tensor) -> "Faces":
         if index.dtype == torch.bool:  # one device round trip for the mask, not one per field
             index = index.nonzero().squeeze(1)
         return Faces(self.image[index], self.boxes[index], self.scores[index], self.landmarks[index],
-                     None if self.present is None else self.present[index])
+                     None if self.present is None else self.present[index],
+                     None if self.settled is None else self.settled[index])
 
 
 @functools.lru_cache(maxsize=16)
@@ -77,6 +102,8 @@ class FaceDetector:
         self.net = net
         #: (height, width) -> a stand-in for `raw` at that size (the pipeline's CUDA graphs)
         self.graphed: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+        #: (height, width) -> a stand-in for `raw_centre` at that size
+        self.graphed_centre: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         """RetinaFace's outputs for mean-subtracted images as one (N, anchors, 16) tensor: box
@@ -84,6 +111,49 @@ class FaceDetector:
         replayed from a CUDA graph."""
         loc, conf, landm = self.net(x)
         return torch.cat([loc, conf, landm], dim=-1)
+
+    def use_graph(self, size: tuple[int, int], forward: Callable[[torch.Tensor], torch.Tensor],
+                  with_centre: bool = False) -> None:
+        """Detect images of `size` through `forward`, a stand-in (a CUDA graph) for `raw`, or
+        for `raw_centre` when `with_centre`."""
+        if not with_centre:
+            self.graphed[size] = forward
+            return
+        anchors = priors(*size, torch.device("cpu")).shape[0]
+        self.graphed[size] = lambda x: forward(x)[:, :anchors * 16].view(x.shape[0], anchors, 16)
+        self.graphed_centre[size] = lambda x: forward(x)[:, anchors * 16:]
+
+    def drop_graphs(self) -> None:
+        self.graphed, self.graphed_centre = {}, {}
+
+    def raw_centre(self, x: torch.Tensor) -> torch.Tensor:
+        """`raw` and `fixed_centre` of it in one (N, anchors x 16 + FIXED_COLUMNS) tensor: one
+        function of the batch, which the pipeline captures as one CUDA graph."""
+        raw = self.raw(x)
+        return torch.cat([raw.flatten(1), fixed_centre(raw, x.shape[-2], x.shape[-1])], dim=1)
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        graphed = self.graphed.get((height, width))
+        return self.raw(x) if graphed is None else graphed(x)
+
+    @torch.no_grad()
+    def centre_rows(self, images: torch.Tensor, image: torch.Tensor | None = None) -> Faces:
+        """Each image's centre face, as `candidates` + `centre_choice` find it, in one row per
+        image, without waiting for the device. `present` is False where an image has no face
+        (its row is a placeholder, not to be used); `settled` is False where this
+        cannot vouch for the row (fixed_centre), and the image must be detected again with
+        `candidates`. `image`: the rows' `image` (default: 0..N-1)."""
+        height, width = images.shape[-2:]
+        x = images.float() - _bgr_mean(images.device)
+        graphed = self.graphed_centre.get((height, width))
+        if graphed is None:  # eagerly: no packing into one tensor
+            row, found, settled = _centre_parts(self._raw(x), height, width)
+        else:
+            packed = graphed(x)
+            row, found, settled = packed[:, :15], packed[:, 15] > 0.5, packed[:, 16] > 0.5
+        image = torch.arange(images.shape[0], device=images.device) if image is None else image
+        return Faces(image, row[:, :4], row[:, 4], row[:, 5:].reshape(-1, 5, 2), present=found, settled=settled)
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor) -> Faces:
@@ -124,6 +194,102 @@ class FaceDetector:
         faces = Faces(image_index[kept], boxes[kept], scores[kept], points[kept])
         eye_dist = torch.linalg.vector_norm(faces.landmarks[:, 0] - faces.landmarks[:, 1], dim=-1)
         return faces, eye_dist >= EYE_DIST_THRESHOLD
+
+
+def fixed_centre(raw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`candidates` + `centre_choice` of RetinaFace's raw outputs (N, anchors, 16), in shapes
+    the host knows: (N, FIXED_COLUMNS), per image its centre face's box, score and landmarks,
+    `found` (1.0: it has a face) and `settled` (1.0: this is the answer `candidates` gives).
+
+    Each image's FIXED_CANDIDATES best-scored anchors are decoded as `candidates` decodes them
+    and suppressed as torchvision's NMS suppresses them, in the same order (score, then anchor:
+    its sort is stable), by the same overlap and the same comparison, but as a matrix: each
+    round keeps the boxes that no box kept by the round before overlaps. After the eye filter
+    the face nearest the centre is chosen, ties to the higher score. An image is not settled
+    when more of its anchors passed the threshold than were taken, or when its last two rounds
+    differ. Nothing here waits for the device, and it can be captured in a CUDA graph. Written
+    in few operators (each is a kernel launch where it runs eagerly): the same arithmetic as
+    `candidates` and torchvision's kernels, grouped."""
+    row, found, settled = _centre_parts(raw, height, width)
+    return torch.cat([row, torch.stack([found, settled], dim=1).to(row.dtype)], dim=1)
+
+
+def _centre_parts(raw: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fixed_centre's row (box, score, landmarks), found and settled, unpacked."""
+    n, count, _ = raw.shape
+    k = min(FIXED_CANDIDATES, count)
+    device, dtype = raw.device, raw.dtype
+    # By score, ties in anchor order: the anchors above the threshold come first (a NaN score,
+    # from a broken pass, sorts before them and is never above it: it only takes a place).
+    ranked, order = torch.sort(raw[..., 5], dim=1, descending=True, stable=True)
+    valid = ranked[:, :k] > CONF_THRESHOLD
+    order = order[:, :k]
+    top = torch.gather(raw, 1, order.unsqueeze(-1).expand(n, k, raw.shape[-1]))
+    loc, landm, scores = top[..., :4], top[..., 6:], top[..., 5]
+    anchors = priors(height, width, device)[order]
+    centre, size = anchors[..., :2], anchors[..., 2:]
+    scale, half_scale, corner_scale = _scales(width, height, device)
+    # as `candidates` computes them (c - s / 2 is c + s * -0.5, exactly)
+    box_centre = centre + loc[..., :2] * _VARIANCE[0] * size
+    box_size = size * torch.exp(loc[..., 2:] * _VARIANCE[1])
+    corners = box_centre.unsqueeze(-2) + box_size.unsqueeze(-2) * _constant((-0.5, 0.5), device, dtype).view(2, 1)
+    boxes = corners.view(n, k, 4) * corner_scale
+    points = (centre.unsqueeze(-2) + landm.view(n, k, 5, 2) * _VARIANCE[0] * size.unsqueeze(-2)) * scale
+    # [j, i]: box j, earlier in the order, suppresses box i when kept; a box is kept when no
+    # kept box suppresses it: valid - (kept @ suppresses), clamped at 0, round after round.
+    suppresses = _overlapping(boxes) * _later(k, device, dtype)
+    valid = valid.to(dtype).unsqueeze(1)
+    keep = before = valid
+    for _ in range(FIXED_NMS_ROUNDS):
+        before, keep = keep, torch.baddbmm(valid, keep, suppresses, alpha=-1).clamp_(min=0)
+    # settled: the last two rounds agree, and no anchor above the threshold was left out (the
+    # first one not taken is below it: not above it, and not NaN)
+    settled = (keep == before).all(-1).squeeze(1)
+    if k < count:
+        settled = settled & (ranked[:, k] <= CONF_THRESHOLD)
+    # kept (1.0, else 0.0) and eyes far enough apart
+    usable = torch.linalg.vector_norm(points[:, :, 0] - points[:, :, 1], dim=-1) * keep.squeeze(1) \
+        >= EYE_DIST_THRESHOLD
+    # _centre_index, row by row (a box not usable is at infinity, which is never the best)
+    dist = torch.linalg.vector_norm((boxes[..., :2] + boxes[..., 2:]) / 2 - half_scale, dim=-1)
+    dist = torch.where(usable, dist, float("inf"))
+    is_best = (dist == dist.amin(1, keepdim=True)) & (dist < float("inf"))  # finite: a distance is >= 0
+    found, first = torch.max(is_best, dim=1)  # (any, the index of the first)
+    # a faceless image's row: the first candidate's values, never used (`found` is False)
+    row = torch.cat([boxes, scores.unsqueeze(-1), points.flatten(2)], dim=-1)
+    row = torch.gather(row, 1, first.view(n, 1, 1).expand(n, 1, row.shape[-1])).squeeze(1)
+    return row, found, settled
+
+
+def _overlapping(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, K, K) bool: box j and box i of an image overlap as torchvision's NMS finds it (its
+    CPU and CUDA kernels' arithmetic, x and y side by side; on the CPU an overlap above the
+    threshold as a double, which is one at or above it as a float32, on CUDA above it as a
+    float32)."""
+    low, high = boxes[..., :2], boxes[..., 2:]
+    area = (high - low).prod(-1)
+    sides = (torch.minimum(high.unsqueeze(2), high.unsqueeze(1)) - torch.maximum(low.unsqueeze(2), low.unsqueeze(1)))
+    inter = sides.clamp_(min=0).prod(-1)
+    overlap = inter / (area.unsqueeze(2) + area.unsqueeze(1) - inter)
+    return overlap > NMS_THRESHOLD if boxes.is_cuda else overlap >= NMS_THRESHOLD
+
+
+@functools.lru_cache(maxsize=8)
+def _later(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(K, K): [j, i] 1 where j < i, made once per size and device."""
+    return torch.ones(k, k, dtype=dtype, device=device).triu(1)
+
+
+@functools.lru_cache(maxsize=32)
+def _scales(width: int, height: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(width, height), half of it (the image centre) and (width, height, width, height)."""
+    scale = _scale(width, height, device)
+    return scale, scale / 2, scale.repeat(2)
+
+
+@functools.lru_cache(maxsize=8)
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, image: torch.Tensor,

@@ -9,8 +9,11 @@ import math
 import os
 import sys
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import start_http_server as _start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 from server.jobs import ModelInfo
 
@@ -90,6 +93,12 @@ class Metrics:
             "torch.compile build that failed, or a compiled pass whose faces failed the check "
             "against its eager pass. The service runs them eagerly, slower; the log names them.",
             registry=r)
+        self.redetected_images = _ReadCounter(
+            "faceenhance_redetected_images",
+            "DETECT images detected a second time, the waiting way, because the wait-free "
+            "detection (--fixed-detection) could not vouch for its answer: more candidates above "
+            "the threshold than it takes, or more faces left after NMS than its rounds settle. "
+            "Each costs its request a second pass.", registry=r)
         self.model = Info(
             "faceenhance_model", "The loaded model: name, version, weights SHA-256, device, dtype.",
             registry=r)
@@ -125,6 +134,27 @@ class Metrics:
                 except Exception:  # a scrape must never fail because of the device
                     log.debug("torch.cuda.memory_allocated failed", exc_info=True)
         return float(_resident_bytes())
+
+
+class _ReadCounter:
+    """A counter the service does not count itself: read from `read()` (set later) at every
+    scrape, e.g. a count the pipeline keeps. 0 until read is set."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.read: Callable[[], float] = lambda: 0
+        registry.register(self)
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.documentation)]
+
+    def collect(self):
+        try:
+            value = float(self.read())
+        except Exception:  # a scrape must never fail because of what it reads
+            log.debug("reading %s failed", self.name, exc_info=True)
+            value = math.nan
+        yield CounterMetricFamily(self.name, self.documentation, value=value)
 
 
 def _resident_bytes() -> float:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ MAX_NETWORK_FACES = 32
 MAX_FACES_PER_IMAGE = 8
 #: The image size whose detection is captured as CUDA graphs (MuseTalk's crops).
 GRAPHED_DETECTION_SIZE = 256
+#: A status the device writes for an image whose wait-free detection was not settled; never
+#: reported (not a FaceStatus): _Launched.result() runs that image's job again, detecting exactly.
+REDETECT = 255
 #: The scales an image -> template alignment may have (the template's eyes are 126 px apart):
 #: eyes 4 px to about 1000 px apart. A fit outside, or not finite (landmarks that coincide or
 #: lie on one line), cannot be a face: it is neither restored into the image nor ENHANCED.
@@ -150,6 +154,9 @@ class _Group:
     #: (an earlier frame's) it pastes with instead of its own
     mask_made: dict[int, "_Mask"] = dataclasses.field(default_factory=dict)
     mask_reused: dict[int, "_Mask"] = dataclasses.field(default_factory=dict)
+    #: (n,) bool: False for the images to detect again, the waiting way (their wait-free
+    #: detection could not vouch for its face); None when nothing was detected wait-free
+    settled: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -257,6 +264,10 @@ class FacePipeline:
         self._mask_blur = imageops.gaussian_blur_matrices(FACE_SIZE, FACE_SIZE, *_MASK_BLUR,
                                                           device=self.device, dtype=torch.float32)
         self._staging = _HostStaging(self.device, self)
+        self._queueing = threading.RLock()
+        #: Images detected again, exactly, because their wait-free detection was not settled
+        #: (FaceDetector.centre_rows): the faceenhance_redetected_images metric.
+        self.redetected_images = 0
         #: Passes run in float32 whatever self.dtype is (the compiled passes' check at warm-up).
         self._float32_reference = False
         #: What each compiled pass's check at warm-up measured (_check_compiled), by pass name.
@@ -282,7 +293,7 @@ class FacePipeline:
     def set_speed(self, speed: SpeedOptions) -> None:
         """Switch the networks to `speed`'s forms; CUDA graphs are (re)captured by warmup()."""
         self._graphs = {}
-        self.detector.graphed = {}
+        self.detector.drop_graphs()
         # GFPGAN channels-last with the unfused form (its decoder too when asked); ParseNet when
         # asked (slower in NHWC on an H200 with its own padding, faster with the border form:
         # BENCHMARKS.md).
@@ -326,7 +337,7 @@ class FacePipeline:
         if graph_buckets(min(largest, MAX_NETWORK_FACES)) != \
                 graph_buckets(min(self.graph_max_batch, MAX_NETWORK_FACES)):
             self._graphs = {}
-            self.detector.graphed = {}
+            self.detector.drop_graphs()
         self.graph_max_batch = largest
 
     def _capture_graphs(self) -> None:
@@ -336,11 +347,13 @@ class FacePipeline:
         buckets = graph_buckets(min(self.graph_max_batch, MAX_NETWORK_FACES))
         shape = (3, FACE_SIZE, FACE_SIZE)
         self._graphs = {}
-        self.detector.graphed = {}
+        self.detector.drop_graphs()
         graphs = {"gfpgan": GraphedForward(self._fixed["gfpgan"], shape, buckets, self.device)}
         if self.speed.paste_mask == "parse":
             graphs["parse"] = GraphedForward(self._fixed["parse"], shape, buckets, self.device)
-        graphs["detect"] = GraphedForward(self.detector.raw, (3, GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE),
+        # with wait-free detection, RetinaFace and its post-processing in one graph (raw_centre)
+        detect = self.detector.raw_centre if self.speed.fixed_detection else self.detector.raw
+        graphs["detect"] = GraphedForward(detect, (3, GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE),
                                           buckets, self.device)
         captured = {}
         # One memory pool for the three networks' graphs: it keeps about the largest network's
@@ -360,7 +373,8 @@ class FacePipeline:
             captured[name] = graph
         self._graphs = captured
         if "detect" in captured:
-            self.detector.graphed = {(GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE): captured["detect"]}
+            self.detector.use_graph((GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE), captured["detect"],
+                                    with_centre=self.speed.fixed_detection)
         log.info("captured CUDA graphs of %s for batches of %s faces", ", ".join(captured),
                  ", ".join(map(str, buckets)))
 
@@ -494,21 +508,39 @@ class FacePipeline:
         first). Raises DeviceOutOfMemory, with nothing changed, when the batch does not fit."""
         return enhance_within_memory(lambda: self._launch(jobs), jobs, self.device)
 
+    def _detect_again(self, jobs: Sequence[Job]) -> list[JobResult]:
+        """`jobs`, DETECT images whose wait-free detection was not settled (more candidates
+        than FIXED_CANDIDATES, or a suppression its rounds did not finish), run again with the
+        waiting detection. Called from result(), perhaps on another thread than the device
+        thread, which may be queueing the next batch meanwhile (_launch takes turns). Raises
+        RuntimeError, never DeviceOutOfMemory, as a result() may."""
+        images = sum(job.faces.shape[0] for job in jobs)
+        self.redetected_images += images
+        log.info("%d image(s) detected again, exactly: their wait-free detection was not settled", images)
+        try:
+            return enhance_within_memory(lambda: self._launch(jobs, exact=True).result(), jobs, self.device,
+                                         what="detecting again")
+        except DeviceOutOfMemory as error:
+            raise RuntimeError(f"out of device memory while detecting {images} image(s) again: {error}") from error
+
     def _stage(self, name: str):
         return self.profiler.stage(name) if self.profiler is not None else contextlib.nullcontext()
 
-    def _launch(self, jobs: Sequence[Job]) -> "_Launched":
-        self._staging.next_batch()
-        try:
-            return self._queue_batch(jobs)
-        finally:  # (also when it failed part-way: what it queued still reads the buffers)
-            self._staging.batch_queued()
+    def _launch(self, jobs: Sequence[Job], exact: bool = False) -> "_Launched":
+        # One batch queued at a time: the device thread queues the next batch while the results
+        # thread may run one again (_Launched.result: an unsettled wait-free detection).
+        with self._queueing:
+            self._staging.next_batch()
+            try:
+                return self._queue_batch(jobs, exact)
+            finally:  # (also when it failed part-way: what it queued still reads the buffers)
+                self._staging.batch_queued()
 
-    def _queue_batch(self, jobs: Sequence[Job]) -> "_Launched":
+    def _queue_batch(self, jobs: Sequence[Job], exact: bool = False) -> "_Launched":
         groups = defaultdict(list)  # input size -> job indices: one tensor per size
         for index, job in enumerate(jobs):
             groups[job.faces.shape[1]].append(index)
-        plans = [self._prepare(jobs, indices, f"g{number}") for number, indices in enumerate(groups.values())]
+        plans = [self._prepare(jobs, indices, f"g{number}", exact) for number, indices in enumerate(groups.values())]
         options = [o for plan in plans for o in plan.options]
         crops = _joined([c for plan in plans for c in (plan.warped, plan.aligned_inputs)])
         with self._stage("gfpgan"):
@@ -543,8 +575,9 @@ class FacePipeline:
 
     # -- stages -----------------------------------------------------------------------------
 
-    def _prepare(self, jobs: Sequence[Job], indices: list[int], key: str) -> _Group:
-        """Upload one size group, find its faces and warp them to the 512 template."""
+    def _prepare(self, jobs: Sequence[Job], indices: list[int], key: str, exact: bool = False) -> _Group:
+        """Upload one size group, find its faces and warp them to the 512 template (`exact`:
+        detection never wait-free, for images whose wait-free detection was not settled)."""
         options = [jobs[i].options for i in indices for _ in range(jobs[i].faces.shape[0])]
         n = len(options)
         with self._stage("upload"):
@@ -579,7 +612,13 @@ class FacePipeline:
         video = any(jobs[i].video is not None for i in indices)
         faces = self._locate(images, detect_index, given_index, points, meta[:, 2],
                              all_centre=all(options[i].only_center_face for i in detect_host),
-                             fixed=self.speed.fixed_selection and not video)
+                             fixed=self.speed.fixed_selection and not video,
+                             wait_free=self.speed.fixed_detection and not exact)
+        settled = None  # per image: its wait-free detection vouched for its face (or did not run)
+        if faces.settled is not None and nd == n:  # every image detected: a row each, in order
+            settled = faces.settled
+        elif faces.settled is not None:
+            settled = torch.ones(n, dtype=torch.bool, device=self.device).index_put_((faces.image,), faces.settled)
         mask_made, mask_reused = {}, {}
         if video:
             faces, mask_made, mask_reused = self._steady(jobs, indices, faces, set(held))
@@ -607,20 +646,27 @@ class FacePipeline:
                       aligned_index=aligned_index, aligned_host=aligned_host, warped=warped,
                       aligned_inputs=resized, fidelity=fidelity,
                       noise=crop_meta[:, 3] > 0.5, weights=crop_meta[:, 5],
-                      mask_made=mask_made, mask_reused=mask_reused)
+                      mask_made=mask_made, mask_reused=mask_reused, settled=settled)
 
     def _locate(self, images, detect_index, given_index, given_points, centre_flags, all_centre,
-                fixed: bool = True) -> Faces:
+                fixed: bool = True, wait_free: bool = False) -> Faces:
         """5-point landmarks of every face to restore: detected, or given by the caller.
 
         When every detected image wants only its centre face (GFPGANer's only_center_face, the
         default) and `fixed`, each gets exactly one row, a placeholder (`present` False) where it
         has no face: the shapes are then known on the host and the selection does not wait for
         the device. A faceless image costs a restoration that is thrown away, in exchange for one
-        host wait fewer per batch. Otherwise the faces are selected, which waits once."""
+        host wait fewer per batch. Otherwise the faces are selected, which waits once. With
+        `wait_free` too the detection itself does not wait (FaceDetector.centre_rows; a row it
+        cannot vouch for has `settled` False); otherwise it waits twice, for the threshold and
+        for the NMS."""
         size = images.shape[-1]
         parts = []
-        if detect_index.numel():
+        if detect_index.numel() and all_centre and fixed and wait_free:
+            with self._stage("detect"):
+                # a row per detected image, in their order
+                parts.append(self.detector.centre_rows(images[detect_index], image=detect_index))
+        elif detect_index.numel():
             with self._stage("detect"):
                 found, usable = self.detector.candidates(images[detect_index])
                 if all_centre and fixed:
@@ -645,13 +691,13 @@ class FacePipeline:
                          torch.zeros(0, 5, 2, device=self.device))
         if len(parts) == 1 and all_centre and fixed and detect_index.numel():
             return parts[0]  # already image by image (detect_index is in the images' order)
-        present = None
-        if any(p.present is not None for p in parts):
-            present = torch.cat([p.present if p.present is not None
-                                 else torch.ones(p.image.shape[0], dtype=torch.bool, device=self.device)
-                                 for p in parts])
+        def joined(flags: list[torch.Tensor | None]) -> torch.Tensor | None:  # None: all True
+            if all(f is None for f in flags):
+                return None
+            return torch.cat([torch.ones(p.image.shape[0], dtype=torch.bool, device=self.device) if f is None
+                              else f for p, f in zip(parts, flags)])
         merged = Faces(*(torch.cat(t) for t in zip(*((p.image, p.boxes, p.scores, p.landmarks) for p in parts))),
-                       present=present)
+                       present=joined([p.present for p in parts]), settled=joined([p.settled for p in parts]))
         # paste order: image by image, each image's faces in detection (score) order
         return merged.take(torch.sort(merged.image, stable=True).indices)
 
@@ -847,6 +893,8 @@ class FacePipeline:
             status = torch.full((plan.n,), int(FaceStatus.NO_FACE), dtype=torch.uint8, device=self.device)
         if plan.aligned_host:
             status[plan.aligned_index] = int(FaceStatus.ENHANCED)
+        if plan.settled is not None:  # never reported: _Launched.result() runs these again
+            status = torch.where(plan.settled, status, REDETECT)
         outputs = {size: _to_uint8_nhwc(self._compose(plan, size))
                    for size in sorted({o.output_size for o in plan.options})}
         return plan, outputs, status
@@ -1113,6 +1161,7 @@ class _Launched:
             for video in videos:
                 video.masks_reused += 1
         results: list[JobResult | None] = [None] * len(jobs)
+        again = []  # (job, its images to detect again)
         for (indices, _), (status, outputs) in zip(self._groups, host):
             rows = defaultdict(int)  # next unread row of each output size
             start = 0
@@ -1120,8 +1169,20 @@ class _Launched:
                 count, size = jobs[i].faces.shape[0], jobs[i].options.output_size
                 out = outputs[size][rows[size]:rows[size] + count]
                 rows[size] += count
-                results[i] = JobResult(out, [FaceStatus(int(s)) for s in status[start:start + count]])
+                codes = status[start:start + count]
+                results[i] = JobResult(out, [FaceStatus(int(c)) if c != REDETECT else None for c in codes])
+                if (codes == REDETECT).any():
+                    again.append((i, np.flatnonzero(codes == REDETECT)))
                 start += count
+        if again:  # only those images run again, each job's as a job of its own
+            redone = pipeline._detect_again([Job(jobs[i].faces[rows], jobs[i].options) for i, rows in again])
+            for (i, rows), result in zip(again, redone):
+                faces = results[i].faces
+                if not faces.flags.writeable:
+                    faces = results[i].faces = faces.copy()
+                faces[rows] = result.faces
+                for row, state in zip(rows, result.status):
+                    results[i].status[row] = state
         return results  # type: ignore[return-value]
 
 
@@ -1201,6 +1262,10 @@ class ModelRouter:
     @property
     def device(self) -> torch.device:
         return next(iter(self.pipelines.values())).device
+
+    @property
+    def redetected_images(self) -> int:
+        return sum(p.redetected_images for p in self.pipelines.values())
 
     def batch_memory(self) -> BatchMemory:
         """Every model's (FacePipeline.batch_memory) added up: each model's graphs keep a memory

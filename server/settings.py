@@ -61,6 +61,7 @@ class Settings:
     fold_norms: str = "auto"
     gfpgan_forward: str = "auto"
     fixed_selection: str = "auto"
+    fixed_detection: str = "auto"
     parse_channels_last: str = "auto"
     parse_padding: str = "auto"
     parse_upsample: str = "auto"
@@ -120,7 +121,8 @@ class Settings:
                             modulate_dtype=pick(self.modulate_dtype, "compute"),
                             activations=self.activations, fold_norms=on(self.fold_norms, True),
                             gfpgan_forward=pick(self.gfpgan_forward, "lean"),
-                            fixed_selection=on(self.fixed_selection, cuda),
+                            fixed_selection=on(self.fixed_selection, cuda or self.fixed_detection == "on"),
+                            fixed_detection=on(self.fixed_detection, cuda and on(self.fixed_selection, cuda)),
                             parse_channels_last=on(self.parse_channels_last, True),
                             parse_padding=pick(self.parse_padding, "border"),
                             parse_upsample=pick(self.parse_upsample, "phases"),
@@ -288,6 +290,9 @@ def _cross_check(s: Settings) -> str | None:
     if s.gfpgan_upsample == "phases" and (s.modconv == "fused" or s.gfpgan_forward == "gfpgan"):
         return ("--gfpgan-upsample phases needs --modconv unfused and --gfpgan-forward lean (or "
                 "auto): it is part of the lean forward of the unfused modulated convolution")
+    if s.fixed_detection == "on" and s.fixed_selection == "off":
+        return ("--fixed-detection on needs --fixed-selection on (or auto): it detects one row per "
+                "image, which only the fixed-size selection takes")
     if s.compile == "on" and s.modconv == "fused":
         return ("--compile on needs --modconv unfused (or auto): the fused form's grouped "
                 "convolution has a group per face, another compiled graph for every batch size")
@@ -434,6 +439,14 @@ SPECS: tuple[_Spec, ...] = (
           "instead of selecting the faces: one wait for the device fewer per batch, a wasted "
           "restoration per faceless image. auto: on with CUDA, off on the CPU (where a wait costs "
           "nothing and a restoration seconds).", "auto", check=_choice("auto", "on", "off")),
+    _Spec("fixed_detection", _choice("auto", "on", "off"), "With --fixed-selection, DETECT batches "
+          "detect without waiting for the device either: each image's 256 best-scored candidates "
+          "are suppressed as a fixed-size overlap matrix (the faces torchvision's NMS keeps, in "
+          "RetinaFace's CUDA graph) instead of selecting the candidates above the threshold and "
+          "running NMS on them, two waits per batch. An image it cannot vouch for (more "
+          "candidates, or more faces left after NMS than its 8 rounds settle) is detected again "
+          "the waiting way (faceenhance_redetected_images). auto: on with --fixed-selection on "
+          "CUDA; on turns --fixed-selection auto on too.", "auto", check=_choice("auto", "on", "off")),
     _Spec("parse_channels_last", _choice("auto", "on", "off"), "Run ParseNet's convolutions "
           "channels-last too (NHWC). auto: on (with the two ParseNet forms below, 0.59-0.61x ParseNet's "
           "time on the CPU, 0.68x on an H200 in bf16 at batch 16).", "auto",

@@ -105,6 +105,12 @@ class SpeedOptions:
     #: placeholder, never pasted, where there is none) instead of selecting the faces: one host
     #: wait fewer per batch, at the price of restoring a placeholder for each faceless image.
     fixed_selection: bool = False
+    #: With fixed_selection, the detection does not wait for the device either
+    #: (FaceDetector.centre_rows): each image's best-scored anchors are suppressed as a
+    #: fixed-size overlap matrix instead of by torchvision's NMS over the anchors a `nonzero`
+    #: selected, inside RetinaFace's CUDA graph when there is one. Two host waits fewer per
+    #: batch; an image it cannot vouch for is detected again that way (FacePipeline._detect_again).
+    fixed_detection: bool = False
     #: Run ParseNet channels-last too. Its reflection padding and layout conversions were over
     #: half its time on the H200 in NCHW; in NHWC with PyTorch's padding it measured slower, and
     #: with parse_padding "border" and parse_upsample "phases" its pass of 16 took 46.2 ms
@@ -178,6 +184,9 @@ class SpeedOptions:
         if self.decoder_channels_last and self.modconv == "fused":
             raise ValueError("decoder_channels_last needs modconv='unfused' (the fused form builds "
                              "a weight per face and views it as groups, which NHWC cannot take)")
+        if self.fixed_detection and not self.fixed_selection:
+            raise ValueError("fixed_detection needs fixed_selection (it detects one row per image, "
+                             "which the fixed-size selection takes)")
         if self.compile and self.modconv == "fused":
             raise ValueError("compile needs modconv='unfused' (the fused form's grouped convolution "
                              "has a group per face: one compiled graph for every batch size)")

@@ -401,22 +401,23 @@ def test_sections_share_the_loaded_networks_and_report_like_their_own_runs(small
 def test_a_new_largest_batch_drops_the_graphs_only_when_their_buckets_change():
     """bench.Loaded reuses a pipeline across sections of other batch sizes: its graphs are made
     again only for other buckets (a batch beyond MAX_NETWORK_FACES runs in passes of that many)."""
-    from types import SimpleNamespace
-
+    from server.detection import FaceDetector
     from server.pipeline import MAX_NETWORK_FACES, FacePipeline
 
     pipeline = object.__new__(FacePipeline)  # the state the method reads, nothing loaded
-    pipeline.detector = SimpleNamespace(graphed={"256": "graph"})
+    pipeline.detector = FaceDetector(None)
 
     def captured(largest: int, graphs: dict) -> None:
         pipeline.graph_max_batch, pipeline._graphs = largest, graphs
         pipeline.detector.graphed = {"256": "graph"}
+        pipeline.detector.graphed_centre = {"256": "graph"}
 
     captured(8, {"gfpgan": "graph"})
     pipeline.set_graph_max_batch(8)
     assert pipeline._graphs == {"gfpgan": "graph"} and pipeline.detector.graphed
     pipeline.set_graph_max_batch(12)  # a bucket of 12 more: captured again at the next warm-up
-    assert pipeline._graphs == {} and pipeline.detector.graphed == {} and pipeline.graph_max_batch == 12
+    assert pipeline._graphs == {} and pipeline.graph_max_batch == 12
+    assert pipeline.detector.graphed == {} and pipeline.detector.graphed_centre == {}
     captured(MAX_NETWORK_FACES + 8, {"gfpgan": "graph"})
     pipeline.set_graph_max_batch(4 * MAX_NETWORK_FACES)
     assert pipeline._graphs == {"gfpgan": "graph"} and pipeline.graph_max_batch == 4 * MAX_NETWORK_FACES

@@ -631,6 +631,37 @@ async def test_speed_forms_that_did_not_take_effect_are_counted_and_logged_at_st
             "6.00 levels from float32 on average; cuda graphs of parse: OOM") in caplog.text
 
 
+async def test_images_detected_again_are_read_from_the_pipeline_at_every_scrape():
+    """faceenhance_redetected_images_total: the images the pipeline had to detect again (its
+    wait-free detection could not vouch for them), read from the pipeline when scraped, 0
+    for a pipeline that does not count them; a counter that cannot be read is NaN, and the
+    page still renders."""
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from server.pipeline import ModelRouter
+
+    async with running(FakePipeline()) as app:
+        assert _sample(generate_latest(app.metrics.registry).decode(), "faceenhance_redetected_images_total") == 0
+    counting = FakePipeline()
+    counting.redetected_images = 2
+    async with running(counting) as app:
+        assert _sample(generate_latest(app.metrics.registry).decode(), "faceenhance_redetected_images_total") == 2
+        counting.redetected_images = 5
+        page = generate_latest(app.metrics.registry).decode()
+    assert _sample(page, "faceenhance_redetected_images_total") == 5
+    assert "# TYPE faceenhance_redetected_images_total counter" in page  # rate() works on it
+    router = ModelRouter({"a": SimpleNamespace(redetected_images=1), "b": SimpleNamespace(redetected_images=3)},
+                         FakePipeline.info)
+    assert router.redetected_images == 4
+    from server.metrics import Metrics
+
+    broken = Metrics()
+    broken.redetected_images.read = lambda: 1 / 0
+    assert math.isnan(_sample(generate_latest(broken.registry).decode(), "faceenhance_redetected_images_total"))
+
+
 def test_a_router_names_each_restorer_s_fallbacks():
     """Several resident restorers: the service counts every pipeline's fallbacks, each named by
     its model."""

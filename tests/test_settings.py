@@ -126,8 +126,10 @@ def test_speed_forms_auto_and_overrides(monkeypatch):
                                fold_norms=True, gfpgan_forward="lean", parse_channels_last=True,
                                parse_padding="border", parse_upsample="phases", resample_dtype="compute",
                                modulate_dtype="compute")
-    # ... and compiles its passes (2.1-2.7x on an H200), each checked against eager at warm-up
-    assert cuda == dataclasses.replace(cpu, cuda_graphs=True, fixed_selection=True, compile=True)
+    # ... detects without waiting for the device, and compiles its passes (2.1-2.7x on an
+    # H200), each checked against eager at warm-up
+    assert cuda == dataclasses.replace(cpu, cuda_graphs=True, fixed_selection=True, fixed_detection=True,
+                                       compile=True)
     plain = Settings.from_args(["--modconv", "fused", "--cuda-graphs", "off", "--channels-last", "off",
                                 "--fold-norms", "off", "--gfpgan-forward", "gfpgan", "--fixed-selection", "off",
                                 "--resample-dtype", "autocast", "--modulate-dtype", "autocast",
@@ -136,6 +138,16 @@ def test_speed_forms_auto_and_overrides(monkeypatch):
     assert plain.speed_options("cuda") == SpeedOptions() == plain.speed_options("cpu")
     with pytest.raises(SystemExit):
         Settings.from_args(["--fold-norms", "maybe"])
+    # wait-free detection goes with the fixed-size selection: off without it, and asked for on
+    # the CPU it turns that on too; asked for without it, a clear refusal
+    assert not Settings(fixed_selection="off").speed_options("cuda").fixed_detection
+    assert Settings(fixed_detection="on").speed_options("cpu") == \
+        dataclasses.replace(cpu, fixed_selection=True, fixed_detection=True)
+    assert not Settings(fixed_detection="off").speed_options("cuda").fixed_detection
+    with pytest.raises(ValueError, match="--fixed-detection on needs --fixed-selection on"):
+        Settings(fixed_detection="on", fixed_selection="off")
+    with pytest.raises(ValueError, match="fixed_detection needs fixed_selection"):
+        SpeedOptions(fixed_detection=True)
     # --compile and --decoder-channels-last need the unfused convolution (auto's), and refuse fused
     compiled = Settings.from_args(["--compile", "on"], environ={})
     assert compiled.speed_options("cpu") == dataclasses.replace(cpu, compile=True)
