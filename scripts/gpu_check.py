@@ -98,7 +98,7 @@ def main() -> int:
     compile_variants = QUICK_COMPILE_VARIANTS if args.quick else COMPILE_VARIANTS
     test_files = ["tests/test_imageops.py", "tests/test_speed.py", "tests/test_pipeline.py",
                   "tests/test_model.py", "tests/test_end_to_end.py", "tests/test_out_of_memory.py",
-                  "tests/test_memory.py", "tests/test_steady.py"]
+                  "tests/test_memory.py", "tests/test_steady.py", "tests/test_detection.py"]
 
     def tests_step(name: str, marker: str, workers: int = 0):
         """pytest over test_files with the tests `marker` selects, results in OUT/<name>.xml, in

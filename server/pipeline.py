@@ -452,8 +452,8 @@ class FacePipeline:
         """What a batch takes on the device beyond what is resident, measured now
         (server.memory: `--max-batch-faces auto`): each network pass whose memory grows with
         the faces, run eagerly at two sizes (no graphs, nothing compiled: call it before
-        warmup()). The restorer and ParseNet on 512x512 crops, RetinaFace on 256x256 images,
-        Real-ESRGAN when loaded on 256x256 frames to its own scale. With CUDA graphs, also the
+        warmup()). The restorer and ParseNet on 512x512 crops, RetinaFace on 256x256 images (and
+        the wait-free detection's centre face after it, when on), Real-ESRGAN when loaded on 256x256 frames to its own scale. With CUDA graphs, also the
         static input and output each graph keeps per face of its bucket (_capture_graphs)."""
         crops = {n: check_crops(n, self.device) for n in MEASURED_SIZES}
         frames = {n: c[:, :, ::2, ::2].contiguous() for n, c in crops.items()}
@@ -465,7 +465,9 @@ class FacePipeline:
             passes = {"restorer": lambda n: fixed["gfpgan"](crops[n])}
         if self.speed.paste_mask == "parse":
             passes["parse"] = lambda n: fixed["parse"](crops[n])
-        passes["detect"] = lambda n: self.detector.raw(frames[n] - 110.0)
+        # RetinaFace, with the centre face's choice when it is part of the detect graph
+        detect = self.detector.raw_centre if self.speed.fixed_detection else self.detector.raw
+        passes["detect"] = lambda n: detect(frames[n] - 110.0)
         if self.upsampler is not None:
             passes["background"] = lambda n: self.upsampler(frames[n], frames[n].shape[-1] * self.upsampler.scale)
         out_bytes: dict[str, int] = {}  # a face's row of each pass's output

@@ -84,6 +84,10 @@ def test_with_cuda_graphs_a_pipeline_counts_each_graph_s_static_input_and_output
     crop, mask, frame, anchors = 3 * 512 * 512 * 4, 512 * 512 * 4, 3 * 256 * 256 * 4, 2688 * 16 * 4
     assert plain.graph_face == 0
     assert graphed.graph_face == (crop + crop) + (crop + mask) + (frame + anchors)
+    # with wait-free detection the detect graph also returns each image's centre row (17 values)
+    wait_free = make_pipeline(nets, SpeedOptions(cuda_graphs=True, fixed_selection=True,
+                                                 fixed_detection=True)).batch_memory()
+    assert wait_free.graph_face == graphed.graph_face + 17 * 4
     # the same passes measured again (on CUDA the allocator may round a little differently)
     assert graphed.per_face == pytest.approx(plain.per_face, rel=0.05)
 
