@@ -144,7 +144,7 @@ def main() -> int:
                      "--variant-alignments", "aligned,detect", "--markdown-out", str(out / "compile.md")], 240),
         ("variants", [*bench, "--methods", "", "--alignment", "detect", "--batch-sizes", variant_sizes,
                       "--iterations", str(iters), "--variants",
-                      "plain,fast-resample,eager,eager+gfpgan-phases,plain+box" if args.quick else ",".join(STEP_VARIANTS),
+                      "plain,fast-resample,eager,eager+waiting-detection,eager+gfpgan-phases,plain+box" if args.quick else ",".join(STEP_VARIANTS),
                       "--variant-alignments", "aligned,detect", "--markdown-out", str(out / "variants.md")], 240),
         ("profile-plain", [*bench, "PLAIN", "--methods", "", "--alignment", "detect", "--batch-sizes", f"1,{big}",
                            "--iterations", "3", "--profile", "--markdown-out", str(out / "profile-plain.md")], 60),
