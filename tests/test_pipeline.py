@@ -439,6 +439,27 @@ def test_wait_free_detection_gives_what_the_waiting_detection_gives(pipeline):
     assert waits == {"waiting": 3, "wait-free": 1}, waits
 
 
+def test_the_test_detector_finds_on_a_crop_what_a_detector_finds_there(pipeline):
+    """The tests' and the GPU check's random-valued RetinaFace (calibrated_retinaface) behaves
+    on make_faces crops as a trained one does on a crop its face fills: a few dozen candidates
+    above GFPGANer's threshold, one to a few faces after NMS, a centre face in every crop, and
+    all of it within what the wait-free detection vouches for. (Before, every anchor size
+    fired: up to 1,400 candidates and 900 faces after NMS in one crop.)"""
+    from server import detection
+
+    images = torch.from_numpy(make_faces(16, seed=200)).permute(0, 3, 1, 2).float().to(TEST_DEVICE)
+    x = images - torch.tensor([104.0, 117.0, 123.0], device=TEST_DEVICE).view(1, 3, 1, 1)
+    with torch.no_grad():
+        held = (pipeline.detector.raw(x)[..., 5] > detection.CONF_THRESHOLD).sum(1)
+    found, _ = pipeline.detector.candidates(images)
+    left = torch.bincount(found.image, minlength=16)
+    rows = pipeline.detector.centre_rows(images)
+    print("candidates", held.tolist(), "after NMS", left.tolist())
+    assert 10 <= int(held.min()) and int(held.max()) <= 80
+    assert 1 <= int(left.min()) and int(left.max()) <= 4
+    assert bool(rows.present.all()) and bool(rows.settled.all())
+
+
 def test_an_image_the_wait_free_detection_cannot_vouch_for_is_detected_again(pipeline, monkeypatch):
     """An image with more candidates above the threshold than the wait-free detection takes is
     flagged on the device and detected again, alone, the waiting way, when its batch is read:
