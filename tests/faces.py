@@ -77,8 +77,8 @@ def calibrated_retinaface(samples: np.ndarray, seed: int = 0, class_gain: float 
     the coarsest level's 256-pixel ones, as a trained detector's do on a crop its face fills, and
     their boxes overlap as boxes on one face do: on 256x256 make_faces images 16-60 candidates
     and 1-3 faces after NMS. Without it every level fires,
-    0 to 1,400 candidates an image and up to 900 left after NMS, which no detector gives on a
-    face crop (server.detection's wait-free path takes 256 candidates and vouches for up to 8
+    70 to 1,400 candidates an image and 50 to 900 left after NMS, which no detector gives on a
+    face crop (server.detection's wait-free path takes 256 candidates and vouches for up to 4
     faces left; past either it detects again, the waiting way).
     """
     import torch
