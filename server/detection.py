@@ -39,9 +39,6 @@ FIXED_CANDIDATES = 256
 #: (a lip-sync crop has one), often more; an image whose last two rounds differ is detected
 #: again.
 FIXED_NMS_ROUNDS = 8
-#: The columns of fixed_centre's one row per image: box (4), score, landmarks (10), found,
-#: settled.
-FIXED_COLUMNS = 17
 # RetinaFace (resnet50) configuration, from facexlib.
 _MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 _STEPS = (8, 16, 32)
@@ -127,7 +124,7 @@ class FaceDetector:
         self.graphed, self.graphed_centre = {}, {}
 
     def raw_centre(self, x: torch.Tensor) -> torch.Tensor:
-        """`raw` and `fixed_centre` of it in one (N, anchors x 16 + FIXED_COLUMNS) tensor: one
+        """`raw` and `fixed_centre` of it in one (N, anchors x 16 + 17) tensor: one
         function of the batch, which the pipeline captures as one CUDA graph."""
         raw = self.raw(x)
         return torch.cat([raw.flatten(1), fixed_centre(raw, x.shape[-2], x.shape[-1])], dim=1)
@@ -198,7 +195,7 @@ class FaceDetector:
 
 def fixed_centre(raw: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """`candidates` + `centre_choice` of RetinaFace's raw outputs (N, anchors, 16), in shapes
-    the host knows: (N, FIXED_COLUMNS), per image its centre face's box, score and landmarks,
+    the host knows: (N, 17), per image its centre face's box (4), score and landmarks (10),
     `found` (1.0: it has a face) and `settled` (1.0: this is the answer `candidates` gives).
 
     Each image's FIXED_CANDIDATES best-scored anchors are decoded as `candidates` decodes them

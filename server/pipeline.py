@@ -1173,16 +1173,14 @@ class _Launched:
                 rows[size] += count
                 codes = status[start:start + count]
                 results[i] = JobResult(out, [FaceStatus(int(c)) if c != REDETECT else None for c in codes])
-                if (codes == REDETECT).any():
-                    again.append((i, np.flatnonzero(codes == REDETECT)))
+                redo = np.flatnonzero(codes == REDETECT)
+                if redo.size:
+                    again.append((i, redo))
                 start += count
         if again:  # only those images run again, each job's as a job of its own
             redone = pipeline._detect_again([Job(jobs[i].faces[rows], jobs[i].options) for i, rows in again])
             for (i, rows), result in zip(again, redone):
-                faces = results[i].faces
-                if not faces.flags.writeable:
-                    faces = results[i].faces = faces.copy()
-                faces[rows] = result.faces
+                results[i].faces[rows] = result.faces  # (downloaded arrays: writable, the job's own rows)
                 for row, state in zip(rows, result.status):
                     results[i].status[row] = state
         return results  # type: ignore[return-value]

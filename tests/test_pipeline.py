@@ -439,18 +439,24 @@ def test_wait_free_detection_gives_what_the_waiting_detection_gives(pipeline):
     assert waits == {"waiting": 3, "wait-free": 1}, waits
 
 
+def _above_threshold(pipeline, images: torch.Tensor) -> torch.Tensor:
+    """(N,): each image's anchors that score above GFPGANer's threshold (the detection's
+    candidates)."""
+    from server import detection
+
+    with torch.no_grad():
+        raw = pipeline.detector.raw(images - detection._bgr_mean(images.device))
+    return (raw[..., 5] > detection.CONF_THRESHOLD).sum(1)
+
+
 def test_the_test_detector_finds_on_a_crop_what_a_detector_finds_there(pipeline):
     """The tests' and the GPU check's random-valued RetinaFace (calibrated_retinaface) behaves
     on make_faces crops as a trained one does on a crop its face fills: a few dozen candidates
     above GFPGANer's threshold, one to a few faces after NMS, a centre face in every crop, and
     all of it within what the wait-free detection vouches for. (Before, every anchor size
     fired: 86 to 1,217 candidates and 52 to 743 faces after NMS on these crops.)"""
-    from server import detection
-
     images = torch.from_numpy(make_faces(16, seed=200)).permute(0, 3, 1, 2).float().to(TEST_DEVICE)
-    x = images - torch.tensor([104.0, 117.0, 123.0], device=TEST_DEVICE).view(1, 3, 1, 1)
-    with torch.no_grad():
-        held = (pipeline.detector.raw(x)[..., 5] > detection.CONF_THRESHOLD).sum(1)
+    held = _above_threshold(pipeline, images)
     found, _ = pipeline.detector.candidates(images)
     left = torch.bincount(found.image, minlength=16)
     rows = pipeline.detector.centre_rows(images)
@@ -469,10 +475,7 @@ def test_an_image_the_wait_free_detection_cannot_vouch_for_is_detected_again(pip
     from server import detection
 
     faces = make_faces(5, seed=1)
-    images = torch.from_numpy(faces).permute(0, 3, 1, 2).float().to(TEST_DEVICE)
-    x = images - torch.tensor([104.0, 117.0, 123.0], device=TEST_DEVICE).view(1, 3, 1, 1)
-    with torch.no_grad():
-        held = (pipeline.detector.raw(x)[..., 5] > detection.CONF_THRESHOLD).sum(1).tolist()
+    held = _above_threshold(pipeline, torch.from_numpy(faces).permute(0, 3, 1, 2).float().to(TEST_DEVICE)).tolist()
     limit = sorted(held)[2]  # the two images with the most candidates have more than this
     monkeypatch.setattr(detection, "FIXED_CANDIDATES", limit)
     over = sum(count > limit for count in held)

@@ -791,49 +791,35 @@ def test_wait_free_detection_replays_one_graph_and_finds_the_eager_faces(nets):
     graphed.profiler = None
 
 
-def test_wait_free_detection_through_a_stand_in_for_its_graph_finds_the_same_faces(nets):
-    """The detect graph of wait-free detection returns RetinaFace's outputs and the centre rows
-    in one tensor (FaceDetector.raw_centre); read through a stand-in for it (any device), a
-    batch gives exactly the faces and pixels of the eager pass, calling it once."""
-    speed = SpeedOptions(paste_mask="box", fixed_selection=True, fixed_detection=True)
-    pipeline = make_pipeline(nets, speed)
+@pytest.mark.parametrize("wait_free", [False, True])
+def test_detection_through_a_stand_in_for_its_graph_finds_the_same_faces(nets, wait_free):
+    """The pipeline replays RetinaFace from a CUDA graph through FaceDetector.raw's one-tensor
+    form, or with wait-free detection through raw_centre (RetinaFace's outputs and the centre
+    rows in one tensor); through a stand-in for it (any device) a batch gives exactly the faces
+    and pixels of the eager pass, calling it once. The wait-free stand-in also serves the
+    waiting detection's raw outputs (steady video, all faces). set_speed drops the graphs. (With
+    the box paste mask: ParseNet, seconds a face here, has no part in detection.)"""
+    pipeline = make_pipeline(nets, SpeedOptions(paste_mask="box", fixed_selection=wait_free,
+                                                fixed_detection=wait_free))
     faces = make_faces(3, seed=28)
+    images = torch.from_numpy(faces).permute(0, 3, 1, 2).float().to(TEST_DEVICE)
     [plain] = pipeline.enhance([Job(faces, EnhanceOptions())])
+    found, usable = pipeline.detector.candidates(images)
     calls = []
 
     def stand_in(x):
         calls.append(x.shape[0])
-        return pipeline.detector.raw_centre(x)
+        return (pipeline.detector.raw_centre if wait_free else pipeline.detector.raw)(x)
 
-    pipeline.detector.use_graph((256, 256), stand_in, with_centre=True)
+    pipeline.detector.use_graph((256, 256), stand_in, with_centre=wait_free)
     [through] = pipeline.enhance([Job(faces, EnhanceOptions())])
     assert calls == [3]
     assert through.status == plain.status and np.array_equal(through.faces, plain.faces)
-    # the same stand-in serves the waiting detection's raw outputs (steady video, all faces)
-    found, usable = pipeline.detector.candidates(torch.from_numpy(faces).permute(0, 3, 1, 2).float().to(TEST_DEVICE))
-    pipeline.detector.drop_graphs()
-    again, again_usable = pipeline.detector.candidates(torch.from_numpy(faces).permute(0, 3, 1, 2).float().to(TEST_DEVICE))
-    assert calls == [3, 3] and torch.equal(found.boxes, again.boxes) and torch.equal(usable, again_usable)
-
-
-def test_detection_through_a_stand_in_for_its_graph_finds_the_same_faces(nets):
-    """The pipeline replays RetinaFace from a CUDA graph through FaceDetector.raw's one-tensor
-    form; the same form eagerly (any device) gives exactly the same faces and pixels. (With the
-    box paste mask: ParseNet, seconds a face here, has no part in detection.)"""
-    pipeline = make_pipeline(nets, SpeedOptions(paste_mask="box"))
-    faces = make_faces(3, seed=28)
-    [plain] = pipeline.enhance([Job(faces, EnhanceOptions())])
-    calls = []
-
-    def stand_in(x):
-        calls.append(x.shape[0])
-        return pipeline.detector.raw(x)
-
-    pipeline.detector.graphed = {(256, 256): stand_in}
-    [through] = pipeline.enhance([Job(faces, EnhanceOptions())])
+    if wait_free:
+        again, again_usable = pipeline.detector.candidates(images)
+        assert calls == [3, 3] and torch.equal(found.boxes, again.boxes) and torch.equal(usable, again_usable)
     pipeline.set_speed(SpeedOptions())
-    assert calls == [3] and pipeline.detector.graphed == {}  # set_speed drops the graphs
-    assert through.status == plain.status and np.array_equal(through.faces, plain.faces)
+    assert pipeline.detector.graphed == {} and pipeline.detector.graphed_centre == {}
 
 
 @needs_cuda
