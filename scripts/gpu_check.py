@@ -287,15 +287,17 @@ STEP_VARIANTS = ["plain", "eager-before", "eager", "eager+waiting-detection", "e
 #: that decided them, with GFPGAN's x2 layers as phases compiled (no upsampled map for Inductor
 #: to write either), with ParseNet in its own forms compiled (the eager runs chose its border and
 #: phases; Inductor fuses padding and copies itself) and the box mask, the compiled form of
-#: DETECT's other target. On the third H200 run its section took 103 s, 29 s and 7 s of it two
+#: DETECT's other target, and with RetinaFace compiled too (--compile-detector, off until this
+#: step times it). On the third H200 run its section took 103 s, 29 s and 7 s of it two
 #: compiled forms' warm-ups. Not all-forms+compile: compiled, `--activations compute` moves the same bytes as the defaults
 #: and `--resample fast` twice as many (its slices and concatenations are not fused:
 #: scripts/gpu_kernels.py --counts-only, BENCHMARKS.md "The floor").
-COMPILE_VARIANTS = ["eager", "defaults", "defaults+gfpgan-phases", "defaults+parse-own-forms", "defaults+box"]
+COMPILE_VARIANTS = ["eager", "defaults", "defaults+gfpgan-phases", "defaults+parse-own-forms", "defaults+box",
+                    "defaults+compiled-detector"]
 #: ... and in the CPU rehearsal, where CUDA graphs cannot run: the CPU defaults, which are the
-#: CUDA defaults' network forms without the graphs, plain and compiled: the rehearsal compiles
-#: ParseNet's border and phases, as the GPU does.
-QUICK_COMPILE_VARIANTS = ["cpu", "cpu+compile"]
+#: CUDA defaults' network forms without the graphs, plain and compiled (ParseNet's border and
+#: phases, as the GPU compiles them), and compiled with RetinaFace.
+QUICK_COMPILE_VARIANTS = ["cpu", "cpu+compile", "cpu+compiled-detector+compile"]
 
 
 #: Seconds more for a bench section that runs a compiled variant: it compiles at warm-up (from

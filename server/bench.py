@@ -480,6 +480,10 @@ VARIANTS = {
     "defaults+box": dataclasses.replace(_CUDA_DEFAULTS, paste_mask="box"),
     # ... detecting with the two waits for the device, as before 2026-12-01
     "defaults+waiting-detection": dataclasses.replace(_CUDA_DEFAULTS, fixed_detection=False),
+    # ... RetinaFace compiled too (the defaults leave it eager)
+    "defaults+compiled-detector": dataclasses.replace(_CUDA_DEFAULTS, compile_detector=True),
+    # ... and the CPU's forms compiled with it (the CPU rehearsal)
+    "cpu+compiled-detector+compile": dataclasses.replace(_CPU_DEFAULTS, compile=True, compile_detector=True),
     # ... with bf16 activations (counted compiled, the same bytes as the defaults: BENCHMARKS.md)
     "defaults+bf16-activations": dataclasses.replace(_CUDA_DEFAULTS, activations="compute"),
 }
@@ -525,10 +529,12 @@ def profile_stages(pipeline, faces, batch_sizes, options, iterations, sync) -> s
             lines.append(f"{', '.join(pipeline.graphed)} ran as CUDA graph replays: the operators, bytes and "
                          "syncs inside a replay are not seen (scripts/gpu_kernels.py counts the "
                          "networks' bytes)")
-        if getattr(pipeline.speed, "compile", False):
+        compiled = [name for name, on in (("gfpgan and parse", getattr(pipeline.speed, "compile", False)),
+                                          ("detect", getattr(pipeline.speed, "compile_detector", False))) if on]
+        if compiled:
             lines.append("compiled passes run eagerly while operators are counted (the counting "
-                         "dispatch mode is not what their graphs were made for): the gfpgan and "
-                         "parse operators are the eager form's, the times the compiled form's")
+                         "dispatch mode is not what their graphs were made for): the "
+                         f"{' and '.join(compiled)} operators are the eager form's, the times the compiled form's")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
@@ -798,6 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gfpgan-upsample", default="auto", choices=["auto", "resample", "phases"])
     parser.add_argument("--decoder-channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--compile-detector", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
                              "syncs per stage and per batch")
@@ -928,7 +935,7 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             parse_channels_last=args.parse_channels_last, parse_padding=args.parse_padding,
                             parse_upsample=args.parse_upsample, gfpgan_upsample=args.gfpgan_upsample,
                             decoder_channels_last=args.decoder_channels_last, compile=args.compile,
-                            enable_codeformer=args.enable_codeformer)
+                            compile_detector=args.compile_detector, enable_codeformer=args.enable_codeformer)
     except ValueError as error:
         parser.error(str(error))
 

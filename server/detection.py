@@ -92,6 +92,11 @@ def priors(height: int, width: int, device: torch.device) -> torch.Tensor:
     return _priors_cpu(height, width).to(device)
 
 
+def network_input(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) BGR 0..255 images -> RetinaFace's input (float, its BGR mean subtracted)."""
+    return images.float() - _bgr_mean(images.device)
+
+
 class FaceDetector:
     """RetinaFace over a batch of same-size images, returning every face that GFPGANer keeps."""
 
@@ -101,13 +106,21 @@ class FaceDetector:
         self.graphed: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
         #: (height, width) -> a stand-in for `raw_centre` at that size
         self.graphed_centre: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+        #: (height, width) -> a stand-in for `net_pass` at that size (the pipeline's
+        #: --compile-detector: a CompiledForward, made for one image size); other sizes run eagerly
+        self.compiled: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
 
-    def raw(self, x: torch.Tensor) -> torch.Tensor:
+    def net_pass(self, x: torch.Tensor) -> torch.Tensor:
         """RetinaFace's outputs for mean-subtracted images as one (N, anchors, 16) tensor: box
-        offsets (4), class scores (2), landmark offsets (10). One tensor, so that the pass can be
-        replayed from a CUDA graph."""
+        offsets (4), class scores (2), landmark offsets (10), run eagerly. One tensor, so that
+        the pass can be replayed from a CUDA graph or compiled."""
         loc, conf, landm = self.net(x)
         return torch.cat([loc, conf, landm], dim=-1)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """`net_pass`, compiled where `compiled` has a pass for x's size."""
+        compiled = self.compiled.get((x.shape[-2], x.shape[-1]))
+        return self.net_pass(x) if compiled is None else compiled(x)
 
     def use_graph(self, size: tuple[int, int], forward: Callable[[torch.Tensor], torch.Tensor],
                   with_centre: bool = False) -> None:
@@ -123,10 +136,11 @@ class FaceDetector:
     def drop_graphs(self) -> None:
         self.graphed, self.graphed_centre = {}, {}
 
-    def raw_centre(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_centre(self, x: torch.Tensor, eager: bool = False) -> torch.Tensor:
         """`raw` and `fixed_centre` of it in one (N, anchors x 16 + 17) tensor: one
-        function of the batch, which the pipeline captures as one CUDA graph."""
-        raw = self.raw(x)
+        function of the batch, which the pipeline captures as one CUDA graph (`eager`: with
+        `net_pass`, never the compiled pass)."""
+        raw = self.net_pass(x) if eager else self.raw(x)
         return torch.cat([raw.flatten(1), fixed_centre(raw, x.shape[-2], x.shape[-1])], dim=1)
 
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +156,7 @@ class FaceDetector:
         cannot vouch for the row (fixed_centre), and the image must be detected again with
         `candidates`. `image`: the rows' `image` (default: 0..N-1)."""
         height, width = images.shape[-2:]
-        x = images.float() - _bgr_mean(images.device)
+        x = network_input(images)
         graphed = self.graphed_centre.get((height, width))
         if graphed is None:  # eagerly: no packing into one tensor
             row, found, settled = _centre_parts(self._raw(x), height, width)
@@ -166,31 +180,34 @@ class FaceDetector:
         own selection and take the faces once (each selection costs a device round trip).
         """
         n, _, height, width = images.shape
-        x = images.float() - _bgr_mean(images.device)
+        x = network_input(images)
         graphed = self.graphed.get((height, width))
-        if graphed is None:
-            loc, conf, landm = self.net(x)
-        else:
-            out = graphed(x)
-            loc, conf, landm = out[..., :4], out[..., 4:6], out[..., 6:]
-        anchors = priors(height, width, images.device)
-        scores = conf[..., 1]
+        out = self.raw(x) if graphed is None else graphed(x)
+        scores = out[..., 5]
         # The one data-dependent step: which anchors pass the threshold.
         image_index, prior_index = (scores > CONF_THRESHOLD).nonzero(as_tuple=True)
-        loc, landm = loc[image_index, prior_index], landm[image_index, prior_index]
         scores = scores[image_index, prior_index]
-        centre, size = anchors[prior_index, :2], anchors[prior_index, 2:]
-        box_centre = centre + loc[:, :2] * _VARIANCE[0] * size
-        box_size = size * torch.exp(loc[:, 2:] * _VARIANCE[1])
-        scale = _scale(width, height, images.device)
-        boxes = torch.cat([box_centre - box_size / 2, box_centre + box_size / 2], dim=1) * scale.repeat(2)
-        points = (centre.unsqueeze(1) + landm.view(-1, 5, 2) * _VARIANCE[0] * size.unsqueeze(1)) * scale
+        boxes, points = decode(out[image_index, prior_index], priors(height, width, images.device)[prior_index],
+                               height, width)
         kept = _batched_nms(boxes, scores, image_index, NMS_THRESHOLD)
         # batched_nms orders by score over the whole batch; regroup by image, keeping that order.
         kept = kept[torch.sort(image_index[kept], stable=True).indices]
         faces = Faces(image_index[kept], boxes[kept], scores[kept], points[kept])
         eye_dist = torch.linalg.vector_norm(faces.landmarks[:, 0] - faces.landmarks[:, 1], dim=-1)
         return faces, eye_dist >= EYE_DIST_THRESHOLD
+
+
+def decode(raw: torch.Tensor, anchors: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of RetinaFace's raw outputs (..., 16) at their anchors (..., 4) -> boxes (..., 4)
+    x1, y1, x2, y2 and landmarks (..., 5, 2) in input pixels, as facexlib decodes them."""
+    loc, landm = raw[..., :4], raw[..., 6:]
+    centre, size = anchors[..., :2], anchors[..., 2:]
+    box_centre = centre + loc[..., :2] * _VARIANCE[0] * size
+    box_size = size * torch.exp(loc[..., 2:] * _VARIANCE[1])
+    scale = _scale(width, height, raw.device)
+    boxes = torch.cat([box_centre - box_size / 2, box_centre + box_size / 2], dim=-1) * scale.repeat(2)
+    points = (centre.unsqueeze(-2) + landm.reshape(*landm.shape[:-1], 5, 2) * _VARIANCE[0] * size.unsqueeze(-2)) * scale
+    return boxes, points
 
 
 def fixed_centre(raw: torch.Tensor, height: int, width: int) -> torch.Tensor:

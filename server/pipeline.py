@@ -23,7 +23,7 @@ import torch
 
 from client.types import Alignment, Background, EnhanceOptions, FaceStatus
 from server import imageops
-from server.detection import FaceDetector, Faces, centre_choice, centre_mask
+from server.detection import FaceDetector, Faces, centre_choice, centre_mask, decode, network_input, priors
 from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo, Started, start_batch
 from server.memory import AUTO_CPU, MEASURED_SIZES, BatchMemory, measure_passes, peak_meter
 from server.steady import VideoState
@@ -56,6 +56,14 @@ _MASK_FRAME = 10
 #: tens of levels. In float32 the eager pass is the reference, and half a level on average, 4 at
 #: the 99.9th percentile, is what reordered float32 sums may move.
 COMPILE_CHECK_SLACK = (0.5, 4.0)
+#: How far the compiled detector's anchors may be from the eager pass's, at warm-up: their
+#: boxes' and landmarks' coordinates in pixels of the 256x256 image, on average and at the
+#: 99.9th percentile, and their face scores (0..1), at most. Both passes run float32 (TF32 on
+#: CUDA), so the eager pass is the reference: reordered sums moved a coordinate by a
+#: thousandth of a pixel and a score by 0.0002 (Inductor on the CPU, the test weights), and
+#: TF32's rounding moves scores near 0.5 by thousandths; a compiler bug moves pixels and tenths.
+#: Half a pixel here is one in the 512 template.
+DETECTOR_CHECK = (0.05, 0.5, 0.01)
 # Most faces in one network pass. At 64 faces GFPGAN's last upsampling (64 x 128 x 512 x 512)
 # and ParseNet's reflect padding pass 2**31 elements, beyond which CUDA kernels refuse to index
 # ("input tensor must fit into 32-bit index math", seen on an H200); batches of 32 run as fast
@@ -315,7 +323,7 @@ class FacePipeline:
             # its hook exists from the start: one added later would change what compiled code
             # was made against
             self._noise_plan = NoisePlan(self.gfpgan)
-        if speed.compile or self.speed.compile:
+        if speed.compile or self.speed.compile or speed.compile_detector or self.speed.compile_detector:
             reset_compiled()
         self._fixed = {"gfpgan": self._gfpgan_fixed_noise, "parse": self._parse_masks}
         if speed.compile:
@@ -324,6 +332,10 @@ class FacePipeline:
             self._fixed = {name: fn if name in skip else
                            CompiledForward(fn, name, speed.resampling, self.compile_backend)
                            for name, fn in self._fixed.items()}
+        if speed.compile_detector:
+            # RetinaFace's network pass for 256x256 images (FaceDetector.raw routes them to it)
+            self._fixed["detect"] = CompiledForward(self.detector.net_pass, "detect", backend=self.compile_backend)
+        self._use_detector_pass()
         self.fallbacks = []
         self.compile_checks = {}
         self.speed = speed
@@ -378,26 +390,36 @@ class FacePipeline:
         log.info("captured CUDA graphs of %s for batches of %s faces", ", ".join(captured),
                  ", ".join(map(str, buckets)))
 
+    def _use_detector_pass(self) -> None:
+        """The detector's 256x256 images through `_fixed["detect"]` when it is compiled."""
+        forward = self._fixed.get("detect")
+        self.detector.compiled = {(GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE): forward} \
+            if isinstance(forward, CompiledForward) else {}
+
     def _compile(self) -> None:
-        """Compile GFPGAN's and ParseNet's passes (CompiledForward) now, not on a request. One
-        that fails to compile is logged and runs eagerly: a slower service, not one that does
-        not start."""
-        sample = torch.full((2, 3, FACE_SIZE, FACE_SIZE), 128.0, device=self.device)
-        names = ["gfpgan"] + (["parse"] if self.speed.paste_mask == "parse" else [])
+        """Compile GFPGAN's, ParseNet's and (with compile_detector) RetinaFace's passes
+        (CompiledForward) now, not on a request. One that fails to compile, or whose check
+        finds other faces, is logged and runs eagerly: a slower service, not one that does not
+        start."""
+        crop = torch.full((2, 3, FACE_SIZE, FACE_SIZE), 128.0, device=self.device)
+        frame = torch.full((2, 3, GRAPHED_DETECTION_SIZE, GRAPHED_DETECTION_SIZE), 20.0, device=self.device)
+        names = ["gfpgan"] + (["parse"] if self.speed.paste_mask == "parse" else []) + \
+            (["detect"] if "detect" in self._fixed else [])
         for name in names:
             forward = self._fixed[name]
             if not isinstance(forward, CompiledForward) or forward.warmed:
                 continue
             started = time.monotonic()
             try:
-                forward.warm(sample)
+                forward.warm(frame if name == "detect" else crop)
             except Exception as error:  # noqa: BLE001 - that network stays eager
                 log.warning("torch.compile of %s failed, it runs eagerly: %s", name, _first_line(error))
                 self.fallbacks.append(f"compile of {name}: {_first_line(error)}")
                 self._fixed[name] = forward.fn
                 continue
             try:
-                problem = self._check_compiled(forward)
+                problem = self._check_compiled_detector(forward) if name == "detect" else \
+                    self._check_compiled(forward)
             except Exception as error:  # noqa: BLE001 - unchecked is not kept: it runs eagerly
                 problem = self.compile_checks[name] = \
                     f"its check against the eager pass failed: {_first_line(error)}"
@@ -409,6 +431,29 @@ class FacePipeline:
                 continue
             log.info("compiled %s in %.1f s; against the eager passes: %s", name,
                      time.monotonic() - started, self.compile_checks[name])
+        self._use_detector_pass()
+
+    def _check_compiled_detector(self, forward: CompiledForward) -> str | None:
+        """What is wrong with the compiled detector's output, or None: its anchors against the
+        eager pass's on two 256x256 images that vary at every scale (check_crops, halved), every
+        anchor's box and landmarks in pixels and its face score, within DETECTOR_CHECK. What it
+        measured goes into compile_checks either way."""
+        x = network_input(check_crops(2, self.device)[:, :, ::2, ::2])
+        height, width = x.shape[-2:]
+        anchors = priors(height, width, self.device)
+        compiled, eager = forward(x).float(), forward.fn(x).float()
+        (boxes, points), (want_boxes, want_points) = (decode(compiled, anchors, height, width),
+                                                      decode(eager, anchors, height, width))
+        d = torch.cat([(boxes - want_boxes).flatten(), (points - want_points).flatten()]).abs()
+        mean, high = float(d.mean()), float(torch.quantile(d, 0.999))
+        score = float((compiled[..., 5] - eager[..., 5]).abs().max())
+        most_mean, most_high, most_score = DETECTOR_CHECK
+        measured = self.compile_checks[forward.name] = (
+            f"anchors {mean:.4f} px from the eager pass's on average and {high:.3f} at the 99.9th "
+            f"percentile, scores {score:.5f} at most (allowed: {most_mean}, {most_high} and {most_score})")
+        if not all(np.isfinite((mean, high, score))) or mean > most_mean or high > most_high or score > most_score:
+            return measured
+        return None
 
     def _check_compiled(self, forward: CompiledForward) -> str | None:
         """What is wrong with a compiled pass's output, or None: compiled and eager (in the
@@ -466,7 +511,8 @@ class FacePipeline:
         if self.speed.paste_mask == "parse":
             passes["parse"] = lambda n: fixed["parse"](crops[n])
         # RetinaFace, with the centre face's choice when it is part of the detect graph
-        detect = self.detector.raw_centre if self.speed.fixed_detection else self.detector.raw
+        detect = functools.partial(self.detector.raw_centre, eager=True) if self.speed.fixed_detection \
+            else self.detector.net_pass
         passes["detect"] = lambda n: detect(frames[n] - 110.0)
         if self.upsampler is not None:
             passes["background"] = lambda n: self.upsampler(frames[n], frames[n].shape[-1] * self.upsampler.scale)
@@ -489,7 +535,8 @@ class FacePipeline:
             _face_bytes(inputs[MEASURED_SIZES[0]]) + out_bytes[name] for name, inputs in graphed.items())))
 
     def compiled_eager_calls(self) -> int:
-        """Calls of the compiled passes that ran eagerly instead (CompiledForward.eager_calls)."""
+        """Calls of the compiled passes that ran eagerly instead (CompiledForward.eager_calls;
+        not the detector's images of other sizes than 256x256, which it never compiles for)."""
         return sum(f.eager_calls for f in self._fixed.values() if isinstance(f, CompiledForward))
 
     # -- the door ---------------------------------------------------------------------------
@@ -565,7 +612,7 @@ class FacePipeline:
     def warmup(self, faces: int = 1, size: int = 256) -> None:
         """Capture the CUDA graphs (when on), then one DETECT and one ALIGNED pass, so kernels
         and caches exist before real traffic."""
-        if self.speed.compile:
+        if self.speed.compile or self.speed.compile_detector:
             self._compile()
         if self.speed.cuda_graphs and self.device.type == "cuda" and not self._graphs:
             self._capture_graphs()

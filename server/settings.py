@@ -68,6 +68,7 @@ class Settings:
     gfpgan_upsample: str = "auto"
     decoder_channels_last: str = "auto"
     compile: str = "auto"
+    compile_detector: str = "auto"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -129,7 +130,8 @@ class Settings:
                             gfpgan_upsample=pick(self.gfpgan_upsample, "resample"),
                             decoder_channels_last=on(self.decoder_channels_last, True) and unfused,
                             compile=self.compile == "on" or (self.compile == "auto" and cuda and unfused
-                                                             and compile_toolchain_problem() is None))
+                                                             and compile_toolchain_problem() is None),
+                            compile_detector=on(self.compile_detector, False))
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_faces_per_request=self.max_faces_per_request,
@@ -493,6 +495,14 @@ SPECS: tuple[_Spec, ...] = (
           "the faces/s at batch 8 and 32 on an H200, 2026-11-30. Off on the CPU (Inductor's C++ build of GFPGAN takes minutes there) and with --modconv "
           "fused.",
           "auto", check=_choice("auto", "on", "off")),
+    _Spec("compile_detector", _choice("auto", "on", "off"), "Compile RetinaFace's pass too, as "
+          "--compile compiles GFPGAN's and ParseNet's, for 256x256 images (other sizes detect "
+          "eagerly), inside its CUDA graph when on. At warm-up the compiled pass is checked "
+          "against the eager one on the same images; one that fails to compile, or moves an "
+          "anchor's box or landmarks more than 0.05 px on average or 0.5 px at the 99.9th "
+          "percentile, or its face score more than 0.01, runs eagerly and is logged. auto: off (until a "
+          "GPU run times it: RetinaFace is the one network of a DETECT batch that --compile "
+          "leaves eager).", "auto", check=_choice("auto", "on", "off")),
     _Spec("tls_cert", str, "PEM certificate chain: serve gRPC over TLS (with --tls-key).", "(none: "
           "plaintext)"),
     _Spec("tls_key", str, "PEM private key of --tls-cert.", "(none)"),

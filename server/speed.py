@@ -152,6 +152,12 @@ class SpeedOptions:
     #: unfused modulated convolution (the fused one's grouped convolution is another graph for
     #: every batch size).
     compile: bool = False
+    #: Compile RetinaFace's pass (FaceDetector.net_pass) the same way, for 256x256 images (the
+    #: size lip-sync crops come in; other sizes detect eagerly), inside its CUDA graph when
+    #: there is one; checked at warm-up against the eager pass's anchors (FacePipeline
+    #: _check_compiled_detector). RetinaFace (resnet50, float32, 14 GFLOP a 256x256 image) is
+    #: the one network of a DETECT batch that ran eagerly under `compile`.
+    compile_detector: bool = False
 
     def __post_init__(self):
         if self.modconv not in MODCONV_FORMS:

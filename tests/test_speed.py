@@ -1140,10 +1140,122 @@ def test_codeformer_s_pass_is_left_uncompiled_and_parsenet_s_compiled():
     assert isinstance(pipeline._fixed["parse"], CompiledForward)
 
 
+@pytest.mark.compiles
+def test_the_compiled_detector_finds_the_eager_faces_and_detects_other_sizes_eagerly(nets):
+    """--compile-detector: RetinaFace's pass for 256x256 images is compiled at warm-up, checked
+    against the eager pass (compile_checks), and serves both ways of detecting (the waiting
+    one, and the wait-free one where the device is CUDA), every batch size from one graph; the
+    faces are the eager pipeline's within one level. Images of another size detect eagerly
+    (the compiled pass is made for one size), and measuring a batch's memory runs nothing
+    compiled."""
+    base = SpeedOptions(modconv="unfused", paste_mask="box")
+    forms = [base]
+    if TEST_DEVICE.type == "cuda":
+        forms.append(dataclasses.replace(base, cuda_graphs=True, fixed_selection=True, fixed_detection=True))
+    faces, wide = make_faces(3, seed=45), make_faces(2, seed=46, size=320)
+    jobs = [[Job(faces, EnhanceOptions())], [Job(faces[:1], EnhanceOptions())], [Job(wide, EnhanceOptions())]]
+    for speed in forms:
+        expected = [make_pipeline(nets, speed).enhance(batch) for batch in jobs]
+        pipeline = make_pipeline(nets, dataclasses.replace(speed, compile_detector=True))
+        forward = pipeline._fixed["detect"]
+        assert isinstance(forward, CompiledForward) and pipeline.detector.compiled == {(256, 256): forward}
+        pipeline.batch_memory()
+        assert forward.calls == 0 and not forward.warmed
+        before = _graphs_made()
+        pipeline.warmup()
+        assert pipeline.fallbacks == [] and forward.warmed
+        assert "px from the eager pass's on average" in pipeline.compile_checks["detect"]
+        print(f"compiled detector ({COMPILE_BACKEND}): {pipeline.compile_checks['detect']}")
+        assert _graphs_made() - before == 1  # RetinaFace's, for every batch size
+        calls = forward.calls
+        got = [pipeline.enhance(batch) for batch in jobs[:2]]
+        assert forward.calls == calls + 2 and forward.eager_calls == 0
+        got.append(pipeline.enhance(jobs[2]))
+        assert forward.calls == calls + 2  # 320x320: eagerly
+        assert _graphs_made() - before == 1
+        assert got[0][0].status == [FaceStatus.ENHANCED] * 3  # faces were found
+        for want, have in zip(expected, got):
+            for a, b in zip(want, have):
+                assert a.status == b.status
+                mean, worst = levels(a.faces, b.faces)
+                assert mean < 0.02 and worst <= 1, (speed, mean, worst)
+
+
+class _Shifted:
+    """A stand-in for the compiled detector: the eager pass with `offset` added to some of its
+    columns (0-3 box offsets, 5 the face score, 6-15 landmark offsets), as a miscompiled
+    kernel might move them."""
+
+    def __init__(self, fn, columns: slice, offset: float):
+        self.fn, self.name, self.columns, self.offset = fn, "detect", columns, offset
+
+    def __call__(self, x):
+        out = self.fn(x).clone()
+        out[..., self.columns] += self.offset
+        return out
+
+
+def test_the_detector_check_passes_the_eager_anchors_and_catches_moved_ones(nets):
+    """FacePipeline._check_compiled_detector: every anchor's box and landmarks, decoded to
+    pixels, and its face score, against the eager pass's, within DETECTOR_CHECK (0.05 px on
+    average, 0.5 at the 99.9th percentile, scores 0.01). The eager pass passes; landmark
+    offsets moved by a tenth of a prior (a fifth of a pixel for the 16-px anchors, 10 px for
+    the 512-px ones), or scores by 0.05, fail."""
+    from server.pipeline import DETECTOR_CHECK
+
+    assert DETECTOR_CHECK == (0.05, 0.5, 0.01)
+    pipeline = make_pipeline(nets)
+    eager = pipeline.detector.net_pass
+    assert pipeline._check_compiled_detector(_Shifted(eager, slice(0, 16), 0.0)) is None
+    assert "anchors 0.0000 px" in pipeline.compile_checks["detect"]
+    moved = pipeline._check_compiled_detector(_Shifted(eager, slice(6, 16), 0.1))
+    assert moved and float(moved.split(" px")[0].split()[-1]) > 0.05, moved
+    scored = pipeline._check_compiled_detector(_Shifted(eager, slice(5, 6), 0.05))
+    assert scored and "scores 0.05000 at most" in scored, scored
+
+
+@pytest.mark.compiles
+def test_a_compiled_detector_that_moves_anchors_runs_eagerly_and_is_reported(nets, monkeypatch):
+    """A compiled detector whose anchors fail the check at warm-up is logged, named in
+    `fallbacks` and replaced by the eager pass (FaceDetector.compiled empty), and the service
+    detects the eager faces; GFPGAN's compiled pass, which passed, stays compiled."""
+    real = CompiledForward.__call__
+
+    def shifted(self, x):
+        out = real(self, x)
+        return out + 0.5 if self.name == "detect" else out
+
+    speed = SpeedOptions(modconv="unfused", paste_mask="box", compile=True, compile_detector=True)
+    pipeline = make_pipeline(nets, speed, backend="aot_eager")
+    monkeypatch.setattr(CompiledForward, "__call__", shifted)
+    pipeline.warmup()
+    [note] = pipeline.fallbacks
+    assert note.startswith("compile of detect: anchors ") and note.endswith("(allowed: 0.05, 0.5 and 0.01)"), note
+    assert pipeline._fixed["detect"] == pipeline.detector.net_pass and pipeline.detector.compiled == {}
+    assert isinstance(pipeline._fixed["gfpgan"], CompiledForward)
+    monkeypatch.undo()
+    faces = make_faces(2, seed=47)
+    eager = make_pipeline(nets, SpeedOptions(modconv="unfused", paste_mask="box"))
+    [a], [b] = eager.enhance([Job(faces, EnhanceOptions())]), pipeline.enhance([Job(faces, EnhanceOptions())])
+    assert a.status == b.status and levels(a.faces, b.faces)[1] <= 1
+
+
+def test_compile_detector_is_a_setting_off_by_default():
+    """--compile-detector: auto is off on every device until a GPU run times it; on asks for it
+    (with or without --compile), and it reaches the pipeline and gfpgan-bench's flags."""
+    assert not Settings().speed_options("cuda").compile_detector
+    assert not Settings().speed_options("cpu").compile_detector
+    on = Settings(compile_detector="on", compile="off").speed_options("cpu")
+    assert on.compile_detector and not on.compile
+    flags = on.serve_flags()
+    assert flags[flags.index("--compile-detector") + 1] == "on"
+
+
 def test_compile_needs_the_unfused_modulated_convolution():
     with pytest.raises(ValueError, match="compile needs modconv='unfused'"):
         SpeedOptions(compile=True)
-    assert SpeedOptions(modconv="unfused", compile=True).serve_flags()[-2:] == ["--compile", "on"]
+    flags = SpeedOptions(modconv="unfused", compile=True).serve_flags()
+    assert flags[flags.index("--compile") + 1] == "on"
 
 
 def test_profile_counts_launches_and_syncs_per_stage(nets):
