@@ -472,6 +472,12 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
         subject = "" if what == "the service's forms" else f" {what}"
         found[f"compile check{subject} {network}"] = \
             f"{mean}/{high} levels from float32 (eager {eager_mean}/{eager_high})"
+    # ... and the compiled detector's, in pixels and scores (--compile-detector)
+    for what, mean, high, score in re.findall(
+            r"(?m)^compile check: (?:variant )?([^,]+), detect: anchors ([\d.]+) px from the eager pass's on "
+            r"average and ([\d.]+) at the 99.9th percentile, scores ([\d.]+) at most", text):
+        subject = "" if what == "the service's forms" else f" {what}"
+        found[f"compile check{subject} detect"] = f"{mean}/{high} px, scores {score} from eager"
     if name in ("compile", "variants", "bench-best"):
         # how long each form took to warm up: graphs captured, and for a compiled form its build
         # (or its load from Inductor's cache, where an earlier process built it)

@@ -191,6 +191,13 @@ SUMMARY_LINES = [
                 "the 99.9th percentile, where the eager pass is 0.62 and 5.0 (allowed: 1.74 and 14.0)\n"
                 "measured: variant defaults, aligned, batch 8: 250.00 faces/s\n",
      {"warm-up defaults": "98 s", "compile check defaults gfpgan": "0.31/3.0 levels from float32 (eager 0.62/5.0)"}),
+    # ... the compiled detector's, in pixels and scores
+    ("compile", "warmed up: variant defaults+compiled-detector in 31.0 s\n"
+                "compile check: variant defaults+compiled-detector, detect: anchors 0.0021 px from the eager "
+                "pass's on average and 0.040 at the 99.9th percentile, scores 0.00120 at most (allowed: 0.05, "
+                "0.5 and 0.01)\n",
+     {"warm-up defaults+compiled-detector": "31 s",
+      "compile check defaults+compiled-detector detect": "0.0021/0.040 px, scores 0.00120 from eager"}),
     ("bench-detect", "compile check: the service's forms, parse: 1.20 levels from float32 on average and 40.0 "
                      "at the 99.9th percentile, where the eager pass is 1.00 and 35.0 (allowed: 2.50 and 74.0)\n",
      {"compile check parse": "1.20/40.0 levels from float32 (eager 1.00/35.0)"}),
