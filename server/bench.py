@@ -32,6 +32,7 @@ from client.types import OUTPUT_SIZES, Alignment, EnhanceOptions
 from server.jobs import DeviceOutOfMemory, Job
 from server.settings import Settings, default_weights_dir
 from server.speed import SpeedOptions
+from server.steady import VideoState
 
 METHODS = ("GFPGANer, one face at a time", "FacePipeline, in-process", "gRPC service, loopback",
            "gRPC service, client process", "gRPC service, loopback, overlap")
@@ -185,9 +186,16 @@ def bench_gfpganer(restorer, faces, batch_sizes, alignment, iterations, seconds,
 
 # -- (b) our pipeline in-process ------------------------------------------------------------------
 
+def _jobs(batch: np.ndarray, options: EnhanceOptions, video) -> list[Job]:
+    """One job of `batch`; with steady_video, the next frames of the stream `video`."""
+    return [Job(batch, options, video=video if options.steady_video else None)]
+
+
 def bench_pipeline(pipeline, faces, batch_sizes, options, iterations, seconds, sync) -> list[Measurement]:
+    video = VideoState()  # steady_video: the batches are one stream's frames
+
     def run_batch(batch):
-        pipeline.enhance([Job(batch, options)])
+        pipeline.enhance(_jobs(batch, options, video))
 
     return [Measurement(METHODS[1], b, *_time_batches(run_batch, faces, b, iterations, seconds, sync))
             for b in batch_sizes]
@@ -495,16 +503,16 @@ def profile_stages(pipeline, faces, batch_sizes, options, iterations, sync) -> s
 
     sections = []
     for b in batch_sizes:
-        batch = _batch(faces, 0, b)
-        pipeline.enhance([Job(batch, options)])  # warm: caches and autotuning out of the numbers
+        batch, video = _batch(faces, 0, b), VideoState()  # steady_video: one stream's frames
+        pipeline.enhance(_jobs(batch, options, video))  # warm: caches and autotuning out of the numbers
         counting = StageProfiler(pipeline.device, count=True)
         pipeline.profiler = counting
         try:
-            pipeline.enhance([Job(batch, options)])
+            pipeline.enhance(_jobs(batch, options, video))
             timing = StageProfiler(pipeline.device)
             pipeline.profiler = timing
             for index in range(iterations):
-                pipeline.enhance([Job(_batch(faces, index * b, b), options)])
+                pipeline.enhance(_jobs(_batch(faces, index * b, b), options, video))
             sync()
         finally:
             pipeline.profiler = None
@@ -760,6 +768,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="our pipeline's dtype: auto, float32, bfloat16")
     parser.add_argument("--alignment", default="detect", choices=["detect", "aligned"])
+    parser.add_argument("--steady-video", action="store_true",
+                        help="the in-process pipeline's and the service's requests as one video's "
+                             "frames (steady_video: the MuseTalk adapter's default), each batch "
+                             "the next frames of one stream")
     parser.add_argument("--batch-sizes", default="1,4,8", help="comma-separated, default 1,4,8")
     parser.add_argument("--gfpganer-batch-sizes", default=None,
                         help="time GFPGANer at these of the batch sizes only (default: all). Its loop "
@@ -895,7 +907,8 @@ def run(argv: Sequence[str] | None = None, loaded: Loaded | None = None) -> str:
                      f"{args.gfpganer_batch_sizes!r} of {args.batch_sizes!r}")
     if args.iterations < 1 or args.in_flight < 1:
         parser.error("--iterations and --in-flight must be at least 1")
-    options = EnhanceOptions(output_size=args.output_size, alignment=Alignment(args.alignment))
+    options = EnhanceOptions(output_size=args.output_size, alignment=Alignment(args.alignment),
+                             steady_video=args.steady_video)
     faces = (faces_from(args.faces_from, args.face_size) if args.faces_from
              else synthetic_faces(args.faces, args.face_size))
 

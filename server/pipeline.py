@@ -661,16 +661,16 @@ class FacePipeline:
         video = any(jobs[i].video is not None for i in indices)
         faces = self._locate(images, detect_index, given_index, points, meta[:, 2],
                              all_centre=all(options[i].only_center_face for i in detect_host),
-                             fixed=self.speed.fixed_selection and not video,
+                             fixed=self.speed.fixed_selection,
                              wait_free=self.speed.fixed_detection and not exact)
+        mask_made, mask_reused = {}, {}
+        if video:  # (its one wait also settles every image's detection: faces.settled is None after)
+            faces, mask_made, mask_reused = self._steady(jobs, indices, faces, set(held), images, key)
         settled = None  # per image: its wait-free detection vouched for its face (or did not run)
         if faces.settled is not None and nd == n:  # every image detected: a row each, in order
             settled = faces.settled
         elif faces.settled is not None:
             settled = torch.ones(n, dtype=torch.bool, device=self.device).index_put_((faces.image,), faces.settled)
-        mask_made, mask_reused = {}, {}
-        if video:
-            faces, mask_made, mask_reused = self._steady(jobs, indices, faces, set(held))
         if faces.image.shape[0]:
             with self._stage("align"):
                 affines, aligns = _usable_alignments(
@@ -751,21 +751,38 @@ class FacePipeline:
         return merged.take(torch.sort(merged.image, stable=True).indices)
 
     def _steady(self, jobs: Sequence[Job], indices: list[int], faces: Faces,
-                held: set[int]) -> tuple[Faces, dict[int, "_Mask"], dict[int, "_Mask"]]:
+                held: set[int], images: torch.Tensor, key: str) -> tuple[Faces, dict[int, "_Mask"], dict[int, "_Mask"]]:
         """steady_video jobs: each frame's landmarks through its stream's filter, in frame order
         (server/steady.py); the frames in `held` (detection skipped) take the filter's current
         alignment, or lose their face when a frame detected before them lost it. The points
         make one trip to the host and back: the one wait for the device this mode adds; batches
         without it are untouched.
 
+        With fixed-size rows (`present`, _locate's fixed selection) a frame whose row is a
+        placeholder has no face. With wait-free detection, the rows it could not vouch for
+        (`settled` False) are detected again here, exactly, before any filter sees them (the
+        host waits for that once more, only then): a steady batch is never run again for its
+        detection, which would filter its frames twice. Every image of the group is settled on
+        return (faces.settled None).
+
         With mask_every > 1 (and ParseNet's mask), also which face rows compute the paste mask
         their stream's next frames reuse, and which paste with an earlier frame's: the two dicts
-        of _Group.mask_made and mask_reused."""
+        of _Group.mask_made and mask_reused. `key`: the group's, for its uploads."""
         made: dict[int, _Mask] = {}
         reused_masks: dict[int, _Mask] = {}
         with self._stage("steady"):
-            image = faces.image.cpu().numpy()
-            points = faces.landmarks.float().cpu().numpy().copy()
+            count = faces.image.shape[0]
+            flags = [f for f in (faces.present, faces.settled) if f is not None]
+            # image, landmarks, present, settled: one download, the one wait
+            self._note_read("steady")
+            host = torch.cat([faces.image.view(-1, 1).float(), faces.landmarks.float().view(-1, 10)]
+                             + [f.view(-1, 1).float() for f in flags], dim=1).cpu().numpy()
+            image, points = host[:, 0].astype(np.int64), host[:, 1:11].reshape(-1, 5, 2).copy()
+            present = host[:, 11] > 0.5 if faces.present is not None else np.ones(count, dtype=bool)
+            settled = host[:, -1] > 0.5 if faces.settled is not None else np.ones(count, dtype=bool)
+            if not settled.all():
+                points[~settled], present[~settled] = self._detect_rows(images, image[~settled])
+            faces.settled = None
             keep = np.ones(len(image), dtype=bool)
             for start, i in zip(_starts(jobs, indices), indices):
                 job = jobs[i]
@@ -780,9 +797,9 @@ class FacePipeline:
                             keep[rows] = False
                             continue
                         points[rows[0]] = reused
-                    elif len(rows) == 1 and job.options.only_center_face:
+                    elif len(rows) == 1 and job.options.only_center_face and present[rows[0]]:
                         points[rows[0]] = video.smooth(points[rows[0]])
-                    else:  # no face, or several: left as they are
+                    else:  # no face (or a placeholder row), or several: left as they are
                         video.skip()
                         continue
                     if every <= 1:
@@ -792,13 +809,37 @@ class FacePipeline:
                     else:
                         video.mask = (video.frame - 1, _Mask(video))
                         made[int(rows[0])] = video.mask[1]
-            faces.landmarks = torch.from_numpy(points).to(self.device)
-            if not keep.all():
-                faces = faces.take(torch.from_numpy(keep).to(self.device))
+            # back through the pinned buffers: uploads that do not wait either
+            faces.landmarks = self._staging.upload(key + "steady-points", points.astype(np.float32))
+            if faces.present is not None:
+                faces.present = self._staging.upload(key + "steady-present", present)
+            if not keep.all():  # (an index made on the host: taking it does not wait)
+                faces = faces.take(self._staging.upload(key + "steady-keep", np.flatnonzero(keep)))
                 new_row = np.cumsum(keep) - 1
                 made = {int(new_row[r]): m for r, m in made.items()}
                 reused_masks = {int(new_row[r]): m for r, m in reused_masks.items()}
         return faces, made, reused_masks
+
+    def _note_read(self, what: str) -> None:
+        """A read of device results on the host, for the profiler where it cannot see it (on
+        the CPU a copy to the host is no copy; on CUDA it counts the blocking copy itself)."""
+        if self.profiler is not None and self.device.type == "cpu":
+            self.profiler.note_sync(what)
+
+    def _detect_rows(self, images: torch.Tensor, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The centre face of each of images[image] as the waiting detection finds it
+        (candidates, centre_choice), on the host: landmarks (k, 5, 2) and found (k,). For the
+        images of a steady batch whose wait-free detection was not settled; counted in
+        redetected_images."""
+        self.redetected_images += len(image)
+        log.info("%d steady-video image(s) detected again, exactly: their wait-free detection was not settled",
+                 len(image))
+        size = images.shape[-1]
+        found, usable = self.detector.candidates(images[torch.from_numpy(image).to(self.device)])
+        rows, present = centre_choice(found, size, size, len(image), usable)
+        self._note_read("steady")
+        host = torch.cat([rows.landmarks.float().view(-1, 10), present.view(-1, 1).float()], dim=1).cpu().numpy()
+        return host[:, :10].reshape(-1, 5, 2), host[:, 10] > 0.5
 
     @contextlib.contextmanager
     def _autocast(self):

@@ -258,3 +258,19 @@ def test_the_overlap_probe_times_the_service_with_and_without_overlap_on_an_asyn
         assert {(host, after, overlap, int(size)) for host, after, overlap, size, *_ in rows} == \
             {(host, waited, overlap, size) for host in ("0", "1") for overlap in ("off", "on") for size in (8, 16)}
         assert all(0 < float(vs_overlapped) <= 1.05 for *_, vs_overlapped, _ in rows)
+
+
+def test_steady_video_benches_one_stream_s_frames():
+    """--steady-video: the in-process pipeline's and the profile's batches are the next frames
+    of one stream (steady_video needs the stream's filter); without it, no filter."""
+    import numpy as np
+
+    from client.types import EnhanceOptions
+    from server.bench import _jobs, build_parser
+    from server.steady import VideoState
+
+    assert build_parser().parse_args(["--steady-video"]).steady_video
+    batch, video = np.zeros((2, 256, 256, 3), np.uint8), VideoState()
+    [job] = _jobs(batch, EnhanceOptions(steady_video=True), video)
+    assert job.video is video and job.options.steady_video
+    assert _jobs(batch, EnhanceOptions(), video)[0].video is None

@@ -160,27 +160,50 @@ def test_two_videos_in_one_device_batch_keep_their_own_state(pipeline):
 # --- skip detection (detect_every) ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def detecting(tmp_path_factory, small_weights):
-    """A pipeline whose random-valued detector is calibrated to find make_faces' faces, its
-    detector wrapped to count the images it is given and to find nothing in a plain grey image
-    (the calibrated detector finds a face in anything)."""
+def detecting_weights(tmp_path_factory, small_weights):
     from tests.faces import weights_with_detector
 
-    weights = weights_with_detector(tmp_path_factory.mktemp("steady_detect"), small_weights)
+    return weights_with_detector(tmp_path_factory.mktemp("steady_detect"), small_weights)
+
+
+def _detecting(weights, speed: SpeedOptions) -> FacePipeline:
+    """A pipeline whose random-valued detector is calibrated to find make_faces' faces, both its
+    ways of detecting wrapped to count the images they are given and to find nothing in a plain
+    grey image (the calibrated detector finds a face in anything)."""
     gfpgan, detector, parser = load_nets(weights)
-    pipe = FacePipeline(gfpgan, detector, parser, device=TEST_DEVICE, dtype=torch.float32,
-                        speed=SpeedOptions(paste_mask="box"))
+    pipe = FacePipeline(gfpgan, detector, parser, device=TEST_DEVICE, dtype=torch.float32, speed=speed)
     pipe.detected = 0
-    candidates = pipe.detector.candidates
+    candidates, centre_rows = pipe.detector.candidates, pipe.detector.centre_rows
+
+    def blank(images):
+        return images.flatten(1).std(dim=1) == 0
 
     def counted(images):
         pipe.detected += images.shape[0]
         found, usable = candidates(images)
-        blank = images.flatten(1).std(dim=1) == 0
-        return found, usable & ~blank[found.image]
+        return found, usable & ~blank(images)[found.image]
 
-    pipe.detector.candidates = counted
+    def counted_rows(images, image=None):
+        pipe.detected += images.shape[0]
+        rows = centre_rows(images, image)
+        rows.present = rows.present & ~blank(images)
+        return rows
+
+    pipe.detector.candidates, pipe.detector.centre_rows = counted, counted_rows
     return pipe
+
+
+@pytest.fixture(scope="module")
+def detecting(detecting_weights):
+    """The CPU's way: the faces selected after the waiting detection."""
+    return _detecting(detecting_weights, SpeedOptions(paste_mask="box"))
+
+
+@pytest.fixture(scope="module")
+def detecting_wait_free(detecting_weights):
+    """CUDA's way: a fixed-size row per image (a placeholder where it has no face) from the
+    wait-free detection."""
+    return _detecting(detecting_weights, SpeedOptions(paste_mask="box", fixed_selection=True, fixed_detection=True))
 
 
 def run_video(pipe, frames: np.ndarray, every: int, per_request: int = 2):
@@ -230,6 +253,84 @@ def test_skip_detection_counts_frames_in_order_across_two_jobs_of_one_stream_in_
     assert a.status + b.status == [FaceStatus.ENHANCED] * 5
     assert detecting.detected == 2 and video.reused == 3  # frames 2 and 4 detected; 1, 3, 5 held
     assert video.frame == 6
+
+
+def _same_video(a: VideoState, b: VideoState) -> bool:
+    return (a.frame, a.reused, a.resets, a.held, a.last_face_frame) == \
+        (b.frame, b.reused, b.resets, b.held, b.last_face_frame) and np.array_equal(a.points, b.points)
+
+
+def _gone_and_back() -> np.ndarray:
+    face = make_faces(1, seed=3)
+    return np.concatenate([np.repeat(face, 4, 0), np.repeat(np.full_like(face, 128), 3, 0), np.repeat(face, 3, 0)])
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_wait_free_detection_gives_steady_video_the_waiting_detection_s_frames(detecting, detecting_wait_free, every):
+    """CUDA's forms (a fixed-size row per image from the wait-free detection) in steady batches:
+    the statuses and the stream's filter are the waiting detection's exactly, frames without a
+    face and frames whose detection is skipped included, and the faces within one level (the
+    faceless frames' placeholder crops are restored too, and the CPU's convolutions may round
+    one level apart with the batch size)."""
+    frames = _gone_and_back()
+    want, want_status, _, want_video = run_video(detecting, frames, every=every, per_request=4)
+    before = detecting_wait_free.redetected_images
+    got, status, detected, video = run_video(detecting_wait_free, frames, every=every, per_request=4)
+    assert status == want_status and FaceStatus.NO_FACE in status and FaceStatus.ENHANCED in status
+    assert _same_video(video, want_video), (video, want_video)
+    assert np.abs(got.astype(int) - want).max() <= 1
+    assert detecting_wait_free.redetected_images == before
+
+
+def test_a_steady_batch_waits_for_the_device_twice_with_wait_free_detection(detecting, detecting_wait_free):
+    """The one wait steady video adds (its filter's landmarks) and the results': the detection's
+    two and the selection's one are gone (counted by the profiler, as gfpgan-bench --profile
+    --steady-video counts them)."""
+    from server.profiling import StageProfiler
+
+    frames, options = _gone_and_back(), EnhanceOptions(steady_video=True)
+    waits = {}
+    for name, pipe in (("waiting", detecting), ("wait-free", detecting_wait_free)):
+        video = VideoState()
+        pipe.enhance([Job(frames[:4], options, video=video)])
+        pipe.profiler = StageProfiler(TEST_DEVICE, count=True)
+        try:
+            pipe.enhance([Job(frames[4:8], options, video=video)])
+            waits[name] = pipe.profiler.totals()[1]
+            sources = pipe.profiler.sync_sources()
+        finally:
+            pipe.profiler = None
+    assert waits == {"waiting": 5, "wait-free": 2}, waits
+    assert not {"nonzero", "aten::nonzero", "torchvision::nms"} & set(sources), sources
+
+
+def test_a_steady_image_the_wait_free_detection_cannot_vouch_for_is_detected_again_at_once(
+        detecting, detecting_wait_free, monkeypatch):
+    """An image whose wait-free detection is not settled (here one round of suppression, where
+    the test detector's boxes need more) is detected again the waiting way inside the steady
+    batch, before the filter sees it: the stream's frames and filter are the waiting
+    detection's, each frame filtered once, and no batch runs again (a redone steady batch would
+    filter its frames twice)."""
+    from server import detection
+
+    monkeypatch.setattr(detection, "FIXED_NMS_ROUNDS", 1)
+    monkeypatch.setattr(FacePipeline, "_detect_again",
+                        lambda self, jobs: pytest.fail("a steady batch was run again"))
+    rows = detecting_wait_free.detector.centre_rows
+
+    def unsettled_rows_wrong(images, image=None):  # what an unsettled row says is never used
+        found = rows(images, image)
+        found.landmarks = found.landmarks + 40.0 * (~found.settled).view(-1, 1, 1)
+        return found
+
+    monkeypatch.setattr(detecting_wait_free.detector, "centre_rows", unsettled_rows_wrong)
+    frames = _gone_and_back()
+    want, want_status, _, want_video = run_video(detecting, frames, every=1, per_request=5)
+    before = detecting_wait_free.redetected_images
+    got, status, _, video = run_video(detecting_wait_free, frames, every=1, per_request=5)
+    assert detecting_wait_free.redetected_images - before >= 6  # the 7 frames with a face, at least
+    assert status == want_status and _same_video(video, want_video) and video.frame == len(frames)
+    assert np.abs(got.astype(int) - want).max() <= 1
 
 
 # --- reuse the paste mask (mask_every) ----------------------------------------------------------
