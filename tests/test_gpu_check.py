@@ -91,7 +91,7 @@ def test_the_plan_runs_the_issue_s_figures_first_then_the_tests_then_the_compile
         names = [name for name, _, _ in captured]
         assert names == ["env", "weights", "bench-detect", "bench-aligned", "realtime", "memory", "tests",
                          "steady", "tests-compile", "compile", "variants", "profile-plain", "profile-best",
-                         "bench-best", "bench-best-aligned", "bench-fp32", "kernels", "batch-rounding"]
+                         "profile-steady", "bench-best", "bench-best-aligned", "bench-fp32", "kernels", "batch-rounding"]
         steps = {name: command for name, command, _ in captured}
         # the first four are sections of one bench process, on the defaults (no PLAIN, no BEST)
         first = names[2:6]
