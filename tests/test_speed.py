@@ -1170,10 +1170,15 @@ def test_the_compiled_detector_finds_the_eager_faces_and_detects_other_sizes_eag
         print(f"compiled detector ({COMPILE_BACKEND}): {pipeline.compile_checks['detect']}")
         assert _graphs_made() - before == 1  # RetinaFace's, for every batch size
         calls = forward.calls
+        # with CUDA graphs the 256x256 batches replay the detect graph, which captured the
+        # compiled pass at warm-up (a call a bucket, after the check's)
+        replayed = speed.cuda_graphs
+        if replayed:
+            assert "detect" in pipeline.graphed and calls > 1
         got = [pipeline.enhance(batch) for batch in jobs[:2]]
-        assert forward.calls == calls + 2 and forward.eager_calls == 0
+        assert forward.calls == calls + (0 if replayed else 2) and forward.eager_calls == 0
         got.append(pipeline.enhance(jobs[2]))
-        assert forward.calls == calls + 2  # 320x320: eagerly
+        assert forward.calls == calls + (0 if replayed else 2)  # 320x320: eagerly
         assert _graphs_made() - before == 1
         assert got[0][0].status == [FaceStatus.ENHANCED] * 3  # faces were found
         for want, have in zip(expected, got):
