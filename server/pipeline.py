@@ -775,8 +775,8 @@ class FacePipeline:
             flags = [f for f in (faces.present, faces.settled) if f is not None]
             # image, landmarks, present, settled: one download, the one wait
             self._note_read("steady")
-            host = torch.cat([faces.image.view(-1, 1).float(), faces.landmarks.float().view(-1, 10)]
-                             + [f.view(-1, 1).float() for f in flags], dim=1).cpu().numpy()
+            host = torch.cat([faces.image.reshape(-1, 1).float(), faces.landmarks.float().reshape(-1, 10)]
+                             + [f.reshape(-1, 1).float() for f in flags], dim=1).cpu().numpy()
             image, points = host[:, 0].astype(np.int64), host[:, 1:11].reshape(-1, 5, 2).copy()
             present = host[:, 11] > 0.5 if faces.present is not None else np.ones(count, dtype=bool)
             settled = host[:, -1] > 0.5 if faces.settled is not None else np.ones(count, dtype=bool)
@@ -838,7 +838,7 @@ class FacePipeline:
         found, usable = self.detector.candidates(images[torch.from_numpy(image).to(self.device)])
         rows, present = centre_choice(found, size, size, len(image), usable)
         self._note_read("steady")
-        host = torch.cat([rows.landmarks.float().view(-1, 10), present.view(-1, 1).float()], dim=1).cpu().numpy()
+        host = torch.cat([rows.landmarks.float().reshape(-1, 10), present.reshape(-1, 1).float()], dim=1).cpu().numpy()
         return host[:, :10].reshape(-1, 5, 2), host[:, 10] > 0.5
 
     @contextlib.contextmanager
