@@ -98,7 +98,7 @@ class Metrics:
             "DETECT images detected a second time, the waiting way, because the wait-free "
             "detection (--fixed-detection) could not vouch for its answer: more candidates above "
             "the threshold than it takes, or more faces left after NMS than its rounds settle. "
-            "Each costs its request a second pass.", registry=r)
+            "Each costs its request a second pass (a steady-video request: a second detection).", registry=r)
         self.model = Info(
             "faceenhance_model", "The loaded model: name, version, weights SHA-256, device, dtype.",
             registry=r)
