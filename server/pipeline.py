@@ -759,7 +759,9 @@ class FacePipeline:
         without it are untouched.
 
         With fixed-size rows (`present`, _locate's fixed selection) a frame whose row is a
-        placeholder has no face. With wait-free detection, the rows it could not vouch for
+        placeholder has no face, and the row is dropped: the host knows it here, so the batch
+        restores and pastes the rows the waiting detection gives, and a faceless image costs
+        nothing. With wait-free detection, the rows it could not vouch for
         (`settled` False) are detected again here, exactly, before any filter sees them (the
         host waits for that once more, only then): a steady batch is never run again for its
         detection, which would filter its frames twice. Every image of the group is settled on
@@ -811,8 +813,10 @@ class FacePipeline:
                         made[int(rows[0])] = video.mask[1]
             # back through the pinned buffers: uploads that do not wait either
             faces.landmarks = self._staging.upload(key + "steady-points", points.astype(np.float32))
-            if faces.present is not None:
-                faces.present = self._staging.upload(key + "steady-present", present)
+            # a placeholder row (an image without a face) goes here, known on the host: no
+            # restoration and no mask for it, the rows the waiting detection gives
+            keep &= present
+            faces.present = None
             if not keep.all():  # (an index made on the host: taking it does not wait)
                 faces = faces.take(self._staging.upload(key + "steady-keep", np.flatnonzero(keep)))
                 new_row = np.cumsum(keep) - 1

@@ -268,17 +268,16 @@ def _gone_and_back() -> np.ndarray:
 @pytest.mark.parametrize("every", [1, 2])
 def test_wait_free_detection_gives_steady_video_the_waiting_detection_s_frames(detecting, detecting_wait_free, every):
     """CUDA's forms (a fixed-size row per image from the wait-free detection) in steady batches:
-    the statuses and the stream's filter are the waiting detection's exactly, frames without a
-    face and frames whose detection is skipped included, and the faces within one level (the
-    faceless frames' placeholder crops are restored too, and the CPU's convolutions may round
-    one level apart with the batch size)."""
+    the statuses, the stream's filter and the faces are the waiting detection's exactly, frames
+    without a face and frames whose detection is skipped included (a faceless frame's
+    placeholder row is dropped in the filter's round trip: the same rows, the same passes)."""
     frames = _gone_and_back()
     want, want_status, _, want_video = run_video(detecting, frames, every=every, per_request=4)
     before = detecting_wait_free.redetected_images
     got, status, detected, video = run_video(detecting_wait_free, frames, every=every, per_request=4)
     assert status == want_status and FaceStatus.NO_FACE in status and FaceStatus.ENHANCED in status
     assert _same_video(video, want_video), (video, want_video)
-    assert np.abs(got.astype(int) - want).max() <= 1
+    assert np.array_equal(got, want)
     assert detecting_wait_free.redetected_images == before
 
 
@@ -330,7 +329,7 @@ def test_a_steady_image_the_wait_free_detection_cannot_vouch_for_is_detected_aga
     got, status, _, video = run_video(detecting_wait_free, frames, every=1, per_request=5)
     assert detecting_wait_free.redetected_images - before >= 6  # the 7 frames with a face, at least
     assert status == want_status and _same_video(video, want_video) and video.frame == len(frames)
-    assert np.abs(got.astype(int) - want).max() <= 1
+    assert np.array_equal(got, want)
 
 
 # --- reuse the paste mask (mask_every) ----------------------------------------------------------
@@ -550,3 +549,28 @@ async def test_the_service_counts_the_frames_pasted_with_an_earlier_frames_mask(
         counted = app.metrics.registry.get_sample_value("faceenhance_reused_masks_total")
     assert [r.request_id for r in answers] == [0, 1, 2, 3] and not any(r.HasField("error") for r in answers)
     assert counted == 9  # each steady frame once; the plain request's frames carry no state
+
+
+def test_wait_free_detection_reuses_the_paste_mask_as_the_waiting_detection_does(detecting_weights):
+    """mask_every with DETECT and CUDA's forms: a frame without a face is a placeholder row
+    there, which steady video drops (its host round trip knows it): no mask computed for it,
+    none taken, none counted as reused. The masks computed, the masks reused, the statuses, the
+    filter and the faces are the waiting detection's, exactly."""
+    face = make_faces(1, seed=3)
+    frames = np.concatenate([np.repeat(face, 3, 0), np.repeat(np.full_like(face, 128), 2, 0), np.repeat(face, 4, 0)])
+    options = EnhanceOptions(steady_video=True, mask_every=3)
+    runs = {}
+    for name, fixed in (("waiting", False), ("wait-free", True)):
+        pipe = _detecting(detecting_weights, SpeedOptions(paste_mask="parse", fixed_selection=fixed,
+                                                          fixed_detection=fixed))
+        parse = pipe._fixed["parse"] = _StandInParse()
+        video, out, status = VideoState(), [], []
+        for t in range(0, len(frames), 4):
+            [result] = pipe.enhance([Job(frames[t:t + 4], options, video=video)])
+            out.append(result.faces)
+            status += result.status
+        runs[name] = (np.concatenate(out), status, video, parse.rows)
+    (want, want_status, want_video, _), (got, status, video, rows) = runs["waiting"], runs["wait-free"]
+    assert status == want_status and FaceStatus.NO_FACE in status
+    assert _same_video(video, want_video) and video.masks_reused == want_video.masks_reused > 0
+    assert np.array_equal(got, want) and rows == runs["waiting"][3] == 3
