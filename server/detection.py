@@ -199,13 +199,16 @@ class FaceDetector:
 
 def decode(raw: torch.Tensor, anchors: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of RetinaFace's raw outputs (..., 16) at their anchors (..., 4) -> boxes (..., 4)
-    x1, y1, x2, y2 and landmarks (..., 5, 2) in input pixels, as facexlib decodes them."""
+    x1, y1, x2, y2 and landmarks (..., 5, 2) in input pixels, as facexlib decodes them (its
+    centre - size / 2 as centre + size * -0.5, the same numbers exactly, both corners in one
+    operator: the wait-free detection runs it on every candidate)."""
     loc, landm = raw[..., :4], raw[..., 6:]
     centre, size = anchors[..., :2], anchors[..., 2:]
+    scale, _, corner_scale = _scales(width, height, raw.device)
     box_centre = centre + loc[..., :2] * _VARIANCE[0] * size
     box_size = size * torch.exp(loc[..., 2:] * _VARIANCE[1])
-    scale = _scale(width, height, raw.device)
-    boxes = torch.cat([box_centre - box_size / 2, box_centre + box_size / 2], dim=-1) * scale.repeat(2)
+    halves = _constant((-0.5, 0.5), raw.device, raw.dtype).view(2, 1)
+    boxes = (box_centre.unsqueeze(-2) + box_size.unsqueeze(-2) * halves).reshape(*loc.shape) * corner_scale
     points = (centre.unsqueeze(-2) + landm.reshape(*landm.shape[:-1], 5, 2) * _VARIANCE[0] * size.unsqueeze(-2)) * scale
     return boxes, points
 
@@ -239,16 +242,9 @@ def _centre_parts(raw: torch.Tensor, height: int, width: int) -> tuple[torch.Ten
     valid = ranked[:, :k] > CONF_THRESHOLD
     order = order[:, :k]
     top = torch.gather(raw, 1, order.unsqueeze(-1).expand(n, k, raw.shape[-1]))
-    loc, landm, scores = top[..., :4], top[..., 6:], top[..., 5]
-    anchors = priors(height, width, device)[order]
-    centre, size = anchors[..., :2], anchors[..., 2:]
-    scale, half_scale, corner_scale = _scales(width, height, device)
-    # as `candidates` computes them (c - s / 2 is c + s * -0.5, exactly)
-    box_centre = centre + loc[..., :2] * _VARIANCE[0] * size
-    box_size = size * torch.exp(loc[..., 2:] * _VARIANCE[1])
-    corners = box_centre.unsqueeze(-2) + box_size.unsqueeze(-2) * _constant((-0.5, 0.5), device, dtype).view(2, 1)
-    boxes = corners.view(n, k, 4) * corner_scale
-    points = (centre.unsqueeze(-2) + landm.view(n, k, 5, 2) * _VARIANCE[0] * size.unsqueeze(-2)) * scale
+    scores = top[..., 5]
+    boxes, points = decode(top, priors(height, width, device)[order], height, width)  # as `candidates` does
+    half_scale = _scales(width, height, device)[1]
     # [j, i]: box j, earlier in the order, suppresses box i when kept; a box is kept when no
     # kept box suppresses it: valid - (kept @ suppresses), clamped at 0, round after round.
     suppresses = _overlapping(boxes) * _later(k, device, dtype)
