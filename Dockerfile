@@ -35,6 +35,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements/ requirements/
 COPY scripts/install.sh scripts/
+COPY contract/ contract/
 COPY client/ client/
 COPY server/ server/
 RUN PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}" scripts/install.sh \

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from client.types import (
+from contract.types import (
     Alignment,
     EnhanceOptions,
     EnhanceResult,
@@ -16,8 +16,8 @@ from client.types import (
     RequestLimits,
 )
 
-# The clients pull in grpc and OpenCV: loaded on first use, so that `client.types` and
-# `client.codec` (shared with the service) stay cheap to import.
+# The clients pull in grpc and OpenCV: loaded on first use, so that `import client` for the
+# contract's types (contract.types, shared with the service) stays cheap.
 _LAZY = {
     "AsyncFaceEnhanceClient": "client.aio",
     "ServiceInfo": "client.aio",

@@ -14,13 +14,14 @@ from dataclasses import dataclass, replace
 import grpc
 import numpy as np
 
-from client import codec
 from client.breaker import BreakerConfig
 from client.fallback import fallback_result
 from client.metrics import ClientMetrics
-from client.pb import face_enhance_pb2 as pb
+from client.security import Security
 from client.targets import StreamBroken, Target, parse_targets, reason_for_code
-from client.types import (
+from contract import codec
+from contract.pb import face_enhance_pb2 as pb
+from contract.types import (
     NUM_LANDMARKS,
     Alignment,
     EnhanceOptions,
@@ -28,8 +29,8 @@ from client.types import (
     InvalidRequest,
     ModelSpec,
     RequestLimits,
+    RestorerInfo,
 )
-from client.security import Security
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from client.types import OUTPUT_SIZES, Alignment, EnhanceOptions, FaceStatus, InvalidRequest
+from contract.types import OUTPUT_SIZES, Alignment, EnhanceOptions, FaceStatus, InvalidRequest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Batches kept in flight towards the service while the next ones are read from disk.

@@ -10,7 +10,7 @@ except ImportError as error:  # the client adds no OpenCV of its own (see pyproj
                       "(pip install 'gfpgan-service[opencv]') or opencv-python") from error
 import numpy as np
 
-from client.types import EnhanceResult, FaceStatus
+from contract.types import EnhanceResult, FaceStatus
 
 #: Why a batch fell back; the values of EnhanceResult.fallback_reason and of the metrics label.
 FALLBACK_REASONS = ("timeout", "unavailable", "resource_exhausted", "internal", "transport",

@@ -8,7 +8,7 @@ import weakref
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from client.types import EnhanceResult, FaceStatus
+from contract.types import EnhanceResult, FaceStatus
 
 #: Batch outcomes: every face came from the service / some faces fell back / caller error.
 OUTCOMES = ("enhanced", "fallback", "invalid")

@@ -14,7 +14,7 @@ import numpy as np
 from client.aio import AsyncFaceEnhanceClient, ServiceInfo
 from client.breaker import BreakerConfig
 from client.security import Security
-from client.types import EnhanceOptions, EnhanceResult, InvalidRequest, ModelSpec
+from contract.types import EnhanceOptions, EnhanceResult, InvalidRequest, ModelSpec
 
 _CLOSE_TIMEOUT_S = 10.0
 

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import grpc
 
 from client.breaker import BreakerConfig, CircuitBreaker
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
 from client.security import Security
-from client.types import RequestLimits
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import RequestLimits
 
 #: Target schemes that can name several backends (resolved by gRPC, spread by round_robin).
 BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")

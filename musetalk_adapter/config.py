@@ -7,7 +7,7 @@ import argparse
 import math
 from dataclasses import dataclass, fields, replace
 
-from client.types import ARCHS, MAX_DETECT_EVERY, MAX_MASK_EVERY, Alignment, Background, EnhanceOptions, InvalidRequest, ModelSpec
+from contract.types import ARCHS, MAX_DETECT_EVERY, MAX_MASK_EVERY, Alignment, Background, EnhanceOptions, InvalidRequest, ModelSpec
 
 #: --gfpgan_upscale -> the side of the faces that come back (MuseTalk decodes 256x256 faces).
 OUTPUT_SIZE_BY_UPSCALE = {1: 256, 2: 512, 4: 1024}

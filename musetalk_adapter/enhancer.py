@@ -231,7 +231,7 @@ class GFPGANEnhancer:
     def _check_service(self, spec) -> None:
         """Ask the service what it serves; stop on another model; note what is not ours."""
         from client import AccessDenied, ServiceUnreachable
-        from client.types import describe_model
+        from contract.types import describe_model
 
         s = self.settings
         try:

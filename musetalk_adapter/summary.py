@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from client.types import FaceStatus
+from contract.types import FaceStatus
 
 
 @dataclass

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import server.compat  # noqa: E402,F401  (before gfpgan/basicsr/facexlib)
-from client.types import Alignment, EnhanceOptions  # noqa: E402
+from contract.types import Alignment, EnhanceOptions  # noqa: E402
 from server.bench import faces_from  # noqa: E402
 from server.jobs import Job  # noqa: E402
 from server.pipeline import build_pipeline  # noqa: E402

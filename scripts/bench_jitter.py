@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import server.compat  # noqa: E402,F401  (before gfpgan/basicsr/facexlib)
 import torch  # noqa: E402
 
-from client.types import Alignment, EnhanceOptions  # noqa: E402
+from contract.types import Alignment, EnhanceOptions  # noqa: E402
 from server import imageops  # noqa: E402
 from server.jobs import Job  # noqa: E402
 from server.pipeline import FacePipeline  # noqa: E402

@@ -1,4 +1,4 @@
-"""Regenerate the Python gRPC stubs in client/pb/ from proto/.
+"""Regenerate the Python gRPC stubs in contract/pb/ from proto/.
 
 Run after editing a .proto:  make proto  (or: python scripts/gen_proto.py)
 tests/test_contract.py fails when the committed stubs no longer match the .proto.
@@ -22,7 +22,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTO_FILE = "faceenhance/v1/face_enhance.proto"
-OUT_DIR = ROOT / "client" / "pb"
+OUT_DIR = ROOT / "contract" / "pb"
 GENERATOR = ("grpcio-tools==1.62.3", "protobuf==4.25.9", "grpcio==1.62.3")
 GENERATOR_VERSION = "1.62.3"
 GENERATOR_DIR = pathlib.Path(os.environ.get(
@@ -74,7 +74,7 @@ def generate(out_dir: pathlib.Path = OUT_DIR) -> list[pathlib.Path]:
         for src in sorted((pathlib.Path(tmp) / "faceenhance" / "v1").glob("face_enhance_pb2*")):
             text = src.read_text()
             # protoc writes absolute imports for the proto package; the stubs live inside
-            # the `client.pb` package, so the grpc module must import its sibling relatively.
+            # the `contract.pb` package, so the grpc module must import its sibling relatively.
             text = re.sub(r"^from faceenhance\.v1 import ", "from . import ", text, flags=re.M)
             dest = out_dir / src.name
             dest.write_text(text)

@@ -56,7 +56,7 @@ def describe() -> None:
     import grpc_health.v1  # noqa: F401
     import grpc_reflection.v1alpha  # noqa: F401
 
-    from client.pb import face_enhance_pb2  # noqa: F401  (the stubs accept this protobuf)
+    from contract.pb import face_enhance_pb2  # noqa: F401  (the stubs accept this protobuf)
     print("imports: ok")
 
 

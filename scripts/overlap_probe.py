@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.types import EnhanceOptions  # noqa: E402
+from contract.types import EnhanceOptions  # noqa: E402
 from server.bench import _BatchLog, _loopback_service, bench_service, synthetic_faces  # noqa: E402
 from tests.fakes import QueuedFakePipeline  # noqa: E402
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from client.types import EnhanceOptions, EnhanceResult
+from contract.types import EnhanceOptions, EnhanceResult
 from server.jobs import DeviceOutOfMemory, Job, JobResult, Pipeline, Started, start_batch
 
 log = logging.getLogger(__name__)

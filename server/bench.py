@@ -28,7 +28,7 @@ import numpy as np
 import server.compat  # noqa: F401  (must precede gfpgan/basicsr/facexlib)
 import torch
 
-from client.types import OUTPUT_SIZES, Alignment, EnhanceOptions
+from contract.types import OUTPUT_SIZES, Alignment, EnhanceOptions
 from server.jobs import DeviceOutOfMemory, Job
 from server.settings import Settings, default_weights_dir
 from server.speed import SpeedOptions

@@ -9,7 +9,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from client.types import EnhanceOptions, FaceStatus, RestorerInfo
+from contract.types import EnhanceOptions, FaceStatus, RestorerInfo
 
 
 @dataclass

@@ -21,7 +21,7 @@ from facexlib.detection.retinaface import RetinaFace
 from facexlib.parsing.parsenet import ParseNet
 from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
 
-from client.types import RestorerInfo
+from contract.types import RestorerInfo
 from server.jobs import ModelInfo
 from server.weights import KNOWN_WEIGHTS, WeightPaths, known_hash_warning, sha256_file
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from client.types import Alignment, Background, EnhanceOptions, FaceStatus
+from contract.types import Alignment, Background, EnhanceOptions, FaceStatus
 from server import imageops
 from server.detection import FaceDetector, Faces, centre_choice, centre_mask, decode, network_input, priors
 from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo, Started, start_batch

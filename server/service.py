@@ -13,10 +13,10 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from client import codec
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import OUTPUT_SIZES, InvalidRequest, RestorerInfo
+from contract import codec
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import OUTPUT_SIZES, InvalidRequest, RestorerInfo
 from server.batcher import Batcher, DeadlineExceeded, DeviceFull, NotAccepting, PipelineFailed, QueueFull
 from server.jobs import ModelInfo
 from server.security import RateLimitedLog

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from client.types import RequestLimits
+from contract.types import RequestLimits
 
 ENV_PREFIX = "GFPGAN_"
 DEFAULT_MODEL_FILE = "GFPGANv1.4.pth"

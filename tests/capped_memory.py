@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.types import EnhanceOptions
+from contract.types import EnhanceOptions
 from server.jobs import Job
 from server.pipeline import FacePipeline
 from tests.faces import make_faces

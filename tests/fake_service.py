@@ -11,10 +11,10 @@ import cv2
 import grpc
 import numpy as np
 
-from client import codec
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import FaceStatus, InvalidRequest, RequestLimits
+from contract import codec
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import FaceStatus, InvalidRequest, RequestLimits
 
 _MAX_MESSAGE_BYTES = RequestLimits().max_response_bytes()
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -47,7 +47,7 @@ class FakeServicer(pb_grpc.FaceEnhancerServicer):
         self.limits = RequestLimits(max_faces_per_request=32, min_face_size=64, max_face_size=512)
         #: What GetInfo says it serves: (model_file, arch, channel_multiplier).
         self.model = ("GFPGANv1.4.pth", "clean", 2)
-        #: GetInfo's list of loaded restorers (client.types.RestorerInfo); empty: none listed.
+        #: GetInfo's list of loaded restorers (contract.types.RestorerInfo); empty: none listed.
         self.models: list = []
         #: GetInfo's backgrounds.
         self.backgrounds = ["lanczos"]

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from client.types import EnhanceOptions, FaceStatus
+from contract.types import EnhanceOptions, FaceStatus
 from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import server.compat  # noqa: F401
-from client import codec
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, Background, EnhanceOptions, FaceStatus, InvalidRequest
+from contract import codec
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import Alignment, Background, EnhanceOptions, FaceStatus, InvalidRequest
 from server.background import load_realesrgan, rrdbnet_config
 from server.jobs import Job
 from server.pipeline import FacePipeline

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from client.types import EnhanceOptions, FaceStatus
+from contract.types import EnhanceOptions, FaceStatus
 from server.batcher import Batcher, NotAccepting, PipelineFailed, QueueFull
 from tests.fakes import FakePipeline, QueuedFakePipeline, fake_enhanced, random_faces
 from tests.helpers import until

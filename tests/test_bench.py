@@ -132,7 +132,7 @@ def test_a_variant_whose_compiled_form_did_not_take_effect_is_reported_failed_no
 
     import torch
 
-    from client.types import Alignment, FaceStatus
+    from contract.types import Alignment, FaceStatus
     from server.bench import bench_variants
     from server.jobs import JobResult
 
@@ -220,7 +220,7 @@ def test_a_client_process_that_cannot_reach_the_service_fails_the_method_with_it
 
     import pytest
 
-    from client.types import EnhanceOptions
+    from contract.types import EnhanceOptions
     from server.bench import bench_service_process
 
     with socket.socket() as probe:  # a loopback port nothing listens on
@@ -265,7 +265,7 @@ def test_steady_video_benches_one_stream_s_frames():
     of one stream (steady_video needs the stream's filter); without it, no filter."""
     import numpy as np
 
-    from client.types import EnhanceOptions
+    from contract.types import EnhanceOptions
     from server.bench import _jobs, build_parser
     from server.steady import VideoState
 

@@ -412,7 +412,7 @@ async def test_a_stream_that_dies_answers_its_batch_at_once_even_when_the_write_
     """The batch gets the stream's end (unavailable) as soon as its reader sees it, not at the
     deadline: the wait for its answer does not queue behind a write that may never finish, and
     the next batch opens a new call."""
-    from client.pb import face_enhance_pb2 as pb
+    from contract.pb import face_enhance_pb2 as pb
     from client.targets import BatchStream, StreamBroken
 
     calls = []
@@ -746,6 +746,7 @@ def test_the_client_imports_and_works_without_torch_or_gfpgan(nowhere):
         import client
         from client import FaceEnhanceClient, AsyncFaceEnhanceClient, BreakerConfig
         import client.aio, client.sync, client.fallback, client.breaker, client.targets, client.metrics
+        import contract.codec, contract.types, contract.pb.face_enhance_pb2_grpc
         with FaceEnhanceClient({nowhere!r}, timeout_ms=500) as c:
             result = c.enhance(np.zeros((2, 64, 64, 3), np.uint8))
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in Blocked.BLOCKED)

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import server.compat  # noqa: F401
-from client import codec
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, EnhanceOptions, FaceStatus
+from contract import codec
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
 from server.model import CODEFORMER_LICENCE, ModelLoadError, load_restorer
 from server.pipeline import FacePipeline, ModelRouter, build_pipeline

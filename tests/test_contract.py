@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import pathlib
-import re
 import subprocess
 import sys
 
@@ -29,10 +28,10 @@ def compiled_proto(tmp_path) -> descriptor_pb2.FileDescriptorProto:
 
 
 def test_committed_stubs_match_the_proto(tmp_path):
-    from client.pb import face_enhance_pb2
+    from contract.pb import face_enhance_pb2
 
     committed = descriptor_pb2.FileDescriptorProto.FromString(face_enhance_pb2.DESCRIPTOR.serialized_pb)
-    assert committed == compiled_proto(tmp_path), "client/pb is stale: run `make proto`"
+    assert committed == compiled_proto(tmp_path), "contract/pb is stale: run `make proto`"
 
 
 def _gen_proto():
@@ -46,14 +45,14 @@ def _gen_proto():
 
 def test_regenerating_stubs_with_the_pinned_generator_reproduces_the_committed_files(tmp_path):
     for path in _gen_proto().generate_pinned(tmp_path):
-        committed = (ROOT / "client" / "pb" / path.name).read_text()
+        committed = (ROOT / "contract" / "pb" / path.name).read_text()
         assert path.read_text() == committed, f"{path.name} differs: run `make proto`"
 
 
 def test_stubs_carry_no_runtime_version_guard():
     """Stubs from a newer generator refuse every protobuf/grpcio older than themselves at import."""
-    pb2 = (ROOT / "client" / "pb" / "face_enhance_pb2.py").read_text()
-    pb2_grpc = (ROOT / "client" / "pb" / "face_enhance_pb2_grpc.py").read_text()
+    pb2 = (ROOT / "contract" / "pb" / "face_enhance_pb2.py").read_text()
+    pb2_grpc = (ROOT / "contract" / "pb" / "face_enhance_pb2_grpc.py").read_text()
     assert "_runtime_version" not in pb2 and "# Protobuf Python Version: 4.25.1" in pb2
     assert "GRPC_GENERATED_VERSION" not in pb2_grpc
 
@@ -70,9 +69,9 @@ def test_stubs_and_codec_work_under_the_oldest_supported_protobuf(tmp_path):
                         f"protobuf=={OLDEST_PROTOBUF}"], check=True, timeout=300)
     code = """
 import numpy as np, google.protobuf
-from client import codec
-from client.types import EnhanceOptions, Alignment, EnhanceResult, FaceStatus
-from client.pb import face_enhance_pb2_grpc
+from contract import codec
+from contract.types import EnhanceOptions, Alignment, EnhanceResult, FaceStatus
+from contract.pb import face_enhance_pb2_grpc
 faces = np.arange(2 * 64 * 64 * 3, dtype=np.uint8).reshape(2, 64, 64, 3)
 req = codec.encode_request(5, faces, EnhanceOptions(alignment=Alignment.ALIGNED, output_size=512))
 back = type(req).FromString(req.SerializeToString())
@@ -91,7 +90,7 @@ print(google.protobuf.__version__)
 
 
 def test_grpc_stubs_expose_every_rpc():
-    from client.pb import face_enhance_pb2_grpc
+    from contract.pb import face_enhance_pb2_grpc
 
     stub_methods = {"EnhanceBatch", "Enhance", "GetInfo"}
     assert stub_methods <= set(dir(face_enhance_pb2_grpc.FaceEnhancerServicer))

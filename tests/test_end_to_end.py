@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from client import FaceEnhanceClient
-from client.codec import decode_response, encode_request
-from client.pb import face_enhance_pb2 as pb, face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, EnhanceOptions, FaceStatus
+from contract.codec import decode_response, encode_request
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
 from server.weights import sha256_file
 from tests.checkpoints import GFPGAN_FILE

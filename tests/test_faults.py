@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from client import BreakerConfig, EnhanceOptions, FaceEnhanceClient
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
 from tests.fakes import fake_enhanced, random_faces
 from tests.helpers import free_port
 from tests.test_server import _start_fake_server, _wait_for_port, request

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import codec
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import InvalidRequest, RequestLimits
+from contract import codec
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import InvalidRequest, RequestLimits
 from server.app import FaceEnhanceServer
 from server.settings import Settings
 from tests.fakes import FakePipeline, fake_enhanced

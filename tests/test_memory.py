@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, EnhanceOptions
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import Alignment, EnhanceOptions
 from server import memory
 from server.jobs import DeviceOutOfMemory, Job
 from server.memory import (AUTO_CPU, AUTO_MOST, HEADROOM, BatchMemory, auto_max_batch_faces, choose,

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from client import codec
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, Background, EnhanceOptions, ModelSpec, RestorerInfo
+from contract import codec
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import Alignment, Background, EnhanceOptions, ModelSpec, RestorerInfo
 from server.pipeline import FacePipeline, ModelRouter, build_pipeline
 from server.settings import Settings
 from server.weights import WeightsMissing
@@ -204,7 +204,7 @@ def test_the_adapter_selects_a_model_by_arch_and_sends_its_id(project):
 def test_the_adapter_asks_for_the_realesrgan_background_from_its_yaml(project):
     """The plan's YAML `bg_upsampler: realesrgan` (with upscale 2) makes every batch of the run
     ask the service for Real-ESRGAN; a service without one stops the run at start (exit 2)."""
-    from client.pb import face_enhance_pb2 as pb
+    from contract.pb import face_enhance_pb2 as pb
     from tests.fake_service import FakeService
     from tests.test_musetalk_adapter import run_launcher
 

@@ -118,7 +118,7 @@ def test_the_plans_constructor_and_methods_give_enhanced_faces_in_order(service,
 def test_device_is_reported_and_bg_upsampler_realesrgan_asks_the_service_for_it(fake):
     """Issue 10: the plan's `bg_upsampler: realesrgan` selects the service's Real-ESRGAN
     background for every batch; a service without one stops the run at start."""
-    from client.pb import face_enhance_pb2 as pb
+    from contract.pb import face_enhance_pb2 as pb
 
     fake.servicer.backgrounds = ["lanczos", "realesrgan"]
     with GFPGANEnhancer(address=fake.address, device="cuda", bg_upsampler="realesrgan", upscale=2,
@@ -414,10 +414,11 @@ def _posix_only(package: str) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize("package", ["client", "musetalk_adapter"])
+@pytest.mark.parametrize("package", ["contract", "client", "musetalk_adapter"])
 def test_the_client_and_adapter_use_no_posix_only_call_or_path(package):
-    """What runs on Windows desks is checked here, on Linux (no Windows machine in CI): no
-    POSIX-only module, call or signal, and no hard-coded POSIX path."""
+    """What runs on Windows desks (the contract, the client and the adapter) is checked here, on
+    Linux (no Windows machine in CI): no POSIX-only module, call or signal, and no hard-coded
+    POSIX path."""
     assert _posix_only(package) == []
 
 

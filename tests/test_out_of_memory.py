@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, EnhanceOptions, FaceStatus
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import Alignment, EnhanceOptions, FaceStatus
 from server.batcher import Batcher, DeadlineExceeded, DeviceFull
 from server.jobs import DeviceOutOfMemory, Job, JobResult, ModelInfo
 from server.metrics import Metrics

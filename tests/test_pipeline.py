@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import server.compat  # noqa: F401
-from client.types import Alignment, EnhanceOptions, FaceStatus
+from contract.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
 from server.pipeline import FacePipeline, parse_logits
 from tests.checkpoints import DETECTION_FILE, GFPGAN_FILE, PARSING_FILE, SMALL_NARROW

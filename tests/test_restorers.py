@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import server.compat  # noqa: F401
-from client.types import Alignment, EnhanceOptions, FaceStatus
+from contract.types import Alignment, EnhanceOptions, FaceStatus
 from server import stylegan_ops
 from server.jobs import Job
 from server.model import ModelLoadError, load_restorer

@@ -16,9 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import AccessDenied, AsyncFaceEnhanceClient, EnhanceOptions, Security
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
 from client.security import SecurityConfigError
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
 from server.security import SecurityError, TokenAuth, read_tokens
 from tests.certs import issue, make_ca
 from tests.fakes import FakePipeline, fake_enhanced, random_faces

@@ -27,10 +27,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client import codec
-from client.pb import face_enhance_pb2 as pb
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import EnhanceOptions, FaceStatus
+from contract import codec
+from contract.pb import face_enhance_pb2 as pb
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import EnhanceOptions, FaceStatus
 from server.app import FaceEnhanceServer
 from server.service import MAX_IN_FLIGHT_PER_STREAM, SERVICE_NAME
 from server.settings import Settings

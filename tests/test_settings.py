@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from client.types import RequestLimits
+from contract.types import RequestLimits
 from server.settings import SPECS, Settings, markdown_table
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import server.compat  # noqa: F401
-from client.types import Alignment, EnhanceOptions, FaceStatus
+from contract.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import Job
 from server.pipeline import FacePipeline
 from server.profiling import StageProfiler

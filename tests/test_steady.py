@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from client import codec
-from client.pb import face_enhance_pb2_grpc as pb_grpc
-from client.types import Alignment, EnhanceOptions, FaceStatus
+from contract import codec
+from contract.pb import face_enhance_pb2_grpc as pb_grpc
+from contract.types import Alignment, EnhanceOptions, FaceStatus
 from server.jobs import DeviceOutOfMemory, Job
 from server.pipeline import FacePipeline
 from server.speed import SpeedOptions

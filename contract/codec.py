@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-from client.pb import face_enhance_pb2 as pb
-from client.types import (
+from contract.pb import face_enhance_pb2 as pb
+from contract.types import (
     NUM_LANDMARKS,
     Alignment,
     Background,

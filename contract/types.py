@@ -1,7 +1,7 @@
 """The domain vocabulary shared by the client and the service: options, statuses, results.
 
 Plain Python and numpy only, so that both sides (and the MuseTalk adapter) can import it
-without torch. The protobuf messages are converted to and from these in `client.codec`.
+without torch. The protobuf messages are converted to and from these in `contract.codec`.
 """
 from __future__ import annotations
 
