@@ -176,35 +176,20 @@ def _service_enhancer(args) -> tuple[Enhancer, Callable[[], None]]:
 
 
 def _in_process_enhancer(args) -> tuple[Enhancer, Callable[[], None]]:
-    # torch and the model code are imported only here, so --address works without them.
-    from server.jobs import Job
-    from server.model import ModelLoadError
-    from server.pipeline import build_pipeline
-    from server.settings import Settings
-    from server.weights import WeightsError
+    # The service's pipeline in this process, through server/local.py alone; torch and the
+    # model code are imported only here, so --address works without them.
+    from server.local import LocalEnhancer, LocalSetupError
 
-    values = dict(model=args.model, device=args.device, dtype=args.dtype,
-                  no_download=args.no_download, metrics_port=0)
-    if args.weights_dir:
-        values["weights_dir"] = args.weights_dir
     try:
-        settings = Settings(**values)
-        pipeline = build_pipeline(settings)
-    except (ValueError, RuntimeError, WeightsError, ModelLoadError) as exc:
+        enhancer = LocalEnhancer(model=args.model, device=args.device, dtype=args.dtype,
+                                 no_download=args.no_download, weights_dir=args.weights_dir)
+    except LocalSetupError as exc:
         # Missing weights, a bad file or device: one line saying what to do, not a traceback.
         raise SystemExit(f"error: {exc}") from None
-    limits = settings.limits()
-    from server.steady import VideoState
-
-    video = VideoState()  # --steady-video: the folder is one video
 
     def submit(faces, options):
-        size = faces.shape[1]
-        if not limits.min_face_size <= size <= limits.max_face_size:
-            raise InvalidRequest(f"faces of {size}x{size} are outside the accepted "
-                                 f"{limits.min_face_size}..{limits.max_face_size} pixels; resize them first")
-        result = pipeline.enhance([Job(faces, options, video=video if options.steady_video else None)])[0]
-        return lambda: (result.faces, list(result.status), None)
+        result = enhancer.enhance(faces, options)
+        return lambda: (result.faces, result.status, None)
     return submit, lambda: None
 
 

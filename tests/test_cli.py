@@ -143,3 +143,34 @@ def test_model_with_address_asks_the_service_for_that_restorer(tmp_path):
         asked = list(fake.servicer.model_ids)
     assert code == 0 and asked == ["restoreformer", "restoreformer"]
 
+
+
+def test_the_in_process_door_gives_the_pipelines_faces_refuses_bad_sizes_and_keeps_one_video(small_weights):
+    """server/local.py, the one door gfpgan-enhance's in-process mode uses: the faces the
+    service's pipeline gives for the same job, exactly; a face size the service refuses is
+    refused the same way; steady-video batches are one video's frames."""
+    from contract.types import Alignment, EnhanceOptions, FaceStatus, InvalidRequest
+    from server.jobs import Job
+    from server.local import LocalEnhancer, LocalSetupError
+    from server.steady import VideoState
+
+    enhancer = LocalEnhancer(model=str(small_weights / "GFPGANv1.4.pth"), device="cpu",
+                             weights_dir=str(small_weights), no_download=True)
+    faces = make_faces(2, seed=5, size=128)
+    options = EnhanceOptions(alignment=Alignment.ALIGNED, output_size=256).validate()
+    result = enhancer.enhance(faces, options)
+    expected = enhancer.pipeline.enhance([Job(faces, options)])[0]
+    assert np.array_equal(result.faces, expected.faces)
+    assert result.status == [FaceStatus.ENHANCED] * 2 and not result.fell_back
+    with pytest.raises(InvalidRequest, match="outside the accepted"):
+        enhancer.enhance(np.zeros((1, 32, 32, 3), np.uint8), options)
+    steady = EnhanceOptions(steady_video=True).validate()
+    video = VideoState()
+    for start in (0, 1):  # two batches of one stream, and the same two through a fresh state
+        frames = make_faces(2, seed=7 + start, size=256)
+        assert np.array_equal(enhancer.enhance(frames, steady).faces,
+                              enhancer.pipeline.enhance([Job(frames, steady, video=video)])[0].faces)
+    assert enhancer.video.frame == video.frame == 4
+    with pytest.raises(LocalSetupError, match="GFPGANv1.4.pth"):
+        LocalEnhancer(model="GFPGANv1.4.pth", device="cpu", weights_dir=str(small_weights / "none"),
+                      no_download=True)
