@@ -361,7 +361,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, scratch: Path
         weights = weights_with_detector(base / "detect", small)
         narrow = SMALL_NARROW
     weights = weights.resolve()
-    from server.model import load_gfpgan, load_parsenet, load_retinaface
+    from server.model import load_restorer, load_parsenet, load_retinaface
 
     if args.device is not None:
         from server.pipeline import build_pipeline
@@ -377,7 +377,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace, scratch: Path
                f"torch {torch.__version__}")
     else:
         device = torch.device("cpu")
-        pipeline = FacePipeline(load_gfpgan(weights / "GFPGANv1.4.pth", device).net,
+        pipeline = FacePipeline(load_restorer(weights / "GFPGANv1.4.pth", device).net,
                                 load_retinaface(weights / "detection_Resnet50_Final.pth", device),
                                 load_parsenet(weights / "parsing_parsenet.pth", device), device=device,
                                 dtype=torch.float32,

@@ -63,14 +63,16 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass
-class GFPGANModel:
-    """A loaded GFPGAN network and what it is: the rest of the service talks to this.
+class Restorer:
+    """A loaded face restorer (GFPGAN v1 to v1.4, RestoreFormer or CodeFormer) and what it is:
+    the rest of the service talks to this.
 
-    `net` is in eval mode on its device with gradients off; `config` holds the constructor
-    arguments recognised from the file (out_size, num_style_feat, channel_multiplier, narrow, ...).
+    `net` is in eval mode on its device with gradients off, and is called as `net(x, **kwargs)[0]`;
+    `config` holds the constructor arguments recognised from the file (GFPGAN's out_size,
+    num_style_feat, channel_multiplier, narrow, ...; RestoreFormer's and CodeFormer's sizes).
     """
 
-    net: GFPGANv1Clean
+    net: torch.nn.Module
     name: str  # "GFPGANv1.4"
     version: str  # "1.4", or "custom" for a file of unknown origin
     sha256: str
@@ -123,7 +125,7 @@ class GFPGANModel:
 class LoadedModels:
     """Everything the pipeline runs, loaded once per process and shared by every batch."""
 
-    gfpgan: GFPGANModel
+    gfpgan: Restorer
     detector: RetinaFace
     parser: ParseNet
 
@@ -155,7 +157,7 @@ class CodeFormerNet(torch.nn.Module):
         return (self.codeformer(x, weight=float(w))[0],)
 
 
-def load_restorer(path: str | Path, device: torch.device | str, allow_codeformer: bool = False) -> GFPGANModel:
+def load_restorer(path: str | Path, device: torch.device | str, allow_codeformer: bool = False) -> Restorer:
     """Load a face restorer checkpoint (`params_ema`, else `params`) onto `device`, its
     architecture and sizes recognised from the state dict's keys and shapes: GFPGANv1Clean (v1.2,
     v1.3, v1.4) of any width, the original GFPGANv1 (StyleGAN2 ops in plain torch,
@@ -210,13 +212,10 @@ def load_restorer(path: str | Path, device: torch.device | str, allow_codeformer
     notes = [w for w in [known_hash_warning(path, sha256)] if w]  # the caller logs them
     log.info("loaded %s (%s, %s) from %s, sha256 %s, on %s", name, architecture, key, path,
              sha256[:12], device)
-    return GFPGANModel(net=net, name=name, version=version, sha256=sha256, config=config,
+    return Restorer(net=net, name=name, version=version, sha256=sha256, config=config,
                        path=path.absolute(), warnings=notes, architecture=architecture, arch=arch,
                        licence=licence)
 
-
-#: The name the rest of the service grew up with; every restorer loads through it.
-load_gfpgan = load_restorer
 
 
 def _family(state_dict: dict) -> str | None:

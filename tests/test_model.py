@@ -18,7 +18,7 @@ from facexlib.parsing import init_parsing_model
 from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
 
 from server import weights as weights_module
-from server.model import ModelLoadError, load_gfpgan, load_models, load_parsenet, load_retinaface
+from server.model import ModelLoadError, load_restorer, load_models, load_parsenet, load_retinaface
 from server.weights import WeightPaths
 from tests.checkpoints import (
     DETECTION_FILE,
@@ -42,7 +42,7 @@ def restore(net, faces, random_noise=False):
 
 @pytest.fixture(scope="module")
 def small_gfpgan(small_weights):
-    return load_gfpgan(small_weights / GFPGAN_FILE, CPU)
+    return load_restorer(small_weights / GFPGAN_FILE, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +92,14 @@ def test_the_loaded_network_restores_exactly_like_gfpgans_own_class_with_the_sam
 
 def test_a_params_checkpoint_loads_the_same_network_as_a_params_ema_one(tmp_path, small_gfpgan, faces):
     path = make_gfpgan_checkpoint(tmp_path / GFPGAN_FILE, narrow=SMALL_NARROW, key="params")
-    loaded = load_gfpgan(path, CPU)
+    loaded = load_restorer(path, CPU)
     assert loaded.config == small_gfpgan.config
     assert torch.equal(restore(loaded.net, faces), restore(small_gfpgan.net, faces))
 
 
 @pytest.mark.slow
 def test_a_full_size_checkpoint_is_recognised_and_every_weight_arrives(full_gfpgan):
-    loaded = load_gfpgan(full_gfpgan, CPU)
+    loaded = load_restorer(full_gfpgan, CPU)
     assert loaded.config["narrow"] == 1.0 and loaded.config["channel_multiplier"] == 2
     saved = torch.load(full_gfpgan, map_location="cpu", weights_only=True)["params_ema"]
     state = loaded.net.state_dict()
@@ -116,7 +116,7 @@ def test_a_file_with_the_published_hash_is_named_by_it_whatever_its_file_name(
     published = weights_module.KNOWN_WEIGHTS["GFPGANv1.3.pth"]
     monkeypatch.setitem(weights_module.KNOWN_WEIGHTS, "GFPGANv1.3.pth",
                         weights_module.KnownWeights(published.name, published.url, sha, published.purpose))
-    loaded = load_gfpgan(path, CPU)
+    loaded = load_restorer(path, CPU)
     assert (loaded.name, loaded.version, loaded.warnings) == ("GFPGANv1.3", "1.3", [])
 
 
@@ -133,7 +133,7 @@ def test_a_file_named_like_a_published_one_but_with_another_hash_loads_with_a_wa
 def test_a_file_of_unknown_origin_is_a_custom_version(tmp_path, small_weights):
     path = tmp_path / "my-finetune.pth"
     shutil.copyfile(small_weights / GFPGAN_FILE, path)
-    loaded = load_gfpgan(path, CPU)
+    loaded = load_restorer(path, CPU)
     assert (loaded.name, loaded.version, loaded.warnings) == ("my-finetune", "custom", [])
 
 
@@ -190,7 +190,7 @@ def test_a_bad_gfpgan_file_is_refused_with_an_error_naming_the_file_and_the_prob
     content, words = BAD_GFPGAN_FILES[case]
     path = _write(tmp_path / f"{case}.pth", content)
     with pytest.raises(ModelLoadError) as caught:
-        load_gfpgan(path, CPU)
+        load_restorer(path, CPU)
     message = str(caught.value)
     assert str(path) in message
     for word in words:
@@ -200,7 +200,7 @@ def test_a_bad_gfpgan_file_is_refused_with_an_error_naming_the_file_and_the_prob
 def test_a_missing_gfpgan_file_is_an_error_naming_the_path(tmp_path):
     path = tmp_path / "nowhere" / GFPGAN_FILE
     with pytest.raises(ModelLoadError, match="does not exist") as caught:
-        load_gfpgan(path, CPU)
+        load_restorer(path, CPU)
     assert str(path) in str(caught.value) and "GFPGAN v1.3/v1.4" in str(caught.value) and "RestoreFormer" in str(caught.value)
 
 
@@ -208,7 +208,7 @@ def test_a_truncated_gfpgan_file_is_an_error_saying_so(tmp_path, small_weights):
     data = (small_weights / GFPGAN_FILE).read_bytes()
     path = _write(tmp_path / GFPGAN_FILE, data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="truncated or damaged") as caught:
-        load_gfpgan(path, CPU)
+        load_restorer(path, CPU)
     assert str(path) in str(caught.value)
 
 
@@ -216,7 +216,7 @@ def test_a_file_that_would_run_code_when_unpickled_is_refused_and_runs_nothing(t
     marker = tmp_path / "code-ran"
     path = _write(tmp_path / GFPGAN_FILE, {"params_ema": {}, "extra": _RunsCodeWhenUnpickled(marker)})
     with pytest.raises(ModelLoadError, match="other than tensors") as caught:
-        load_gfpgan(path, CPU)
+        load_restorer(path, CPU)
     assert str(path) in str(caught.value) and "mkdir" in str(caught.value)
     assert not marker.exists()
 
@@ -224,7 +224,7 @@ def test_a_file_that_would_run_code_when_unpickled_is_refused_and_runs_nothing(t
 def test_a_bare_state_dict_is_refused_with_how_to_fix_it(tmp_path):
     path = _write(tmp_path / GFPGAN_FILE, build_gfpgan(narrow=SMALL_NARROW).state_dict())
     with pytest.raises(ModelLoadError, match=r"save it as \{'params_ema': state_dict\}"):
-        load_gfpgan(path, CPU)
+        load_restorer(path, CPU)
 
 
 def test_a_gfpgan_for_another_face_size_is_refused_saying_only_512_is_served(tmp_path):
@@ -232,7 +232,7 @@ def test_a_gfpgan_for_another_face_size_is_refused_saying_only_512_is_served(tmp
     path = _write(tmp_path / "GFPGAN256.pth",
                   {"params_ema": GFPGANv1Clean(narrow=SMALL_NARROW, **config).state_dict()})
     with pytest.raises(ModelLoadError, match="256x256 faces.*512x512 networks only") as caught:
-        load_gfpgan(path, CPU)
+        load_restorer(path, CPU)
     assert str(path) in str(caught.value)
 
 
@@ -241,7 +241,7 @@ def test_a_gfpgan_file_with_a_wrongly_shaped_layer_names_the_layer(tmp_path):
     state["final_conv.weight"] = state["final_conv.weight"][:, :-1]
     path = _write(tmp_path / GFPGAN_FILE, {"params_ema": state})
     with pytest.raises(ModelLoadError, match="does not fit.*final_conv.weight") as caught:
-        load_gfpgan(path, CPU)
+        load_restorer(path, CPU)
     assert str(path) in str(caught.value)
 
 
@@ -250,7 +250,7 @@ def test_a_gfpgan_file_with_extra_layers_lists_them(tmp_path):
     state["discriminator.weight"] = torch.zeros(1)
     path = _write(tmp_path / GFPGAN_FILE, {"params": state})
     with pytest.raises(ModelLoadError, match="1 unexpected.*discriminator.weight"):
-        load_gfpgan(path, CPU)
+        load_restorer(path, CPU)
 
 
 # -- facexlib's detector and parser -----------------------------------------------------------

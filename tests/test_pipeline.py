@@ -28,9 +28,9 @@ from tests.faces import calibrated_retinaface, make_faces, template_landmarks, w
 
 def load_nets(weights_dir):
     """Our pipeline's networks, loaded through the service's own loaders."""
-    from server.model import load_gfpgan, load_parsenet, load_retinaface
+    from server.model import load_restorer, load_parsenet, load_retinaface
 
-    gfpgan = load_gfpgan(weights_dir / GFPGAN_FILE, TEST_DEVICE)
+    gfpgan = load_restorer(weights_dir / GFPGAN_FILE, TEST_DEVICE)
     detector = load_retinaface(weights_dir / DETECTION_FILE, TEST_DEVICE)
     parser = load_parsenet(weights_dir / PARSING_FILE, TEST_DEVICE)
     return gfpgan.net, detector, parser
