@@ -281,6 +281,36 @@ def test_wait_free_detection_gives_steady_video_the_waiting_detection_s_frames(d
     assert detecting_wait_free.redetected_images == before
 
 
+def test_wait_free_detection_keeps_two_streams_and_a_plain_request_in_one_batch_apart(detecting, detecting_wait_free):
+    """Two MuseTalk workers' streams and another caller's plain DETECT request in every device
+    batch, their rows interleaved (one stream's skipped detection, the other's faceless frame, a
+    faceless plain image): each job's faces and statuses, and each stream's filter, are the
+    waiting detection's exactly."""
+    a_frames = np.repeat(make_faces(1, seed=3), 10, axis=0)  # held: every other frame detected
+    b_frames = np.concatenate([make_faces(2, seed=9), np.full_like(make_faces(1, seed=9), 128),
+                               np.repeat(make_faces(1, seed=11), 7, 0)])
+    plain = np.concatenate([make_faces(3, seed=13), np.full_like(make_faces(1, seed=13), 128)])
+    steady_a = EnhanceOptions(steady_video=True, detect_every=2)
+    steady_b = EnhanceOptions(steady_video=True)
+    results = {}
+    for name, pipe in (("waiting", detecting), ("wait-free", detecting_wait_free)):
+        va, vb, got = VideoState(), VideoState(), []
+        for t in range(0, 10, 5):
+            got.append(pipe.enhance([Job(a_frames[t:t + 5], steady_a, video=va),
+                                     Job(plain[t % 4:t % 4 + 2], EnhanceOptions()),
+                                     Job(b_frames[t:t + 5], steady_b, video=vb)]))
+        results[name] = (got, va, vb)
+    (want, want_a, want_b), (got, got_a, got_b) = results["waiting"], results["wait-free"]
+    assert _same_video(got_a, want_a) and _same_video(got_b, want_b)
+    assert got_a.reused > 0 and got_a.frame == got_b.frame == 10
+    for batch_got, batch_want in zip(got, want):
+        for job_got, job_want in zip(batch_got, batch_want):
+            assert job_got.status == job_want.status
+            assert np.array_equal(job_got.faces, job_want.faces)
+    statuses = [s for batch in got for job in batch for s in job.status]
+    assert FaceStatus.NO_FACE in statuses and FaceStatus.ENHANCED in statuses
+
+
 def test_a_steady_batch_waits_for_the_device_twice_with_wait_free_detection(detecting, detecting_wait_free):
     """The one wait steady video adds (its filter's landmarks) and the results': the detection's
     two and the selection's one are gone (counted by the profiler, as gfpgan-bench --profile
