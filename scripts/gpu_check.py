@@ -133,8 +133,10 @@ def main() -> int:
                             "--markdown-out", str(out / "batch-rounding.md")], 120),
         ("kernels", [sys.executable, str(ROOT / "scripts" / "gpu_kernels.py"), str(weights),
                      "--device", args.device, "--batch", big, "--trace-dir", str(out / "traces")], 240),
+        # --split-jobs: the largest batch in process as 1, 2 and 4 requests, beside the
+        # service's rows (its 32-face requests, two to a batch, ran at half the rate three times)
         ("bench-detect", [*bench, "--alignment", "detect", "--batch-sizes", sizes, *gfpganer_sizes,
-                          *overlap_in_flight, "--iterations", str(iters),
+                          *overlap_in_flight, "--split-jobs", "--iterations", str(iters),
                           "--markdown-out", str(out / "bench-detect.md")], 240),
         ("bench-aligned", [*bench, "--alignment", "aligned", "--batch-sizes", sizes, *gfpganer_sizes,
                            *overlap_in_flight, "--iterations", str(iters),
@@ -469,6 +471,10 @@ def _highlights(name: str, out: Path, log: Path) -> dict:
                 r"faces and [\d.]+ jobs, ([\d.]+) ms a batch .*pipeline busy (\d+%)$", text):
             key = f"service{'-' + label.split()[-1] if label else ''} batches@{size}"
             found[key] = f"{float(per_batch):.0f} faces, {float(ms):.0f} ms, busy {busy}"
+        # the largest batch as 1, 2 and 4 requests in process (--split-jobs' log line)
+        for size, cells in re.findall(r"(?m)^split jobs: batch (\d+): (.*)$", text):
+            for jobs, rate in re.findall(r"(\d+) x \d+ ([\d.]+) faces/s", cells):
+                found[f"split {jobs} jobs@{size}"] = f"{float(rate):.0f}/s"
     # what each compiled pass's check against the eager passes measured at warm-up (gfpgan-bench
     # logs a line per pass, kept or not: a pass that failed it is also in the variant's failure)
     for what, network, mean, high, eager_mean, eager_high in re.findall(

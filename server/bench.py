@@ -201,6 +201,39 @@ def bench_pipeline(pipeline, faces, batch_sizes, options, iterations, seconds, s
             for b in batch_sizes]
 
 
+#: --split-jobs: the largest batch as this many jobs of equal parts (those that divide it).
+SPLIT_JOBS = (1, 2, 4)
+
+
+def bench_split_jobs(pipeline, faces, batch_size, options, iterations, seconds, sync) -> str:
+    """The same `batch_size` faces as one job, then as 2 and 4 jobs of equal parts (requests
+    the batcher put in one device batch), in process: the table, and a log line at once.
+
+    Whether a device batch costs more when it holds several requests. On three H200 runs the
+    loopback service's batches of two 32-face requests ran at half the in-process rate of one
+    64-face job, while four 16-face requests ran at its rate; the CPU counts the same operators
+    and waits for all three splits. Each job is its own request without steady video (a stream's
+    frames are one job's)."""
+    options = dataclasses.replace(options, steady_video=False)
+    rows, cells, base = [], [], None
+    for jobs in SPLIT_JOBS:
+        if batch_size % jobs:
+            continue
+        part = batch_size // jobs
+
+        def run_batch(batch, part=part, jobs=jobs):
+            pipeline.enhance([Job(batch[k * part:(k + 1) * part], options) for k in range(jobs)])
+
+        rate, latencies = _time_batches(run_batch, faces, batch_size, iterations, seconds, sync)
+        base = base or rate
+        p50 = float(np.percentile(latencies, 50))
+        rows.append(f"| {jobs} | {part} | {rate:.1f} | {rate / base:.2f}x | {p50:.1f} |")
+        cells.append(f"{jobs} x {part} {rate:.1f} faces/s ({rate / base:.2f}x), p50 {p50:.1f} ms")
+    print(f"split jobs: batch {batch_size}: " + "; ".join(cells), file=sys.stderr, flush=True)
+    return "\n".join(["| jobs | faces per job | faces/s | vs one job | p50 ms |", "|---:|---:|---:|---:|---:|",
+                      *rows])
+
+
 # -- (c) our service over loopback gRPC -----------------------------------------------------------
 
 @contextlib.contextmanager
@@ -817,6 +850,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoder-channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile-detector", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--split-jobs", action="store_true",
+                        help="also time the largest batch size as 1, 2 and 4 jobs (requests) of "
+                             "equal parts in one device batch, in process: whether a batch costs "
+                             "more when it holds several requests")
     parser.add_argument("--profile", action="store_true",
                         help="also report time, operators (about one kernel launch each) and host "
                              "syncs per stage and per batch")
@@ -1007,6 +1044,10 @@ def _report(args, parser, argv, model, sizes, options, faces, methods, variants,
                             "batcher formed while each request size was measured, and the time "
                             "enhance() took for them (busy: that time over the measurement's wall "
                             "time).\n\n" + service_batches_table(rows))
+    if args.split_jobs:
+        sections.append(f"### One batch of {max(sizes)} faces as several requests (in process)\n\n"
+                        + bench_split_jobs(pipeline, faces, max(sizes), options, args.iterations,
+                                           args.seconds, sync))
     if args.profile:
         sections.append("### Stages\n\n" + profile_stages(pipeline, faces, sizes, options,
                                                           max(3, args.iterations), sync))

@@ -274,3 +274,41 @@ def test_steady_video_benches_one_stream_s_frames():
     [job] = _jobs(batch, EnhanceOptions(steady_video=True), video)
     assert job.video is video and job.options.steady_video
     assert _jobs(batch, EnhanceOptions(), video)[0].video is None
+
+
+def test_split_jobs_times_the_same_faces_as_one_two_and_four_requests_in_one_batch(capsys):
+    """--split-jobs: each cell's batches hold the same faces, in order, as 1, 2 and 4 equal jobs
+    (a split that does not divide the batch is left out); steady video is off, since a stream's
+    frames are one request's; the table and the log line give each split's rate against one job."""
+    import numpy as np
+
+    from contract.types import EnhanceOptions, FaceStatus
+    from server.bench import bench_split_jobs, build_parser
+    from server.jobs import JobResult
+
+    class Recording:  # the pipeline's door as bench_split_jobs uses it
+        def __init__(self):
+            self.batches = []
+
+        def enhance(self, jobs):
+            self.batches.append(jobs)
+            return [JobResult(job.faces, [FaceStatus.ENHANCED] * len(job.faces)) for job in jobs]
+
+    assert build_parser().parse_args(["--split-jobs"]).split_jobs
+    faces = np.arange(8).reshape(8, 1, 1, 1).repeat(3, axis=3).astype(np.uint8)
+    for size, splits in ((8, (1, 2, 4)), (6, (1, 2))):
+        pipeline = Recording()
+        table = bench_split_jobs(pipeline, faces, size, EnhanceOptions(steady_video=True),
+                                 iterations=2, seconds=None, sync=lambda: None)
+        # a warm-up batch and 2 timed ones per split
+        assert [len(jobs) for jobs in pipeline.batches] == [n for n in splits for _ in range(3)]
+        for jobs in pipeline.batches:
+            assert len({job.faces.shape[0] for job in jobs}) == 1
+            assert all(not job.options.steady_video and job.video is None for job in jobs)
+            together = np.concatenate([job.faces for job in jobs])
+            assert together.shape[0] == size and (np.diff(together[:, 0, 0, 0].astype(int)) % 8 == 1).all()
+        rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
+        assert [(int(j), int(f)) for j, f in rows] == [(n, size // n) for n in splits]
+        assert "| 1.00x |" in table.splitlines()[2]
+        log = capsys.readouterr().err
+        assert f"split jobs: batch {size}: 1 x {size} " in log and f"{splits[-1]} x {size // splits[-1]} " in log

@@ -177,6 +177,10 @@ SUMMARY_LINES = [
                      "650.0 ms a batch (10.16 ms a face), pipeline busy 97%\n",
      {"service@32": "46/s", "service-process@32": "95/s", "service batches@32": "64 faces, 1300 ms, busy 48%",
       "service-process batches@32": "64 faces, 650 ms, busy 97%"}),
+    # ... and the largest batch in process as 1, 2 and 4 requests (--split-jobs)
+    ("bench-detect", "split jobs: batch 64: 1 x 64 106.0 faces/s (1.00x), p50 604.0 ms; 2 x 32 53.1 faces/s "
+                     "(0.50x), p50 1205.0 ms; 4 x 16 105.2 faces/s (0.99x), p50 608.0 ms\n",
+     {"split 1 jobs@64": "106/s", "split 2 jobs@64": "53/s", "split 4 jobs@64": "105/s"}),
     # ... and the server that queues the next batch while the last one computes (overlap)
     ("bench-aligned", "| gRPC service, loopback | 32 | 90.00 | 6.0x | 700.0 | 711.1 | 720.0 | 730.0 |\n"
                       "| gRPC service, loopback, overlap | 32 | 99.00 | 6.6x | 640.0 | 644.4 | 650.0 | 660.0 |\n"
