@@ -66,3 +66,15 @@ def test_the_service_and_the_client_know_nothing_of_musetalk(package):
 def test_the_adapter_talks_to_the_service_as_a_client():
     assert _arrows("musetalk_adapter", "server") == []
     assert _arrows("musetalk_adapter", "client") != []
+
+
+def test_the_image_carries_every_package_the_service_imports():
+    """The Dockerfile copies, and .dockerignore lets through, each of our packages server/
+    imports (a package left out builds an image that fails at its first import)."""
+    needed = {"server"} | {name.split(".")[0] for _, name in _imports("server")} & set(PACKAGES)
+    assert needed == {"server", "contract", "client"}
+    dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    allowed = (ROOT / ".dockerignore").read_text().splitlines()
+    for package in sorted(needed):
+        assert f"COPY {package}/ {package}/" in dockerfile, package
+        assert f"!{package}/" in allowed, package
