@@ -289,6 +289,16 @@ class AsyncFaceEnhanceClient:
                 detail = f"{target.address}: no answer within the deadline"
                 break
             except StreamBroken as broken:
+                if broken.by_client:
+                    # This client closed the stream under the batch: its circuit opened on
+                    # other batches' failures (the breaker has counted them, and now skips the
+                    # target: circuit_open), or another batch's write was cut off at its
+                    # deadline. Not this target's failure: the batch goes again, maybe to the
+                    # same target, while its deadline lasts.
+                    if broken.reason == "circuit_open":
+                        reason, detail = broken.reason, f"{target.address}: {broken}"
+                    tried.remove(target)
+                    continue
                 # A fast refusal (unavailable, overloaded, broken stream): try another target.
                 outcome, reason, detail = "failure", broken.reason, f"{target.address}: {broken}"
             except WrongModel as wrong:
@@ -320,8 +330,12 @@ class AsyncFaceEnhanceClient:
             target.failures += 1
             if target.breaker.record_failure():
                 # Open circuit: drop its streams, so the probe later starts on a fresh one, and
-                # what it serves, which a restart may have changed.
-                target.reset_streams()
+                # what it serves, which a restart may have changed. The batches still waiting on
+                # them fall back as the circuit's (or go to another target), not as a broken
+                # transport.
+                target.reset_streams(StreamBroken(
+                    "circuit_open", "the circuit opened on other batches' failures and closed this "
+                    "batch's stream", by_client=True))
                 target.info = None
                 target.watch_health()
         else:

@@ -83,11 +83,16 @@ def parse_targets(targets: str | Sequence[str]) -> list[str]:
 
 
 class StreamBroken(Exception):
-    """A stream ended or failed before this request's answer came; `reason` says how."""
+    """A stream ended or failed before this request's answer came; `reason` says how.
 
-    def __init__(self, reason: str, detail: str = ""):
+    `by_client`: this client closed the stream under the request (its circuit opened, another
+    batch's write was cut off at its deadline, or the client is closing): not the service's
+    failure, and the request may be sent again while its deadline lasts."""
+
+    def __init__(self, reason: str, detail: str = "", by_client: bool = False):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.by_client = by_client
 
 
 def reason_for_code(code: grpc.StatusCode | None, *, in_band: bool = False) -> str:
@@ -147,8 +152,11 @@ class _OpenCall:
             if not waiter.done():
                 waiter.set_result(broken)
 
-    def close(self) -> None:
-        self.fail_pending(StreamBroken("transport", "the stream was reset by the client"))
+    def close(self, broken: StreamBroken | None = None) -> None:
+        """End the call; its waiting requests are answered `broken` (by default: reset by
+        this client, which they may be sent again after)."""
+        self.fail_pending(broken or StreamBroken("transport", "the stream was reset by the client",
+                                                 by_client=True))
         self.call.cancel()
         self.reader.cancel()
 
@@ -242,15 +250,16 @@ class BatchStream:
             raise answer
         return answer
 
-    def reset(self) -> asyncio.Task | None:
-        """Drop the open call (if any); the next request opens a new one.
+    def reset(self, broken: StreamBroken | None = None) -> asyncio.Task | None:
+        """Drop the open call (if any); the next request opens a new one. Its waiting requests
+        are answered `broken` (see _OpenCall.close).
 
         Returns the cancelled call's reader task, for a caller that wants to wait for it.
         """
         if self._open is None:
             return None
         reader = self._open.reader
-        self._open.close()
+        self._open.close(broken)
         self._open = None
         return reader
 
@@ -371,10 +380,11 @@ class Target:
         self.stub  # noqa: B018 - creates the channel on first use
         return self._channel
 
-    def reset_streams(self) -> None:
-        """Close this target's streams so the next batch opens fresh ones (maybe on another replica)."""
+    def reset_streams(self, broken: StreamBroken | None = None) -> None:
+        """Close this target's streams so the next batch opens fresh ones (maybe on another
+        replica); the batches waiting on them are answered `broken`."""
         for stream in self._streams:
-            stream.reset()
+            stream.reset(broken)
 
     @property
     def streams_opened(self) -> int:

@@ -711,6 +711,43 @@ async def test_the_asyncio_client_enhances_concurrent_batches_and_falls_back(fak
         assert client.stats()["batches_by_outcome"] == {"enhanced": 6, "fallback": 1, "invalid": 0}
 
 
+async def test_a_batch_whose_stream_the_opening_circuit_closes_falls_back_as_circuit_open(fake):
+    """Seen in CI: one batch's timeout opened the circuit, which closed the stream another batch
+    was waiting on, and that batch fell back as a broken transport. It is the circuit's: it
+    falls back at once as circuit_open, and is not counted as another failure."""
+    faces = random_faces(1)
+    breaker = BreakerConfig(failure_threshold=1, cooldown_s=30.0, max_cooldown_s=30.0)
+    async with AsyncFaceEnhanceClient(fake.address, timeout_ms=5000, max_in_flight=2, breaker=breaker) as client:
+        await client.info()  # connected, so the short deadline below is the service's delay alone
+        fake.delay_s = 1.0
+        started = time.monotonic()
+        short = asyncio.ensure_future(client.enhance(faces, timeout_ms=200))
+        waiting = asyncio.ensure_future(client.enhance(faces, timeout_ms=5000))
+        short, waiting = await short, await waiting
+        assert_fell_back(short, faces, "timeout")
+        assert_fell_back(waiting, faces, "circuit_open")
+        assert "closed this batch's stream" in waiting.extra.get("fallback_detail", "")
+        assert time.monotonic() - started < 0.9  # before the service's answer, not after
+        assert client.targets[0].failures == 1
+
+
+async def test_a_batch_whose_stream_the_client_resets_is_sent_again_and_enhanced(fake):
+    """A stream this client closes under a waiting batch (another batch's write cut off at its
+    deadline does) is not the service's failure: the batch goes again on a fresh stream within
+    its deadline, and the breaker counts nothing."""
+    faces = random_faces(2)
+    async with AsyncFaceEnhanceClient(fake.address, timeout_ms=5000) as client:
+        await client.info()
+        fake.delay_s = 0.3
+        batch = asyncio.ensure_future(client.enhance(faces))
+        while fake.requests == 0:
+            await asyncio.sleep(0.01)
+        client.targets[0].reset_streams()
+        assert_enhanced(await batch, faces)
+        assert fake.requests == 2 and fake.streams_opened == 2
+        assert client.targets[0].failures == 0
+
+
 async def test_a_cancelled_batch_does_not_leave_the_breaker_stuck(fake):
     clock = FakeClock()
     faces = random_faces(1)
